@@ -1,0 +1,216 @@
+"""The `kerastl` command: a thin shell over the Python API.
+
+`main(argv)` parses, calls the library, prints for people and returns an exit
+code; bad input prints one line on stderr and returns 2. TensorFlow is imported
+only after parsing, so `--help` and flag errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Sequence
+
+# flag dest -> (config section, field); a flag left out keeps the config file's value
+TRAIN_FLAGS = {
+    "data": ("data", "source"),
+    "validation_dir": ("data", "validation_dir"),
+    "test_dir": ("data", "test_dir"),
+    "validation_split": ("data", "validation_split"),
+    "test_split": ("data", "test_split"),
+    "batch_size": ("data", "batch_size"),
+    "augment": ("data", "augment"),
+    "seed": ("data", "seed"),
+    "backbone": ("model", "backbone"),
+    "weights": ("model", "weights"),
+    "image_size": ("model", "image_size"),
+    "dropout": ("model", "dropout"),
+    "hidden_units": ("model", "hidden_units"),
+    "pooling": ("model", "pooling"),
+    "binary": ("model", "binary"),
+    "epochs": ("train", "epochs"),
+    "fine_tune_epochs": ("train", "fine_tune_epochs"),
+    "unfreeze_blocks": ("train", "unfreeze_blocks"),
+    "unfreeze_from": ("train", "unfreeze_from"),
+    "optimizer": ("train", "optimizer"),
+    "learning_rate": ("train", "learning_rate"),
+    "fine_tune_lr_ratio": ("train", "fine_tune_lr_ratio"),
+    "patience": ("train", "patience"),
+    "name": (None, "name"),
+    "export": (None, "export_dir"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"kerastl: error: {message}\n")
+
+
+def _count(min_value: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < min_value:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {min_value}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1)")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    d = p.add_argument_group("data")
+    d.add_argument("--data", metavar="SRC", help="class folder, cifar10, a cifar-10-batches-py folder, or digits")
+    d.add_argument("--validation-dir", metavar="DIR", help="separate validation class folder")
+    d.add_argument("--test-dir", metavar="DIR", help="separate test class folder")
+    d.add_argument("--validation-split", type=_fraction, metavar="F", help="fraction held out per class (0.2)")
+    d.add_argument("--test-split", type=_fraction, metavar="F", help="fraction held out for testing (0)")
+    d.add_argument("--batch-size", type=_count(1), metavar="N", help="batch size (32)")
+    d.add_argument("--augment", metavar="PRESET", help="none, light, standard, strong, or e.g. flip,rotate:0.2")
+    d.add_argument("--seed", type=int, metavar="N", help="random seed for splits, shuffling, augmentation (42)")
+    m = p.add_argument_group("model")
+    m.add_argument("--backbone", metavar="NAME", help="registry name, see `kerastl backbones` (mobilenet_v2)")
+    m.add_argument("--weights", metavar="W", help="imagenet, none (train from scratch) or a weights file (imagenet)")
+    m.add_argument("--image-size", type=_count(1), metavar="N", help="input size (the backbone's default)")
+    m.add_argument("--dropout", type=_fraction, metavar="F", help="dropout before the classifier (0.2)")
+    m.add_argument("--hidden-units", type=_count(0), metavar="N", help="Dense hidden layer size; 0 for none (0)")
+    m.add_argument("--pooling", choices=("avg", "max"), help="global pooling of the feature map (avg)")
+    m.add_argument("--binary", action=argparse.BooleanOptionalAction, default=None,
+                   help="one sigmoid unit for two classes instead of a softmax")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=_count(1), metavar="N", help="phase-1 epochs, base frozen (10)")
+    t.add_argument("--fine-tune-epochs", type=_count(0), metavar="N", help="phase-2 epochs; 0 skips (10)")
+    t.add_argument("--unfreeze-blocks", type=_count(0), metavar="K", help="backbone blocks phase 2 trains (2)")
+    t.add_argument("--unfreeze-from", metavar="LAYER", help="or: train phase 2 from this backbone layer on")
+    t.add_argument("--optimizer", metavar="NAME", help="Keras optimizer name (adam)")
+    t.add_argument("--learning-rate", type=_positive, metavar="LR", help="phase-1 learning rate (0.001)")
+    t.add_argument("--fine-tune-lr-ratio", type=_positive, metavar="R", help="phase-2 LR as a fraction (0.1)")
+    t.add_argument("--patience", type=_count(0), metavar="N", help="EarlyStopping patience in epochs (5)")
+    o = p.add_argument_group("output")
+    o.add_argument("--config", metavar="FILE", help="JSON run config; flags override its values")
+    o.add_argument("--name", help="run name (backbone-date-time)")
+    o.add_argument("--export", metavar="DIR", help="output folder (saved_models/NAME)")
+    o.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    o.add_argument("-q", "--quiet", action="store_true", help="no per-epoch progress")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kerastl", description="Transfer learning on images with Keras.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = sub.add_parser("train", help="train a classifier (frozen base, then fine-tuning) and export it")
+    _add_train_flags(train)
+    predict = sub.add_parser("predict", help="classify images with an exported model")
+    predict.add_argument("--model", required=True, metavar="DIR", help="an export folder")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, GIF or BMP files")
+    predict.add_argument("--top-k", type=_count(1), default=3, metavar="K", help="classes to show (3)")
+    predict.add_argument("--json", action="store_true", help="one JSON object per image")
+    backbones = sub.add_parser("backbones", help="list the backbones in the registry")
+    backbones.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'efficientnet*'")
+    demo = sub.add_parser("demo", help="offline demo: transfer from digits 0-4 to 5-9 vs training from scratch")
+    demo.add_argument("--output", default="saved_models/demo", metavar="DIR", help="(saved_models/demo)")
+    return parser
+
+
+def _run_config(args: argparse.Namespace):
+    from kerastl.config import RunConfig
+
+    config = RunConfig.from_json(args.config) if args.config else RunConfig()
+    for dest, (section, field) in TRAIN_FLAGS.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if dest == "weights" and value.lower() == "none":
+            value = None
+        setattr(getattr(config, section) if section else config, field, value)
+    return config
+
+
+def _train(args: argparse.Namespace) -> int:
+    from kerastl.run import run_training
+
+    result = run_training(_run_config(args), overwrite=args.overwrite, verbose=0 if args.quiet else 2)
+    for key, value in sorted(result.metrics.items()):
+        print(f"{key}: {value:.4f}")
+    print(f"exported to {result.export_dir}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from kerastl.export import load_export
+
+    model = load_export(args.model)
+    probabilities = model.predict_files(args.images)
+    for path, row, top in zip(args.images, probabilities, model.top_k(probabilities, args.top_k)):
+        if args.json:
+            print(json.dumps({"image": path, "top": [{"class": c, "probability": p} for c, p in top],
+                              "probabilities": dict(zip(model.class_names, map(float, row)))}))
+        else:
+            print(f"{path}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
+    return 0
+
+
+def _backbones(args: argparse.Namespace) -> int:
+    from kerastl.backbones import REGISTRY, list_backbones
+
+    names = list_backbones(args.pattern)
+    print(f"{'name':<22}{'default':>8}{'min':>6}  {'imagenet':<9}preprocessing")
+    for name in names:
+        spec = REGISTRY[name]
+        module = spec.preprocess.__module__.rsplit(".", 1)[-1]
+        print(f"{name:<22}{spec.default_size:>8}{spec.min_size:>6}  {'yes' if spec.imagenet else 'no':<9}{module}")
+    return 0 if names else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from kerastl.demo import format_report, run_demo
+
+    print(format_report(run_demo(args.output)))
+    return 0
+
+
+COMMANDS = {"train": _train, "predict": _predict, "backbones": _backbones, "demo": _demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command in `argv` (default: sys.argv[1:]); returns the exit code."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    from kerastl.errors import KerastlError
+
+    try:
+        return COMMANDS[args.command](args)
+    except KerastlError as error:
+        print(f"kerastl: error: {error}", file=sys.stderr)
+        return 2
+
+
+def entry_point() -> None:
+    """Console-script entry: `kerastl ...`."""
+    sys.exit(main())

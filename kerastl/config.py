@@ -1,0 +1,180 @@
+"""Configuration: one dataclass per concern, each round-tripping to JSON.
+
+A config file sets defaults, CLI flags override them, and the resolved config is
+written beside every model and run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kerastl.errors import KerastlError
+
+
+class _JsonMixin:
+    """`to_dict`/`from_dict` for flat dataclasses; unknown keys are an error, not ignored."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise KerastlError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(names)}")
+        return cls(**values)
+
+
+@dataclass
+class DataConfig(_JsonMixin):
+    """Where images come from and how they are batched.
+
+    Attributes:
+        source: a folder with one subfolder per class, an extracted
+            `cifar-10-batches-py` folder, "cifar10" (downloaded) or "digits".
+        validation_dir: a separate validation folder; otherwise `validation_split`
+            of each class is held out.
+        test_dir: a separate test folder; otherwise `test_split` of each class.
+        augment: a preset ("none", "light", "standard", "strong") or a comma list
+            of layer names, each optionally with a factor ("flip,rotate:0.2").
+        cache_limit_mb: decoded training images are cached in memory up to this size.
+    """
+
+    source: str = ""
+    validation_dir: str | None = None
+    test_dir: str | None = None
+    validation_split: float = 0.2
+    test_split: float = 0.0
+    batch_size: int = 32
+    augment: str = "light"
+    seed: int = 42
+    cache_limit_mb: int = 2048
+
+    def validate(self) -> None:
+        if not self.source:
+            raise KerastlError("no data source given: pass a class folder, cifar10 or digits")
+        for name in ("validation_split", "test_split"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise KerastlError(f"{name} must be in [0, 1), got {value}")
+        if self.validation_split + self.test_split >= 1.0:
+            raise KerastlError("validation_split + test_split must leave some training data")
+        if self.batch_size < 1:
+            raise KerastlError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class ModelConfig(_JsonMixin):
+    """The classifier: backbone plus head.
+
+    Attributes:
+        backbone: registry name (see `kerastl.list_backbones()`).
+        weights: "imagenet", None (train from scratch) or a weights file path.
+        image_size: square input size of the backbone; the registry default when None.
+        from_scratch: train every layer from the start, BatchNorm learning its
+            statistics; None means "when weights is None".
+        binary: one sigmoid unit instead of a softmax (two classes only).
+    """
+
+    backbone: str = "mobilenet_v2"
+    weights: str | None = "imagenet"
+    image_size: int | None = None
+    pooling: str = "avg"
+    dropout: float = 0.2
+    hidden_units: int = 0
+    binary: bool = False
+    from_scratch: bool | None = None
+
+    @property
+    def trains_from_scratch(self) -> bool:
+        return self.weights is None if self.from_scratch is None else self.from_scratch
+
+    def validate(self) -> None:
+        if self.pooling not in ("avg", "max"):
+            raise KerastlError(f"pooling must be avg or max, got {self.pooling!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise KerastlError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.hidden_units < 0:
+            raise KerastlError(f"hidden_units must be 0 or more, got {self.hidden_units}")
+
+
+@dataclass
+class TrainConfig(_JsonMixin):
+    """Two-phase training: frozen base, then fine-tuning the top blocks.
+
+    Attributes:
+        epochs: phase-1 epochs (head only; the whole network when from scratch).
+        fine_tune_epochs: phase-2 epochs; 0 skips fine-tuning.
+        unfreeze_blocks: how many of the backbone's last blocks phase 2 trains.
+        unfreeze_from: alternatively, the layer name from which phase 2 trains.
+        fine_tune_lr_ratio: phase-2 learning rate as a fraction of `learning_rate`.
+        patience: EarlyStopping patience on validation loss, in epochs.
+    """
+
+    epochs: int = 10
+    fine_tune_epochs: int = 10
+    unfreeze_blocks: int = 2
+    unfreeze_from: str | None = None
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    fine_tune_lr_ratio: float = 0.1
+    patience: int = 5
+
+    def validate(self) -> None:
+        for name in ("epochs", "fine_tune_epochs", "unfreeze_blocks", "patience"):
+            if getattr(self, name) < 0:
+                raise KerastlError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.epochs < 1:
+            raise KerastlError("epochs must be at least 1")
+        if self.learning_rate <= 0 or self.fine_tune_lr_ratio <= 0:
+            raise KerastlError("learning_rate and fine_tune_lr_ratio must be positive")
+
+
+@dataclass
+class RunConfig(_JsonMixin):
+    """Everything one training run needs; written as `config.json` beside its outputs.
+
+    Attributes:
+        name: the run's name; the default export folder is `saved_models/<name>`.
+        export_dir: where the run's SavedModel and files go.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = ""
+    export_dir: str | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        values = dict(values)
+        parts = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+        nested = {key: kind.from_dict(values.pop(key, {})) for key, kind in parts.items()}
+        known = {"name", "export_dir"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise KerastlError(f"unknown config keys {unknown}; known keys: {sorted(known | set(parts))}")
+        return cls(**nested, **values)
+
+    def validate(self) -> None:
+        self.data.validate()
+        self.model.validate()
+        self.train.validate()
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> RunConfig:
+        try:
+            values = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise KerastlError(f"config file {path} does not exist") from None
+        except json.JSONDecodeError as error:
+            raise KerastlError(f"config file {path} is not valid JSON: {error}") from None
+        return cls.from_dict(values)

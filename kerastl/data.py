@@ -1,0 +1,300 @@
+"""Image sources -> `tf.data` pipelines.
+
+Sources: a folder with one subfolder per class, numpy arrays, CIFAR-10 and
+scikit-learn's bundled digits. Every source becomes an `ImageData`: class names
+plus unbatched splits of (uint8 image resized to the backbone's size, int label).
+`Split.batches` turns a split into a pipeline: parallel decode and resize, cache
+(before augmentation, so augmented images differ every epoch), shuffle, batch,
+augment, prefetch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kerastl.config import DataConfig
+from kerastl.errors import KerastlError
+
+log = logging.getLogger(__name__)
+
+AUTOTUNE = tf.data.AUTOTUNE
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+
+
+@dataclass
+class Split:
+    """One split: an unbatched dataset of (uint8 [size, size, 3], int32 label)."""
+
+    dataset: tf.data.Dataset
+    count: int
+    image_size: int
+
+    def batches(
+        self,
+        batch_size: int,
+        training: bool = False,
+        augmenter: keras.Model | None = None,
+        seed: int | None = None,
+        cache_limit_mb: int = 2048,
+    ) -> tf.data.Dataset:
+        """A batched float32 0-255 pipeline; shuffled and augmented when `training`."""
+        ds = self.dataset
+        megabytes = self.count * self.image_size**2 * 3 / 2**20
+        if megabytes <= cache_limit_mb:
+            ds = ds.cache()
+        else:
+            log.info("not caching %d images (%.0f MB > cache limit %d MB)", self.count, megabytes, cache_limit_mb)
+        if training:
+            ds = ds.shuffle(max(self.count, 1), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
+        if training and augmenter is not None:
+            ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=AUTOTUNE)
+        return ds.prefetch(AUTOTUNE)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """All images and labels as numpy arrays (for evaluation and small data)."""
+        images, labels = [], []
+        for x, y in self.dataset.batch(256):
+            images.append(x.numpy())
+            labels.append(y.numpy())
+        if not images:
+            return np.zeros((0, self.image_size, self.image_size, 3), np.uint8), np.zeros((0,), np.int32)
+        return np.concatenate(images), np.concatenate(labels)
+
+
+@dataclass
+class ImageData:
+    """Class names (in output order) and the train/validation/test splits."""
+
+    class_names: list[str]
+    train: Split
+    validation: Split | None = None
+    test: Split | None = None
+
+
+def to_model_input(images: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Grayscale -> RGB, bilinear resize to `image_size`, back to uint8 for caching."""
+    images = tf.convert_to_tensor(images)
+    if images.shape[-1] == 1:
+        images = tf.image.grayscale_to_rgb(images)
+    if tuple(images.shape[-3:-1]) != (image_size, image_size) or images.dtype != tf.uint8:
+        images = tf.image.resize(tf.cast(images, tf.float32), (image_size, image_size))
+        images = tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8)
+    return images
+
+
+def _decode_file(path: tf.Tensor, image_size: int) -> tf.Tensor:
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return to_model_input(image, image_size)
+
+
+def stratified_split(
+    labels: np.ndarray, validation: float, test: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of train/validation/test, split per class so every class is in every split."""
+    rng = np.random.default_rng(seed)
+    parts: tuple[list, list, list] = ([], [], [])
+    for label in np.unique(labels):
+        index = rng.permutation(np.flatnonzero(labels == label))
+        n_val = int(round(len(index) * validation)) if validation else 0
+        n_test = int(round(len(index) * test)) if test else 0
+        if validation and n_val == 0 and len(index) > 1:
+            n_val = 1
+        if len(index) - n_val - n_test < 1:
+            raise KerastlError(f"class {label} has too few images ({len(index)}) to split")
+        parts[1].append(index[:n_val])
+        parts[2].append(index[n_val : n_val + n_test])
+        parts[0].append(index[n_val + n_test :])
+    return tuple(np.sort(np.concatenate(p)).astype(np.int64) for p in parts)  # type: ignore[return-value]
+
+
+def _list_class_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
+    if not root.is_dir():
+        raise KerastlError(f"data folder {root} does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise KerastlError(f"{root} has no class subfolders (expected one folder per class)")
+    if len(classes) == 1:
+        raise KerastlError(f"{root} has only one class folder ({classes[0]}); a classifier needs two or more")
+    paths, labels, skipped = [], [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith("."))
+        images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        skipped += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+        if not images:
+            raise KerastlError(
+                f"class folder {root / name} has no images (supported: {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        paths += [str(p) for p in images]
+        labels += [label] * len(images)
+    if skipped:
+        kinds = sorted({p.suffix or p.name for p in skipped})
+        log.warning("skipped %d files with unsupported extensions in %s: %s", len(skipped), root, kinds)
+    return classes, paths, labels
+
+
+def _file_split(paths: list[str], labels: list[int], image_size: int) -> Split:
+    ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, np.int32)))
+    ds = ds.map(lambda p, y: (_decode_file(p, image_size), y), num_parallel_calls=AUTOTUNE)
+    return Split(ds.ignore_errors(log_warning=True), len(paths), image_size)
+
+
+def from_folder(
+    root: str | os.PathLike,
+    image_size: int,
+    validation_split: float = 0.2,
+    test_split: float = 0.0,
+    seed: int = 42,
+    validation_dir: str | None = None,
+    test_dir: str | None = None,
+) -> ImageData:
+    """Reads a folder of class subfolders (jpg, png, gif, bmp).
+
+    Unsupported files are skipped with one warning; files that fail to decode are
+    dropped with a warning instead of aborting training. Without `validation_dir`
+    or `test_dir`, those splits are cut from each class of `root`.
+    """
+    classes, paths, labels = _list_class_folder(Path(root))
+    label_array = np.asarray(labels)
+    train, val, test = stratified_split(
+        label_array, 0.0 if validation_dir else validation_split, 0.0 if test_dir else test_split, seed
+    )
+    pick = lambda idx: ([paths[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
+    splits = {"train": _file_split(*pick(train), image_size)}
+    for name, folder, idx in (("validation", validation_dir, val), ("test", test_dir, test)):
+        if folder:
+            other_classes, other_paths, other_labels = _list_class_folder(Path(folder))
+            if other_classes != classes:
+                raise KerastlError(f"{name} folder {folder} has classes {other_classes}, expected {classes}")
+            splits[name] = _file_split(other_paths, other_labels, image_size)
+        elif len(idx):
+            splits[name] = _file_split(*pick(idx), image_size)
+    return ImageData(classes, splits["train"], splits.get("validation"), splits.get("test"))
+
+
+def _array_split(x: np.ndarray, y: np.ndarray, image_size: int) -> Split:
+    images = to_model_input(x, image_size).numpy()
+    ds = tf.data.Dataset.from_tensor_slices((images, np.asarray(y, np.int32)))
+    return Split(ds, len(images), image_size)
+
+
+def from_arrays(
+    x: np.ndarray,
+    y: np.ndarray,
+    image_size: int,
+    class_names: list[str] | None = None,
+    validation_split: float = 0.2,
+    test_split: float = 0.0,
+    seed: int = 42,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
+    test: tuple[np.ndarray, np.ndarray] | None = None,
+) -> ImageData:
+    """Builds `ImageData` from images [n, h, w, 1 or 3] (0-255) and integer labels.
+
+    Explicit `validation`/`test` arrays take precedence over the split fractions.
+    """
+    x, y = np.asarray(x), np.asarray(y).reshape(-1).astype(np.int32)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3) or len(x) != len(y):
+        raise KerastlError(f"expected images [n, h, w, 1|3] and n labels, got {x.shape} and {y.shape}")
+    count = int(y.max()) + 1 if len(y) else 0
+    class_names = list(class_names) if class_names else [str(i) for i in range(count)]
+    if len(class_names) < 2 or count > len(class_names):
+        raise KerastlError(f"need two or more classes and a name for each; got {len(class_names)} names")
+    train, val, tst = stratified_split(
+        y, 0.0 if validation else validation_split, 0.0 if test else test_split, seed
+    )
+    data = ImageData(class_names, _array_split(x[train], y[train], image_size))
+    if validation is not None:
+        data.validation = _array_split(*validation, image_size)
+    elif len(val):
+        data.validation = _array_split(x[val], y[val], image_size)
+    if test is not None:
+        data.test = _array_split(*test, image_size)
+    elif len(tst):
+        data.test = _array_split(x[tst], y[tst], image_size)
+    return data
+
+
+def load_digits(classes: tuple[int, ...] = tuple(range(10))) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """scikit-learn's bundled 8x8 digits (no download) as uint8 0-255 images [n, 8, 8, 1].
+
+    Labels are renumbered 0..len(classes)-1 in the order of `classes`.
+    """
+    from sklearn.datasets import load_digits as sk_digits
+
+    digits = sk_digits()
+    keep = np.isin(digits.target, classes)
+    images = np.round(digits.images[keep] * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    remap = {c: i for i, c in enumerate(classes)}
+    labels = np.array([remap[t] for t in digits.target[keep]], np.int32)
+    return images, labels, [str(c) for c in classes]
+
+
+def is_cifar10_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is an extracted `cifar-10-batches-py` folder."""
+    return (Path(path) / "batches.meta").is_file() and (Path(path) / "test_batch").is_file()
+
+
+def load_cifar10(path: str | None = None) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], list[str]]:
+    """CIFAR-10 as ((x_train, y_train), (x_test, y_test), class_names).
+
+    Reads an extracted `cifar-10-batches-py` folder when `path` is given, otherwise
+    downloads through `keras.datasets.cifar10` (needs the network).
+    """
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    if path is None:
+        try:
+            (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+        except Exception as error:
+            if "URL fetch failure" in str(error):
+                raise KerastlError(
+                    "cannot download CIFAR-10 (no network?): pass the path of an extracted "
+                    "cifar-10-batches-py folder instead"
+                ) from error
+            raise
+        return (x_train, y_train.reshape(-1)), (x_test, y_test.reshape(-1)), names
+
+    def read(name: str) -> tuple[np.ndarray, np.ndarray]:
+        with open(Path(path) / name, "rb") as handle:
+            batch = pickle.load(handle, encoding="bytes")
+        x = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return x, np.asarray(batch[b"labels"], np.int32)
+
+    if not is_cifar10_folder(path):
+        raise KerastlError(f"{path} is not an extracted cifar-10-batches-py folder")
+    with open(Path(path) / "batches.meta", "rb") as handle:
+        names = [n.decode() for n in pickle.load(handle, encoding="bytes")[b"label_names"]]
+    batches = [read(f"data_batch_{i}") for i in range(1, 6) if (Path(path) / f"data_batch_{i}").is_file()]
+    if not batches:
+        raise KerastlError(f"{path} has no data_batch_N files")
+    x_train = np.concatenate([b[0] for b in batches])
+    y_train = np.concatenate([b[1] for b in batches])
+    return (x_train, y_train), read("test_batch"), names
+
+
+def load_data(config: DataConfig, image_size: int) -> ImageData:
+    """Dispatches on `config.source`: "digits", "cifar10", a CIFAR-10 folder or a class folder."""
+    config.validate()
+    split = dict(validation_split=config.validation_split, seed=config.seed)
+    if config.source == "digits":
+        x, y, names = load_digits()
+        return from_arrays(x, y, image_size, names, test_split=config.test_split or 0.2, **split)
+    if config.source == "cifar10" or is_cifar10_folder(config.source):
+        path = None if config.source == "cifar10" else config.source
+        (x, y), test, names = load_cifar10(path)
+        return from_arrays(x, y, image_size, names, test=test, **split)
+    return from_folder(
+        config.source, image_size, test_split=config.test_split,
+        validation_dir=config.validation_dir, test_dir=config.test_dir, **split,
+    )

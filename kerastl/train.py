@@ -1,0 +1,158 @@
+"""Two-phase training: head on a frozen base, then fine-tuning the top blocks.
+
+Phase 1 trains the head with the base frozen; EarlyStopping on validation loss
+keeps the best epoch. Phase 2 unfreezes the top blocks, recompiles with a lower
+learning rate and continues; its EarlyStopping starts from phase 1's best, so
+fine-tuning never leaves the model worse on validation than phase 1 ended.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import keras
+import tensorflow as tf
+
+from kerastl.config import TrainConfig
+from kerastl.model import freeze_base, get_backbone, unfreeze
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """The Keras histories of both phases (phase2 is None when there was none)."""
+
+    phase1: keras.callbacks.History
+    phase2: keras.callbacks.History | None = None
+
+    def to_dict(self) -> dict[str, dict[str, list[float]]]:
+        """Both histories as plain lists, with the epochs each phase ran."""
+        out = {}
+        for name, history in (("phase1", self.phase1), ("phase2", self.phase2)):
+            if history is not None:
+                out[name] = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+                out[name]["epoch"] = [int(e) for e in history.epoch]
+        return out
+
+
+class KeepBest(keras.callbacks.EarlyStopping):
+    """EarlyStopping on `val_loss` that restores the best weights, seeded with a known best.
+
+    With `initial_best` (phase 1's best validation loss) the weights at the start
+    of training count as the best so far, so training can only end better or equal.
+    """
+
+    def __init__(self, patience: int, initial_best: float | None = None):
+        super().__init__(monitor="val_loss", patience=patience, restore_best_weights=True)
+        self.initial_best = initial_best
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.initial_best is not None:
+            self.best = self.initial_best
+            self.best_weights = self.model.get_weights()
+
+
+def recalibrate_batchnorm(model: keras.Model, images: tf.data.Dataset, max_images: int = 512) -> int:
+    """Sets every backbone BatchNorm's moving statistics to those of `images`.
+
+    Keras BatchNorm momentum (0.99-0.999) leaves moving statistics far from the data
+    after short training from scratch, so a model that trained well evaluates badly.
+    This runs up to `max_images` training images (a dataset of image batches or of
+    (image, label) batches, un-augmented) through the model once in training mode
+    with momentum 0, so the moving statistics become exactly those of that sample.
+    Returns the number of BatchNorm layers updated.
+    """
+    norms = [layer for layer in get_backbone(model).layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not norms:
+        return 0
+    batches, count = [], 0
+    for batch in images:
+        batches.append(batch[0] if isinstance(batch, tuple) else batch)
+        count += int(batches[-1].shape[0])
+        if count >= max_images:
+            break
+    saved = [layer.momentum for layer in norms]
+    try:
+        for layer in norms:
+            layer.momentum = 0.0
+        model(tf.concat(batches, axis=0)[:max_images], training=True)
+    finally:
+        for layer, momentum in zip(norms, saved):
+            layer.momentum = momentum
+    return len(norms)
+
+
+class BatchNormCalibration(keras.callbacks.Callback):
+    """Recalibrates BatchNorm statistics before every validation (from-scratch training)."""
+
+    def __init__(self, images: tf.data.Dataset, max_images: int = 512):
+        super().__init__()
+        self.images = images
+        self.max_images = max_images
+
+    def on_test_begin(self, logs=None):
+        recalibrate_batchnorm(self.model, self.images, self.max_images)
+
+
+def compile_classifier(model: keras.Model, optimizer: str, learning_rate: float) -> None:
+    """Compiles with a fresh optimizer: sparse (or binary) cross-entropy and accuracy."""
+    binary = model.output_shape[-1] == 1
+    loss = keras.losses.BinaryCrossentropy() if binary else keras.losses.SparseCategoricalCrossentropy()
+    opt = keras.optimizers.get({"class_name": optimizer, "config": {"learning_rate": learning_rate}})
+    model.compile(optimizer=opt, loss=loss, metrics=["accuracy"])
+
+
+def train_classifier(
+    model: keras.Model,
+    train_data: tf.data.Dataset,
+    validation_data: tf.data.Dataset,
+    config: TrainConfig,
+    from_scratch: bool = False,
+    calibration_data: tf.data.Dataset | None = None,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    verbose: int | str = "auto",
+) -> TrainResult:
+    """Trains `model` in two phases (one when `from_scratch`).
+
+    Args:
+        model: a kerastl classifier.
+        train_data: batched (images, labels), augmented if wanted.
+        validation_data: batched (images, labels); drives EarlyStopping.
+        config: epochs, learning rates, unfreezing.
+        from_scratch: train every layer at once and skip fine-tuning.
+        calibration_data: un-augmented training images for BatchNorm recalibration
+            when training from scratch (defaults to `train_data`).
+        callbacks: extra Keras callbacks for both phases.
+        verbose: passed to `fit`.
+    """
+    config.validate()
+    extra = list(callbacks or [])
+    if from_scratch:
+        get_backbone(model).trainable = True
+        extra.append(BatchNormCalibration(calibration_data or train_data))
+    else:
+        freeze_base(model)
+    compile_classifier(model, config.optimizer, config.learning_rate)
+    phase1_stop = KeepBest(config.patience)
+    phase1 = model.fit(
+        train_data, validation_data=validation_data, epochs=config.epochs,
+        callbacks=[phase1_stop, *extra], shuffle=False, verbose=verbose,
+    )
+    result = TrainResult(phase1)
+    if from_scratch or config.fine_tune_epochs == 0:
+        return result
+    if unfreeze(model, config.unfreeze_blocks, config.unfreeze_from) == 0:
+        log.info("nothing to fine-tune (unfreeze_blocks=0); skipping phase 2")
+        return result
+    compile_classifier(model, config.optimizer, config.learning_rate * config.fine_tune_lr_ratio)
+    start = len(phase1.epoch)
+    result.phase2 = model.fit(
+        train_data, validation_data=validation_data, initial_epoch=start,
+        epochs=start + config.fine_tune_epochs,
+        callbacks=[KeepBest(config.patience, initial_best=phase1_stop.best), *extra], shuffle=False,
+        verbose=verbose,
+    )
+    return result
