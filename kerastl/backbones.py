@@ -175,10 +175,20 @@ def check_weights(spec: BackboneSpec, weights: str | None) -> None:
         raise KerastlError(f"weights file {weights} does not exist")
 
 
+def keras_home() -> str:
+    """The folder Keras downloads into (KERAS_HOME, else ~/.keras)."""
+    try:
+        from keras.src.backend.config import keras_home as home
+
+        return os.path.expanduser(home())
+    except ImportError:  # private in Keras; fall back to its documented rule
+        return os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras"))
+
+
 def _imagenet_download_error(spec: BackboneSpec, error: Exception) -> KerastlError:
     match = re.search(r"URL fetch failure on (\S+):\s", str(error))
     filename = os.path.basename(match.group(1)) if match else "its weights file"
-    cache = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
+    cache = os.path.join(keras_home(), "models")
     return KerastlError(
         f"cannot download ImageNet weights for {spec.name} (no network?): put {filename} in "
         f"{cache}/, or pass weights=PATH to a local weights file, or weights=none"

@@ -1,0 +1,92 @@
+"""Two-phase training and BatchNorm safety."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kerastl.config import ModelConfig, TrainConfig
+from kerastl.data import from_arrays, load_digits
+from kerastl.model import build_classifier, get_backbone
+from kerastl.train import recalibrate_batchnorm, train_classifier
+
+
+def digits(classes=(0, 1, 2), size=32):
+    x, y, names = load_digits(classes)
+    return from_arrays(x[:150], y[:150], size, names, validation_split=0.3)
+
+
+def _batchnorm_state(model):
+    return {
+        w.path: w.numpy().copy()
+        for layer in get_backbone(model).layers if isinstance(layer, keras.layers.BatchNormalization)
+        for w in layer.weights
+    }
+
+
+def test_fine_tuning_leaves_batchnorm_statistics_unchanged():
+    data = digits()
+    model = build_classifier(ModelConfig("mobilenet_v2", weights=None, image_size=32, from_scratch=False), 3)
+    # give the BatchNorm layers statistics that differ from the initial 0/1, as pretrained ones would
+    recalibrate_batchnorm(model, data.train.batches(64))
+    before = _batchnorm_state(model)
+    kernel_before = get_backbone(model).get_layer("Conv_1").kernel.numpy().copy()
+    result = train_classifier(
+        model, data.train.batches(32, training=True), data.validation.batches(64),
+        TrainConfig(epochs=1, fine_tune_epochs=1, unfreeze_blocks=99, patience=5, fine_tune_lr_ratio=10.0),
+        verbose=0,
+    )
+    assert result.phase2 is not None and len(result.phase2.epoch) == 1
+    after = _batchnorm_state(model)
+    assert before.keys() == after.keys() and len(before) > 100
+    for path, value in before.items():
+        np.testing.assert_array_equal(after[path], value, err_msg=path)
+    # ...while the convolutions did train (unless phase 2 was rolled back for being worse)
+    if result.phase2.history["val_loss"][0] < min(result.phase1.history["val_loss"]):
+        assert not np.allclose(get_backbone(model).get_layer("Conv_1").kernel.numpy(), kernel_before)
+
+
+def test_fine_tuning_never_ends_worse_than_phase_one():
+    data = digits()
+    model = build_classifier(ModelConfig("simple_cnn", weights=None, image_size=32, from_scratch=False), 3)
+    validation = data.validation.batches(64)
+    # a fine-tuning learning rate of 30 wrecks the weights: phase 2 must roll back to phase 1's best
+    result = train_classifier(
+        model, data.train.batches(32, training=True), validation,
+        TrainConfig(epochs=4, fine_tune_epochs=3, unfreeze_blocks=3, optimizer="sgd",
+                    learning_rate=0.05, fine_tune_lr_ratio=600.0, patience=3),
+        verbose=0,
+    )
+    phase1_best = min(result.phase1.history["val_loss"])
+    assert min(result.phase2.history["val_loss"]) > phase1_best  # phase 2 really was worse
+    final = model.evaluate(validation, return_dict=True, verbose=0)["loss"]
+    np.testing.assert_allclose(final, phase1_best, rtol=1e-4)
+    assert result.to_dict()["phase2"]["epoch"][0] == len(result.phase1.epoch)
+
+
+def test_recalibration_makes_inference_match_training_statistics():
+    data = digits()
+    model = build_classifier(ModelConfig("mobilenet_v2", weights=None, image_size=32), 3)
+    x, _ = data.train.arrays()
+    x = tf.constant(x[:96], tf.float32)
+    features = keras.Model(model.input, model.get_layer("pool").output)
+    norms = [layer for layer in get_backbone(model).layers if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in norms]
+    # untrained moving statistics (mean 0, variance 1) are far from the data's
+    gap_before = np.abs(features(x, training=False) - features(x, training=True)).max()
+    assert recalibrate_batchnorm(model, tf.data.Dataset.from_tensor_slices(x).batch(32)) == 52
+    gap_after = np.abs(features(x, training=False) - features(x, training=True)).max()
+    assert gap_after < 1e-3 < gap_before
+    assert [layer.momentum for layer in norms] == momenta  # restored after calibrating
+
+
+def test_from_scratch_training_learns_and_evaluates_correctly():
+    data = digits(size=32)
+    model = build_classifier(ModelConfig("mobilenet_v2", weights=None, image_size=32), 3)
+    result = train_classifier(
+        model, data.train.batches(32, training=True), data.validation.batches(64),
+        TrainConfig(epochs=8, patience=8), from_scratch=True, calibration_data=data.train.batches(64), verbose=0,
+    )
+    assert result.phase2 is None
+    accuracy = model.evaluate(data.validation.batches(64), return_dict=True, verbose=0)["accuracy"]
+    # without recalibration, moving statistics after 8 short epochs leave this near chance (1/3)
+    assert accuracy > 0.8
