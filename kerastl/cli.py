@@ -199,7 +199,10 @@ COMMANDS = {"train": _train, "predict": _predict, "backbones": _backbones, "demo
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command in `argv` (default: sys.argv[1:]); returns the exit code."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a flag error (2, already printed as one line)
+        return int(stop.code or 0)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from kerastl.errors import KerastlError

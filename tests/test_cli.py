@@ -1,0 +1,103 @@
+"""The `kerastl` command, called through `main(argv)`."""
+
+import json
+
+from kerastl.cli import main
+from kerastl.config import RunConfig
+
+SMALL = ["--backbone", "simple_cnn", "--weights", "none", "--image-size", "32", "--epochs", "2", "-q"]
+
+
+def test_backbones_lists_the_registry(capsys):
+    assert main(["backbones"]) == 0
+    out = capsys.readouterr().out
+    assert "efficientnet_v2_s" in out and "nasnet_large" in out and "simple_cnn" in out
+    assert main(["backbones", "vgg*"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["vgg16", "vgg19"]
+    assert lines[1].split()[1:4] == ["224", "32", "yes"]
+
+
+def test_train_then_predict(image_folder, tmp_path, capsys):
+    export = tmp_path / "out"
+    config = tmp_path / "run.json"
+    RunConfig.from_dict({"train": {"learning_rate": 0.01, "fine_tune_epochs": 0}, "data": {"augment": "none"}}).to_json(config)
+    code = main(["train", "--data", str(image_folder), "--config", str(config), "--export", str(export), *SMALL,
+                 "--batch-size", "8"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert f"exported to {export}" in out and "validation_accuracy" in out
+    saved = RunConfig.from_json(export / "config.json")
+    assert saved.train.learning_rate == 0.01  # from the config file
+    assert saved.train.epochs == 2 and saved.data.batch_size == 8  # flags override it
+    assert saved.model.weights is None
+
+    image = image_folder / "red" / "0.png"
+    assert main(["predict", "--model", str(export), str(image), "--top-k", "2"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{image}: ") and line.count(",") == 1
+    assert main(["predict", "--model", str(export), "--json", str(image), str(image)]) == 0
+    rows = [json.loads(row) for row in capsys.readouterr().out.strip().splitlines()]
+    assert len(rows) == 2 and rows[0]["image"] == str(image)
+    assert set(rows[0]["probabilities"]) == {"blue", "green", "red"}
+    assert abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-5
+    assert rows[0]["top"][0]["probability"] == max(rows[0]["probabilities"].values())
+
+
+def _fails_cleanly(argv, capsys, match):
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith("kerastl: error: ") and captured.err.count("\n") == 1, captured.err
+    assert "Traceback" not in captured.err and match in captured.err, captured.err
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, image_folder, capsys):
+    export = tmp_path / "never"
+    train = ["train", "--export", str(export)]
+    empty = tmp_path / "empty_class"
+    (empty / "a").mkdir(parents=True)
+    (empty / "b").mkdir()
+    (empty / "a" / "x.png").write_bytes((image_folder / "red" / "0.png").read_bytes())
+    single = tmp_path / "single"
+    (single / "a").mkdir(parents=True)
+    cases = [
+        ([*train, "--data", str(tmp_path / "missing"), *SMALL], "does not exist"),
+        ([*train, "--data", str(empty), *SMALL], "has no images"),
+        ([*train, "--data", str(single), *SMALL], "only one class"),
+        ([*train, "--data", str(image_folder), "--backbone", "resnet9000"], "unknown backbone"),
+        ([*train, "--data", str(image_folder), "--backbone", "xception", "--image-size", "64"], "too small"),
+        ([*train, "--data", str(image_folder), "--epochs", "0"], "below the minimum"),
+        ([*train, "--data", str(image_folder), "--batch-size", "many"], "not a whole number"),
+        ([*train, "--data", str(image_folder), "--validation-split", "1.5"], "not in [0, 1)"),
+        ([*train, "--data", str(image_folder), "--augment", "spin"], "unknown augmentation"),
+        ([*train, "--data", str(image_folder), "--weights", str(tmp_path / "no.weights.h5")], "does not exist"),
+        ([*train, "--data", str(image_folder), "--config", str(tmp_path / "no.json")], "does not exist"),
+        ([*train, "--data", str(image_folder), "--pooling", "median"], "invalid choice"),
+        (["train", "--bogus-flag"], "unrecognized arguments"),
+        (["predict", "--model", str(tmp_path), "x.png"], "not a kerastl export"),
+        (["frobnicate"], "invalid choice"),
+    ]
+    for argv, match in cases:
+        _fails_cleanly(argv, capsys, match)
+    assert not export.exists()
+
+
+def test_predict_reports_missing_images(tmp_path, capsys):
+    from kerastl.config import ModelConfig
+    from kerastl.export import export_saved_model
+    from kerastl.model import build_classifier
+
+    model = build_classifier(ModelConfig("simple_cnn", weights=None, image_size=16), 2)
+    export_saved_model(model, tmp_path / "m", ["a", "b"])
+    _fails_cleanly(["predict", "--model", str(tmp_path / "m"), str(tmp_path / "nope.jpg")], capsys, "does not exist")
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    _fails_cleanly(["predict", "--model", str(tmp_path / "m"), str(tmp_path / "bad.jpg")], capsys, "cannot decode")
+
+
+def test_help_documents_every_flag(capsys):
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--data", "--backbone", "--weights", "--image-size", "--epochs", "--fine-tune-epochs",
+                 "--unfreeze-blocks", "--batch-size", "--augment", "--export", "--config"):
+        assert flag in text

@@ -1,0 +1,117 @@
+"""Train -> export -> reload: files, signatures, parity with plain TensorFlow."""
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from kerastl.data import from_arrays
+from kerastl.export import export_saved_model, load_export
+from kerastl.model import build_classifier
+from kerastl.run import run_training
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run on the synthetic colour folder: frozen random simple_cnn base, then fine-tuning."""
+    from conftest import write_class_folder
+
+    root = tmp_path_factory.mktemp("run")
+    write_class_folder(root / "images")
+    keras.utils.set_random_seed(0)
+    config = RunConfig(
+        DataConfig(source=str(root / "images"), validation_split=0.25, batch_size=8, augment="flip"),
+        ModelConfig("simple_cnn", weights=None, image_size=32, from_scratch=False),
+        TrainConfig(epochs=12, fine_tune_epochs=2, unfreeze_blocks=1, learning_rate=0.01, patience=12),
+        export_dir=str(root / "export"),
+    )
+    return run_training(config, verbose=0), root
+
+
+def test_run_writes_every_file_and_a_config_that_round_trips(trained):
+    result, _ = trained
+    folder = result.export_dir
+    for name in ("saved_model.pb", "labels.txt", "config.json", "model.keras", "backbone.weights.h5",
+                 "history.json", "metrics.json"):
+        assert (folder / name).is_file(), name
+    assert (folder / "labels.txt").read_text() == "blue\ngreen\nred\n"
+    config = RunConfig.from_json(folder / "config.json")
+    assert config == result.config and config.model.image_size == 32
+    history = json.loads((folder / "history.json").read_text())
+    assert set(history) == {"phase1", "phase2"} and "val_loss" in history["phase1"]
+
+
+def test_exported_model_predicts_the_right_labels(trained):
+    result, root = trained
+    exported = load_export(result.export_dir)
+    assert exported.class_names == ["blue", "green", "red"]
+    files = [root / "images" / name / f"{i}.{ext}" for name in exported.class_names
+             for i, ext in ((0, "png"), (1, "jpg"), (2, "bmp"), (3, "gif"))]
+    probabilities = exported.predict_files(files)
+    predicted = [exported.class_names[i] for i in probabilities.argmax(axis=1)]
+    assert predicted == [f.parent.name for f in files]
+
+
+def test_plain_tensorflow_gets_the_keras_probabilities(trained, tmp_path):
+    result, _ = trained
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (3, 45, 37, 3)).astype(np.float32)  # any size: resized inside
+    np.save(tmp_path / "images.npy", images)
+    encoded = io.BytesIO()
+    Image.fromarray(images[0].round().astype(np.uint8)).save(encoded, "PNG")
+    (tmp_path / "image.png").write_bytes(encoded.getvalue())
+    script = textwrap.dedent(f"""
+        import sys, numpy as np, tensorflow as tf
+        loaded = tf.saved_model.load({str(result.export_dir)!r})
+        images = np.load({str(tmp_path / 'images.npy')!r})
+        out = loaded.signatures["serving_default"](images=tf.constant(images))["probabilities"].numpy()
+        data = open({str(tmp_path / 'image.png')!r}, "rb").read()
+        from_bytes = loaded.signatures["serve_bytes"](image_bytes=tf.constant([data]))["probabilities"].numpy()
+        np.save({str(tmp_path / 'out.npy')!r}, out)
+        np.save({str(tmp_path / 'bytes.npy')!r}, from_bytes)
+        assert "kerastl" not in sys.modules
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    expected = result.model.predict(images, verbose=0)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
+    png_pixels = np.asarray(Image.open(tmp_path / "image.png"), np.float32)[None]
+    np.testing.assert_allclose(np.load(tmp_path / "bytes.npy"), result.model.predict(png_pixels, verbose=0), atol=1e-5)
+
+
+def test_binary_export_returns_both_class_probabilities(tmp_path):
+    model = build_classifier(ModelConfig("simple_cnn", weights=None, image_size=16, binary=True), 2)
+    export_saved_model(model, tmp_path / "binary", ["cat", "dog"])
+    images = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
+    probabilities = load_export(tmp_path / "binary").predict(images)
+    p = model.predict(images, verbose=0)[:, 0]
+    np.testing.assert_allclose(probabilities, np.stack([1 - p, p], axis=1), atol=1e-6)
+
+
+def test_backbone_weights_start_the_next_run(trained, tmp_path):
+    result, _ = trained
+    weights = str(result.export_dir / "backbone.weights.h5")
+    model = build_classifier(ModelConfig("simple_cnn", weights=weights, image_size=32), 3)
+    x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    features = lambda m: keras.Model(m.input, m.get_layer("pool").output).predict(x, verbose=0)  # noqa: E731
+    np.testing.assert_allclose(features(model), features(result.model), atol=1e-5)
+
+
+def test_run_refuses_a_non_empty_export_folder_and_writes_nothing_on_bad_input(trained, tmp_path):
+    result, root = trained
+    x = np.zeros((6, 8, 8, 3), np.uint8)
+    data = from_arrays(x, np.array([0, 1] * 3), 16, ["a", "b"])
+    config = RunConfig(model=ModelConfig("simple_cnn", weights=None, image_size=16), export_dir=str(result.export_dir))
+    with pytest.raises(Exception, match="not empty"):
+        run_training(config, data=data)
+    config.export_dir = str(tmp_path / "new")
+    config.model.image_size = 8
+    with pytest.raises(Exception, match="too small"):
+        run_training(config, data=data)
+    assert not (tmp_path / "new").exists()
