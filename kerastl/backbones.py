@@ -165,6 +165,11 @@ def resolve_size(spec: BackboneSpec, image_size: int | None) -> int:
     return size
 
 
+def normalize_weights(weights: str | None) -> str | None:
+    """None for "none" (any case) or an empty string; other values unchanged."""
+    return None if weights is None or weights.strip().lower() in ("none", "") else weights
+
+
 def check_weights(spec: BackboneSpec, weights: str | None) -> None:
     """Fails early, before anything is built or written, on a weights value that cannot work."""
     if weights is None or (weights == "imagenet" and spec.imagenet):
@@ -209,8 +214,7 @@ def build_backbone(name: str, image_size: int | None = None, weights: str | None
     """
     spec = get_spec(name)
     size = resolve_size(spec, image_size)
-    if weights is not None and weights.lower() in ("none", "null", ""):
-        weights = None
+    weights = normalize_weights(weights)
     check_weights(spec, weights)
     shape = (size, size, 3)
     if weights == "imagenet":

@@ -145,8 +145,6 @@ def _run_config(args: argparse.Namespace):
         value = getattr(args, dest)
         if value is None:
             continue
-        if dest == "weights" and value.lower() == "none":
-            value = None
         setattr(getattr(config, section) if section else config, field, value)
     return config
 

@@ -56,8 +56,6 @@ class DataConfig(_JsonMixin):
     cache_limit_mb: int = 2048
 
     def validate(self) -> None:
-        if not self.source:
-            raise KerastlError("no data source given: pass a class folder, cifar10 or digits")
         for name in ("validation_split", "test_split"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

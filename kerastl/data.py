@@ -286,6 +286,8 @@ def load_cifar10(path: str | None = None) -> tuple[tuple[np.ndarray, np.ndarray]
 def load_data(config: DataConfig, image_size: int) -> ImageData:
     """Dispatches on `config.source`: "digits", "cifar10", a CIFAR-10 folder or a class folder."""
     config.validate()
+    if not config.source:
+        raise KerastlError("no data source given: pass a class folder, cifar10 or digits")
     split = dict(validation_split=config.validation_split, seed=config.seed)
     if config.source == "digits":
         x, y, names = load_digits()

@@ -17,7 +17,7 @@ from pathlib import Path
 import keras
 
 from kerastl.augment import build_augmenter, parse_augment
-from kerastl.backbones import check_weights, get_spec, resolve_size
+from kerastl.backbones import check_weights, get_spec, normalize_weights, resolve_size
 from kerastl.config import RunConfig
 from kerastl.data import ImageData, load_data
 from kerastl.errors import KerastlError
@@ -47,8 +47,7 @@ def resolve_config(config: RunConfig) -> RunConfig:
     """A validated copy with registry defaults filled in (size, canonical name, folders)."""
     config = copy.deepcopy(config)
     config.validate()
-    if config.model.weights is not None and config.model.weights.lower() in ("none", "null", ""):
-        config.model.weights = None
+    config.model.weights = normalize_weights(config.model.weights)
     spec = get_spec(config.model.backbone)
     config.model.backbone = spec.name
     config.model.image_size = resolve_size(spec, config.model.image_size)
@@ -81,7 +80,7 @@ def run_training(
 
     Everything is checked before anything is written, so bad input leaves no files.
     """
-    config = resolve_config(config) if data is None else _resolve_with_data(config)
+    config = resolve_config(config)
     export_dir = Path(config.export_dir)
     _check_export_dir(export_dir, overwrite)
     keras.utils.set_random_seed(config.data.seed)
@@ -118,10 +117,3 @@ def run_training(
     (export_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return RunResult(model, history, data.class_names, metrics, export_dir, config)
 
-
-def _resolve_with_data(config: RunConfig) -> RunConfig:
-    """Like `resolve_config`, for data passed in directly (no source needed)."""
-    if not config.data.source:
-        config = copy.deepcopy(config)
-        config.data.source = "<arrays>"
-    return resolve_config(config)

@@ -62,6 +62,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, image_folder,
     single = tmp_path / "single"
     (single / "a").mkdir(parents=True)
     cases = [
+        ([*train, *SMALL], "no data source"),
         ([*train, "--data", str(tmp_path / "missing"), *SMALL], "does not exist"),
         ([*train, "--data", str(empty), *SMALL], "has no images"),
         ([*train, "--data", str(single), *SMALL], "only one class"),
