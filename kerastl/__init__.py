@@ -10,7 +10,7 @@ from kerastl.backbones import build_backbone, get_spec, list_backbones
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from kerastl.data import ImageData, from_arrays, from_folder, load_cifar10, load_data, load_digits
 from kerastl.errors import KerastlError
-from kerastl.export import export_saved_model, load_export
+from kerastl.export import export_saved_model, load_export, load_model
 from kerastl.model import build_classifier, freeze_base, get_backbone, unfreeze
 from kerastl.run import run_training
 from kerastl.train import recalibrate_batchnorm, train_classifier
@@ -36,6 +36,7 @@ __all__ = [
     "load_data",
     "load_digits",
     "load_export",
+    "load_model",
     "recalibrate_batchnorm",
     "run_training",
     "train_classifier",

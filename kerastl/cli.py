@@ -36,6 +36,7 @@ TRAIN_FLAGS = {
     "unfreeze_blocks": ("train", "unfreeze_blocks"),
     "unfreeze_from": ("train", "unfreeze_from"),
     "optimizer": ("train", "optimizer"),
+    "loss": ("train", "loss"),
     "learning_rate": ("train", "learning_rate"),
     "fine_tune_lr_ratio": ("train", "fine_tune_lr_ratio"),
     "patience": ("train", "patience"),
@@ -109,6 +110,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--unfreeze-blocks", type=_count(0), metavar="K", help="backbone blocks phase 2 trains (2)")
     t.add_argument("--unfreeze-from", metavar="LAYER", help="or: train phase 2 from this backbone layer on")
     t.add_argument("--optimizer", metavar="NAME", help="Keras optimizer name (adam)")
+    t.add_argument("--loss", metavar="NAME", help="Keras loss name; auto picks cross-entropy (auto)")
     t.add_argument("--learning-rate", type=_positive, metavar="LR", help="phase-1 learning rate (0.001)")
     t.add_argument("--fine-tune-lr-ratio", type=_positive, metavar="R", help="phase-2 LR as a fraction (0.1)")
     t.add_argument("--patience", type=_count(0), metavar="N", help="EarlyStopping patience in epochs (5)")
@@ -192,6 +194,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Logs to whatever `sys.stderr` is when a record is emitted (it may be replaced)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 COMMANDS = {"train": _train, "predict": _predict, "backbones": _backbones, "demo": _demo}
 
 
@@ -202,7 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as stop:  # --help (0) or a flag error (2, already printed as one line)
         return int(stop.code or 0)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("kerastl")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
     from kerastl.errors import KerastlError
 
     try:

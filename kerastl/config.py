@@ -110,6 +110,9 @@ class TrainConfig(_JsonMixin):
         fine_tune_epochs: phase-2 epochs; 0 skips fine-tuning.
         unfreeze_blocks: how many of the backbone's last blocks phase 2 trains.
         unfreeze_from: alternatively, the layer name from which phase 2 trains.
+        optimizer: a Keras optimizer name ("adam", "sgd", "adamw", ...).
+        loss: a Keras loss name; "auto" is sparse categorical cross-entropy, or
+            binary cross-entropy for a one-unit sigmoid model.
         fine_tune_lr_ratio: phase-2 learning rate as a fraction of `learning_rate`.
         patience: EarlyStopping patience on validation loss, in epochs.
     """
@@ -119,6 +122,7 @@ class TrainConfig(_JsonMixin):
     unfreeze_blocks: int = 2
     unfreeze_from: str | None = None
     optimizer: str = "adam"
+    loss: str = "auto"
     learning_rate: float = 1e-3
     fine_tune_lr_ratio: float = 0.1
     patience: int = 5

@@ -59,6 +59,11 @@ class Split:
             ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=AUTOTUNE)
         return ds.prefetch(AUTOTUNE)
 
+    def sample(self, count: int = 512) -> tf.Tensor:
+        """Up to `count` images as one float32 batch, read once without touching any cache."""
+        images, _ = next(iter(self.dataset.take(count).batch(count)))
+        return tf.cast(images, tf.float32)
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """All images and labels as numpy arrays (for evaluation and small data)."""
         images, labels = [], []
@@ -100,7 +105,11 @@ def _decode_file(path: tf.Tensor, image_size: int) -> tf.Tensor:
 def stratified_split(
     labels: np.ndarray, validation: float, test: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Indices of train/validation/test, split per class so every class is in every split."""
+    """Indices of train/validation/test, split per class so every class is in every split.
+
+    Training indices come in random order, so the first images of a training split
+    are a fair sample of every class.
+    """
     rng = np.random.default_rng(seed)
     parts: tuple[list, list, list] = ([], [], [])
     for label in np.unique(labels):
@@ -114,7 +123,8 @@ def stratified_split(
         parts[1].append(index[:n_val])
         parts[2].append(index[n_val : n_val + n_test])
         parts[0].append(index[n_val + n_test :])
-    return tuple(np.sort(np.concatenate(p)).astype(np.int64) for p in parts)  # type: ignore[return-value]
+    train = rng.permutation(np.concatenate(parts[0])).astype(np.int64)  # random order: see Split.sample
+    return train, np.sort(np.concatenate(parts[1])), np.sort(np.concatenate(parts[2]))
 
 
 def _list_class_folder(root: Path) -> tuple[list[str], list[str], list[int]]:

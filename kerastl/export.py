@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from kerastl.errors import KerastlError
-from kerastl.model import image_size_of
+from kerastl.model import BackbonePreprocessing, image_size_of  # noqa: F401 (registers the layer)
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,14 @@ class ExportedModel:
         """The k most probable (class name, probability) pairs for each row."""
         order = np.argsort(-probabilities, axis=-1)[:, :k]
         return [[(self.class_names[i], float(row[i])) for i in idx] for row, idx in zip(probabilities, order)]
+
+
+def load_model(directory: str | os.PathLike) -> keras.Model:
+    """The trained Keras model of a run folder (its `model.keras`), loaded in safe mode."""
+    path = Path(directory) / "model.keras"
+    if not path.is_file():
+        raise KerastlError(f"{directory} has no model.keras (is it a kerastl run folder?)")
+    return keras.saving.load_model(path, safe_mode=True)
 
 
 def load_export(directory: str | os.PathLike) -> ExportedModel:

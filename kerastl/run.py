@@ -23,7 +23,7 @@ from kerastl.data import ImageData, load_data
 from kerastl.errors import KerastlError
 from kerastl.export import export_saved_model
 from kerastl.model import build_classifier, get_backbone
-from kerastl.train import TrainResult, train_classifier
+from kerastl.train import TrainResult, make_loss, make_optimizer, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ def resolve_config(config: RunConfig) -> RunConfig:
     config.model.image_size = resolve_size(spec, config.model.image_size)
     check_weights(spec, config.model.weights)
     parse_augment(config.data.augment)
+    make_optimizer(config.train.optimizer, config.train.learning_rate)
+    make_loss(config.train.loss, config.model.binary)
     if not config.name:
         config.name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if config.export_dir is None:
@@ -101,7 +103,7 @@ def run_training(
     )
     history = train_classifier(
         model, train, validation, config.train, from_scratch=config.model.trains_from_scratch,
-        calibration_data=data.train.batches(dc.batch_size, cache_limit_mb=dc.cache_limit_mb), verbose=verbose,
+        calibration_images=data.train.sample() if config.model.trains_from_scratch else None, verbose=verbose,
     )
     metrics = {}
     for name, split in (("validation", data.validation), ("test", data.test)):

@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 
 from kerastl.config import TrainConfig
+from kerastl.errors import KerastlError
 from kerastl.model import freeze_base, get_backbone, unfreeze
 
 log = logging.getLogger(__name__)
@@ -55,30 +56,33 @@ class KeepBest(keras.callbacks.EarlyStopping):
             self.best_weights = self.model.get_weights()
 
 
-def recalibrate_batchnorm(model: keras.Model, images: tf.data.Dataset, max_images: int = 512) -> int:
+def first_images(batches: tf.data.Dataset, count: int = 512) -> tf.Tensor:
+    """Up to `count` images from a dataset of image or (image, label) batches."""
+    gathered, total = [], 0
+    for batch in batches:
+        gathered.append(batch[0] if isinstance(batch, tuple) else batch)
+        total += int(gathered[-1].shape[0])
+        if total >= count:
+            break
+    return tf.concat(gathered, axis=0)[:count]
+
+
+def recalibrate_batchnorm(model: keras.Model, images) -> int:
     """Sets every backbone BatchNorm's moving statistics to those of `images`.
 
     Keras BatchNorm momentum (0.99-0.999) leaves moving statistics far from the data
     after short training from scratch, so a model that trained well evaluates badly.
-    This runs up to `max_images` training images (a dataset of image batches or of
-    (image, label) batches, un-augmented) through the model once in training mode
-    with momentum 0, so the moving statistics become exactly those of that sample.
-    Returns the number of BatchNorm layers updated.
+    This runs `images` (one un-augmented batch of training images, a few hundred is
+    plenty) through the model once in training mode with momentum 0, so the moving
+    statistics become exactly those of the sample. Returns the number of layers updated.
     """
     norms = [layer for layer in get_backbone(model).layers if isinstance(layer, keras.layers.BatchNormalization)]
-    if not norms:
-        return 0
-    batches, count = [], 0
-    for batch in images:
-        batches.append(batch[0] if isinstance(batch, tuple) else batch)
-        count += int(batches[-1].shape[0])
-        if count >= max_images:
-            break
     saved = [layer.momentum for layer in norms]
     try:
         for layer in norms:
             layer.momentum = 0.0
-        model(tf.concat(batches, axis=0)[:max_images], training=True)
+        if norms:
+            model(tf.convert_to_tensor(images, tf.float32), training=True)
     finally:
         for layer, momentum in zip(norms, saved):
             layer.momentum = momentum
@@ -86,23 +90,39 @@ def recalibrate_batchnorm(model: keras.Model, images: tf.data.Dataset, max_image
 
 
 class BatchNormCalibration(keras.callbacks.Callback):
-    """Recalibrates BatchNorm statistics before every validation (from-scratch training)."""
+    """Recalibrates BatchNorm statistics on a fixed sample before every validation."""
 
-    def __init__(self, images: tf.data.Dataset, max_images: int = 512):
+    def __init__(self, images):
         super().__init__()
-        self.images = images
-        self.max_images = max_images
+        self.images = tf.convert_to_tensor(images, tf.float32)
 
     def on_test_begin(self, logs=None):
-        recalibrate_batchnorm(self.model, self.images, self.max_images)
+        recalibrate_batchnorm(self.model, self.images)
 
 
-def compile_classifier(model: keras.Model, optimizer: str, learning_rate: float) -> None:
-    """Compiles with a fresh optimizer: sparse (or binary) cross-entropy and accuracy."""
+def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
+    """A fresh Keras optimizer by name ("adam", "sgd", "adamw", ...)."""
+    try:
+        return keras.optimizers.get({"class_name": name, "config": {"learning_rate": learning_rate}})
+    except (ValueError, TypeError):
+        raise KerastlError(f"unknown optimizer {name!r}; use a Keras optimizer name such as adam or sgd") from None
+
+
+def make_loss(name: str, binary: bool) -> keras.losses.Loss:
+    """The loss by Keras name; "auto" is (sparse categorical or binary) cross-entropy."""
+    if name == "auto":
+        name = "binary_crossentropy" if binary else "sparse_categorical_crossentropy"
+    try:
+        return keras.losses.get(name)
+    except (ValueError, TypeError):
+        raise KerastlError(f"unknown loss {name!r}; use auto or a Keras loss name") from None
+
+
+def compile_classifier(model: keras.Model, optimizer: str, learning_rate: float, loss: str = "auto") -> None:
+    """Compiles with a fresh optimizer, the loss (see `TrainConfig.loss`) and accuracy."""
     binary = model.output_shape[-1] == 1
-    loss = keras.losses.BinaryCrossentropy() if binary else keras.losses.SparseCategoricalCrossentropy()
-    opt = keras.optimizers.get({"class_name": optimizer, "config": {"learning_rate": learning_rate}})
-    model.compile(optimizer=opt, loss=loss, metrics=["accuracy"])
+    model.compile(optimizer=make_optimizer(optimizer, learning_rate), loss=make_loss(loss, binary),
+                  metrics=["accuracy"])
 
 
 def train_classifier(
@@ -111,7 +131,7 @@ def train_classifier(
     validation_data: tf.data.Dataset,
     config: TrainConfig,
     from_scratch: bool = False,
-    calibration_data: tf.data.Dataset | None = None,
+    calibration_images=None,
     callbacks: list[keras.callbacks.Callback] | None = None,
     verbose: int | str = "auto",
 ) -> TrainResult:
@@ -123,8 +143,9 @@ def train_classifier(
         validation_data: batched (images, labels); drives EarlyStopping.
         config: epochs, learning rates, unfreezing.
         from_scratch: train every layer at once and skip fine-tuning.
-        calibration_data: un-augmented training images for BatchNorm recalibration
-            when training from scratch (defaults to `train_data`).
+        calibration_images: one batch of un-augmented training images (float32 0-255)
+            for BatchNorm recalibration when training from scratch; defaults to the
+            first 512 images of `train_data`.
         callbacks: extra Keras callbacks for both phases.
         verbose: passed to `fit`.
     """
@@ -132,10 +153,11 @@ def train_classifier(
     extra = list(callbacks or [])
     if from_scratch:
         get_backbone(model).trainable = True
-        extra.append(BatchNormCalibration(calibration_data or train_data))
+        sample = first_images(train_data) if calibration_images is None else calibration_images
+        extra.append(BatchNormCalibration(sample))
     else:
         freeze_base(model)
-    compile_classifier(model, config.optimizer, config.learning_rate)
+    compile_classifier(model, config.optimizer, config.learning_rate, config.loss)
     phase1_stop = KeepBest(config.patience)
     phase1 = model.fit(
         train_data, validation_data=validation_data, epochs=config.epochs,
@@ -147,7 +169,7 @@ def train_classifier(
     if unfreeze(model, config.unfreeze_blocks, config.unfreeze_from) == 0:
         log.info("nothing to fine-tune (unfreeze_blocks=0); skipping phase 2")
         return result
-    compile_classifier(model, config.optimizer, config.learning_rate * config.fine_tune_lr_ratio)
+    compile_classifier(model, config.optimizer, config.learning_rate * config.fine_tune_lr_ratio, config.loss)
     start = len(phase1.epoch)
     result.phase2 = model.fit(
         train_data, validation_data=validation_data, initial_epoch=start,

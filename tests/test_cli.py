@@ -75,6 +75,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, image_folder,
         ([*train, "--data", str(image_folder), "--weights", str(tmp_path / "no.weights.h5")], "does not exist"),
         ([*train, "--data", str(image_folder), "--config", str(tmp_path / "no.json")], "does not exist"),
         ([*train, "--data", str(image_folder), "--pooling", "median"], "invalid choice"),
+        ([*train, "--data", str(image_folder), "--optimizer", "teleport"], "unknown optimizer 'teleport'"),
+        ([*train, "--data", str(image_folder), "--loss", "vibes"], "unknown loss 'vibes'"),
         (["train", "--bogus-flag"], "unrecognized arguments"),
         (["predict", "--model", str(tmp_path), "x.png"], "not a kerastl export"),
         (["frobnicate"], "invalid choice"),
@@ -91,6 +93,7 @@ def test_predict_reports_missing_images(tmp_path, capsys):
 
     model = build_classifier(ModelConfig("simple_cnn", weights=None, image_size=16), 2)
     export_saved_model(model, tmp_path / "m", ["a", "b"])
+    capsys.readouterr()  # drop the setup's own log lines
     _fails_cleanly(["predict", "--model", str(tmp_path / "m"), str(tmp_path / "nope.jpg")], capsys, "does not exist")
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
     _fails_cleanly(["predict", "--model", str(tmp_path / "m"), str(tmp_path / "bad.jpg")], capsys, "cannot decode")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from kerastl.data import from_arrays
-from kerastl.export import export_saved_model, load_export
+from kerastl.export import export_saved_model, load_export, load_model
 from kerastl.model import build_classifier
 from kerastl.run import run_training
 
@@ -46,6 +46,13 @@ def test_run_writes_every_file_and_a_config_that_round_trips(trained):
     assert config == result.config and config.model.image_size == 32
     history = json.loads((folder / "history.json").read_text())
     assert set(history) == {"phase1", "phase2"} and "val_loss" in history["phase1"]
+
+
+def test_run_folder_reloads_as_the_same_keras_model(trained):
+    result, _ = trained
+    images = np.random.default_rng(2).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    reloaded = load_model(result.export_dir)
+    np.testing.assert_allclose(reloaded.predict(images, verbose=0), result.model.predict(images, verbose=0), atol=1e-6)
 
 
 def test_exported_model_predicts_the_right_labels(trained):

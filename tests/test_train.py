@@ -27,7 +27,7 @@ def test_fine_tuning_leaves_batchnorm_statistics_unchanged():
     data = digits()
     model = build_classifier(ModelConfig("mobilenet_v2", weights=None, image_size=32, from_scratch=False), 3)
     # give the BatchNorm layers statistics that differ from the initial 0/1, as pretrained ones would
-    recalibrate_batchnorm(model, data.train.batches(64))
+    recalibrate_batchnorm(model, data.train.sample())
     before = _batchnorm_state(model)
     kernel_before = get_backbone(model).get_layer("Conv_1").kernel.numpy().copy()
     result = train_classifier(
@@ -73,7 +73,7 @@ def test_recalibration_makes_inference_match_training_statistics():
     momenta = [layer.momentum for layer in norms]
     # untrained moving statistics (mean 0, variance 1) are far from the data's
     gap_before = np.abs(features(x, training=False) - features(x, training=True)).max()
-    assert recalibrate_batchnorm(model, tf.data.Dataset.from_tensor_slices(x).batch(32)) == 52
+    assert recalibrate_batchnorm(model, x) == 52
     gap_after = np.abs(features(x, training=False) - features(x, training=True)).max()
     assert gap_after < 1e-3 < gap_before
     assert [layer.momentum for layer in norms] == momenta  # restored after calibrating
@@ -84,7 +84,7 @@ def test_from_scratch_training_learns_and_evaluates_correctly():
     model = build_classifier(ModelConfig("mobilenet_v2", weights=None, image_size=32), 3)
     result = train_classifier(
         model, data.train.batches(32, training=True), data.validation.batches(64),
-        TrainConfig(epochs=8, patience=8), from_scratch=True, calibration_data=data.train.batches(64), verbose=0,
+        TrainConfig(epochs=8, patience=8), from_scratch=True, calibration_images=data.train.sample(), verbose=0,
     )
     assert result.phase2 is None
     accuracy = model.evaluate(data.validation.batches(64), return_dict=True, verbose=0)["accuracy"]
