@@ -40,6 +40,9 @@ TRAIN_FLAGS = {
     "learning_rate": ("train", "learning_rate"),
     "fine_tune_lr_ratio": ("train", "fine_tune_lr_ratio"),
     "patience": ("train", "patience"),
+    "feature_cache": ("train", "feature_cache"),
+    "cache_views": ("train", "cache_views"),
+    "cache_dir": ("train", "cache_dir"),
     "name": (None, "name"),
     "export": (None, "export_dir"),
 }
@@ -114,6 +117,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--learning-rate", type=_positive, metavar="LR", help="phase-1 learning rate (0.001)")
     t.add_argument("--fine-tune-lr-ratio", type=_positive, metavar="R", help="phase-2 LR as a fraction (0.1)")
     t.add_argument("--patience", type=_count(0), metavar="N", help="EarlyStopping patience in epochs (5)")
+    c = p.add_argument_group("feature cache (phase 1 on features computed once)")
+    c.add_argument("--cache", dest="feature_cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the head on cached backbone features while the base is frozen (on)")
+    c.add_argument("--cache-views", type=_count(1), metavar="K",
+                   help="augmented views cached per image when augmenting; epoch e uses view e %% K (4)")
+    c.add_argument("--cache-dir", metavar="DIR", help="feature cache folder (~/.cache/kerastl)")
     o = p.add_argument_group("output")
     o.add_argument("--config", metavar="FILE", help="JSON run config; flags override its values")
     o.add_argument("--name", help="run name (backbone-date-time)")
@@ -132,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, GIF or BMP files")
     predict.add_argument("--top-k", type=_count(1), default=3, metavar="K", help="classes to show (3)")
     predict.add_argument("--json", action="store_true", help="one JSON object per image")
+    extract = sub.add_parser("extract", help="save pooled backbone features of every image to an .npz file")
+    extract.add_argument("--data", required=True, metavar="SRC", help="class folder, cifar10 folder, or digits")
+    extract.add_argument("--backbone", default="mobilenet_v2", metavar="NAME", help="registry name (mobilenet_v2)")
+    extract.add_argument("--weights", default="imagenet", metavar="W", help="imagenet, none or a weights file")
+    extract.add_argument("--image-size", type=_count(1), metavar="N", help="input size (the backbone's default)")
+    extract.add_argument("--layers", metavar="NAME[,NAME]", help="backbone layers to pool (default: its output)")
+    extract.add_argument("--batch-size", type=_count(1), default=64, metavar="N", help="(64)")
+    extract.add_argument("--out", required=True, metavar="FILE.npz", help="output file")
     backbones = sub.add_parser("backbones", help="list the backbones in the registry")
     backbones.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'efficientnet*'")
     demo = sub.add_parser("demo", help="offline demo: transfer from digits 0-4 to 5-9 vs training from scratch")
@@ -175,6 +192,28 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extract(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from kerastl.config import DataConfig, ModelConfig, RunConfig
+    from kerastl.data import load_data
+    from kerastl.errors import KerastlError
+    from kerastl.features import extract_features
+    from kerastl.run import resolve_config
+
+    if not args.out.endswith(".npz"):
+        raise KerastlError(f"--out must name an .npz file, got {args.out}")
+    config = resolve_config(RunConfig(DataConfig(source=args.data, validation_split=0.0),
+                                      ModelConfig(args.backbone, args.weights, args.image_size)))
+    data = load_data(config.data, config.model.image_size)
+    layers = [name for name in (args.layers or "").split(",") if name]
+    arrays = extract_features(config.model, data, layers, args.batch_size, progress=True)
+    np.savez(args.out, **arrays)
+    shapes = ", ".join(f"{k} {v.shape}" for k, v in arrays.items() if k not in ("labels", "class_names"))
+    print(f"saved features of {len(arrays['labels'])} images ({shapes}) to {args.out}")
+    return 0
+
+
 def _backbones(args: argparse.Namespace) -> int:
     from kerastl.backbones import REGISTRY, list_backbones
 
@@ -206,7 +245,7 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-COMMANDS = {"train": _train, "predict": _predict, "backbones": _backbones, "demo": _demo}
+COMMANDS = {"train": _train, "predict": _predict, "extract": _extract, "backbones": _backbones, "demo": _demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

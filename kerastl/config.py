@@ -115,6 +115,11 @@ class TrainConfig(_JsonMixin):
             binary cross-entropy for a one-unit sigmoid model.
         fine_tune_lr_ratio: phase-2 learning rate as a fraction of `learning_rate`.
         patience: EarlyStopping patience on validation loss, in epochs.
+        feature_cache: while the base is frozen, train the head on backbone features
+            computed once (see `kerastl.features`) instead of running the base every epoch.
+        cache_views: with augmentation on, how many augmented views of each image the
+            cache holds; epoch e trains on view e % cache_views.
+        cache_dir: where cached features live (default `kerastl.features.default_cache_dir()`).
     """
 
     epochs: int = 10
@@ -126,11 +131,16 @@ class TrainConfig(_JsonMixin):
     learning_rate: float = 1e-3
     fine_tune_lr_ratio: float = 0.1
     patience: int = 5
+    feature_cache: bool = True
+    cache_views: int = 4
+    cache_dir: str | None = None
 
     def validate(self) -> None:
         for name in ("epochs", "fine_tune_epochs", "unfreeze_blocks", "patience"):
             if getattr(self, name) < 0:
                 raise KerastlError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.cache_views < 1:
+            raise KerastlError(f"cache_views must be at least 1, got {self.cache_views}")
         if self.epochs < 1:
             raise KerastlError("epochs must be at least 1")
         if self.learning_rate <= 0 or self.fine_tune_lr_ratio <= 0:

@@ -10,6 +10,7 @@ augment, prefetch.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
@@ -36,6 +37,7 @@ class Split:
     dataset: tf.data.Dataset
     count: int
     image_size: int
+    fingerprint: str = ""  # changes whenever the split's images or labels change
 
     def batches(
         self,
@@ -51,7 +53,7 @@ class Split:
         if megabytes <= cache_limit_mb:
             ds = ds.cache()
         else:
-            log.info("not caching %d images (%.0f MB > cache limit %d MB)", self.count, megabytes, cache_limit_mb)
+            log.debug("not caching %d images (%.0f MB > cache limit %d MB)", self.count, megabytes, cache_limit_mb)
         if training:
             ds = ds.shuffle(max(self.count, 1), seed=seed, reshuffle_each_iteration=True)
         ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
@@ -155,7 +157,11 @@ def _list_class_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
 def _file_split(paths: list[str], labels: list[int], image_size: int) -> Split:
     ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, np.int32)))
     ds = ds.map(lambda p, y: (_decode_file(p, image_size), y), num_parallel_calls=AUTOTUNE)
-    return Split(ds.ignore_errors(log_warning=True), len(paths), image_size)
+    digest = hashlib.sha256(str(image_size).encode())
+    for path, label in zip(paths, labels):
+        stat = os.stat(path)
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{label}\n".encode())
+    return Split(ds.ignore_errors(log_warning=True), len(paths), image_size, digest.hexdigest())
 
 
 def from_folder(
@@ -193,8 +199,9 @@ def from_folder(
 
 def _array_split(x: np.ndarray, y: np.ndarray, image_size: int) -> Split:
     images = to_model_input(x, image_size).numpy()
-    ds = tf.data.Dataset.from_tensor_slices((images, np.asarray(y, np.int32)))
-    return Split(ds, len(images), image_size)
+    labels = np.asarray(y, np.int32)
+    digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+    return Split(tf.data.Dataset.from_tensor_slices((images, labels)), len(images), image_size, digest)
 
 
 def from_arrays(
@@ -301,7 +308,7 @@ def load_data(config: DataConfig, image_size: int) -> ImageData:
     split = dict(validation_split=config.validation_split, seed=config.seed)
     if config.source == "digits":
         x, y, names = load_digits()
-        return from_arrays(x, y, image_size, names, test_split=config.test_split or 0.2, **split)
+        return from_arrays(x, y, image_size, names, test_split=config.test_split, **split)
     if config.source == "cifar10" or is_cifar10_folder(config.source):
         path = None if config.source == "cifar10" else config.source
         (x, y), test, names = load_cifar10(path)

@@ -80,8 +80,8 @@ def run_demo(output: str | Path = "saved_models/demo", seed: int = 0) -> DemoRes
     log.info("2/3 transferring to digits 5-9 from %d images", len(train))
     transfer = run_training(
         RunConfig(small, ModelConfig(BACKBONE, weights=weights, image_size=SIZE),
-                  TrainConfig(epochs=30, fine_tune_epochs=40, unfreeze_blocks=16, learning_rate=3e-3,
-                              fine_tune_lr_ratio=0.3, patience=10),
+                  TrainConfig(epochs=30, fine_tune_epochs=50, unfreeze_blocks=16, learning_rate=3e-3,
+                              patience=15),
                   name="transfer_5-9", export_dir=str(output / "transfer_5-9")),
         data=few_shot, overwrite=True, verbose=0,
     )

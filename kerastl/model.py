@@ -25,8 +25,9 @@ class BackbonePreprocessing(layers.Layer):
 
     def __init__(self, backbone: str, **kwargs):
         super().__init__(**kwargs)
-        self.backbone = get_spec(backbone).name
-        self._preprocess = get_spec(backbone).preprocess
+        spec = get_spec(backbone)
+        self.backbone = spec.name
+        self._preprocess = spec.preprocess
 
     def call(self, inputs):
         return self._preprocess(inputs)

@@ -22,6 +22,7 @@ from kerastl.config import RunConfig
 from kerastl.data import ImageData, load_data
 from kerastl.errors import KerastlError
 from kerastl.export import export_saved_model
+from kerastl.features import FeatureCache
 from kerastl.model import build_classifier, get_backbone
 from kerastl.train import TrainResult, make_loss, make_optimizer, train_classifier
 
@@ -101,9 +102,19 @@ def run_training(
         "training %s on %d images of %d classes (%d validation)",
         config.model.backbone, data.train.count, len(data.class_names), data.validation.count,
     )
+    scratch, tc = config.model.trains_from_scratch, config.train
+    features = None
+    if tc.feature_cache and not scratch:
+        cache = FeatureCache(tc.cache_dir, dc.cache_limit_mb)
+        views = tc.cache_views if augmenter is not None else 1
+        features = (
+            cache.features(model, data.train, views, dc.augment, dc.seed, dc.batch_size, progress=verbose != 0),
+            cache.features(model, data.validation, batch_size=dc.batch_size),
+        )
     history = train_classifier(
-        model, train, validation, config.train, from_scratch=config.model.trains_from_scratch,
-        calibration_images=data.train.sample() if config.model.trains_from_scratch else None, verbose=verbose,
+        model, train, validation, tc, from_scratch=scratch,
+        calibration_images=data.train.sample() if scratch else None, features=features,
+        batch_size=dc.batch_size, seed=dc.seed, verbose=verbose,
     )
     metrics = {}
     for name, split in (("validation", data.validation), ("test", data.test)):

@@ -9,13 +9,16 @@ fine-tuning never leaves the model worse on validation than phase 1 ended.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from kerastl.config import TrainConfig
 from kerastl.errors import KerastlError
+from kerastl.features import HEAD_LAYERS, CachedFeatures
 from kerastl.model import freeze_base, get_backbone, unfreeze
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,69 @@ class BatchNormCalibration(keras.callbacks.Callback):
         recalibrate_batchnorm(self.model, self.images)
 
 
+def head_model(model: keras.Model) -> keras.Model:
+    """A copy of the classifier's head (dropout, hidden, softmax) taking pooled features.
+
+    It starts from the classifier's current head weights and dropout random state, so
+    training it on cached features follows the same path as training the full model.
+    """
+    names = {layer.name for layer in model.layers}
+    inputs = keras.Input(shape=(model.get_layer("pool").output.shape[-1],), name="features")
+    x = inputs
+    for name in HEAD_LAYERS:
+        if name in names:
+            source = model.get_layer(name)
+            layer = type(source).from_config(source.get_config())
+            x = layer(x)
+            if hasattr(source, "seed_generator"):
+                layer.seed_generator.state.assign(source.seed_generator.state)
+    head = keras.Model(inputs, x, name="head")
+    graft_head(model, head)
+    return head
+
+
+def graft_head(source: keras.Model, target: keras.Model) -> None:
+    """Copies the head layers' weights (and dropout random state) from `source` to `target`."""
+    names = {layer.name for layer in target.layers}
+    for name in HEAD_LAYERS:
+        if name in names:
+            src, dst = source.get_layer(name), target.get_layer(name)
+            dst.set_weights(src.get_weights())
+            if hasattr(src, "seed_generator"):
+                dst.seed_generator.state.assign(src.seed_generator.state)
+
+
+def feature_batches(
+    cached: CachedFeatures, batch_size: int, training: bool = False, seed: int | None = None, epochs: int = 1
+) -> tuple[tf.data.Dataset, int | None]:
+    """A pipeline over cached features, and the steps_per_epoch to pass to `fit`.
+
+    One view: the same cache -> shuffle -> batch structure and seed as the image
+    pipeline, so batches come in the same order. Several views (augmentation on):
+    epoch e trains on view e % K, reshuffled every epoch.
+    """
+    if not training or cached.views == 1:
+        ds = tf.data.Dataset.from_tensor_slices((np.asarray(cached.features[0]), cached.labels)).cache()
+        if training:
+            ds = ds.shuffle(max(len(cached.labels), 1), seed=seed, reshuffle_each_iteration=True)
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE), None
+    count, rng = len(cached.labels), np.random.default_rng(seed)
+
+    def epochs_of_batches():
+        for epoch in range(epochs):
+            view, order = cached.features[epoch % cached.views], rng.permutation(count)
+            for start in range(0, count, batch_size):
+                index = np.sort(order[start : start + batch_size])
+                yield np.asarray(view[index]), cached.labels[index]
+
+    dim = cached.features.shape[-1]
+    ds = tf.data.Dataset.from_generator(
+        epochs_of_batches,
+        output_signature=(tf.TensorSpec((None, dim), tf.float32), tf.TensorSpec((None,), tf.int32)),
+    )
+    return ds.prefetch(tf.data.AUTOTUNE), math.ceil(count / batch_size)
+
+
 def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
     """A fresh Keras optimizer by name ("adam", "sgd", "adamw", ...)."""
     try:
@@ -132,6 +198,9 @@ def train_classifier(
     config: TrainConfig,
     from_scratch: bool = False,
     calibration_images=None,
+    features: tuple[CachedFeatures, CachedFeatures] | None = None,
+    batch_size: int = 32,
+    seed: int | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
     verbose: int | str = "auto",
 ) -> TrainResult:
@@ -146,6 +215,10 @@ def train_classifier(
         calibration_images: one batch of un-augmented training images (float32 0-255)
             for BatchNorm recalibration when training from scratch; defaults to the
             first 512 images of `train_data`.
+        features: cached (train, validation) features of the frozen base: phase 1 then
+            trains a copy of the head on them and grafts its weights into `model`.
+        batch_size: phase-1 batch size on cached features.
+        seed: phase-1 shuffle seed on cached features (use the image pipeline's).
         callbacks: extra Keras callbacks for both phases.
         verbose: passed to `fit`.
     """
@@ -157,12 +230,23 @@ def train_classifier(
         extra.append(BatchNormCalibration(sample))
     else:
         freeze_base(model)
-    compile_classifier(model, config.optimizer, config.learning_rate, config.loss)
     phase1_stop = KeepBest(config.patience)
-    phase1 = model.fit(
-        train_data, validation_data=validation_data, epochs=config.epochs,
-        callbacks=[phase1_stop, *extra], shuffle=False, verbose=verbose,
-    )
+    if features is not None and not from_scratch:
+        head = head_model(model)
+        compile_classifier(head, config.optimizer, config.learning_rate, config.loss)
+        train_features, steps = feature_batches(features[0], batch_size, True, seed, config.epochs)
+        phase1 = head.fit(
+            train_features, validation_data=feature_batches(features[1], batch_size)[0], epochs=config.epochs,
+            steps_per_epoch=steps, callbacks=[phase1_stop, *extra], shuffle=False, verbose=verbose,
+        )
+        graft_head(head, model)
+        compile_classifier(model, config.optimizer, config.learning_rate, config.loss)  # as the plain path leaves it
+    else:
+        compile_classifier(model, config.optimizer, config.learning_rate, config.loss)
+        phase1 = model.fit(
+            train_data, validation_data=validation_data, epochs=config.epochs,
+            callbacks=[phase1_stop, *extra], shuffle=False, verbose=verbose,
+        )
     result = TrainResult(phase1)
     if from_scratch or config.fine_tune_epochs == 0:
         return result

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["KERASTL_CACHE"] = tempfile.mkdtemp(prefix="kerastl-test-cache-")  # never ~/.cache in tests
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -1,0 +1,253 @@
+"""Backbone features: extraction, and the cache that lets phase 1 skip the frozen base.
+
+While the base is frozen, every epoch would recompute the same backbone outputs.
+Instead, the pooled features are computed once (K augmented views per image when
+augmentation is on), stored under a key that covers everything they depend on, and
+the head trains on them; its weights then go back into the full model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import keras
+import numpy as np
+
+from kerastl.augment import build_augmenter
+from kerastl.config import ModelConfig
+from kerastl.data import ImageData, Split
+from kerastl.errors import KerastlError
+from kerastl.model import backbone_name_of, build_classifier, get_backbone, image_size_of
+
+log = logging.getLogger(__name__)
+
+HEAD_LAYERS = ("dropout", "hidden", "probabilities")
+
+
+def default_cache_dir() -> Path:
+    """`$KERASTL_CACHE`, else `$XDG_CACHE_HOME/kerastl`, else `~/.cache/kerastl`."""
+    if os.environ.get("KERASTL_CACHE"):
+        return Path(os.environ["KERASTL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kerastl"
+
+
+def feature_extractor(model: keras.Model, layers: Sequence[str] | None = None) -> keras.Model:
+    """Raw images (0-255, any size) -> pooled features, through the classifier's own preprocessing.
+
+    Without `layers`: the classifier's pooled backbone output (what its head sees).
+    With `layers`: a dict of each named backbone layer's globally average-pooled output.
+    """
+    backbone = get_backbone(model)
+    inputs = keras.Input(shape=(None, None, 3), name="images")
+    x = model.get_layer("preprocess")(model.get_layer("resize")(inputs))
+    if not layers:
+        return keras.Model(inputs, model.get_layer("pool")(backbone(x, training=False)), name="features")
+    names = {layer.name for layer in backbone.layers}
+    missing = [name for name in layers if name not in names]
+    if missing:
+        raise KerastlError(f"layers {missing} are not in backbone {backbone.name}")
+    inner = keras.Model(backbone.inputs, [backbone.get_layer(name).output for name in layers])
+    outputs = inner(x, training=False)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    pooled = {
+        name: keras.layers.GlobalAveragePooling2D(name=f"{name}_pool")(out) if len(out.shape) == 4 else out
+        for name, out in zip(layers, outputs)
+    }
+    return keras.Model(inputs, pooled, name="layer_features")
+
+
+def extract(
+    extractor: keras.Model,
+    split: Split,
+    batch_size: int = 64,
+    augment: str = "none",
+    seed: int | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, np.ndarray] | np.ndarray, np.ndarray]:
+    """Runs `extractor` over a split in its stored order; returns (features, labels).
+
+    Args:
+        augment: an augmentation spec applied before extraction (one random view).
+        progress: show a Keras progress bar.
+    """
+    augmenter = build_augmenter(augment, seed=seed)
+    steps = max(1, math.ceil(split.count / batch_size))
+    bar = keras.utils.Progbar(steps, unit_name="batch") if progress else None
+    outputs, labels = [], []
+    for step, (images, y) in enumerate(split.batches(batch_size, cache_limit_mb=0), start=1):
+        if augmenter is not None:
+            images = augmenter(images, training=True)
+        outputs.append(extractor.predict_on_batch(images))
+        labels.append(y.numpy())
+        if bar is not None:
+            bar.update(step)
+    if not outputs:
+        raise KerastlError("no images to extract features from")
+    if isinstance(outputs[0], dict):
+        features = {name: np.concatenate([o[name] for o in outputs]) for name in outputs[0]}
+    else:
+        features = np.concatenate(outputs)
+    return features, np.concatenate(labels)
+
+
+def weights_digest(model: keras.Model) -> str:
+    """SHA-256 of a model's weight values: identifies ImageNet, file or random weights alike."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    return digest.hexdigest()
+
+
+def extract_features(
+    config: ModelConfig,
+    data: ImageData,
+    layers: Sequence[str] | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Pooled features of every image in `data.train` through `config`'s backbone and preprocessing.
+
+    Returns arrays ready for `np.savez`: "features" (or one array per named layer),
+    "labels" and "class_names".
+    """
+    model = build_classifier(config, len(data.class_names))
+    features, labels = extract(feature_extractor(model, layers), data.train, batch_size, progress=progress)
+    arrays = dict(features) if isinstance(features, dict) else {"features": features}
+    arrays.update(labels=labels, class_names=np.array(data.class_names))
+    return arrays
+
+
+def _file_digest(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_key(model: keras.Model, split: Split, views: int = 1, augment: str = "none", seed: int = 0) -> str:
+    """The key of a split's cached features: any change to what they depend on changes it.
+
+    Covers the backbone, its weight values (ImageNet, a file or a random start),
+    image size, preprocessing, pooling, the data's fingerprint, and the views and
+    augmentation that produced them.
+    """
+    preprocess = model.get_layer("preprocess")._preprocess
+    parts = {
+        "backbone": backbone_name_of(model),
+        "weights": weights_digest(get_backbone(model)),
+        "image_size": image_size_of(model),
+        "preprocessing": f"{preprocess.__module__}.{preprocess.__name__}",
+        "pooling": type(model.get_layer("pool")).__name__,
+        "data": split.fingerprint,
+        "views": views,
+        "augment": augment if views > 1 else "none",
+        "seed": seed if views > 1 else None,
+        "format": 1,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass
+class CachedFeatures:
+    """Features of one split: `features` [views, n, dim] and `labels` [n]."""
+
+    features: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def views(self) -> int:
+        return self.features.shape[0]
+
+    def nbytes(self) -> int:
+        return int(self.features.nbytes + self.labels.nbytes)
+
+
+class FeatureCache:
+    """Pooled backbone features on disk under `directory/<key>/`, checked on every load.
+
+    Each entry holds `features.npy`, `labels.npy` and `meta.json` with their SHA-256;
+    it is written to a temporary folder and renamed into place, so a crash never
+    leaves a half-written entry under its key. An entry that fails to load or
+    whose checksum differs is logged, removed and rebuilt, never used.
+    Entries larger than `memory_limit_mb` are memory-mapped instead of read in.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None, memory_limit_mb: int = 2048):
+        self.directory = Path(directory) if directory is not None else default_cache_dir()
+        self.memory_limit_mb = memory_limit_mb
+
+    def path(self, key: str) -> Path:
+        return self.directory / key
+
+    def load(self, key: str) -> CachedFeatures | None:
+        """The entry under `key`, or None when absent or damaged (then it is removed)."""
+        folder = self.path(key)
+        if not folder.is_dir():
+            return None
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            for name in ("features", "labels"):
+                if _file_digest(folder / f"{name}.npy") != meta[name]:
+                    raise ValueError(f"{name}.npy does not match its checksum")
+            mmap = "r" if meta["bytes"] > self.memory_limit_mb * 2**20 else None
+            entry = CachedFeatures(np.load(folder / "features.npy", mmap_mode=mmap), np.load(folder / "labels.npy"))
+            if list(entry.features.shape) != meta["shape"] or len(entry.labels) != meta["shape"][1]:
+                raise ValueError("shapes differ from meta.json")
+        except (OSError, ValueError, KeyError, EOFError) as error:
+            log.warning("feature cache entry %s is damaged (%s); rebuilding it", folder, error)
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        return entry
+
+    def save(self, key: str, entry: CachedFeatures) -> None:
+        """Writes an entry atomically (temporary folder, then rename)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.directory))
+        np.save(staging / "features.npy", np.ascontiguousarray(entry.features))
+        np.save(staging / "labels.npy", entry.labels)
+        meta = {
+            "shape": list(entry.features.shape),
+            "bytes": entry.nbytes(),
+            "features": _file_digest(staging / "features.npy"),
+            "labels": _file_digest(staging / "labels.npy"),
+        }
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(self.path(key), ignore_errors=True)
+        os.replace(staging, self.path(key))
+
+    def features(
+        self,
+        model: keras.Model,
+        split: Split,
+        views: int = 1,
+        augment: str = "none",
+        seed: int = 0,
+        batch_size: int = 64,
+        progress: bool = False,
+    ) -> CachedFeatures:
+        """The split's pooled features: from the cache, else extracted and stored."""
+        key = cache_key(model, split, views, augment, seed)
+        entry = self.load(key)
+        if entry is not None:
+            log.info("feature cache hit %s (%d images x %d views)", key, len(entry.labels), entry.views)
+            return entry
+        log.info("extracting features of %d images x %d views (cache %s)", split.count, views, key)
+        extractor = feature_extractor(model)
+        stacks, labels = [], None
+        for view in range(views):
+            spec = augment if views > 1 else "none"
+            features, labels = extract(extractor, split, batch_size, spec, seed + 1009 * view, progress)
+            stacks.append(features.astype(np.float32))
+        entry = CachedFeatures(np.stack(stacks), labels.astype(np.int32))
+        self.save(key, entry)
+        return entry

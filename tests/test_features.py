@@ -1,0 +1,196 @@
+"""Feature extraction and the phase-1 feature cache."""
+
+import json
+import logging
+
+import keras
+import numpy as np
+import pytest
+
+from kerastl.cli import main
+from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from kerastl.data import from_arrays, load_digits
+from kerastl.features import FeatureCache, cache_key, feature_extractor
+from kerastl.model import build_classifier
+from kerastl.run import run_training
+from kerastl.train import feature_batches, graft_head, head_model, train_classifier
+
+
+def digits(count=180, size=32):
+    x, y, names = load_digits((0, 1, 2))
+    return from_arrays(x[:count], y[:count], size, names, validation_split=0.3, seed=0)
+
+
+def classifier(size=32, **kwargs):
+    config = ModelConfig("simple_cnn", weights=None, image_size=size, from_scratch=False, **kwargs)
+    return build_classifier(config, 3)
+
+
+def test_cached_head_training_equals_the_plain_frozen_base_path(tmp_path):
+    data = digits()
+    model = classifier(dropout=0.3, hidden_units=16)
+    start = model.get_weights()
+    dropout_state = model.get_layer("dropout").seed_generator.state.numpy().copy()
+    config = TrainConfig(epochs=4, fine_tune_epochs=0, learning_rate=0.01)
+    runs = []
+    for cached in (False, True):
+        model.set_weights(start)
+        model.get_layer("dropout").seed_generator.state.assign(dropout_state)
+        keras.utils.set_random_seed(7)
+        cache = FeatureCache(tmp_path)
+        features = (cache.features(model, data.train), cache.features(model, data.validation)) if cached else None
+        result = train_classifier(
+            model, data.train.batches(16, training=True, seed=5), data.validation.batches(16), config,
+            features=features, batch_size=16, seed=5, verbose=0,
+        )
+        runs.append(([w.copy() for w in model.get_weights()], result.phase1.history))
+    (plain_weights, plain_history), (cached_weights, cached_history) = runs
+    for plain, cached in zip(plain_weights, cached_weights):
+        np.testing.assert_allclose(cached, plain, rtol=1e-5, atol=1e-6)
+    for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose(cached_history[metric], plain_history[metric], rtol=1e-5)
+    assert plain_history["val_loss"][-1] < plain_history["val_loss"][0]  # it did learn something
+
+
+def test_grafted_model_predicts_what_the_head_predicts_on_features():
+    data = digits()
+    model = classifier(hidden_units=8)
+    head = head_model(model)
+    for weight in head.trainable_weights:  # a trained head, different from the model's
+        weight.assign(np.random.default_rng(3).normal(0, 0.3, weight.shape).astype(np.float32))
+    graft_head(head, model)
+    images, _ = data.validation.arrays()
+    images = images.astype(np.float32)
+    features = feature_extractor(model).predict(images, verbose=0)
+    np.testing.assert_allclose(model.predict(images, verbose=0), head.predict(features, verbose=0), atol=1e-5)
+
+
+def test_cache_key_changes_with_backbone_size_weights_and_data(tmp_path):
+    data, other_data = digits(), digits(count=150)
+    model = classifier()
+    key = cache_key(model, data.train)
+    assert key == cache_key(model, data.train)
+    assert key != cache_key(model, other_data.train)
+    assert key != cache_key(classifier(size=48), digits(size=48).train)
+    assert key != cache_key(build_classifier(ModelConfig("mobilenet_v2", None, 32, from_scratch=False), 3), data.train)
+    retrained = classifier()
+    retrained.set_weights(model.get_weights())
+    assert cache_key(retrained, data.train) == key
+    weights_file = tmp_path / "b.weights.h5"
+    other = classifier()  # another random start, saved to a file and loaded back
+    from kerastl.model import get_backbone
+
+    get_backbone(other).save_weights(weights_file)
+    from_file = build_classifier(ModelConfig("simple_cnn", str(weights_file), 32, from_scratch=False), 3)
+    assert cache_key(from_file, data.train) == cache_key(other, data.train) != key
+
+
+def test_damaged_cache_entries_are_rebuilt_never_used(tmp_path, caplog):
+    data = digits()
+    model = classifier()
+    cache = FeatureCache(tmp_path)
+    first = cache.features(model, data.train)
+    key = cache_key(model, data.train)
+    entry = tmp_path / key / "features.npy"
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # a partial write
+    with caplog.at_level(logging.WARNING, logger="kerastl.features"):
+        assert cache.load(key) is None
+    assert "damaged" in caplog.text
+    rebuilt = cache.features(model, data.train)
+    np.testing.assert_allclose(rebuilt.features, first.features)
+    flipped = bytearray(entry.read_bytes())
+    flipped[-5] ^= 0xFF  # same size, one corrupted byte
+    entry.write_bytes(bytes(flipped))
+    assert cache.load(key) is None
+    assert cache.features(model, data.train).features.shape == first.features.shape
+
+
+def test_augmented_views_differ_and_epochs_rotate_through_them(tmp_path):
+    data = digits(count=60)
+    model = classifier()
+    cache = FeatureCache(tmp_path)
+    cached = cache.features(model, data.train, views=3, augment="rotate:0.3,zoom:0.3", seed=1)
+    assert cached.features.shape[0] == 3 and cached.features.shape[1] == data.train.count
+    assert not np.allclose(cached.features[0], cached.features[1])
+    ds, steps = feature_batches(cached, batch_size=8, training=True, seed=0, epochs=4)
+    batches = list(ds.as_numpy_iterator())
+    assert len(batches) == 4 * steps
+    rows = {tuple(np.round(r, 5)): view for view in range(3) for r in cached.features[view]}
+    for epoch in range(4):
+        views = {rows[tuple(np.round(r, 5))] for x, _ in batches[epoch * steps:(epoch + 1) * steps] for r in x}
+        assert views == {epoch % 3}
+
+
+def test_runs_use_the_cache_by_default_and_reuse_it(tmp_path, caplog):
+    data = digits()
+    config = RunConfig(
+        DataConfig(augment="none", batch_size=16),
+        ModelConfig("simple_cnn", weights=None, image_size=32, from_scratch=False),
+        TrainConfig(epochs=2, fine_tune_epochs=1, cache_dir=str(tmp_path / "cache")),
+        export_dir=str(tmp_path / "run1"),
+    )
+    with caplog.at_level(logging.INFO, logger="kerastl.features"):
+        first = run_training(config, data=data, verbose=0)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # train and validation
+    assert "hit" not in caplog.text
+    caplog.clear()
+    config.export_dir = str(tmp_path / "run2")
+    with caplog.at_level(logging.INFO, logger="kerastl.features"):
+        run_training(config, data=data, verbose=0)  # the same seed builds the same random base: a hit
+    assert caplog.text.count("feature cache hit") == 2 and len(list((tmp_path / "cache").iterdir())) == 2
+    caplog.clear()
+    config.export_dir, config.data.seed = str(tmp_path / "run2b"), 1
+    with caplog.at_level(logging.INFO, logger="kerastl.features"):
+        run_training(config, data=data, verbose=0)  # another seed, other random weights: a miss
+    assert "hit" not in caplog.text and len(list((tmp_path / "cache").iterdir())) == 4
+    config.export_dir, config.train.feature_cache = str(tmp_path / "run3"), False
+    config.train.cache_dir = str(tmp_path / "unused")
+    run_training(config, data=data, verbose=0)
+    assert not (tmp_path / "unused").exists()
+    assert json.loads((first.export_dir / "history.json").read_text())["phase2"]["epoch"] == [2]
+
+
+def test_a_pretrained_start_hits_the_cache_whatever_the_seed(tmp_path, caplog):
+    data = digits()
+    model = classifier()
+    from kerastl.model import get_backbone
+
+    get_backbone(model).save_weights(tmp_path / "b.weights.h5")
+    config = RunConfig(
+        DataConfig(augment="none", batch_size=16),
+        ModelConfig("simple_cnn", weights=str(tmp_path / "b.weights.h5"), image_size=32),
+        TrainConfig(epochs=1, fine_tune_epochs=0, cache_dir=str(tmp_path / "cache")),
+    )
+    for seed in (0, 1):
+        config.export_dir, config.data.seed = str(tmp_path / f"run{seed}"), seed
+        with caplog.at_level(logging.INFO, logger="kerastl.features"):
+            run_training(config, data=data, verbose=0)
+    assert caplog.text.count("feature cache hit") == 2  # the second run reuses train and validation
+
+
+def test_extract_cli_writes_pooled_layers_with_labels(tmp_path, image_folder, capsys):
+    out = tmp_path / "f.npz"
+    argv = ["extract", "--data", str(image_folder), "--backbone", "mobilenet_v2", "--weights", "none",
+            "--image-size", "32", "--layers", "block_3_project_BN,out_relu", "--out", str(out)]
+    assert main(argv) == 0
+    saved = np.load(out)
+    assert saved["block_3_project_BN"].shape == (24, 32) and saved["out_relu"].shape == (24, 1280)
+    assert list(saved["class_names"]) == ["blue", "green", "red"] and sorted(saved["labels"]) == [0] * 8 + [1] * 8 + [2] * 8
+    capsys.readouterr()
+    assert main([*argv[:-4], "--layers", "nope", "--out", str(out)]) == 2
+    assert "not in backbone" in capsys.readouterr().err
+    assert main([*argv[:-2], "--out", str(tmp_path / "f.txt")]) == 2
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_views_fall_back_to_one_without_augmentation(tmp_path, views):
+    data = digits(count=60)
+    config = RunConfig(
+        DataConfig(augment="none" if views == 1 else "rotate:0.1", batch_size=16),
+        ModelConfig("simple_cnn", weights=None, image_size=32, from_scratch=False),
+        TrainConfig(epochs=2, fine_tune_epochs=0, cache_views=2, cache_dir=str(tmp_path / "cache")),
+        export_dir=str(tmp_path / "run"),
+    )
+    run_training(config, data=data, verbose=0)
+    shapes = sorted(json.loads((p / "meta.json").read_text())["shape"][0] for p in (tmp_path / "cache").iterdir())
+    assert shapes == sorted([1, views])  # validation is always one plain view
