@@ -10,6 +10,7 @@ from kerastl.backbones import build_backbone, get_spec, list_backbones
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from kerastl.data import ImageData, from_arrays, from_folder, load_cifar10, load_data, load_digits
 from kerastl.errors import KerastlError
+from kerastl.features import FeatureCache, extract_features, feature_extractor
 from kerastl.export import export_saved_model, load_export, load_model
 from kerastl.model import build_classifier, freeze_base, get_backbone, unfreeze
 from kerastl.run import run_training
@@ -17,6 +18,7 @@ from kerastl.train import recalibrate_batchnorm, train_classifier
 
 __all__ = [
     "DataConfig",
+    "FeatureCache",
     "ImageData",
     "KerastlError",
     "ModelConfig",
@@ -26,6 +28,8 @@ __all__ = [
     "build_backbone",
     "build_classifier",
     "export_saved_model",
+    "extract_features",
+    "feature_extractor",
     "freeze_base",
     "from_arrays",
     "from_folder",

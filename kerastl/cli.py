@@ -260,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger = logging.getLogger("kerastl")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # TensorFlow's absl gives the root logger a handler of its own
     from kerastl.errors import KerastlError
 
     try:

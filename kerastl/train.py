@@ -23,6 +23,8 @@ from kerastl.model import freeze_base, get_backbone, unfreeze
 
 log = logging.getLogger(__name__)
 
+HEAD_STEPS_PER_EXECUTION = 32
+
 
 @dataclass
 class TrainResult:
@@ -76,19 +78,22 @@ def recalibrate_batchnorm(model: keras.Model, images) -> int:
     Keras BatchNorm momentum (0.99-0.999) leaves moving statistics far from the data
     after short training from scratch, so a model that trained well evaluates badly.
     This runs `images` (one un-augmented batch of training images, a few hundred is
-    plenty) through the model once in training mode with momentum 0, so the moving
-    statistics become exactly those of the sample. Returns the number of layers updated.
+    plenty) through the backbone once in training mode with momentum 0, so the moving
+    statistics become exactly those of the sample; frozen or not, every BatchNorm
+    layer is updated and left as it was found. Returns the number of layers updated.
     """
-    norms = [layer for layer in get_backbone(model).layers if isinstance(layer, keras.layers.BatchNormalization)]
-    saved = [layer.momentum for layer in norms]
+    backbone = get_backbone(model)
+    norms = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [(layer.momentum, layer.trainable) for layer in norms]
     try:
-        for layer in norms:
-            layer.momentum = 0.0
+        for layer in norms:  # a frozen BatchNorm ignores training=True: unfreeze it meanwhile
+            layer.momentum, layer.trainable = 0.0, True
         if norms:
-            model(tf.convert_to_tensor(images, tf.float32), training=True)
+            x = tf.convert_to_tensor(images, tf.float32)
+            backbone(model.get_layer("preprocess")(model.get_layer("resize")(x)), training=True)
     finally:
-        for layer, momentum in zip(norms, saved):
-            layer.momentum = momentum
+        for layer, (momentum, trainable) in zip(norms, saved):
+            layer.momentum, layer.trainable = momentum, trainable
     return len(norms)
 
 
@@ -140,11 +145,13 @@ def feature_batches(
 ) -> tuple[tf.data.Dataset, int | None]:
     """A pipeline over cached features, and the steps_per_epoch to pass to `fit`.
 
-    One view: the same cache -> shuffle -> batch structure and seed as the image
-    pipeline, so batches come in the same order. Several views (augmentation on):
-    epoch e trains on view e % K, reshuffled every epoch.
+    One view in memory: the same cache -> shuffle -> batch structure and seed as
+    the image pipeline, so batches come in the same order. Several views
+    (augmentation on): epoch e trains on view e % K, reshuffled every epoch.
+    Memory-mapped features are streamed batch by batch, never read in whole.
     """
-    if not training or cached.views == 1:
+    in_memory = not isinstance(cached.features, np.memmap)
+    if in_memory and (not training or cached.views == 1):
         ds = tf.data.Dataset.from_tensor_slices((np.asarray(cached.features[0]), cached.labels)).cache()
         if training:
             ds = ds.shuffle(max(len(cached.labels), 1), seed=seed, reshuffle_each_iteration=True)
@@ -152,8 +159,9 @@ def feature_batches(
     count, rng = len(cached.labels), np.random.default_rng(seed)
 
     def epochs_of_batches():
-        for epoch in range(epochs):
-            view, order = cached.features[epoch % cached.views], rng.permutation(count)
+        for epoch in range(epochs if training else 1):
+            view = cached.features[epoch % cached.views]
+            order = rng.permutation(count) if training else np.arange(count)
             for start in range(0, count, batch_size):
                 index = np.sort(order[start : start + batch_size])
                 yield np.asarray(view[index]), cached.labels[index]
@@ -163,7 +171,7 @@ def feature_batches(
         epochs_of_batches,
         output_signature=(tf.TensorSpec((None, dim), tf.float32), tf.TensorSpec((None,), tf.int32)),
     )
-    return ds.prefetch(tf.data.AUTOTUNE), math.ceil(count / batch_size)
+    return ds.prefetch(tf.data.AUTOTUNE), math.ceil(count / batch_size) if training else None
 
 
 def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
@@ -184,11 +192,13 @@ def make_loss(name: str, binary: bool) -> keras.losses.Loss:
         raise KerastlError(f"unknown loss {name!r}; use auto or a Keras loss name") from None
 
 
-def compile_classifier(model: keras.Model, optimizer: str, learning_rate: float, loss: str = "auto") -> None:
+def compile_classifier(
+    model: keras.Model, optimizer: str, learning_rate: float, loss: str = "auto", steps_per_execution: int = 1
+) -> None:
     """Compiles with a fresh optimizer, the loss (see `TrainConfig.loss`) and accuracy."""
     binary = model.output_shape[-1] == 1
     model.compile(optimizer=make_optimizer(optimizer, learning_rate), loss=make_loss(loss, binary),
-                  metrics=["accuracy"])
+                  metrics=["accuracy"], steps_per_execution=steps_per_execution)
 
 
 def train_classifier(
@@ -233,7 +243,8 @@ def train_classifier(
     phase1_stop = KeepBest(config.patience)
     if features is not None and not from_scratch:
         head = head_model(model)
-        compile_classifier(head, config.optimizer, config.learning_rate, config.loss)
+        # head steps take microseconds: run many per call so Python overhead does not dominate
+        compile_classifier(head, config.optimizer, config.learning_rate, config.loss, HEAD_STEPS_PER_EXECUTION)
         train_features, steps = feature_batches(features[0], batch_size, True, seed, config.epochs)
         phase1 = head.fit(
             train_features, validation_data=feature_batches(features[1], batch_size)[0], epochs=config.epochs,

@@ -23,7 +23,7 @@ def test_train_then_predict(image_folder, tmp_path, capsys):
     config = tmp_path / "run.json"
     RunConfig.from_dict({"train": {"learning_rate": 0.01, "fine_tune_epochs": 0}, "data": {"augment": "none"}}).to_json(config)
     code = main(["train", "--data", str(image_folder), "--config", str(config), "--export", str(export), *SMALL,
-                 "--batch-size", "8"])
+                 "--batch-size", "8", "--no-cache", "--cache-views", "3"])
     assert code == 0
     out = capsys.readouterr().out
     assert f"exported to {export}" in out and "validation_accuracy" in out
@@ -31,6 +31,7 @@ def test_train_then_predict(image_folder, tmp_path, capsys):
     assert saved.train.learning_rate == 0.01  # from the config file
     assert saved.train.epochs == 2 and saved.data.batch_size == 8  # flags override it
     assert saved.model.weights is None
+    assert saved.train.feature_cache is False and saved.train.cache_views == 3
 
     image = image_folder / "red" / "0.png"
     assert main(["predict", "--model", str(export), str(image), "--top-k", "2"]) == 0

@@ -194,3 +194,18 @@ def test_views_fall_back_to_one_without_augmentation(tmp_path, views):
     run_training(config, data=data, verbose=0)
     shapes = sorted(json.loads((p / "meta.json").read_text())["shape"][0] for p in (tmp_path / "cache").iterdir())
     assert shapes == sorted([1, views])  # validation is always one plain view
+
+
+def test_entries_over_the_memory_limit_are_memory_mapped_and_streamed(tmp_path):
+    data = digits(count=60)
+    model = classifier()
+    FeatureCache(tmp_path).features(model, data.train)
+    entry = FeatureCache(tmp_path, memory_limit_mb=0).load(cache_key(model, data.train))
+    assert isinstance(entry.features, np.memmap)
+    ds, steps = feature_batches(entry, batch_size=8, training=True, seed=0, epochs=2)
+    batches = list(ds.as_numpy_iterator())
+    assert steps == 6 and len(batches) == 12
+    epoch1 = np.concatenate([x for x, _ in batches[:6]])
+    np.testing.assert_allclose(np.sort(epoch1, axis=0), np.sort(np.asarray(entry.features[0]), axis=0))
+    plain, none = feature_batches(entry, batch_size=8)
+    assert none is None and sum(len(y) for _, y in plain.as_numpy_iterator()) == 42

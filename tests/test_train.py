@@ -90,3 +90,12 @@ def test_from_scratch_training_learns_and_evaluates_correctly():
     accuracy = model.evaluate(data.validation.batches(64), return_dict=True, verbose=0)["accuracy"]
     # Keras evaluates with moving statistics: these were recalibrated before every validation
     assert accuracy > 0.8
+
+
+def test_recalibration_also_reaches_a_frozen_transfer_backbone():
+    data = digits()
+    model = build_classifier(ModelConfig("mobilenet_v2", weights=None, image_size=32, from_scratch=False), 3)
+    norm = get_backbone(model).get_layer("bn_Conv1")
+    assert not norm.trainable and np.allclose(norm.moving_mean.numpy(), 0)
+    recalibrate_batchnorm(model, data.train.sample())
+    assert not norm.trainable and not np.allclose(norm.moving_mean.numpy(), 0)
