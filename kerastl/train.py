@@ -1,7 +1,8 @@
 """Two-phase training: head on a frozen base, then fine-tuning the top blocks.
 
-Phase 1 trains the head with the base frozen; EarlyStopping on validation loss
-keeps the best epoch. Phase 2 unfreezes the top blocks, recompiles with a lower
+Phase 1 trains the head with the base frozen, given cached backbone features on
+a copy of the head (see `kerastl.features`), whose weights then go back into the
+model; EarlyStopping on validation loss keeps the best epoch. Phase 2 unfreezes the top blocks, recompiles with a lower
 learning rate and continues; its EarlyStopping starts from phase 1's best, so
 fine-tuning never leaves the model worse on validation than phase 1 ended.
 """
