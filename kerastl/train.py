@@ -10,7 +10,6 @@ fine-tuning never leaves the model worse on validation than phase 1 ended.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import keras
@@ -142,13 +141,13 @@ def graft_head(source: keras.Model, target: keras.Model) -> None:
 
 
 def feature_batches(
-    cached: CachedFeatures, batch_size: int, training: bool = False, seed: int | None = None, epochs: int = 1
-) -> tuple[tf.data.Dataset, int | None]:
-    """A pipeline over cached features, and the steps_per_epoch to pass to `fit`.
+    cached: CachedFeatures, batch_size: int, training: bool = False, seed: int | None = None
+) -> tf.data.Dataset:
+    """A pipeline over cached features; each iteration of it is one epoch.
 
     One view in memory: the same cache -> shuffle -> batch structure and seed as
     the image pipeline, so batches come in the same order. Several views
-    (augmentation on): epoch e trains on view e % K, reshuffled every epoch.
+    (augmentation on): the e-th iteration trains on view e % K, reshuffled each time.
     Memory-mapped features are streamed batch by batch, never read in whole.
     """
     in_memory = not isinstance(cached.features, np.memmap)
@@ -156,23 +155,21 @@ def feature_batches(
         ds = tf.data.Dataset.from_tensor_slices((np.asarray(cached.features[0]), cached.labels)).cache()
         if training:
             ds = ds.shuffle(max(len(cached.labels), 1), seed=seed, reshuffle_each_iteration=True)
-        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE), None
-    count, rng = len(cached.labels), np.random.default_rng(seed)
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    count, rng, epochs_done = len(cached.labels), np.random.default_rng(seed), [0]
 
-    def epochs_of_batches():
-        for epoch in range(epochs if training else 1):
-            view = cached.features[epoch % cached.views]
-            order = rng.permutation(count) if training else np.arange(count)
-            for start in range(0, count, batch_size):
-                index = np.sort(order[start : start + batch_size])
-                yield np.asarray(view[index]), cached.labels[index]
+    def one_epoch():
+        view = cached.features[epochs_done[0] % cached.views] if training else cached.features[0]
+        order = rng.permutation(count) if training else np.arange(count)
+        epochs_done[0] += 1
+        for start in range(0, count, batch_size):
+            index = np.sort(order[start : start + batch_size])
+            yield np.asarray(view[index]), cached.labels[index]
 
     dim = cached.features.shape[-1]
-    ds = tf.data.Dataset.from_generator(
-        epochs_of_batches,
-        output_signature=(tf.TensorSpec((None, dim), tf.float32), tf.TensorSpec((None,), tf.int32)),
-    )
-    return ds.prefetch(tf.data.AUTOTUNE), math.ceil(count / batch_size) if training else None
+    signature = (tf.TensorSpec((None, dim), tf.float32), tf.TensorSpec((None,), tf.int32))
+    ds = tf.data.Dataset.from_generator(one_epoch, output_signature=signature)
+    return ds.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))  # Keras then knows the steps
 
 
 def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
@@ -246,10 +243,10 @@ def train_classifier(
         head = head_model(model)
         # head steps take microseconds: run many per call so Python overhead does not dominate
         compile_classifier(head, config.optimizer, config.learning_rate, config.loss, HEAD_STEPS_PER_EXECUTION)
-        train_features, steps = feature_batches(features[0], batch_size, True, seed, config.epochs)
         phase1 = head.fit(
-            train_features, validation_data=feature_batches(features[1], batch_size)[0], epochs=config.epochs,
-            steps_per_epoch=steps, callbacks=[phase1_stop, *extra], shuffle=False, verbose=verbose,
+            feature_batches(features[0], batch_size, True, seed), epochs=config.epochs,
+            validation_data=feature_batches(features[1], batch_size),
+            callbacks=[phase1_stop, *extra], shuffle=False, verbose=verbose,
         )
         graft_head(head, model)
         compile_classifier(model, config.optimizer, config.learning_rate, config.loss)  # as the plain path leaves it

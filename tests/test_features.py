@@ -2,6 +2,7 @@
 
 import json
 import logging
+import warnings
 
 import keras
 import numpy as np
@@ -112,13 +113,28 @@ def test_augmented_views_differ_and_epochs_rotate_through_them(tmp_path):
     cached = cache.features(model, data.train, views=3, augment="rotate:0.3,zoom:0.3", seed=1)
     assert cached.features.shape[0] == 3 and cached.features.shape[1] == data.train.count
     assert not np.allclose(cached.features[0], cached.features[1])
-    ds, steps = feature_batches(cached, batch_size=8, training=True, seed=0, epochs=4)
-    batches = list(ds.as_numpy_iterator())
-    assert len(batches) == 4 * steps
+    ds = feature_batches(cached, batch_size=8, training=True, seed=0)
     rows = {tuple(np.round(r, 5)): view for view in range(3) for r in cached.features[view]}
-    for epoch in range(4):
-        views = {rows[tuple(np.round(r, 5))] for x, _ in batches[epoch * steps:(epoch + 1) * steps] for r in x}
-        assert views == {epoch % 3}
+    for epoch in range(4):  # Keras iterates the dataset afresh every epoch
+        batches = list(ds.as_numpy_iterator())
+        assert sum(len(y) for _, y in batches) == data.train.count
+        assert {rows[tuple(np.round(r, 5))] for x, _ in batches for r in x} == {epoch % 3}
+
+
+def test_fit_on_augmented_views_runs_every_epoch_on_its_view(tmp_path):
+    data = digits(count=60)
+    model = classifier()
+    cache = FeatureCache(tmp_path)
+    features = (cache.features(model, data.train, views=2, augment="rotate:0.3", seed=1),
+                cache.features(model, data.validation))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train_classifier(
+            model, data.train.batches(16, training=True), data.validation.batches(16),
+            TrainConfig(epochs=5, fine_tune_epochs=0, patience=5), features=features, batch_size=16, verbose=0,
+        )
+    assert result.phase1.epoch == [0, 1, 2, 3, 4]
+    assert not [w for w in caught if "ran out of data" in str(w.message)]  # no epoch cut short
 
 
 def test_runs_use_the_cache_by_default_and_reuse_it(tmp_path, caplog):
@@ -202,10 +218,10 @@ def test_entries_over_the_memory_limit_are_memory_mapped_and_streamed(tmp_path):
     FeatureCache(tmp_path).features(model, data.train)
     entry = FeatureCache(tmp_path, memory_limit_mb=0).load(cache_key(model, data.train))
     assert isinstance(entry.features, np.memmap)
-    ds, steps = feature_batches(entry, batch_size=8, training=True, seed=0, epochs=2)
+    ds = feature_batches(entry, batch_size=8, training=True, seed=0)
     batches = list(ds.as_numpy_iterator())
-    assert steps == 6 and len(batches) == 12
-    epoch1 = np.concatenate([x for x, _ in batches[:6]])
+    assert len(batches) == 6
+    epoch1 = np.concatenate([x for x, _ in batches])
     np.testing.assert_allclose(np.sort(epoch1, axis=0), np.sort(np.asarray(entry.features[0]), axis=0))
-    plain, none = feature_batches(entry, batch_size=8)
-    assert none is None and sum(len(y) for _, y in plain.as_numpy_iterator()) == 42
+    plain = feature_batches(entry, batch_size=8)
+    assert sum(len(y) for _, y in plain.as_numpy_iterator()) == 42
