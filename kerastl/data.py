@@ -232,14 +232,11 @@ def from_arrays(
         y, 0.0 if validation else validation_split, 0.0 if test else test_split, seed
     )
     data = ImageData(class_names, _array_split(x[train], y[train], image_size))
-    if validation is not None:
-        data.validation = _array_split(*validation, image_size)
-    elif len(val):
-        data.validation = _array_split(x[val], y[val], image_size)
-    if test is not None:
-        data.test = _array_split(*test, image_size)
-    elif len(tst):
-        data.test = _array_split(x[tst], y[tst], image_size)
+    for name, given, index in (("validation", validation, val), ("test", test, tst)):
+        if given is not None:
+            setattr(data, name, _array_split(*given, image_size))
+        elif len(index):
+            setattr(data, name, _array_split(x[index], y[index], image_size))
     return data
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from kerastl.errors import KerastlError
-from kerastl.model import BackbonePreprocessing, image_size_of  # noqa: F401 (registers the layer)
+from kerastl.model import image_size_of  # importing kerastl.model registers its custom layer
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,9 @@ the head trains on them; its weights then go back into the full model.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import json
 import logging
 import math
@@ -21,17 +23,16 @@ from typing import Sequence
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from kerastl.augment import build_augmenter
+from kerastl.backbones import get_spec
 from kerastl.config import ModelConfig
 from kerastl.data import ImageData, Split
 from kerastl.errors import KerastlError
 from kerastl.model import backbone_name_of, build_classifier, get_backbone, image_size_of
 
 log = logging.getLogger(__name__)
-
-HEAD_LAYERS = ("dropout", "hidden", "probabilities")
-
 
 def default_cache_dir() -> Path:
     """`$KERASTL_CACHE`, else `$XDG_CACHE_HOME/kerastl`, else `~/.cache/kerastl`."""
@@ -67,23 +68,22 @@ def feature_extractor(model: keras.Model, layers: Sequence[str] | None = None) -
 
 def extract(
     extractor: keras.Model,
-    split: Split,
-    batch_size: int = 64,
+    batches: tf.data.Dataset,
     augment: str = "none",
     seed: int | None = None,
     progress: bool = False,
+    steps: int | None = None,
 ) -> tuple[dict[str, np.ndarray] | np.ndarray, np.ndarray]:
-    """Runs `extractor` over a split in its stored order; returns (features, labels).
+    """Runs `extractor` over batched (images, labels) in order; returns (features, labels).
 
     Args:
         augment: an augmentation spec applied before extraction (one random view).
-        progress: show a Keras progress bar.
+        progress: show a Keras progress bar of `steps` batches.
     """
     augmenter = build_augmenter(augment, seed=seed)
-    steps = max(1, math.ceil(split.count / batch_size))
     bar = keras.utils.Progbar(steps, unit_name="batch") if progress else None
     outputs, labels = [], []
-    for step, (images, y) in enumerate(split.batches(batch_size, cache_limit_mb=0), start=1):
+    for step, (images, y) in enumerate(batches, start=1):
         if augmenter is not None:
             images = augmenter(images, training=True)
         outputs.append(extractor.predict_on_batch(images))
@@ -120,7 +120,9 @@ def extract_features(
     "labels" and "class_names".
     """
     model = build_classifier(config, len(data.class_names))
-    features, labels = extract(feature_extractor(model, layers), data.train, batch_size, progress=progress)
+    batches = data.train.batches(batch_size, cache_limit_mb=0)  # one pass: nothing to cache
+    steps = math.ceil(data.train.count / batch_size)
+    features, labels = extract(feature_extractor(model, layers), batches, progress=progress, steps=steps)
     arrays = dict(features) if isinstance(features, dict) else {"features": features}
     arrays.update(labels=labels, class_names=np.array(data.class_names))
     return arrays
@@ -134,20 +136,35 @@ def _file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def cache_key(model: keras.Model, split: Split, views: int = 1, augment: str = "none", seed: int = 0) -> str:
-    """The key of a split's cached features: any change to what they depend on changes it.
+def model_fingerprint(model: keras.Model) -> dict:
+    """Everything about a classifier that its pooled backbone features depend on.
 
-    Covers the backbone, its weight values (ImageNet, a file or a random start),
-    image size, preprocessing, pooling, the data's fingerprint, and the views and
-    augmentation that produced them.
+    The backbone, its weight values (ImageNet, a file or a random start alike), image
+    size, preprocessing and pooling. Hashing the weights reads them all, so compute
+    this once per model state and pass it to `cache_key`.
     """
-    preprocess = model.get_layer("preprocess")._preprocess
-    parts = {
-        "backbone": backbone_name_of(model),
+    spec = get_spec(backbone_name_of(model))
+    return {
+        "backbone": spec.name,
         "weights": weights_digest(get_backbone(model)),
         "image_size": image_size_of(model),
-        "preprocessing": f"{preprocess.__module__}.{preprocess.__name__}",
+        "preprocessing": f"{spec.preprocess.__module__}.{spec.preprocess.__name__}",
         "pooling": type(model.get_layer("pool")).__name__,
+    }
+
+
+def cache_key(
+    model: keras.Model | dict, split: Split, views: int = 1, augment: str = "none", seed: int = 0
+) -> str:
+    """The key of a split's cached features: any change to what they depend on changes it.
+
+    Args:
+        model: a classifier, or its `model_fingerprint`.
+        split: the data; its fingerprint covers the images and labels.
+        views, augment, seed: the augmented views that produced the features.
+    """
+    parts = {
+        **(model if isinstance(model, dict) else model_fingerprint(model)),
         "data": split.fingerprint,
         "views": views,
         "augment": augment if views > 1 else "none",
@@ -196,11 +213,20 @@ class FeatureCache:
             return None
         try:
             meta = json.loads((folder / "meta.json").read_text())
+            mmap = meta["bytes"] > self.memory_limit_mb * 2**20
+            arrays = {}
             for name in ("features", "labels"):
-                if _file_digest(folder / f"{name}.npy") != meta[name]:
+                path = folder / f"{name}.npy"
+                if mmap and name == "features":  # checksum by streaming, then map without reading in
+                    if _file_digest(path) != meta[name]:
+                        raise ValueError(f"{name}.npy does not match its checksum")
+                    arrays[name] = np.load(path, mmap_mode="r")
+                    continue
+                data = path.read_bytes()  # read once: checksum and load from the same bytes
+                if hashlib.sha256(data).hexdigest() != meta[name]:
                     raise ValueError(f"{name}.npy does not match its checksum")
-            mmap = "r" if meta["bytes"] > self.memory_limit_mb * 2**20 else None
-            entry = CachedFeatures(np.load(folder / "features.npy", mmap_mode=mmap), np.load(folder / "labels.npy"))
+                arrays[name] = np.load(io.BytesIO(data))
+            entry = CachedFeatures(arrays["features"], arrays["labels"])
             if list(entry.features.shape) != meta["shape"] or len(entry.labels) != meta["shape"][1]:
                 raise ValueError("shapes differ from meta.json")
         except (OSError, ValueError, KeyError, EOFError) as error:
@@ -236,17 +262,44 @@ class FeatureCache:
         progress: bool = False,
     ) -> CachedFeatures:
         """The split's pooled features: from the cache, else extracted and stored."""
-        key = cache_key(model, split, views, augment, seed)
+        extractor = functools.cache(lambda: feature_extractor(model))
+        return self._features(model_fingerprint(model), extractor, split, views, augment, seed, batch_size, progress)
+
+    def phase1(
+        self,
+        model: keras.Model,
+        train: Split,
+        validation: Split,
+        views: int = 1,
+        augment: str = "none",
+        seed: int = 0,
+        batch_size: int = 64,
+        progress: bool = False,
+    ) -> tuple[CachedFeatures, CachedFeatures]:
+        """Training features (K views) and validation features (one plain view) for phase 1.
+
+        The model's fingerprint is computed, and its extractor built, once for both.
+        """
+        fingerprint, extractor = model_fingerprint(model), functools.cache(lambda: feature_extractor(model))
+        return (
+            self._features(fingerprint, extractor, train, views, augment, seed, batch_size, progress),
+            self._features(fingerprint, extractor, validation, 1, "none", seed, batch_size, False),
+        )
+
+    def _features(self, fingerprint, extractor, split, views, augment, seed, batch_size, progress) -> CachedFeatures:
+        key = cache_key(fingerprint, split, views, augment, seed)
         entry = self.load(key)
         if entry is not None:
             log.info("feature cache hit %s (%d images x %d views)", key, len(entry.labels), entry.views)
             return entry
         log.info("extracting features of %d images x %d views (cache %s)", split.count, views, key)
-        extractor = feature_extractor(model)
+        # with several views, decode once and reread from memory (when it fits) for the others
+        batches = split.batches(batch_size, cache_limit_mb=self.memory_limit_mb if views > 1 else 0)
+        steps = math.ceil(split.count / batch_size)
         stacks, labels = [], None
         for view in range(views):
             spec = augment if views > 1 else "none"
-            features, labels = extract(extractor, split, batch_size, spec, seed + 1009 * view, progress)
+            features, labels = extract(extractor(), batches, spec, seed + 1009 * view, progress, steps)
             stacks.append(features.astype(np.float32))
         entry = CachedFeatures(np.stack(stacks), labels.astype(np.int32))
         self.save(key, entry)

@@ -18,6 +18,8 @@ from kerastl.errors import KerastlError
 
 log = logging.getLogger(__name__)
 
+HEAD_LAYERS = ("dropout", "hidden", "probabilities")  # the layers after "pool", in order
+
 
 @keras.saving.register_keras_serializable(package="kerastl")
 class BackbonePreprocessing(layers.Layer):

@@ -107,9 +107,8 @@ def run_training(
     if tc.feature_cache and not scratch:
         cache = FeatureCache(tc.cache_dir, dc.cache_limit_mb)
         views = tc.cache_views if augmenter is not None else 1
-        features = (
-            cache.features(model, data.train, views, dc.augment, dc.seed, dc.batch_size, progress=verbose != 0),
-            cache.features(model, data.validation, batch_size=dc.batch_size),
+        features = cache.phase1(
+            model, data.train, data.validation, views, dc.augment, dc.seed, dc.batch_size, progress=verbose != 0
         )
     history = train_classifier(
         model, train, validation, tc, from_scratch=scratch,
@@ -117,9 +116,10 @@ def run_training(
         batch_size=dc.batch_size, seed=dc.seed, verbose=verbose,
     )
     metrics = {}
-    for name, split in (("validation", data.validation), ("test", data.test)):
-        if split is not None:
-            values = model.evaluate(split.batches(dc.batch_size), return_dict=True, verbose=0)
+    test = data.test.batches(dc.batch_size, cache_limit_mb=0) if data.test is not None else None
+    for name, batches in (("validation", validation), ("test", test)):
+        if batches is not None:
+            values = model.evaluate(batches, return_dict=True, verbose=0)
             metrics.update({f"{name}_{key}": float(value) for key, value in values.items()})
     log.info("metrics: %s", metrics)
 

@@ -1,10 +1,11 @@
 """Two-phase training: head on a frozen base, then fine-tuning the top blocks.
 
-Phase 1 trains the head with the base frozen, given cached backbone features on
-a copy of the head (see `kerastl.features`), whose weights then go back into the
-model; EarlyStopping on validation loss keeps the best epoch. Phase 2 unfreezes the top blocks, recompiles with a lower
-learning rate and continues; its EarlyStopping starts from phase 1's best, so
-fine-tuning never leaves the model worse on validation than phase 1 ended.
+Phase 1 trains the head with the base frozen (given cached backbone features, on
+a copy of the head whose weights then go back into the model; see
+`kerastl.features`); EarlyStopping on validation loss keeps the best epoch.
+Phase 2 unfreezes the top blocks, recompiles with a lower learning rate and
+continues; its EarlyStopping starts from phase 1's best, so fine-tuning never
+leaves the model worse on validation than phase 1 ended.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import tensorflow as tf
 
 from kerastl.config import TrainConfig
 from kerastl.errors import KerastlError
-from kerastl.features import HEAD_LAYERS, CachedFeatures
-from kerastl.model import freeze_base, get_backbone, unfreeze
+from kerastl.features import CachedFeatures
+from kerastl.model import HEAD_LAYERS, freeze_base, get_backbone, unfreeze
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,7 @@ def head_model(model: keras.Model) -> keras.Model:
     for name in HEAD_LAYERS:
         if name in names:
             source = model.get_layer(name)
-            layer = type(source).from_config(source.get_config())
-            x = layer(x)
-            if hasattr(source, "seed_generator"):
-                layer.seed_generator.state.assign(source.seed_generator.state)
+            x = type(source).from_config(source.get_config())(x)
     head = keras.Model(inputs, x, name="head")
     graft_head(model, head)
     return head

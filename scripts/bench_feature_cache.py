@@ -69,8 +69,7 @@ def bench(backbone: str, size: int, weights: str | None, epochs: int, batch_size
         if mode == "cached":
             with tempfile.TemporaryDirectory() as folder:
                 cache = FeatureCache(folder)
-                features = (cache.features(model, data.train, batch_size=batch_size),
-                            cache.features(model, data.validation, batch_size=batch_size))
+                features = cache.phase1(model, data.train, data.validation, batch_size=batch_size)
             row["extract_s"] = time.perf_counter() - begin
             row["cache_mb_per_1000"] = features[0].nbytes() / data.train.count * 1000 / 2**20
         result = train_classifier(model, train, validation, config, features=features, batch_size=batch_size,

@@ -81,6 +81,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, image_folder,
         (["train", "--bogus-flag"], "unrecognized arguments"),
         (["predict", "--model", str(tmp_path), "x.png"], "not a kerastl export"),
         (["frobnicate"], "invalid choice"),
+        (["backbones", "alexnet*"], "no backbone matches"),
     ]
     for argv, match in cases:
         _fails_cleanly(argv, capsys, match)
