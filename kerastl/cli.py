@@ -14,6 +14,9 @@ import os
 import sys
 from typing import Sequence
 
+from kerastl.config import OBJECTIVES
+from kerastl.space import SPACE_FIELDS
+
 # flag dest -> (config section, field); a flag left out keeps the config file's value
 TRAIN_FLAGS = {
     "data": ("data", "source"),
@@ -39,6 +42,8 @@ TRAIN_FLAGS = {
     "loss": ("train", "loss"),
     "learning_rate": ("train", "learning_rate"),
     "fine_tune_lr_ratio": ("train", "fine_tune_lr_ratio"),
+    "label_smoothing": ("train", "label_smoothing"),
+    "weight_decay": ("train", "weight_decay"),
     "patience": ("train", "patience"),
     "feature_cache": ("train", "feature_cache"),
     "cache_views": ("train", "cache_views"),
@@ -113,6 +118,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--loss", metavar="NAME", help="Keras loss name; auto picks cross-entropy (auto)")
     t.add_argument("--learning-rate", type=_positive, metavar="LR", help="phase-1 learning rate (0.001)")
     t.add_argument("--fine-tune-lr-ratio", type=_positive, metavar="R", help="phase-2 LR as a fraction (0.1)")
+    t.add_argument("--label-smoothing", type=_fraction, metavar="F", help="cross-entropy label smoothing (0)")
+    t.add_argument("--weight-decay", type=_number(lambda v: v >= 0, "negative"), metavar="W",
+                   help="decoupled weight decay (0)")
     t.add_argument("--patience", type=_count(0), metavar="N", help="EarlyStopping patience in epochs (5)")
     c = p.add_argument_group("feature cache (phase 1 on features computed once)")
     c.add_argument("--cache", dest="feature_cache", action=argparse.BooleanOptionalAction, default=None,
@@ -150,6 +158,33 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--out", required=True, metavar="FILE.npz", help="output file")
     backbones = sub.add_parser("backbones", help="list the backbones in the registry")
     backbones.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'efficientnet*'")
+    tune = sub.add_parser(
+        "tune", help="search hyperparameters of both phases with KerasTuner and export the best model",
+        description="Search head, optimizer and fine-tuning settings with KerasTuner. Head-only trials train on "
+        "shared cached features; trials that fine-tune run in their own process. Running again on the same "
+        "--project-dir resumes. Settings not searched keep the values of the train flags below.")
+    _add_train_flags(tune)
+    s = tune.add_argument_group("search")
+    s.add_argument("--tuner", choices=("random", "bayesian", "hyperband"), default="random", help="(random)")
+    s.add_argument("--objective", choices=tuple(OBJECTIVES), default="val_accuracy",
+                   help="scored on the validation split; loss is minimised, the others maximised (val_accuracy)")
+    s.add_argument("--max-trials", type=_count(1), default=10, metavar="N", help="trials to run (10)")
+    s.add_argument("--project-dir", default="tuning", metavar="DIR",
+                   help="search state, trials and results; rerun to resume (tuning)")
+    s.add_argument("--workers", type=_count(0), default=1, metavar="N",
+                   help="1: trials one at a time here; N>1: a chief and N worker processes, one per GPU when "
+                   "there are GPUs; 0: one per GPU (1)")
+    s.add_argument("--space", metavar="FILE", help="JSON search space replacing the default one")
+    s.add_argument("--search", action="append", default=[], metavar="NAME=VALUES",
+                   help="set one entry of the space: name=a,b (choice), name=lo:hi[:log|:step] (range), "
+                   "name=value (fixed); repeatable. Names: " + ", ".join(SPACE_FIELDS))
+    s.add_argument("--isolate", choices=("auto", "always", "never"), default="auto",
+                   help="one process per trial: auto does so for trials that run the backbone (auto)")
+    s.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
+                   help="float16 compute on GPUs (on when there is a GPU)")
+    s.add_argument("--max-failures", type=_count(1), default=3, metavar="N",
+                   help="stop after N failed trials in a row (3)")
+    s.add_argument("--restart", action="store_true", help="delete --project-dir first instead of resuming")
     demo = sub.add_parser("demo", help="offline demo: transfer from digits 0-4 to 5-9 vs training from scratch")
     demo.add_argument("--output", default="saved_models/demo", metavar="DIR", help="(saved_models/demo)")
     return parser
@@ -174,6 +209,28 @@ def _train(args: argparse.Namespace) -> int:
     for key, value in sorted(result.metrics.items()):
         print(f"{key}: {value:.4f}")
     print(f"exported to {result.export_dir}")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from kerastl.config import TuneConfig
+    from kerastl.search import format_table, run_search
+    from kerastl.space import DEFAULT_SPACE, load_space, parse_setting
+
+    space = load_space(args.space) if args.space else dict(DEFAULT_SPACE)
+    space.update(parse_setting(text) for text in args.search)
+    tune = TuneConfig(args.tuner, args.objective, args.max_trials, args.project_dir, space, args.workers,
+                      args.isolate, args.mixed_precision, args.max_failures)
+    result = run_search(_run_config(args), tune, overwrite=args.overwrite, restart=args.restart,
+                        verbose=0 if args.quiet else 2)
+    if result.model is None:
+        print(f"worker {os.environ.get('KERASTUNER_TUNER_ID')} finished; the chief reports and exports")
+        return 0
+    print(format_table(result.trials, args.objective))
+    for key, value in sorted(result.metrics.items()):
+        print(f"{key}: {value:.4f}")
+    print(f"best trial {result.trials[0]['trial']}; trials.csv and trials.json in {args.project_dir} and "
+          f"{result.export_dir}; exported to {result.export_dir}")
     return 0
 
 
@@ -247,7 +304,7 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-COMMANDS = {"train": _train, "predict": _predict, "extract": _extract, "backbones": _backbones, "demo": _demo}
+COMMANDS = {"train": _train, "tune": _tune, "predict": _predict, "extract": _extract, "backbones": _backbones, "demo": _demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,16 @@ from typing import Any
 from kerastl.errors import KerastlError
 
 
+def read_json(path: str | Path, what: str) -> Any:
+    """A JSON file's value; a missing or malformed file is a one-line `KerastlError` naming `what`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise KerastlError(f"{what} {path} does not exist") from None
+    except json.JSONDecodeError as error:
+        raise KerastlError(f"{what} {path} is not valid JSON: {error}") from None
+
+
 class _JsonMixin:
     """`to_dict`/`from_dict` for flat dataclasses; unknown keys are an error, not ignored."""
 
@@ -114,6 +124,8 @@ class TrainConfig(_JsonMixin):
         loss: a Keras loss name; "auto" is sparse categorical cross-entropy, or
             binary cross-entropy for a one-unit sigmoid model.
         fine_tune_lr_ratio: phase-2 learning rate as a fraction of `learning_rate`.
+        label_smoothing: cross-entropy label smoothing (0 is none).
+        weight_decay: decoupled weight decay of the optimizer (0 is none).
         patience: EarlyStopping patience on validation loss, in epochs.
         feature_cache: while the base is frozen, train the head on backbone features
             computed once (see `kerastl.features`) instead of running the base every epoch.
@@ -130,6 +142,8 @@ class TrainConfig(_JsonMixin):
     loss: str = "auto"
     learning_rate: float = 1e-3
     fine_tune_lr_ratio: float = 0.1
+    label_smoothing: float = 0.0
+    weight_decay: float = 0.0
     patience: int = 5
     feature_cache: bool = True
     cache_views: int = 4
@@ -145,6 +159,10 @@ class TrainConfig(_JsonMixin):
             raise KerastlError("epochs must be at least 1")
         if self.learning_rate <= 0 or self.fine_tune_lr_ratio <= 0:
             raise KerastlError("learning_rate and fine_tune_lr_ratio must be positive")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise KerastlError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.weight_decay < 0:
+            raise KerastlError(f"weight_decay must be 0 or more, got {self.weight_decay}")
 
 
 @dataclass
@@ -183,10 +201,56 @@ class RunConfig(_JsonMixin):
 
     @classmethod
     def from_json(cls, path: str | Path) -> RunConfig:
-        try:
-            values = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise KerastlError(f"config file {path} does not exist") from None
-        except json.JSONDecodeError as error:
-            raise KerastlError(f"config file {path} is not valid JSON: {error}") from None
-        return cls.from_dict(values)
+        return cls.from_dict(read_json(path, "config file"))
+
+
+TUNERS = ("random", "bayesian", "hyperband")
+OBJECTIVES = {"val_accuracy": "max", "val_loss": "min", "val_macro_f1": "max", "val_auc": "max"}
+
+
+@dataclass
+class TuneConfig(_JsonMixin):
+    """A KerasTuner search over a run config (see `kerastl.space` for `space`).
+
+    Attributes:
+        tuner: "random", "bayesian" or "hyperband".
+        objective: one of `OBJECTIVES` (its direction is known), scored on the
+            validation split with the trial's best weights restored.
+        max_trials: trials to run (for hyperband, set by `epochs` and its factor instead).
+        project_dir: the search's folder: KerasTuner state, one folder per trial,
+            saved phase-1 heads, results. Running again on it resumes.
+        space: setting -> list, range or fixed value; None is `DEFAULT_SPACE`.
+        workers: 1 runs trials one at a time in this process; N > 1 starts a chief
+            and N worker processes (one per GPU when there are GPUs); 0 means one
+            worker per GPU, or 1 without GPUs.
+        isolate: run each trial in its own process: "auto" (trials that run the
+            backbone: fine-tuning, no cache, from scratch), "always" or "never".
+        mixed_precision: float16 compute on GPUs; None means "when there is a GPU".
+        max_failures: stop the search after this many failed trials in a row.
+    """
+
+    tuner: str = "random"
+    objective: str = "val_accuracy"
+    max_trials: int = 10
+    project_dir: str = "tuning"
+    space: dict[str, Any] | None = None
+    workers: int = 1
+    isolate: str = "auto"
+    mixed_precision: bool | None = None
+    max_failures: int = 3
+    hyperband_factor: int = 3
+
+    def validate(self) -> None:
+        if self.tuner not in TUNERS:
+            raise KerastlError(f"tuner must be one of {list(TUNERS)}, got {self.tuner!r}")
+        if self.objective not in OBJECTIVES:
+            raise KerastlError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
+        if self.isolate not in ("auto", "always", "never"):
+            raise KerastlError(f"isolate must be auto, always or never, got {self.isolate!r}")
+        for name in ("max_trials", "max_failures"):
+            if getattr(self, name) < 1:
+                raise KerastlError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise KerastlError(f"workers must be 0 or more, got {self.workers}")
+        if self.hyperband_factor < 2:
+            raise KerastlError(f"hyperband_factor must be at least 2, got {self.hyperband_factor}")

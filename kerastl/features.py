@@ -140,13 +140,14 @@ def model_fingerprint(model: keras.Model) -> dict:
     """Everything about a classifier that its pooled backbone features depend on.
 
     The backbone, its weight values (ImageNet, a file or a random start alike), image
-    size, preprocessing and pooling. Hashing the weights reads them all, so compute
+    size, preprocessing, pooling and compute precision. Hashing the weights reads them all, so compute
     this once per model state and pass it to `cache_key`.
     """
-    spec = get_spec(backbone_name_of(model))
+    spec, backbone = get_spec(backbone_name_of(model)), get_backbone(model)
     return {
         "backbone": spec.name,
-        "weights": weights_digest(get_backbone(model)),
+        "weights": weights_digest(backbone),
+        "precision": backbone.dtype_policy.name,
         "image_size": image_size_of(model),
         "preprocessing": f"{spec.preprocess.__module__}.{spec.preprocess.__name__}",
         "pooling": type(model.get_layer("pool")).__name__,
@@ -236,7 +237,11 @@ class FeatureCache:
         return entry
 
     def save(self, key: str, entry: CachedFeatures) -> None:
-        """Writes an entry atomically (temporary folder, then rename)."""
+        """Writes an entry atomically (temporary folder, then rename); an entry already there is kept.
+
+        Damaged entries are removed by `load` before anything is rebuilt, so the
+        only entry found here is an equal one another process has just written.
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.directory))
         np.save(staging / "features.npy", np.ascontiguousarray(entry.features))
@@ -248,8 +253,10 @@ class FeatureCache:
             "labels": _file_digest(staging / "labels.npy"),
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-        shutil.rmtree(self.path(key), ignore_errors=True)
-        os.replace(staging, self.path(key))
+        try:
+            os.replace(staging, self.path(key))
+        except OSError:  # another process (a search worker) stored the same entry first: keep theirs
+            shutil.rmtree(staging, ignore_errors=True)
 
     def features(
         self,

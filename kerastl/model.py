@@ -73,14 +73,30 @@ def build_classifier(config: ModelConfig, num_classes: int) -> keras.Model:
     x = backbone(x) if scratch else backbone(x, training=False)
     pool = layers.GlobalAveragePooling2D if config.pooling == "avg" else layers.GlobalMaxPooling2D
     x = pool(name="pool")(x)
-    x = layers.Dropout(config.dropout, name="dropout")(x)
+    for layer in head_layers(config, num_classes):
+        x = layer(x)
+    return keras.Model(inputs, x, name=f"kerastl_{spec.name}")
+
+
+def head_layers(config: ModelConfig, num_classes: int) -> list[layers.Layer]:
+    """The head after pooling: Dropout -> [Dense hidden] -> float32 softmax (or one sigmoid unit)."""
+    head = [layers.Dropout(config.dropout, name="dropout")]
     if config.hidden_units:
-        x = layers.Dense(config.hidden_units, activation="relu", name="hidden")(x)
+        head.append(layers.Dense(config.hidden_units, activation="relu", name="hidden"))
     if config.binary:
-        outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="probabilities")(x)
+        head.append(layers.Dense(1, activation="sigmoid", dtype="float32", name="probabilities"))
     else:
-        outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name=f"kerastl_{spec.name}")
+        head.append(layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities"))
+    return head
+
+
+def build_head(config: ModelConfig, num_classes: int, feature_dim: int) -> keras.Model:
+    """The head alone, on pooled backbone features (what phase 1 trains on cached features)."""
+    inputs = keras.Input(shape=(feature_dim,), name="features")
+    x = inputs
+    for layer in head_layers(config, num_classes):
+        x = layer(x)
+    return keras.Model(inputs, x, name="head")
 
 
 def image_size_of(model: keras.Model) -> int:

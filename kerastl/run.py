@@ -54,8 +54,8 @@ def resolve_config(config: RunConfig) -> RunConfig:
     config.model.image_size = resolve_size(spec, config.model.image_size)
     check_weights(spec, config.model.weights)
     parse_augment(config.data.augment)
-    make_optimizer(config.train.optimizer, config.train.learning_rate)
-    make_loss(config.train.loss, config.model.binary)
+    make_optimizer(config.train.optimizer, config.train.learning_rate, config.train.weight_decay)
+    make_loss(config.train.loss, config.model.binary, config.train.label_smoothing)
     if not config.name:
         config.name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if config.export_dir is None:

@@ -170,16 +170,42 @@ def feature_batches(
     return ds.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))  # Keras then knows the steps
 
 
-def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
-    """A fresh Keras optimizer by name ("adam", "sgd", "adamw", ...)."""
+def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0) -> keras.optimizers.Optimizer:
+    """A fresh Keras optimizer by name ("adam", "sgd", "adamw", ...), with decoupled weight decay."""
+    values = {"learning_rate": learning_rate}
+    if weight_decay:
+        values["weight_decay"] = weight_decay
     try:
-        return keras.optimizers.get({"class_name": name, "config": {"learning_rate": learning_rate}})
+        return keras.optimizers.get({"class_name": name, "config": values})
     except (ValueError, TypeError):
         raise KerastlError(f"unknown optimizer {name!r}; use a Keras optimizer name such as adam or sgd") from None
 
 
-def make_loss(name: str, binary: bool) -> keras.losses.Loss:
-    """The loss by Keras name; "auto" is (sparse categorical or binary) cross-entropy."""
+@keras.saving.register_keras_serializable(package="kerastl")
+class SparseSmoothedCrossentropy(keras.losses.Loss):
+    """Categorical cross-entropy on integer labels with label smoothing (Keras's sparse loss has none)."""
+
+    def __init__(self, label_smoothing: float = 0.0, name: str = "sparse_smoothed_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        depth = keras.ops.shape(y_pred)[-1]
+        one_hot = keras.ops.one_hot(keras.ops.reshape(keras.ops.cast(y_true, "int32"), (-1,)), depth)
+        return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def make_loss(name: str, binary: bool, label_smoothing: float = 0.0) -> keras.losses.Loss:
+    """The loss by Keras name; "auto" is (sparse categorical or binary) cross-entropy, smoothed if asked."""
+    if name == "auto" and label_smoothing:
+        if binary:
+            return keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
+        return SparseSmoothedCrossentropy(label_smoothing)
+    if label_smoothing:
+        raise KerastlError("label_smoothing needs loss auto (cross-entropy)")
     if name == "auto":
         name = "binary_crossentropy" if binary else "sparse_categorical_crossentropy"
     try:
@@ -189,12 +215,67 @@ def make_loss(name: str, binary: bool) -> keras.losses.Loss:
 
 
 def compile_classifier(
-    model: keras.Model, optimizer: str, learning_rate: float, loss: str = "auto", steps_per_execution: int = 1
+    model: keras.Model, config: TrainConfig, learning_rate: float | None = None, steps_per_execution: int = 1
 ) -> None:
-    """Compiles with a fresh optimizer, the loss (see `TrainConfig.loss`) and accuracy."""
+    """Compiles with a fresh optimizer, the loss (see `TrainConfig`) and accuracy.
+
+    `learning_rate` defaults to `config.learning_rate` (phase 2 passes its lower rate).
+    """
     binary = model.output_shape[-1] == 1
-    model.compile(optimizer=make_optimizer(optimizer, learning_rate), loss=make_loss(loss, binary),
+    rate = config.learning_rate if learning_rate is None else learning_rate
+    model.compile(optimizer=make_optimizer(config.optimizer, rate, config.weight_decay),
+                  loss=make_loss(config.loss, binary, config.label_smoothing),
                   metrics=["accuracy"], steps_per_execution=steps_per_execution)
+
+
+def train_head(
+    head: keras.Model,
+    features: tuple[CachedFeatures, CachedFeatures],
+    config: TrainConfig,
+    batch_size: int = 32,
+    seed: int | None = None,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    verbose: int | str = "auto",
+) -> tuple[keras.callbacks.History, KeepBest]:
+    """Phase 1 on cached (train, validation) features: trains `head` with KeepBest.
+
+    Returns the history and the KeepBest callback (its `best` is the best val_loss).
+    """
+    stop = KeepBest(config.patience)
+    # head steps take microseconds: run many per call so Python overhead does not dominate
+    compile_classifier(head, config, steps_per_execution=HEAD_STEPS_PER_EXECUTION)
+    history = head.fit(
+        feature_batches(features[0], batch_size, True, seed), epochs=config.epochs,
+        validation_data=feature_batches(features[1], batch_size),
+        callbacks=[stop, *(callbacks or [])], shuffle=False, verbose=verbose,
+    )
+    return history, stop
+
+
+def fine_tune(
+    model: keras.Model,
+    train_data: tf.data.Dataset,
+    validation_data: tf.data.Dataset,
+    config: TrainConfig,
+    phase1_best: float,
+    initial_epoch: int = 0,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    verbose: int | str = "auto",
+) -> keras.callbacks.History | None:
+    """Phase 2: unfreezes the top blocks and trains at the lower rate, never ending worse than `phase1_best`.
+
+    Returns None when there is nothing to fine-tune.
+    """
+    if config.fine_tune_epochs == 0 or unfreeze(model, config.unfreeze_blocks, config.unfreeze_from) == 0:
+        log.info("nothing to fine-tune (no epochs or no blocks); skipping phase 2")
+        return None
+    compile_classifier(model, config, config.learning_rate * config.fine_tune_lr_ratio)
+    return model.fit(
+        train_data, validation_data=validation_data, initial_epoch=initial_epoch,
+        epochs=initial_epoch + config.fine_tune_epochs,
+        callbacks=[KeepBest(config.patience, initial_best=phase1_best), *(callbacks or [])], shuffle=False,
+        verbose=verbose,
+    )
 
 
 def train_classifier(
@@ -236,36 +317,20 @@ def train_classifier(
         extra.append(BatchNormCalibration(sample))
     else:
         freeze_base(model)
-    phase1_stop = KeepBest(config.patience)
     if features is not None and not from_scratch:
         head = head_model(model)
-        # head steps take microseconds: run many per call so Python overhead does not dominate
-        compile_classifier(head, config.optimizer, config.learning_rate, config.loss, HEAD_STEPS_PER_EXECUTION)
-        phase1 = head.fit(
-            feature_batches(features[0], batch_size, True, seed), epochs=config.epochs,
-            validation_data=feature_batches(features[1], batch_size),
-            callbacks=[phase1_stop, *extra], shuffle=False, verbose=verbose,
-        )
+        phase1, phase1_stop = train_head(head, features, config, batch_size, seed, callbacks=extra, verbose=verbose)
         graft_head(head, model)
-        compile_classifier(model, config.optimizer, config.learning_rate, config.loss)  # as the plain path leaves it
+        compile_classifier(model, config)  # as the plain path leaves it
     else:
-        compile_classifier(model, config.optimizer, config.learning_rate, config.loss)
+        phase1_stop = KeepBest(config.patience)
+        compile_classifier(model, config)
         phase1 = model.fit(
             train_data, validation_data=validation_data, epochs=config.epochs,
             callbacks=[phase1_stop, *extra], shuffle=False, verbose=verbose,
         )
     result = TrainResult(phase1)
-    if from_scratch or config.fine_tune_epochs == 0:
-        return result
-    if unfreeze(model, config.unfreeze_blocks, config.unfreeze_from) == 0:
-        log.info("nothing to fine-tune (unfreeze_blocks=0); skipping phase 2")
-        return result
-    compile_classifier(model, config.optimizer, config.learning_rate * config.fine_tune_lr_ratio, config.loss)
-    start = len(phase1.epoch)
-    result.phase2 = model.fit(
-        train_data, validation_data=validation_data, initial_epoch=start,
-        epochs=start + config.fine_tune_epochs,
-        callbacks=[KeepBest(config.patience, initial_best=phase1_stop.best), *extra], shuffle=False,
-        verbose=verbose,
-    )
+    if not from_scratch:
+        result.phase2 = fine_tune(model, train_data, validation_data, config, phase1_stop.best,
+                                  len(phase1.epoch), callbacks=extra, verbose=verbose)
     return result

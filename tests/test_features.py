@@ -11,7 +11,7 @@ import pytest
 from kerastl.cli import main
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from kerastl.data import from_arrays, load_digits
-from kerastl.features import FeatureCache, cache_key, feature_extractor
+from kerastl.features import CachedFeatures, FeatureCache, cache_key, feature_extractor
 from kerastl.model import build_classifier
 from kerastl.run import run_training
 from kerastl.train import feature_batches, graft_head, head_model, train_classifier
@@ -225,3 +225,12 @@ def test_entries_over_the_memory_limit_are_memory_mapped_and_streamed(tmp_path):
     np.testing.assert_allclose(np.sort(epoch1, axis=0), np.sort(np.asarray(entry.features[0]), axis=0))
     plain = feature_batches(entry, batch_size=8)
     assert sum(len(y) for _, y in plain.as_numpy_iterator()) == 42
+
+
+def test_an_entry_another_process_already_stored_is_kept(tmp_path):
+    cache = FeatureCache(tmp_path)
+    labels = np.arange(4, dtype=np.int32)
+    cache.save("k", CachedFeatures(np.ones((1, 4, 3), np.float32), labels))
+    cache.save("k", CachedFeatures(np.zeros((1, 4, 3), np.float32), labels))  # a second worker, same key
+    assert np.array_equal(cache.load("k").features, np.ones((1, 4, 3), np.float32))
+    assert [path.name for path in tmp_path.iterdir()] == ["k"]  # no staging folder left behind

@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from kerastl.config import ModelConfig, TrainConfig
@@ -101,3 +102,19 @@ def test_recalibration_also_reaches_a_frozen_transfer_backbone():
     assert not norm.trainable and np.allclose(norm.moving_mean.numpy(), 0)
     recalibrate_batchnorm(model, data.train.sample())
     assert not norm.trainable and not np.allclose(norm.moving_mean.numpy(), 0)
+
+
+def test_label_smoothing_and_weight_decay_reach_the_compiled_model(tmp_path):
+    from kerastl.train import compile_classifier, make_loss
+
+    y = np.array([0, 2, 1])
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3]], np.float32)
+    smoothed = make_loss("auto", binary=False, label_smoothing=0.1)(y, p)
+    expected = keras.losses.CategoricalCrossentropy(label_smoothing=0.1)(np.eye(3)[y], p)
+    assert float(smoothed) == pytest.approx(float(expected), rel=1e-6)
+    assert float(np.mean(make_loss("auto", binary=False)(y, p))) < float(smoothed)
+    model = build_classifier(ModelConfig("simple_cnn", weights=None, image_size=16), 3)
+    compile_classifier(model, TrainConfig(label_smoothing=0.1, weight_decay=1e-3, optimizer="adamw"))
+    assert model.optimizer.weight_decay == pytest.approx(1e-3) and model.loss.label_smoothing == 0.1
+    model.save(tmp_path / "m.keras")  # the smoothed loss is registered: the compiled model reloads safely
+    assert keras.models.load_model(tmp_path / "m.keras", safe_mode=True).loss.label_smoothing == 0.1

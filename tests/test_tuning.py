@@ -1,0 +1,213 @@
+"""KerasTuner searches: space, objectives, shared features, saved heads, failures, memory, tables, export."""
+
+import json
+
+import keras
+import keras_tuner
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig, TuneConfig
+from kerastl.errors import KerastlError
+from kerastl.export import load_export
+from kerastl.search import run_search
+from kerastl.space import check_space, declare, parse_setting
+from kerastl.report import score
+from kerastl.tuning import TrialContext, TransferHyperModel, make_objective
+
+
+def base_config(tmp_path, **train) -> RunConfig:
+    """Digits at 16x16 through a frozen random simple_cnn: real data, seconds per trial."""
+    values = {"epochs": 4, "fine_tune_epochs": 0, "patience": 3, "cache_dir": str(tmp_path / "cache"), **train}
+    return RunConfig(DataConfig(source="digits", augment="none", batch_size=64),
+                     ModelConfig("simple_cnn", weights=None, from_scratch=False, image_size=16),
+                     TrainConfig(**values), export_dir=str(tmp_path / "export"))
+
+
+HEAD_SPACE = {"dropout": [0.0, 0.2], "hidden_units": [0, 32], "learning_rate": [3e-3, 1e-2]}
+
+
+def test_search_settings_parse_as_choices_ranges_and_fixed_values():
+    assert parse_setting("hidden_units=0,64") == ("hidden_units", [0, 64])
+    assert parse_setting("learning_rate=1e-4:1e-2:log") == ("learning_rate", {"min": 1e-4, "max": 1e-2, "log": True})
+    assert parse_setting("dropout=0:0.5:0.1") == ("dropout", {"min": 0, "max": 0.5, "step": 0.1})
+    assert parse_setting("backbone=mobilenet_v2,resnet50") == ("backbone", ["mobilenet_v2", "resnet50"])
+    assert parse_setting("fine-tune-epochs=3") == ("fine_tune_epochs", 3)
+    with pytest.raises(KerastlError, match="name=values"):
+        parse_setting("dropout")
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"drop": [0.1]}, "unknown search settings"),
+    ({"dropout": [0.1, 1.5]}, "dropout must be in"),
+    ({"learning_rate": {"min": 0, "max": 0.1, "log": True}}, "log range needs min > 0"),
+    ({"learning_rate": {"min": 0.1, "max": 0.01}}, "min <= max"),
+    ({"backbone": ["simple_cnn", "no_such_net"]}, "unknown backbone"),
+    ({"optimizer": ["adam", "nonsense"]}, "unknown optimizer"),
+])
+def test_bad_spaces_fail_before_any_trial(tmp_path, space, message):
+    with pytest.raises(KerastlError, match=message):
+        check_space(space, base_config(tmp_path))
+
+
+def test_fine_tuning_settings_depend_on_unfreezing_and_vanish_when_no_trial_fine_tunes(tmp_path):
+    space = check_space({"dropout": [0.0, 0.2], "unfreeze_blocks": [0, 2], "fine_tune_lr_ratio": [0.05, 0.1]},
+                        base_config(tmp_path, fine_tune_epochs=2))
+    hp = keras_tuner.HyperParameters()
+    assert declare(hp, space)["fine_tune_lr_ratio"] is None  # default unfreeze_blocks is 0: inactive
+    hp.values["unfreeze_blocks"] = 2
+    hp.ensure_active_values()  # what the oracle does when it picks values
+    assert declare(hp, space)["fine_tune_lr_ratio"] in (0.05, 0.1)
+    head_only = check_space({"dropout": [0.0, 0.2], "unfreeze_blocks": [0, 2], "fine_tune_lr_ratio": [0.05, 0.1]},
+                            base_config(tmp_path, fine_tune_epochs=0))
+    assert set(head_only) == {"dropout"}
+
+
+def test_objectives_have_their_direction_and_scores_match_sklearn():
+    from sklearn.metrics import f1_score, log_loss, roc_auc_score
+
+    assert make_objective("val_loss").direction == "min"
+    assert {make_objective(n).direction for n in ("val_accuracy", "val_macro_f1", "val_auc")} == {"max"}
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 60)
+    p = rng.dirichlet(np.ones(3), 60)
+    p[np.arange(60), labels] += 0.5
+    p /= p.sum(1, keepdims=True)
+    got = score(p.astype(np.float32), labels)
+    assert got["val_loss"] == pytest.approx(log_loss(labels, p), rel=1e-5)
+    assert got["val_accuracy"] == pytest.approx(np.mean(p.argmax(1) == labels))
+    assert got["val_macro_f1"] == pytest.approx(f1_score(labels, p.argmax(1), average="macro"))
+    assert got["val_auc"] == pytest.approx(roc_auc_score(labels, p, multi_class="ovr"), rel=1e-6)
+    binary = score(np.array([[0.9], [0.2], [0.6]]), np.array([1, 0, 0]))
+    assert binary["val_accuracy"] == pytest.approx(2 / 3) and binary["val_auc"] == 1.0
+
+
+def test_head_search_extracts_features_once_and_exports_the_best_trial(tmp_path):
+    config = base_config(tmp_path)
+    tune = TuneConfig(max_trials=4, project_dir=str(tmp_path / "project"), space=HEAD_SPACE)
+    result = run_search(config, tune)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # train and validation features, shared by 4 trials
+    assert [row["status"] for row in result.trials] == ["COMPLETED"] * 4
+    accuracies = [row["val_accuracy"] for row in result.trials]
+    assert accuracies == sorted(accuracies, reverse=True) and accuracies[0] > 0.6
+    for folder in (tmp_path / "project", tmp_path / "export"):
+        assert len(json.loads((folder / "trials.json").read_text())) == 4
+        assert len((folder / "trials.csv").read_text().splitlines()) == 5
+    # the export is the best trial's own model: it scores what the table says on the validation images
+    from kerastl.data import load_data
+
+    data = load_data(config.data, 16)
+    images, labels = data.validation.arrays()
+    exported = load_export(tmp_path / "export")
+    accuracy = np.mean(exported.predict(images.astype(np.float32)).argmax(1) == labels)
+    assert accuracy == pytest.approx(result.trials[0]["val_accuracy"], abs=1e-9)
+
+
+def test_fine_tuning_trial_starts_from_the_saved_head_of_an_equal_head_trial(tmp_path):
+    config = base_config(tmp_path)
+    context = TrialContext(tmp_path / "project")
+    head = context.run(config, tmp_path / "t0")
+    tuned = RunConfig.from_dict(config.to_dict())
+    tuned.train.fine_tune_epochs, tuned.train.unfreeze_blocks = 2, 1
+    fine = context.run(tuned, tmp_path / "t1")
+    info = json.loads((tmp_path / "t1" / "result.json").read_text())["info"]
+    assert info["reused_head"] and info["fine_tuned"] and not json.loads(
+        (tmp_path / "t0" / "result.json").read_text())["info"]["reused_head"]
+    assert (tmp_path / "t1" / "model.weights.h5").exists() and (tmp_path / "t0" / "head.weights.h5").exists()
+    # phase 2 starts from the stored head and its best validation loss: it cannot end worse than phase 1
+    assert fine["val_loss"] <= head["val_loss"] + 1e-4
+
+
+def test_a_failing_trial_is_recorded_failed_and_the_search_goes_on(tmp_path, monkeypatch):
+    import kerastl.tuning
+
+    real, calls = kerastl.tuning.run_trial_config, []
+
+    def second_runs_out_of_memory(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kerastl.tuning, "run_trial_config", second_runs_out_of_memory)
+    result = run_search(base_config(tmp_path), TuneConfig(max_trials=3, project_dir=str(tmp_path / "p"),
+                                                          space=HEAD_SPACE))
+    statuses = sorted(row["status"] for row in result.trials)
+    assert statuses == ["COMPLETED", "COMPLETED", "FAILED"]
+    assert result.trials[-1]["status"] == "FAILED" and "OOM" in result.trials[-1]["error"]
+
+
+def test_repeated_failures_stop_the_search_with_a_clear_message(tmp_path, monkeypatch):
+    import kerastl.tuning
+
+    def always_fails(*args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+
+    monkeypatch.setattr(kerastl.tuning, "run_trial_config", always_fails)
+    with pytest.raises(KerastlError, match=r"search stopped: 2 trials in a row failed.*OOM"):
+        run_search(base_config(tmp_path), TuneConfig(max_trials=5, max_failures=2, project_dir=str(tmp_path / "p"),
+                                                     space=HEAD_SPACE))
+
+
+def test_memory_stays_flat_over_many_in_process_trials(tmp_path):
+    space = {"dropout": {"min": 0.0, "max": 0.5}, "hidden_units": [0, 16, 64], "learning_rate": {
+        "min": 1e-3, "max": 1e-2, "log": True}}
+    tune = TuneConfig(max_trials=20, project_dir=str(tmp_path / "p"), space=space)
+    run_search(base_config(tmp_path, epochs=1), tune)
+    trials = sorted((tmp_path / "p").glob("trial_*/result.json"))
+    memory = [json.loads(path.read_text())["info"]["memory_mb"] for path in trials]
+    assert len(memory) == 20
+    settled = memory[4]
+    assert max(memory[4:]) < settled * 1.10, memory
+
+
+def test_bayesian_and_hyperband_tuners_run(tmp_path):
+    for name, trials in (("bayesian", 3), ("hyperband", None)):
+        tune = TuneConfig(tuner=name, max_trials=trials or 10, project_dir=str(tmp_path / name), space=HEAD_SPACE)
+        config = base_config(tmp_path, epochs=2)
+        config.export_dir = str(tmp_path / f"export-{name}")
+        result = run_search(config, tune)
+        assert result.trials and all(row["status"] == "COMPLETED" for row in result.trials)
+        if name == "hyperband":  # every trial trained for its bracket's budget, never more
+            for path in (tmp_path / name).glob("trial_*/result.json"):
+                trial = json.loads((path.parent / "trial.json").read_text())
+                assert json.loads(path.read_text())["info"]["epochs"] == trial["hyperparameters"]["values"][
+                    "tuner/epochs"] <= 2
+
+
+def test_the_hypermodel_works_in_a_plain_kerastuner_search(tmp_path):
+    from kerastl.data import load_data
+
+    config = base_config(tmp_path, epochs=3, learning_rate=1e-2)
+    data = load_data(config.data, 16)
+    space = check_space({"dropout": [0.0, 0.2]}, config)
+    tuner = keras_tuner.RandomSearch(TransferHyperModel(config, space, len(data.class_names)),
+                                     objective=make_objective("val_macro_f1"), max_trials=2,
+                                     directory=str(tmp_path), project_name="plain")
+    tuner.search(data.train.batches(64, True, seed=1), validation_data=data.validation.batches(64), verbose=0)
+    best = tuner.oracle.get_best_trials(1)[0]
+    assert best.status == "COMPLETED" and best.metrics.get_last_value("val_macro_f1") > 0.3
+    assert isinstance(tuner.hypermodel.build(best.hyperparameters), keras.Model)
+
+
+def test_head_keeps_a_float32_softmax_under_mixed_precision():
+    from kerastl.model import build_head
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        head = build_head(ModelConfig(hidden_units=8), 3, 12)
+        assert head.get_layer("hidden").compute_dtype == "float16"
+        assert head.output.dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_devices_fall_back_to_the_cpu_and_pin_one_gpu_per_worker():
+    from kerastl.devices import setup_devices, worker_environments
+
+    setup = setup_devices(mixed_precision=True)
+    assert setup.device == "/CPU:0" and not setup.mixed_precision  # no GPU here: float32 on the CPU
+    assert keras.config.dtype_policy().name == "float32"
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in worker_environments(3, gpus=2)] == ["0", "1", "0"]
+    assert worker_environments(2, gpus=0, cpu_count=4) == [{"CUDA_VISIBLE_DEVICES": "", "KERASTL_THREADS": "2"}] * 2
