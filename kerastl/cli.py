@@ -304,7 +304,8 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-COMMANDS = {"train": _train, "tune": _tune, "predict": _predict, "extract": _extract, "backbones": _backbones, "demo": _demo}
+COMMANDS = {"train": _train, "tune": _tune, "predict": _predict, "extract": _extract, "backbones": _backbones,
+            "demo": _demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

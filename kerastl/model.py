@@ -49,12 +49,13 @@ def get_backbone(model: keras.Model) -> keras.Model:
     raise KerastlError(f"model {model.name} has no backbone sub-model")
 
 
-def build_classifier(config: ModelConfig, num_classes: int) -> keras.Model:
+def build_classifier(config: ModelConfig, num_classes: int, seed: int | None = None) -> keras.Model:
     """Builds backbone + head from `config` for `num_classes` classes.
 
     The backbone is called with `training=False` (BatchNorm stays in inference
     mode through fine-tuning) unless the config trains from scratch, where
     BatchNorm must learn its statistics. The base starts frozen unless from scratch.
+    `seed` fixes the head's initial weights and dropout masks (see `head_layers`).
     """
     config.validate()
     if num_classes < 2:
@@ -73,28 +74,35 @@ def build_classifier(config: ModelConfig, num_classes: int) -> keras.Model:
     x = backbone(x) if scratch else backbone(x, training=False)
     pool = layers.GlobalAveragePooling2D if config.pooling == "avg" else layers.GlobalMaxPooling2D
     x = pool(name="pool")(x)
-    for layer in head_layers(config, num_classes):
+    for layer in head_layers(config, num_classes, seed):
         x = layer(x)
     return keras.Model(inputs, x, name=f"kerastl_{spec.name}")
 
 
-def head_layers(config: ModelConfig, num_classes: int) -> list[layers.Layer]:
-    """The head after pooling: Dropout -> [Dense hidden] -> float32 softmax (or one sigmoid unit)."""
-    head = [layers.Dropout(config.dropout, name="dropout")]
+def head_layers(config: ModelConfig, num_classes: int, seed: int | None = None) -> list[layers.Layer]:
+    """The head after pooling: Dropout -> [Dense hidden] -> float32 softmax (or one sigmoid unit).
+
+    With `seed`, the head's initial weights and dropout masks depend on it alone, not
+    on how much randomness building the backbone used: a head built alone on cached
+    features then starts exactly like the head of the full classifier.
+    """
+    def init(offset: int):
+        return "glorot_uniform" if seed is None else keras.initializers.GlorotUniform(seed + offset)
+
+    head = [layers.Dropout(config.dropout, seed=seed, name="dropout")]
     if config.hidden_units:
-        head.append(layers.Dense(config.hidden_units, activation="relu", name="hidden"))
-    if config.binary:
-        head.append(layers.Dense(1, activation="sigmoid", dtype="float32", name="probabilities"))
-    else:
-        head.append(layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities"))
+        head.append(layers.Dense(config.hidden_units, activation="relu", kernel_initializer=init(1), name="hidden"))
+    units, activation = (1, "sigmoid") if config.binary else (num_classes, "softmax")
+    head.append(layers.Dense(units, activation=activation, dtype="float32", kernel_initializer=init(2),
+                             name="probabilities"))
     return head
 
 
-def build_head(config: ModelConfig, num_classes: int, feature_dim: int) -> keras.Model:
+def build_head(config: ModelConfig, num_classes: int, feature_dim: int, seed: int | None = None) -> keras.Model:
     """The head alone, on pooled backbone features (what phase 1 trains on cached features)."""
     inputs = keras.Input(shape=(feature_dim,), name="features")
     x = inputs
-    for layer in head_layers(config, num_classes):
+    for layer in head_layers(config, num_classes, seed):
         x = layer(x)
     return keras.Model(inputs, x, name="head")
 

@@ -64,25 +64,26 @@ def prepare(config: RunConfig, tune: TuneConfig) -> tuple[RunConfig, TuneConfig]
     return base, tune
 
 
-def _claim_project(project: Path, base: RunConfig, tune: TuneConfig, overwrite: bool) -> None:
-    record = {"run": base.to_dict(), "tune": tune.to_dict()}
+def _claim_project(project: Path, base: RunConfig, tune: TuneConfig, restart: bool) -> None:
+    """Writes `search.json`; refuses a folder that holds a different search (unless restarting)."""
     path = project / SEARCH_FILE
-    if path.exists() and not overwrite:
-        previous = json.loads(path.read_text())
-        same = {k: v for k, v in previous["tune"].items() if k not in ("workers", "max_trials")} == \
-               {k: v for k, v in record["tune"].items() if k not in ("workers", "max_trials")}
-        previous["run"].pop("name", None), record["run"].pop("name", None)
-        previous["run"].pop("export_dir", None), record["run"].pop("export_dir", None)
-        if not same or previous["run"] != record["run"]:
-            raise KerastlError(f"project folder {project} holds a different search; resume it with the same "
-                               "settings, or pass overwrite / choose another project folder")
-        return
-    if overwrite and project.exists():
+    if restart and project.exists():
         import shutil
 
         shutil.rmtree(project)
+    record = {"run": base.to_dict(), "tune": tune.to_dict()}
+    if path.exists():
+        previous = json.loads(path.read_text())
+        free = {"workers", "max_trials", "project_dir", "name", "export_dir"}  # may change between runs
+
+        def settled(part: dict) -> dict:
+            return {k: v for k, v in part.items() if k not in free}
+
+        if any(settled(previous[k]) != settled(record[k]) for k in ("run", "tune")):
+            raise KerastlError(f"project folder {project} holds a different search; resume it with the same "
+                               "settings, start over with --restart (restart=True), or choose another folder")
     project.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"run": base.to_dict(), "tune": tune.to_dict()}, indent=2) + "\n")
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def make_tuner(base: RunConfig, tune: TuneConfig, context, num_classes: int | None):
@@ -201,7 +202,8 @@ def trial_table(tuner) -> list[dict]:
             row[name] = float(trial.metrics.get_last_value(name)) if trial.metrics.exists(name) else None
         result = Path(tuner.get_trial_dir(trial.trial_id)) / "result.json"
         info = json.loads(result.read_text())["info"] if result.exists() else {}
-        row.update(seconds=info.get("seconds"), reused_head=info.get("reused_head"))
+        row.update(seconds=info.get("seconds"), reused_head=info.get("reused_head"), memory_mb=info.get("memory_mb"),
+                   gpu_peak_mb=info.get("gpu_peak_mb"))
         row["values"] = _shown(trial.hyperparameters.values)
         if trial.message:
             row["error"] = [line for line in trial.message.splitlines() if line.strip()][-1]
@@ -230,7 +232,7 @@ def write_tables(rows: list[dict], folder: Path) -> None:
     (folder / "trials.json").write_text(json.dumps(rows, indent=2) + "\n")
     names = sorted({k for row in rows for k in row["values"]})
     fields = ["trial", "status", "score", "val_accuracy", "val_loss", "val_macro_f1", "val_auc", "seconds",
-              "reused_head", "error"]
+              "reused_head", "memory_mb", "gpu_peak_mb", "error"]
     with open(folder / "trials.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(fields + names)

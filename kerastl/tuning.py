@@ -165,12 +165,13 @@ class TrialContext:
 def seeded_classifier(config: RunConfig, num_classes: int) -> keras.Model:
     """The classifier built right after seeding, so a random start is the same in every trial and process."""
     keras.utils.set_random_seed(config.data.seed)
-    return build_classifier(config.model, num_classes)
+    return build_classifier(config.model, num_classes, seed=config.data.seed)
 
 
 def seeded_head(config: RunConfig, num_classes: int, dim: int) -> keras.Model:
+    """The head alone, starting exactly as `seeded_classifier`'s head does."""
     keras.utils.set_random_seed(config.data.seed)
-    return build_head(config.model, num_classes, dim)
+    return build_head(config.model, num_classes, dim, seed=config.data.seed)
 
 
 def budgeted(config: RunConfig, budget: int | None, max_epochs: int) -> RunConfig:
@@ -186,11 +187,15 @@ def run_trial_config(config: RunConfig, context: TrialContext, trial_dir: Path, 
     """One trial: phase 1 (cached features or a saved head), phase 2 if asked, then the score.
 
     Writes `head.weights.h5` (head-only trials on cached features) or
-    `model.weights.h5`, and `result.json` with metrics, time and memory.
+    `model.weights.h5`, and `result.json` with metrics, time, host memory and (on a
+    GPU) the trial's peak GPU memory.
     """
     from kerastl.run import resolve_config
 
     start = time.perf_counter()
+    gpu = context.device.startswith("/GPU")
+    if gpu:
+        tf.config.experimental.reset_memory_stats(context.device.strip("/"))
     config = budgeted(resolve_config(config), budget, config.train.epochs)
     m, tc, dc = config.model, config.train, config.data
     data = context.data(config)
@@ -237,6 +242,9 @@ def run_trial_config(config: RunConfig, context: TrialContext, trial_dir: Path, 
     metrics = score(probabilities, labels)
     if cached:
         info["backbone_digest"] = fingerprint["weights"]
+    if gpu:  # flat across trials when every trial gives its memory back
+        peak = tf.config.experimental.get_memory_info(context.device.strip("/"))["peak"]
+        info["gpu_peak_mb"] = round(peak / 2**20, 1)
     info.update(classes=classes, seconds=round(time.perf_counter() - start, 3), memory_mb=round(memory_mb(), 1),
                 device=context.device, epochs=tc.epochs, fine_tune_epochs=tc.fine_tune_epochs if fine_tunes else 0)
     (trial_dir / RESULT_FILE).write_text(json.dumps({"metrics": metrics, "info": info, "config": config.to_dict()},

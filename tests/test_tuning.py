@@ -211,3 +211,37 @@ def test_devices_fall_back_to_the_cpu_and_pin_one_gpu_per_worker():
     assert keras.config.dtype_policy().name == "float32"
     assert [env["CUDA_VISIBLE_DEVICES"] for env in worker_environments(3, gpus=2)] == ["0", "1", "0"]
     assert worker_environments(2, gpus=0, cpu_count=4) == [{"CUDA_VISIBLE_DEVICES": "", "KERASTL_THREADS": "2"}] * 2
+
+
+def test_a_project_folder_resumes_only_its_own_search(tmp_path):
+    config = base_config(tmp_path)
+    project = str(tmp_path / "p")
+    first = run_search(config, TuneConfig(max_trials=2, project_dir=project, space=HEAD_SPACE))
+    scores = {row["trial"]: row["score"] for row in first.trials}
+    config.export_dir = str(tmp_path / "export-more")
+    more = run_search(config, TuneConfig(max_trials=3, project_dir=project, space=HEAD_SPACE))  # one more trial
+    assert len(more.trials) == 3 and all(row["score"] == scores[row["trial"]] for row in more.trials
+                                         if row["trial"] in scores)
+    config.export_dir = str(tmp_path / "export-other")
+    with pytest.raises(KerastlError, match="holds a different search"):
+        run_search(config, TuneConfig(max_trials=3, project_dir=project, space={"dropout": [0.5, 0.6]}))
+    fresh = run_search(config, TuneConfig(max_trials=1, project_dir=project, space={"dropout": [0.5, 0.6]}),
+                       restart=True)
+    assert len(fresh.trials) == 1
+
+
+def test_a_cached_trial_scores_what_the_plain_kerastuner_trial_scores(tmp_path):
+    from kerastl.data import load_data
+
+    config = base_config(tmp_path, epochs=3, learning_rate=3e-3)
+    config.model.dropout, config.model.hidden_units = 0.2, 32
+    cached = TrialContext(tmp_path / "p").run(config, tmp_path / "t")
+    data = load_data(config.data, 16)
+    hypermodel = TransferHyperModel(config, {}, len(data.class_names))
+    hp = keras_tuner.HyperParameters()
+    plain = hypermodel.fit(hp, hypermodel.build(hp), data.train.batches(64, True, seed=config.data.seed),
+                           validation_data=data.validation.batches(64))
+    assert cached["val_accuracy"] > 0.3  # well above chance (0.1): a real trial
+    # same head start, dropout masks and batch order: only float round-off differs
+    assert cached["val_accuracy"] == pytest.approx(plain["val_accuracy"], abs=1.5 / data.validation.count)
+    assert cached["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-3)
