@@ -245,3 +245,15 @@ def test_a_cached_trial_scores_what_the_plain_kerastuner_trial_scores(tmp_path):
     # same head start, dropout masks and batch order: only float round-off differs
     assert cached["val_accuracy"] == pytest.approx(plain["val_accuracy"], abs=1.5 / data.validation.count)
     assert cached["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-3)
+
+
+def test_tied_trials_rank_by_validation_loss_and_failed_trials_last():
+    from kerastl.search import rank
+
+    def row(trial, score, accuracy, loss):
+        return {"trial": trial, "score": score, "val_accuracy": accuracy, "val_loss": loss}
+
+    rows = [row("0", None, None, None), row("1", 0.7, 0.7, 0.9), row("2", 0.7, 0.7, 0.8), row("3", 0.6, 0.6, 0.5)]
+    assert [r["trial"] for r in rank(rows, "val_accuracy", "max")] == ["2", "1", "3", "0"]
+    rows = [row("0", 0.5, 0.6, 0.5), row("1", 0.5, 0.7, 0.5), row("2", 0.4, 0.5, 0.4), row("3", None, None, None)]
+    assert [r["trial"] for r in rank(rows, "val_loss", "min")] == ["2", "1", "0", "3"]
