@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Sequence
 
-from kerastl.config import OBJECTIVES
+from kerastl.config import ISOLATION, OBJECTIVES, TUNERS
 from kerastl.space import SPACE_FIELDS
 
 # flag dest -> (config section, field); a flag left out keeps the config file's value
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--project-dir resumes. Settings not searched keep the values of the train flags below.")
     _add_train_flags(tune)
     s = tune.add_argument_group("search")
-    s.add_argument("--tuner", choices=("random", "bayesian", "hyperband"), default="random", help="(random)")
+    s.add_argument("--tuner", choices=TUNERS, default="random", help="(random)")
     s.add_argument("--objective", choices=tuple(OBJECTIVES), default="val_accuracy",
                    help="scored on the validation split; loss is minimised, the others maximised (val_accuracy)")
     s.add_argument("--max-trials", type=_count(1), default=10, metavar="N", help="trials to run (10)")
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--search", action="append", default=[], metavar="NAME=VALUES",
                    help="set one entry of the space: name=a,b (choice), name=lo:hi[:log|:step] (range), "
                    "name=value (fixed); repeatable. Names: " + ", ".join(SPACE_FIELDS))
-    s.add_argument("--isolate", choices=("auto", "always", "never"), default="auto",
+    s.add_argument("--isolate", choices=ISOLATION, default="auto",
                    help="one process per trial: auto does so for trials that run the backbone (auto)")
     s.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
                    help="float16 compute on GPUs (on when there is a GPU)")

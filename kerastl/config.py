@@ -164,6 +164,11 @@ class TrainConfig(_JsonMixin):
         if self.weight_decay < 0:
             raise KerastlError(f"weight_decay must be 0 or more, got {self.weight_decay}")
 
+    @property
+    def wants_fine_tuning(self) -> bool:
+        """Whether phase 2 has epochs and something to unfreeze (blocks or a layer name)."""
+        return self.fine_tune_epochs > 0 and (self.unfreeze_blocks > 0 or bool(self.unfreeze_from))
+
 
 @dataclass
 class RunConfig(_JsonMixin):
@@ -205,6 +210,7 @@ class RunConfig(_JsonMixin):
 
 
 TUNERS = ("random", "bayesian", "hyperband")
+ISOLATION = ("auto", "always", "never")
 OBJECTIVES = {"val_accuracy": "max", "val_loss": "min", "val_macro_f1": "max", "val_auc": "max"}
 
 
@@ -245,8 +251,8 @@ class TuneConfig(_JsonMixin):
             raise KerastlError(f"tuner must be one of {list(TUNERS)}, got {self.tuner!r}")
         if self.objective not in OBJECTIVES:
             raise KerastlError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
-        if self.isolate not in ("auto", "always", "never"):
-            raise KerastlError(f"isolate must be auto, always or never, got {self.isolate!r}")
+        if self.isolate not in ISOLATION:
+            raise KerastlError(f"isolate must be one of {list(ISOLATION)}, got {self.isolate!r}")
         for name in ("max_trials", "max_failures"):
             if getattr(self, name) < 1:
                 raise KerastlError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -32,6 +32,9 @@ def list_gpus() -> list[str]:
     return [gpu.name for gpu in tf.config.list_physical_devices("GPU")]
 
 
+THREADS_VARIABLE = "KERASTL_THREADS"  # set by `worker_environments` for workers sharing a CPU
+
+
 def setup_devices(mixed_precision: bool | None = None, threads: int | None = None) -> DeviceSetup:
     """Prepares this process: GPU memory growth, mixed precision, CPU threads.
 
@@ -41,11 +44,13 @@ def setup_devices(mixed_precision: bool | None = None, threads: int | None = Non
     Args:
         mixed_precision: float16 compute on GPUs; None means "when a GPU is visible".
             On a CPU it is never turned on (it is slower there).
-        threads: TensorFlow intra-op threads (several workers sharing a CPU).
+        threads: TensorFlow intra-op threads; default: $KERASTL_THREADS, the share
+            `worker_environments` gave this worker of a CPU, if set.
     """
     import keras
     import tensorflow as tf
 
+    threads = threads or int(os.environ.get(THREADS_VARIABLE) or 0) or None
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         try:
@@ -79,7 +84,7 @@ def worker_environments(workers: int, gpus: int, cpu_count: int | None = None) -
         if gpus:
             envs.append({"CUDA_VISIBLE_DEVICES": str(index % gpus)})
         else:
-            envs.append({"CUDA_VISIBLE_DEVICES": "", "KERASTL_THREADS": str(max(1, cpu_count // workers))})
+            envs.append({"CUDA_VISIBLE_DEVICES": "", THREADS_VARIABLE: str(max(1, cpu_count // workers))})
     return envs
 
 

@@ -8,6 +8,7 @@ the head trains on them; its weights then go back into the full model.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -19,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import keras
 import numpy as np
@@ -190,6 +191,27 @@ class CachedFeatures:
         return int(self.features.nbytes + self.labels.nbytes)
 
 
+@contextlib.contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """A fresh folder beside `target` to write into, renamed to `target` in one step at the end.
+
+    Readers never see a half-written folder. If `target` appeared meanwhile (another
+    process wrote the same entry first), theirs is kept and this one removed; so is
+    this one if writing it failed.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        os.replace(staging, target)
+    except OSError:  # another process (a search worker) stored the same entry first: keep theirs
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 class FeatureCache:
     """Pooled backbone features on disk under `directory/<key>/`, checked on every load.
 
@@ -242,21 +264,16 @@ class FeatureCache:
         Damaged entries are removed by `load` before anything is rebuilt, so the
         only entry found here is an equal one another process has just written.
         """
-        self.directory.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.directory))
-        np.save(staging / "features.npy", np.ascontiguousarray(entry.features))
-        np.save(staging / "labels.npy", entry.labels)
-        meta = {
-            "shape": list(entry.features.shape),
-            "bytes": entry.nbytes(),
-            "features": _file_digest(staging / "features.npy"),
-            "labels": _file_digest(staging / "labels.npy"),
-        }
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.replace(staging, self.path(key))
-        except OSError:  # another process (a search worker) stored the same entry first: keep theirs
-            shutil.rmtree(staging, ignore_errors=True)
+        with staged_folder(self.path(key)) as staging:
+            np.save(staging / "features.npy", np.ascontiguousarray(entry.features))
+            np.save(staging / "labels.npy", entry.labels)
+            meta = {
+                "shape": list(entry.features.shape),
+                "bytes": entry.nbytes(),
+                "features": _file_digest(staging / "features.npy"),
+                "labels": _file_digest(staging / "labels.npy"),
+            }
+            (staging / "meta.json").write_text(json.dumps(meta, indent=2))
 
     def features(
         self,

@@ -100,9 +100,14 @@ def head_layers(config: ModelConfig, num_classes: int, seed: int | None = None) 
 
 def build_head(config: ModelConfig, num_classes: int, feature_dim: int, seed: int | None = None) -> keras.Model:
     """The head alone, on pooled backbone features (what phase 1 trains on cached features)."""
+    return head_on_features(head_layers(config, num_classes, seed), feature_dim)
+
+
+def head_on_features(head: list[layers.Layer], feature_dim: int) -> keras.Model:
+    """A model applying the head layers, in order, to `feature_dim` pooled features."""
     inputs = keras.Input(shape=(feature_dim,), name="features")
     x = inputs
-    for layer in head_layers(config, num_classes, seed):
+    for layer in head:
         x = layer(x)
     return keras.Model(inputs, x, name="head")
 

@@ -63,7 +63,8 @@ def resolve_config(config: RunConfig) -> RunConfig:
     return config
 
 
-def _check_export_dir(path: Path, overwrite: bool) -> None:
+def check_export_dir(path: Path, overwrite: bool) -> None:
+    """Refuses a file, or a non-empty folder unless `overwrite`, before anything is trained."""
     if path.exists() and not path.is_dir():
         raise KerastlError(f"export path {path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
@@ -85,7 +86,7 @@ def run_training(
     """
     config = resolve_config(config)
     export_dir = Path(config.export_dir)
-    _check_export_dir(export_dir, overwrite)
+    check_export_dir(export_dir, overwrite)
     keras.utils.set_random_seed(config.data.seed)
     size = config.model.image_size
     if data is None:

@@ -107,8 +107,7 @@ def search_here(base: RunConfig, tune: TuneConfig, data: ImageData | None, verbo
     from kerastl.devices import setup_devices
     from kerastl.tuning import TrialContext
 
-    threads = int(os.environ.get("KERASTL_THREADS", "0")) or None
-    setup = setup_devices(tune.mixed_precision, threads)
+    setup = setup_devices(tune.mixed_precision)
     context = TrialContext(tune.project_dir, data, setup.device, verbose)
     num_classes = len(data.class_names) if data is not None else None
     tuner = make_tuner(base, tune, context, num_classes)
@@ -191,7 +190,7 @@ def launch(tune: TuneConfig, workers: int, gpus: int, verbose: bool = True) -> N
 
 def trial_table(tuner) -> list[dict]:
     """Every trial: id, status, objective and all metrics, values, seconds; best first, failed last."""
-    from kerastl.tuning import _shown
+    from kerastl.tuning import shown_values
 
     objective = tuner.oracle.objective
     rows = []
@@ -204,7 +203,7 @@ def trial_table(tuner) -> list[dict]:
         info = json.loads(result.read_text())["info"] if result.exists() else {}
         row.update(seconds=info.get("seconds"), reused_head=info.get("reused_head"), memory_mb=info.get("memory_mb"),
                    gpu_peak_mb=info.get("gpu_peak_mb"))
-        row["values"] = _shown(trial.hyperparameters.values)
+        row["values"] = shown_values(trial.hyperparameters.values)
         if trial.message:
             row["error"] = [line for line in trial.message.splitlines() if line.strip()][-1]
         rows.append(row)
@@ -255,7 +254,8 @@ def write_tables(rows: list[dict], folder: Path) -> None:
 
 def restore_trial_model(trial_dir: Path, data: ImageData | None = None) -> keras.Model:
     """A trial's trained classifier, rebuilt from its `result.json` and weights."""
-    from kerastl.model import build_head
+    from kerastl.features import weights_digest
+    from kerastl.model import build_head, get_backbone
     from kerastl.train import graft_head
     from kerastl.tuning import HEAD_WEIGHTS, MODEL_WEIGHTS, seeded_classifier
 
@@ -269,9 +269,6 @@ def restore_trial_model(trial_dir: Path, data: ImageData | None = None) -> keras
     head = build_head(config.model, classes, model.get_layer("pool").output.shape[-1])
     head.load_weights(trial_dir / HEAD_WEIGHTS)
     graft_head(head, model)
-    from kerastl.features import weights_digest
-    from kerastl.model import get_backbone
-
     if weights_digest(get_backbone(model)) != result["info"]["backbone_digest"]:
         raise KerastlError(f"the backbone rebuilt for {trial_dir.name} differs from the one its head was trained on")
     return model
@@ -299,12 +296,12 @@ def run_search(
     from kerastl.data import load_data
     from kerastl.devices import list_gpus
     from kerastl.export import export_saved_model
-    from kerastl.run import _check_export_dir, resolve_config
+    from kerastl.run import check_export_dir, resolve_config
     from kerastl.report import predict_split, score
 
     base, tune = prepare(config, tune)
     export_dir = Path(base.export_dir)
-    _check_export_dir(export_dir, overwrite)
+    check_export_dir(export_dir, overwrite)
     project = Path(tune.project_dir)
     _claim_project(project, base, tune, restart)
     workers, gpus = tune.workers, len(list_gpus())
@@ -332,7 +329,9 @@ def run_search(
     best_config = resolve_config(RunConfig.from_dict(json.loads((best_dir / "result.json").read_text())["config"]))
     best_config.name, best_config.export_dir = base.name, str(export_dir)
     model = restore_trial_model(best_dir)
-    if data is None:
+    if data is None and tuner.context is not None:  # an in-process search has loaded it already
+        data = tuner.context.data(best_config)
+    elif data is None:
         data = load_data(best_config.data, best_config.model.image_size)
     metrics = {k: done[0][k] for k in ("val_accuracy", "val_loss", "val_macro_f1", "val_auc")}
     if data.test is not None:

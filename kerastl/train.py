@@ -20,7 +20,7 @@ import tensorflow as tf
 from kerastl.config import TrainConfig
 from kerastl.errors import KerastlError
 from kerastl.features import CachedFeatures
-from kerastl.model import HEAD_LAYERS, freeze_base, get_backbone, unfreeze
+from kerastl.model import HEAD_LAYERS, freeze_base, get_backbone, head_on_features, unfreeze
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +116,9 @@ def head_model(model: keras.Model) -> keras.Model:
     training it on cached features follows the same path as training the full model.
     """
     names = {layer.name for layer in model.layers}
-    inputs = keras.Input(shape=(model.get_layer("pool").output.shape[-1],), name="features")
-    x = inputs
-    for name in HEAD_LAYERS:
-        if name in names:
-            source = model.get_layer(name)
-            x = type(source).from_config(source.get_config())(x)
-    head = keras.Model(inputs, x, name="head")
+    copies = [type(layer).from_config(layer.get_config())
+              for layer in (model.get_layer(name) for name in HEAD_LAYERS if name in names)]
+    head = head_on_features(copies, model.get_layer("pool").output.shape[-1])
     graft_head(model, head)
     return head
 

@@ -20,10 +20,8 @@ import json
 import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ import tensorflow as tf
 from kerastl.config import OBJECTIVES, RunConfig, TuneConfig
 from kerastl.data import ImageData, load_data
 from kerastl.errors import KerastlError
-from kerastl.features import CachedFeatures, FeatureCache, model_fingerprint
+from kerastl.features import CachedFeatures, FeatureCache, model_fingerprint, staged_folder
 from kerastl.model import build_classifier, build_head
 from kerastl.report import predict_split, score
 from kerastl.space import apply_values, declare
@@ -100,14 +98,9 @@ class HeadStore:
 
     def save(self, key: str, head: keras.Model, meta: dict) -> None:
         """Stores a head atomically; if another worker stored the same key first, keeps theirs."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.directory))
-        head.save_weights(staging / HEAD_WEIGHTS)
-        (staging / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.replace(staging, self.directory / key)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
+        with staged_folder(self.directory / key) as staging:
+            head.save_weights(staging / HEAD_WEIGHTS)
+            (staging / "meta.json").write_text(json.dumps(meta))
 
 
 class TrialContext:
@@ -201,7 +194,7 @@ def run_trial_config(config: RunConfig, context: TrialContext, trial_dir: Path, 
     data = context.data(config)
     classes = len(data.class_names)
     scratch = m.trains_from_scratch
-    fine_tunes = not scratch and tc.fine_tune_epochs > 0 and (tc.unfreeze_blocks > 0 or bool(tc.unfreeze_from))
+    fine_tunes = not scratch and tc.wants_fine_tuning
     cached = tc.feature_cache and not scratch
     trial_dir.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {"fine_tuned": fine_tunes, "cached_features": cached, "reused_head": False}
@@ -263,8 +256,7 @@ def needs_process(config: RunConfig, isolate: str) -> bool:
     if isolate != "auto":
         return isolate == "always"
     tc = config.train
-    head_only = tc.fine_tune_epochs == 0 or (tc.unfreeze_blocks == 0 and not tc.unfreeze_from)
-    return not (tc.feature_cache and not config.model.trains_from_scratch and head_only)
+    return not (tc.feature_cache and not config.model.trains_from_scratch and not tc.wants_fine_tuning)
 
 
 def run_in_process(config: RunConfig, trial_dir: Path, project_dir: Path, budget: int | None,
@@ -353,7 +345,7 @@ class TransferTuner(keras_tuner.Tuner):
         budget = trial.hyperparameters.values.get("tuner/epochs")
         trial_dir = Path(self.get_trial_dir(trial.trial_id))
         isolated = needs_process(config, self.tune.isolate) and self.context.can_isolate
-        log.info("trial %s: %s%s", trial.trial_id, json.dumps(_shown(trial.hyperparameters.values)),
+        log.info("trial %s: %s%s", trial.trial_id, json.dumps(shown_values(trial.hyperparameters.values)),
                  " (own process)" if isolated else "")
         try:
             if isolated:
@@ -372,7 +364,8 @@ class TransferTuner(keras_tuner.Tuner):
         return restore_trial_model(Path(self.get_trial_dir(trial.trial_id)))
 
 
-def _shown(values: dict) -> dict:
+def shown_values(values: dict) -> dict:
+    """A trial's values as tables and logs show them: 4 significant digits, no `tuner/` bookkeeping."""
     return {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in values.items()
             if not k.startswith("tuner/")}
 

@@ -22,8 +22,7 @@ def _trial(trial_dir: Path) -> None:
     from kerastl.tuning import REQUEST_FILE, TrialContext
 
     request = json.loads((trial_dir / REQUEST_FILE).read_text())
-    threads = int(os.environ.get("KERASTL_THREADS", "0")) or None
-    setup = setup_devices(request["mixed_precision"], threads)
+    setup = setup_devices(request["mixed_precision"])
     context = TrialContext(request["project_dir"], device=setup.device, verbose=2)
     context.run(RunConfig.from_dict(request["config"]), trial_dir, request["budget"])
 

@@ -39,14 +39,6 @@ from kerastl.search import prepare, run_search, search_here  # noqa: E402
 from kerastl.train import recalibrate_batchnorm  # noqa: E402
 from kerastl.tuning import TransferHyperModel, make_objective  # noqa: E402
 
-SPACE = {
-    "dropout": {"min": 0.0, "max": 0.5, "step": 0.1},
-    "hidden_units": [0, 128, 512],
-    "learning_rate": {"min": 1e-4, "max": 1e-2, "log": True},
-    "label_smoothing": [0.0, 0.1],
-    "weight_decay": [0.0, 1e-4, 1e-3],
-}
-
 
 def calibrated_weights(backbone: str, size: int, data, folder: Path) -> str:
     """A random backbone with BatchNorm statistics calibrated on the data, saved to a file."""
@@ -103,7 +95,8 @@ def main() -> None:
                                                 from_scratch=False),
                        TrainConfig(epochs=args.epochs, fine_tune_epochs=0, cache_dir=str(root / "cache")),
                        export_dir=str(root / "export"))
-    tune = TuneConfig(max_trials=args.trials, project_dir=str(root / "cached"), space=SPACE)
+    # kerastl's default space; with no fine-tuning epochs its fine-tuning settings drop out, leaving the head's
+    tune = TuneConfig(max_trials=args.trials, project_dir=str(root / "cached"))
     base, tune = prepare(config, tune)
     rows = []
     print(f"{args.trials}-trial head search, {args.backbone} at {args.size}x{args.size}, digits "

@@ -57,3 +57,18 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(file_utils, "urlretrieve", refuse)
     monkeypatch.setattr(config, "_KERAS_DIR", str(tmp_path / "keras_home"))
     return tmp_path / "keras_home"
+
+
+@pytest.fixture
+def fails_cleanly(capsys):
+    """`check(argv, match)`: the CLI exits 2 with one `kerastl: error:` line containing `match`, no traceback."""
+    from kerastl.cli import main
+
+    def check(argv, match):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2
+        assert err.startswith("kerastl: error: ") and err.count("\n") == 1, err
+        assert "Traceback" not in err and match in err, err
+
+    return check

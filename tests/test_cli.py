@@ -45,15 +45,7 @@ def test_train_then_predict(image_folder, tmp_path, capsys):
     assert rows[0]["top"][0]["probability"] == max(rows[0]["probabilities"].values())
 
 
-def _fails_cleanly(argv, capsys, match):
-    code = main(argv)
-    captured = capsys.readouterr()
-    assert code == 2
-    assert captured.err.startswith("kerastl: error: ") and captured.err.count("\n") == 1, captured.err
-    assert "Traceback" not in captured.err and match in captured.err, captured.err
-
-
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, image_folder, capsys):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, image_folder, fails_cleanly):
     export = tmp_path / "never"
     train = ["train", "--export", str(export)]
     empty = tmp_path / "empty_class"
@@ -84,11 +76,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, image_folder,
         (["backbones", "alexnet*"], "no backbone matches"),
     ]
     for argv, match in cases:
-        _fails_cleanly(argv, capsys, match)
+        fails_cleanly(argv, match)
     assert not export.exists()
 
 
-def test_predict_reports_missing_images(tmp_path, capsys):
+def test_predict_reports_missing_images(tmp_path, capsys, fails_cleanly):
     from kerastl.config import ModelConfig
     from kerastl.export import export_saved_model
     from kerastl.model import build_classifier
@@ -96,9 +88,9 @@ def test_predict_reports_missing_images(tmp_path, capsys):
     model = build_classifier(ModelConfig("simple_cnn", weights=None, image_size=16), 2)
     export_saved_model(model, tmp_path / "m", ["a", "b"])
     capsys.readouterr()  # drop the setup's own log lines
-    _fails_cleanly(["predict", "--model", str(tmp_path / "m"), str(tmp_path / "nope.jpg")], capsys, "does not exist")
+    fails_cleanly(["predict", "--model", str(tmp_path / "m"), str(tmp_path / "nope.jpg")], "does not exist")
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
-    _fails_cleanly(["predict", "--model", str(tmp_path / "m"), str(tmp_path / "bad.jpg")], capsys, "cannot decode")
+    fails_cleanly(["predict", "--model", str(tmp_path / "m"), str(tmp_path / "bad.jpg")], "cannot decode")
 
 
 def test_help_documents_every_flag(capsys):

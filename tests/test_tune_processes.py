@@ -10,18 +10,10 @@ import time
 
 import pytest
 
-from kerastl.cli import main
 
 SEARCH = ["tune", "--data", "digits", "--backbone", "simple_cnn", "--weights", "none", "--no-binary",
           "--image-size", "16", "--augment", "none", "--batch-size", "64", "--fine-tune-epochs", "0", "-q",
           "--search", "dropout=0.0,0.2", "--search", "hidden_units=0,32", "--search", "learning_rate=0.003,0.01"]
-
-
-def _fails_cleanly(argv, capsys, match):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith("kerastl: error: ") and err.count("\n") == 1, err
-    assert match in err, err
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -33,9 +25,9 @@ def _fails_cleanly(argv, capsys, match):
     (["--max-trials", "0"], "below the minimum"),
     (["--space", "missing.json"], "space file missing.json does not exist"),
 ])
-def test_bad_tune_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, extra, match):
+def test_bad_tune_input_is_one_line_exit_2_and_writes_nothing(tmp_path, fails_cleanly, extra, match):
     project = tmp_path / "project"
-    _fails_cleanly([*SEARCH, "--project-dir", str(project), "--export", str(tmp_path / "e"), *extra], capsys, match)
+    fails_cleanly([*SEARCH, "--project-dir", str(project), "--export", str(tmp_path / "e"), *extra], match)
     assert not project.exists() and not (tmp_path / "e").exists()
 
 
