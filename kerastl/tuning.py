@@ -126,9 +126,14 @@ class TrialContext:
         return self._given is None
 
     def data(self, config: RunConfig) -> ImageData:
-        if self._given is not None:
-            return self._given
+        """The data at the (resolved) config's image size: loaded once per size, or the data handed in."""
         size = config.model.image_size
+        if self._given is not None:
+            if self._given.train.image_size != size:
+                raise KerastlError(f"the in-memory data is {self._given.train.image_size}x"
+                                   f"{self._given.train.image_size} but this trial wants {size}x{size}: search "
+                                   "image sizes (or backbones of other sizes) from a data source, not arrays")
+            return self._given
         if size not in self._data:
             self._data[size] = load_data(config.data, size)
             if self._data[size].validation is None:

@@ -257,3 +257,14 @@ def test_tied_trials_rank_by_validation_loss_and_failed_trials_last():
     assert [r["trial"] for r in rank(rows, "val_accuracy", "max")] == ["2", "1", "3", "0"]
     rows = [row("0", 0.5, 0.6, 0.5), row("1", 0.5, 0.7, 0.5), row("2", 0.4, 0.5, 0.4), row("3", None, None, None)]
     assert [r["trial"] for r in rank(rows, "val_loss", "min")] == ["2", "1", "0", "3"]
+
+
+def test_in_memory_data_of_another_size_is_refused_not_fed_to_the_model(tmp_path):
+    from kerastl.data import load_data
+
+    config = base_config(tmp_path)
+    context = TrialContext(tmp_path / "p", data=load_data(config.data, 16))
+    assert context.data(config).train.image_size == 16
+    config.model.image_size = 24
+    with pytest.raises(KerastlError, match="in-memory data is 16x16 but this trial wants 24x24"):
+        context.data(config)
