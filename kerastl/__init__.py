@@ -4,52 +4,62 @@ Build a classifier on any `keras.applications` backbone, train the head on the
 frozen base, fine-tune the top blocks, export a SavedModel that takes raw pixels
 or encoded images and returns class probabilities. Search both phases' settings
 with KerasTuner (`run_search`, `TransferHyperModel`).
+
+The names below are imported when first used (PEP 562), so `import kerastl`
+does not import TensorFlow.
 """
 
-from kerastl.augment import build_augmenter
-from kerastl.backbones import build_backbone, get_spec, list_backbones
-from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig, TuneConfig
-from kerastl.data import ImageData, from_arrays, from_folder, load_cifar10, load_data, load_digits
-from kerastl.errors import KerastlError
-from kerastl.features import FeatureCache, extract_features, feature_extractor
-from kerastl.export import export_saved_model, load_export, load_model
-from kerastl.model import build_classifier, freeze_base, get_backbone, unfreeze
-from kerastl.run import run_training
-from kerastl.search import run_search
-from kerastl.train import recalibrate_batchnorm, train_classifier
-from kerastl.tuning import TransferHyperModel, TransferTuner
+from __future__ import annotations
 
-__all__ = [
-    "DataConfig",
-    "FeatureCache",
-    "ImageData",
-    "KerastlError",
-    "ModelConfig",
-    "RunConfig",
-    "TrainConfig",
-    "TransferHyperModel",
-    "TransferTuner",
-    "TuneConfig",
-    "build_augmenter",
-    "build_backbone",
-    "build_classifier",
-    "export_saved_model",
-    "extract_features",
-    "feature_extractor",
-    "freeze_base",
-    "from_arrays",
-    "from_folder",
-    "get_backbone",
-    "get_spec",
-    "list_backbones",
-    "load_cifar10",
-    "load_data",
-    "load_digits",
-    "load_export",
-    "load_model",
-    "recalibrate_batchnorm",
-    "run_search",
-    "run_training",
-    "train_classifier",
-    "unfreeze",
-]
+import importlib
+
+from kerastl.version import __version__
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "DataConfig": "kerastl.config",
+    "ModelConfig": "kerastl.config",
+    "RunConfig": "kerastl.config",
+    "TrainConfig": "kerastl.config",
+    "KerastlError": "kerastl.errors",
+    "build_backbone": "kerastl.backbones",
+    "get_spec": "kerastl.backbones",
+    "list_backbones": "kerastl.backbones",
+    "build_augmenter": "kerastl.augment",
+    "ImageData": "kerastl.data",
+    "from_arrays": "kerastl.data",
+    "from_folder": "kerastl.data",
+    "load_cifar10": "kerastl.data",
+    "load_data": "kerastl.data",
+    "load_digits": "kerastl.data",
+    "TransferClassifier": "kerastl.classifier",
+    "build_classifier": "kerastl.classifier",
+    "compile_classifier": "kerastl.compile",
+    "FeatureCache": "kerastl.features",
+    "extract_features": "kerastl.features",
+    "recalibrate_batchnorm": "kerastl.train",
+    "train_classifier": "kerastl.train",
+    "RunResult": "kerastl.run",
+    "run_training": "kerastl.run",
+    "export_saved_model": "kerastl.export",
+    "load_export": "kerastl.export",
+    "load_model": "kerastl.runfolder",
+    "TuneConfig": "kerastl.tune.config",
+    "TransferHyperModel": "kerastl.tune.hypermodel",
+    "TransferTuner": "kerastl.tune.tuner",
+    "run_search": "kerastl.tune.search",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kerastl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

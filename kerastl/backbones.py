@@ -7,6 +7,7 @@ fine-tuning unfreezes by. Everything else in kerastl reads from here.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import re
@@ -142,8 +143,6 @@ _BY_KEY = {_key(name): spec for name, spec in REGISTRY.items()}
 
 def list_backbones(pattern: str = "*") -> list[str]:
     """Registry names matching a shell-style pattern, e.g. "efficientnet*"."""
-    import fnmatch
-
     return [name for name in REGISTRY if fnmatch.fnmatch(name, pattern)]
 
 
@@ -181,13 +180,8 @@ def check_weights(spec: BackboneSpec, weights: str | None) -> None:
 
 
 def keras_home() -> str:
-    """The folder Keras downloads into (KERAS_HOME, else ~/.keras)."""
-    try:
-        from keras.src.backend.config import keras_home as home
-
-        return os.path.expanduser(home())
-    except ImportError:  # private in Keras; fall back to its documented rule
-        return os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras"))
+    """The folder Keras downloads into: $KERAS_HOME, else ~/.keras (Keras's documented rule)."""
+    return os.path.expanduser(os.environ.get("KERAS_HOME", os.path.join("~", ".keras")))
 
 
 def _imagenet_download_error(spec: BackboneSpec, error: Exception) -> KerastlError:

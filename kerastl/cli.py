@@ -14,8 +14,14 @@ import os
 import sys
 from typing import Sequence
 
-from kerastl.config import ISOLATION, OBJECTIVES, TUNERS
-from kerastl.space import SPACE_FIELDS
+import numpy as np
+
+from kerastl.config import DataConfig, ModelConfig, RunConfig
+from kerastl.errors import KerastlError
+from kerastl.tune.config import ISOLATION, OBJECTIVES, SPACE_FIELDS, TUNERS, TuneConfig
+
+# The modules that import TensorFlow are imported inside the commands that need them,
+# so that `--help` and bad flags answer before TensorFlow loads.
 
 # flag dest -> (config section, field); a flag left out keeps the config file's value
 TRAIN_FLAGS = {
@@ -191,8 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_config(args: argparse.Namespace):
-    from kerastl.config import RunConfig
-
     config = RunConfig.from_json(args.config) if args.config else RunConfig()
     for dest, (section, field) in TRAIN_FLAGS.items():
         value = getattr(args, dest)
@@ -213,9 +217,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from kerastl.config import TuneConfig
-    from kerastl.search import format_table, run_search
-    from kerastl.space import DEFAULT_SPACE, load_space, parse_setting
+    from kerastl.tune.search import run_search
+    from kerastl.tune.space import DEFAULT_SPACE, load_space, parse_setting
+    from kerastl.tune.tables import format_table
 
     space = load_space(args.space) if args.space else dict(DEFAULT_SPACE)
     space.update(parse_setting(text) for text in args.search)
@@ -249,11 +253,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from kerastl.config import DataConfig, ModelConfig, RunConfig
     from kerastl.data import load_data
-    from kerastl.errors import KerastlError
     from kerastl.features import extract_features
     from kerastl.run import resolve_config
 
@@ -272,7 +272,6 @@ def _extract(args: argparse.Namespace) -> int:
 
 def _backbones(args: argparse.Namespace) -> int:
     from kerastl.backbones import REGISTRY, list_backbones
-    from kerastl.errors import KerastlError
 
     names = list_backbones(args.pattern)
     if not names:
@@ -321,7 +320,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False  # TensorFlow's absl gives the root logger a handler of its own
-    from kerastl.errors import KerastlError
 
     try:
         return COMMANDS[args.command](args)

@@ -25,7 +25,7 @@ def read_json(path: str | Path, what: str) -> Any:
         raise KerastlError(f"{what} {path} is not valid JSON: {error}") from None
 
 
-class _JsonMixin:
+class JsonConfig:
     """`to_dict`/`from_dict` for flat dataclasses; unknown keys are an error, not ignored."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -41,7 +41,7 @@ class _JsonMixin:
 
 
 @dataclass
-class DataConfig(_JsonMixin):
+class DataConfig(JsonConfig):
     """Where images come from and how they are batched.
 
     Attributes:
@@ -77,7 +77,7 @@ class DataConfig(_JsonMixin):
 
 
 @dataclass
-class ModelConfig(_JsonMixin):
+class ModelConfig(JsonConfig):
     """The classifier: backbone plus head.
 
     Attributes:
@@ -112,7 +112,7 @@ class ModelConfig(_JsonMixin):
 
 
 @dataclass
-class TrainConfig(_JsonMixin):
+class TrainConfig(JsonConfig):
     """Two-phase training: frozen base, then fine-tuning the top blocks.
 
     Attributes:
@@ -170,9 +170,16 @@ class TrainConfig(_JsonMixin):
         return self.fine_tune_epochs > 0 and (self.unfreeze_blocks > 0 or bool(self.unfreeze_from))
 
 
+# keys that kerastl 0.1 wrote into a search export's config.json; 0.2 keeps them in search.json
+LEGACY_KEYS = ("tune", "best_trial")
+
+
 @dataclass
-class RunConfig(_JsonMixin):
+class RunConfig(JsonConfig):
     """Everything one training run needs; written as `config.json` beside its outputs.
+
+    A search's own settings live in `kerastl.tune.config.TuneConfig`, saved as
+    `search.json` beside a search's export.
 
     Attributes:
         name: the run's name; the default export folder is `saved_models/<name>`.
@@ -187,7 +194,7 @@ class RunConfig(_JsonMixin):
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        values = dict(values)
+        values = {key: value for key, value in values.items() if key not in LEGACY_KEYS}
         parts = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
         nested = {key: kind.from_dict(values.pop(key, {})) for key, kind in parts.items()}
         known = {"name", "export_dir"}
@@ -207,56 +214,3 @@ class RunConfig(_JsonMixin):
     @classmethod
     def from_json(cls, path: str | Path) -> RunConfig:
         return cls.from_dict(read_json(path, "config file"))
-
-
-TUNERS = ("random", "bayesian", "hyperband")
-ISOLATION = ("auto", "always", "never")
-OBJECTIVES = {"val_accuracy": "max", "val_loss": "min", "val_macro_f1": "max", "val_auc": "max"}
-
-
-@dataclass
-class TuneConfig(_JsonMixin):
-    """A KerasTuner search over a run config (see `kerastl.space` for `space`).
-
-    Attributes:
-        tuner: "random", "bayesian" or "hyperband".
-        objective: one of `OBJECTIVES` (its direction is known), scored on the
-            validation split with the trial's best weights restored.
-        max_trials: trials to run (for hyperband, set by `epochs` and its factor instead).
-        project_dir: the search's folder: KerasTuner state, one folder per trial,
-            saved phase-1 heads, results. Running again on it resumes.
-        space: setting -> list, range or fixed value; None is `DEFAULT_SPACE`.
-        workers: 1 runs trials one at a time in this process; N > 1 starts a chief
-            and N worker processes (one per GPU when there are GPUs); 0 means one
-            worker per GPU, or 1 without GPUs.
-        isolate: run each trial in its own process: "auto" (trials that run the
-            backbone: fine-tuning, no cache, from scratch), "always" or "never".
-        mixed_precision: float16 compute on GPUs; None means "when there is a GPU".
-        max_failures: stop the search after this many failed trials in a row.
-    """
-
-    tuner: str = "random"
-    objective: str = "val_accuracy"
-    max_trials: int = 10
-    project_dir: str = "tuning"
-    space: dict[str, Any] | None = None
-    workers: int = 1
-    isolate: str = "auto"
-    mixed_precision: bool | None = None
-    max_failures: int = 3
-    hyperband_factor: int = 3
-
-    def validate(self) -> None:
-        if self.tuner not in TUNERS:
-            raise KerastlError(f"tuner must be one of {list(TUNERS)}, got {self.tuner!r}")
-        if self.objective not in OBJECTIVES:
-            raise KerastlError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
-        if self.isolate not in ISOLATION:
-            raise KerastlError(f"isolate must be one of {list(ISOLATION)}, got {self.isolate!r}")
-        for name in ("max_trials", "max_failures"):
-            if getattr(self, name) < 1:
-                raise KerastlError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.workers < 0:
-            raise KerastlError(f"workers must be 0 or more, got {self.workers}")
-        if self.hyperband_factor < 2:
-            raise KerastlError(f"hyperband_factor must be at least 2, got {self.hyperband_factor}")

@@ -16,10 +16,12 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import keras
 import numpy as np
 import tensorflow as tf
+from sklearn.datasets import load_digits as sklearn_digits
 
 from kerastl.config import DataConfig
 from kerastl.errors import KerastlError
@@ -28,6 +30,18 @@ log = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+
+
+class HasImageSize(Protocol):
+    """Anything that knows the square image size it takes, such as a `TransferClassifier`."""
+
+    image_size: int
+
+
+def image_size_of(image_size: int | HasImageSize) -> int:
+    """The size to load images at: an int, or the size a classifier asks for (timm's
+    `resolve_data_config(model=model)`), so a user never types it twice."""
+    return int(image_size if isinstance(image_size, (int, np.integer)) else image_size.image_size)
 
 
 @dataclass
@@ -166,7 +180,7 @@ def _file_split(paths: list[str], labels: list[int], image_size: int) -> Split:
 
 def from_folder(
     root: str | os.PathLike,
-    image_size: int,
+    image_size: int | HasImageSize,
     validation_split: float = 0.2,
     test_split: float = 0.0,
     seed: int = 42,
@@ -177,8 +191,10 @@ def from_folder(
 
     Unsupported files are skipped with one warning; files that fail to decode are
     dropped with a warning instead of aborting training. Without `validation_dir`
-    or `test_dir`, those splits are cut from each class of `root`.
+    or `test_dir`, those splits are cut from each class of `root`. `image_size` may
+    be the classifier the images are for.
     """
+    image_size = image_size_of(image_size)
     classes, paths, labels = _list_class_folder(Path(root))
     label_array = np.asarray(labels)
     train, val, test = stratified_split(
@@ -207,7 +223,7 @@ def _array_split(x: np.ndarray, y: np.ndarray, image_size: int) -> Split:
 def from_arrays(
     x: np.ndarray,
     y: np.ndarray,
-    image_size: int,
+    image_size: int | HasImageSize,
     class_names: list[str] | None = None,
     validation_split: float = 0.2,
     test_split: float = 0.0,
@@ -218,7 +234,9 @@ def from_arrays(
     """Builds `ImageData` from images [n, h, w, 1 or 3] (0-255) and integer labels.
 
     Explicit `validation`/`test` arrays take precedence over the split fractions.
+    `image_size` may be the classifier the images are for.
     """
+    image_size = image_size_of(image_size)
     x, y = np.asarray(x), np.asarray(y).reshape(-1).astype(np.int32)
     if x.ndim == 3:
         x = x[..., None]
@@ -245,9 +263,7 @@ def load_digits(classes: tuple[int, ...] = tuple(range(10))) -> tuple[np.ndarray
 
     Labels are renumbered 0..len(classes)-1 in the order of `classes`.
     """
-    from sklearn.datasets import load_digits as sk_digits
-
-    digits = sk_digits()
+    digits = sklearn_digits()
     keep = np.isin(digits.target, classes)
     images = np.round(digits.images[keep] * (255.0 / 16.0)).astype(np.uint8)[..., None]
     remap = {c: i for i, c in enumerate(classes)}
@@ -297,9 +313,10 @@ def load_cifar10(path: str | None = None) -> tuple[tuple[np.ndarray, np.ndarray]
     return (x_train, y_train), read("test_batch"), names
 
 
-def load_data(config: DataConfig, image_size: int) -> ImageData:
+def load_data(config: DataConfig, image_size: int | HasImageSize) -> ImageData:
     """Dispatches on `config.source`: "digits", "cifar10", a CIFAR-10 folder or a class folder."""
     config.validate()
+    image_size = image_size_of(image_size)
     if not config.source:
         raise KerastlError("no data source given: pass a class folder, cifar10 or digits")
     split = dict(validation_split=config.validation_split, seed=config.seed)

@@ -20,7 +20,8 @@ import numpy as np
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from kerastl.data import from_arrays, load_digits
 from kerastl.export import load_export
-from kerastl.run import BACKBONE_WEIGHTS, run_training
+from kerastl.run import run_training
+from kerastl.runfolder import BACKBONE_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def run_demo(output: str | Path = "saved_models/demo", seed: int = 0) -> DemoRes
         for label, top in zip(y[shown], exported.top_k(probabilities, 1))
     ]
     return DemoResult(
-        pretrain.metrics["validation_accuracy"], transfer.metrics["test_accuracy"],
+        pretrain.metrics["val_accuracy"], transfer.metrics["test_accuracy"],
         scratch.metrics["test_accuracy"], len(train), len(test), samples, parity,
         transfer.export_dir, time.time() - start,
     )

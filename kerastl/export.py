@@ -7,7 +7,8 @@ An export is a SavedModel folder with two signatures, both returning
 - `serve_bytes`: `image_bytes`, tf.string [batch] of encoded JPEG/PNG/GIF/BMP.
 
 Resizing and the backbone's preprocessing live inside, so serving sends raw pixels.
-Loading needs TensorFlow only, not kerastl.
+Loading needs TensorFlow only, not kerastl. A run folder (`kerastl.runfolder`)
+holds an export plus the Keras model, config, history and metrics.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kerastl.classifier import TransferClassifier
 from kerastl.errors import KerastlError
-from kerastl.model import image_size_of  # importing kerastl.model registers its custom layer
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +33,19 @@ LABELS_FILE = "labels.txt"
 CONFIG_FILE = "config.json"
 
 
-def export_saved_model(
-    model: keras.Model,
-    directory: str | os.PathLike,
-    class_names: Sequence[str],
-    config: dict[str, Any] | None = None,
-) -> Path:
-    """Writes `model` as a SavedModel with both signatures, plus labels.txt and config.json.
+def export_saved_model(model: TransferClassifier, directory: str | os.PathLike, class_names: Sequence[str]) -> Path:
+    """Writes `model` as a SavedModel with both signatures, plus labels.txt.
 
     Args:
-        model: a kerastl classifier (softmax over classes, or one sigmoid unit).
+        model: a `TransferClassifier` (softmax over classes, or one sigmoid unit).
         directory: the export folder (created).
         class_names: names in output order.
-        config: the resolved run config, saved as config.json.
     """
     binary = model.output_shape[-1] == 1
     classes = 2 if binary else model.output_shape[-1]
     if len(class_names) != classes:
         raise KerastlError(f"{len(class_names)} class names for a model with {classes} outputs")
-    size = image_size_of(model)
+    size = model.image_size
 
     def probabilities(images):
         probs = model(images, training=False)
@@ -76,11 +71,22 @@ def export_saved_model(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     archive.write_out(str(directory), verbose=False)
-    (directory / LABELS_FILE).write_text("".join(f"{name}\n" for name in class_names))
-    if config is not None:
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    write_labels(directory, class_names)
     log.info("exported SavedModel to %s", directory)
     return directory
+
+
+def write_labels(directory: Path, class_names: Sequence[str]) -> None:
+    """`labels.txt`: one class name per line, in output order."""
+    (directory / LABELS_FILE).write_text("".join(f"{name}\n" for name in class_names))
+
+
+def read_labels(directory: Path) -> list[str]:
+    """The class names of an export or run folder's `labels.txt`."""
+    path = Path(directory) / LABELS_FILE
+    if not path.is_file():
+        raise KerastlError(f"{directory} has no {LABELS_FILE}")
+    return path.read_text().splitlines()
 
 
 @dataclass
@@ -120,23 +126,13 @@ class ExportedModel:
         return [[(self.class_names[i], float(row[i])) for i in idx] for row, idx in zip(probabilities, order)]
 
 
-def load_model(directory: str | os.PathLike) -> keras.Model:
-    """The trained Keras model of a run folder (its `model.keras`), loaded in safe mode."""
-    path = Path(directory) / "model.keras"
-    if not path.is_file():
-        raise KerastlError(f"{directory} has no model.keras (is it a kerastl run folder?)")
-    return keras.saving.load_model(path, safe_mode=True)
-
-
 def load_export(directory: str | os.PathLike) -> ExportedModel:
     """Loads an export written by `export_saved_model` (TensorFlow only, no Keras objects)."""
     directory = Path(directory)
     if not (directory / "saved_model.pb").is_file():
         raise KerastlError(f"{directory} is not a kerastl export (no saved_model.pb)")
-    labels = directory / LABELS_FILE
-    if not labels.is_file():
-        raise KerastlError(f"{directory} has no {LABELS_FILE}")
+    labels = read_labels(directory)
     config_path = directory / CONFIG_FILE
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     saved = tf.saved_model.load(str(directory))
-    return ExportedModel(directory, labels.read_text().splitlines(), config, saved)
+    return ExportedModel(directory, labels, config, saved)

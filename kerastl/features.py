@@ -3,12 +3,12 @@
 While the base is frozen, every epoch would recompute the same backbone outputs.
 Instead, the pooled features are computed once (K augmented views per image when
 augmentation is on), stored under a key that covers everything they depend on, and
-the head trains on them; its weights then go back into the full model.
+the classifier's head model trains on them: it shares the classifier's head layers,
+so the classifier is trained in place.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import io
@@ -17,21 +17,20 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from kerastl.augment import build_augmenter
-from kerastl.backbones import get_spec
+from kerastl.augment import build_augmenter, parse_augment
+from kerastl.classifier import TransferClassifier, build_classifier
 from kerastl.config import ModelConfig
 from kerastl.data import ImageData, Split
 from kerastl.errors import KerastlError
-from kerastl.model import backbone_name_of, build_classifier, get_backbone, image_size_of
+from kerastl.storage import file_digest, staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +41,20 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kerastl"
 
 
-def feature_extractor(model: keras.Model, layers: Sequence[str] | None = None) -> keras.Model:
-    """Raw images (0-255, any size) -> pooled features, through the classifier's own preprocessing.
+def layer_features_model(model: TransferClassifier, layers: Sequence[str]) -> keras.Model:
+    """Raw images -> a dict of named backbone layers' globally average-pooled outputs.
 
-    Without `layers`: the classifier's pooled backbone output (what its head sees).
-    With `layers`: a dict of each named backbone layer's globally average-pooled output.
+    The images go through the classifier's own resizing and preprocessing. For the
+    pooled features the head reads, use `model.features_model()`.
     """
-    backbone = get_backbone(model)
-    inputs = keras.Input(shape=(None, None, 3), name="images")
-    x = model.get_layer("preprocess")(model.get_layer("resize")(inputs))
-    if not layers:
-        return keras.Model(inputs, model.get_layer("pool")(backbone(x, training=False)), name="features")
+    backbone = model.backbone
     names = {layer.name for layer in backbone.layers}
     missing = [name for name in layers if name not in names]
     if missing:
         raise KerastlError(f"layers {missing} are not in backbone {backbone.name}")
+    inputs = keras.Input(shape=(None, None, 3), name="images")
     inner = keras.Model(backbone.inputs, [backbone.get_layer(name).output for name in layers])
-    outputs = inner(x, training=False)
+    outputs = inner(model.preprocess_images(inputs), training=False)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     pooled = {
         name: keras.layers.GlobalAveragePooling2D(name=f"{name}_pool")(out) if len(out.shape) == 4 else out
@@ -100,6 +96,11 @@ def extract(
     return features, np.concatenate(labels)
 
 
+def cached_views(augment: str, cache_views: int) -> int:
+    """How many augmented views of each training image the cache holds: 1 when nothing augments."""
+    return cache_views if parse_augment(augment) else 1
+
+
 def weights_digest(model: keras.Model) -> str:
     """SHA-256 of a model's weight values: identifies ImageNet, file or random weights alike."""
     digest = hashlib.sha256()
@@ -121,42 +122,35 @@ def extract_features(
     "labels" and "class_names".
     """
     model = build_classifier(config, len(data.class_names))
+    extractor = layer_features_model(model, layers) if layers else model.features_model()
     batches = data.train.batches(batch_size, cache_limit_mb=0)  # one pass: nothing to cache
     steps = math.ceil(data.train.count / batch_size)
-    features, labels = extract(feature_extractor(model, layers), batches, progress=progress, steps=steps)
+    features, labels = extract(extractor, batches, progress=progress, steps=steps)
     arrays = dict(features) if isinstance(features, dict) else {"features": features}
     arrays.update(labels=labels, class_names=np.array(data.class_names))
     return arrays
 
 
-def _file_digest(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def model_fingerprint(model: keras.Model) -> dict:
+def model_fingerprint(model: TransferClassifier) -> dict:
     """Everything about a classifier that its pooled backbone features depend on.
 
     The backbone, its weight values (ImageNet, a file or a random start alike), image
     size, preprocessing, pooling and compute precision. Hashing the weights reads them all, so compute
     this once per model state and pass it to `cache_key`.
     """
-    spec, backbone = get_spec(backbone_name_of(model)), get_backbone(model)
+    spec = model.spec
     return {
         "backbone": spec.name,
-        "weights": weights_digest(backbone),
-        "precision": backbone.dtype_policy.name,
-        "image_size": image_size_of(model),
+        "weights": weights_digest(model.backbone),
+        "precision": model.backbone.dtype_policy.name,
+        "image_size": model.image_size,
         "preprocessing": f"{spec.preprocess.__module__}.{spec.preprocess.__name__}",
-        "pooling": type(model.get_layer("pool")).__name__,
+        "pooling": type(model.pooler).__name__,
     }
 
 
 def cache_key(
-    model: keras.Model | dict, split: Split, views: int = 1, augment: str = "none", seed: int = 0
+    model: TransferClassifier | dict, split: Split, views: int = 1, augment: str = "none", seed: int = 0
 ) -> str:
     """The key of a split's cached features: any change to what they depend on changes it.
 
@@ -191,27 +185,6 @@ class CachedFeatures:
         return int(self.features.nbytes + self.labels.nbytes)
 
 
-@contextlib.contextmanager
-def staged_folder(target: Path) -> Iterator[Path]:
-    """A fresh folder beside `target` to write into, renamed to `target` in one step at the end.
-
-    Readers never see a half-written folder. If `target` appeared meanwhile (another
-    process wrote the same entry first), theirs is kept and this one removed; so is
-    this one if writing it failed.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    try:
-        os.replace(staging, target)
-    except OSError:  # another process (a search worker) stored the same entry first: keep theirs
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 class FeatureCache:
     """Pooled backbone features on disk under `directory/<key>/`, checked on every load.
 
@@ -241,7 +214,7 @@ class FeatureCache:
             for name in ("features", "labels"):
                 path = folder / f"{name}.npy"
                 if mmap and name == "features":  # checksum by streaming, then map without reading in
-                    if _file_digest(path) != meta[name]:
+                    if file_digest(path) != meta[name]:
                         raise ValueError(f"{name}.npy does not match its checksum")
                     arrays[name] = np.load(path, mmap_mode="r")
                     continue
@@ -270,14 +243,14 @@ class FeatureCache:
             meta = {
                 "shape": list(entry.features.shape),
                 "bytes": entry.nbytes(),
-                "features": _file_digest(staging / "features.npy"),
-                "labels": _file_digest(staging / "labels.npy"),
+                "features": file_digest(staging / "features.npy"),
+                "labels": file_digest(staging / "labels.npy"),
             }
             (staging / "meta.json").write_text(json.dumps(meta, indent=2))
 
     def features(
         self,
-        model: keras.Model,
+        model: TransferClassifier,
         split: Split,
         views: int = 1,
         augment: str = "none",
@@ -286,12 +259,12 @@ class FeatureCache:
         progress: bool = False,
     ) -> CachedFeatures:
         """The split's pooled features: from the cache, else extracted and stored."""
-        extractor = functools.cache(lambda: feature_extractor(model))
+        extractor = functools.cache(model.features_model)
         return self._features(model_fingerprint(model), extractor, split, views, augment, seed, batch_size, progress)
 
     def phase1(
         self,
-        model: keras.Model,
+        model: TransferClassifier,
         train: Split,
         validation: Split,
         views: int = 1,
@@ -299,12 +272,15 @@ class FeatureCache:
         seed: int = 0,
         batch_size: int = 64,
         progress: bool = False,
+        fingerprint: dict | None = None,
     ) -> tuple[CachedFeatures, CachedFeatures]:
         """Training features (K views) and validation features (one plain view) for phase 1.
 
-        The model's fingerprint is computed, and its extractor built, once for both.
+        The model's fingerprint (pass it when already known) is computed, and its
+        extractor built, once for both.
         """
-        fingerprint, extractor = model_fingerprint(model), functools.cache(lambda: feature_extractor(model))
+        fingerprint = fingerprint or model_fingerprint(model)
+        extractor = functools.cache(model.features_model)
         return (
             self._features(fingerprint, extractor, train, views, augment, seed, batch_size, progress),
             self._features(fingerprint, extractor, validation, 1, "none", seed, batch_size, False),

@@ -1,47 +1,59 @@
-"""One training run: config -> data -> classifier -> two-phase training -> files.
+"""One run: config -> data -> classifier -> two-phase training -> scores -> run folder.
 
-A run folder (default `saved_models/<name>/`) holds the SavedModel with its
-`labels.txt` and `config.json`, plus `model.keras`, `backbone.weights.h5` (the
-pretrained start for a later run), `history.json` and `metrics.json`.
+`run_training` is the one run path. `kerastl train` calls it; so does every search
+trial (a weights-only run folder, with phase-1 heads shared through a `HeadStore`)
+and the stock-KerasTuner `TransferHyperModel.fit` (on the pipelines KerasTuner
+hands it, writing nothing). The run folder is written by `kerastl.runfolder`.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 from kerastl.augment import build_augmenter, parse_augment
 from kerastl.backbones import check_weights, get_spec, normalize_weights, resolve_size
+from kerastl.classifier import TransferClassifier, seeded_classifier
+from kerastl.compile import make_loss, make_optimizer
 from kerastl.config import RunConfig
 from kerastl.data import ImageData, load_data
 from kerastl.errors import KerastlError
-from kerastl.export import export_saved_model
-from kerastl.features import FeatureCache
-from kerastl.model import build_classifier, get_backbone
-from kerastl.train import TrainResult, make_loss, make_optimizer, train_classifier
+from kerastl.features import CachedFeatures, FeatureCache, cached_views, model_fingerprint
+from kerastl.report import score, split_scores
+from kerastl.runfolder import check_export_dir, write_run_folder
+from kerastl.storage import HeadStore
+from kerastl.train import TrainResult, train_classifier
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPORT_ROOT = Path("saved_models")
-BACKBONE_WEIGHTS = "backbone.weights.h5"
+Pipelines = tuple[tf.data.Dataset, tf.data.Dataset]
 
 
 @dataclass
 class RunResult:
-    """What a run produced: the trained model, its histories, metrics and folder."""
+    """What a run produced: the trained model, its histories, metrics and folder.
 
-    model: keras.Model
+    `reused_head` says whether phase 1 came from a `HeadStore` instead of training.
+    """
+
+    model: TransferClassifier
     history: TrainResult
-    class_names: list[str]
+    class_names: list[str] | None
     metrics: dict[str, float]
-    export_dir: Path
+    export_dir: Path | None
     config: RunConfig
+    reused_head: bool = False
 
 
 def resolve_config(config: RunConfig) -> RunConfig:
@@ -63,71 +75,150 @@ def resolve_config(config: RunConfig) -> RunConfig:
     return config
 
 
-def check_export_dir(path: Path, overwrite: bool) -> None:
-    """Refuses a file, or a non-empty folder unless `overwrite`, before anything is trained."""
-    if path.exists() and not path.is_dir():
-        raise KerastlError(f"export path {path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise KerastlError(f"export folder {path} is not empty; choose another or pass overwrite")
+def phase1_key(fingerprint: dict, data: ImageData, config: RunConfig) -> str:
+    """The `HeadStore` key of a run's phase-1 head: the features and every phase-1 setting."""
+    m, t, d = config.model, config.train, config.data
+    parts = {
+        "features": fingerprint, "train": data.train.fingerprint, "validation": data.validation.fingerprint,
+        "head": [m.dropout, m.hidden_units, m.binary], "epochs": t.epochs, "batch_size": d.batch_size,
+        "optimizer": [t.optimizer, t.learning_rate, t.weight_decay, t.loss, t.label_smoothing, t.patience],
+        "views": [cached_views(d.augment, t.cache_views), d.augment, d.seed],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def run_training(
-    config: RunConfig, data: ImageData | None = None, overwrite: bool = False, verbose: int | str = "auto"
-) -> RunResult:
-    """Trains and exports one classifier as `config` says.
-
-    Args:
-        config: the run's settings; registry defaults are resolved first.
-        data: already-loaded data (skips `config.data.source`).
-        overwrite: replace a non-empty export folder.
-        verbose: Keras `fit` verbosity.
-
-    Everything is checked before anything is written, so bad input leaves no files.
-    """
-    config = resolve_config(config)
-    export_dir = Path(config.export_dir)
-    check_export_dir(export_dir, overwrite)
-    keras.utils.set_random_seed(config.data.seed)
+def _checked_data(config: RunConfig, data: ImageData | None) -> ImageData:
     size = config.model.image_size
     if data is None:
         data = load_data(config.data, size)
+    elif data.train.image_size != size:
+        raise KerastlError(f"the in-memory data is {data.train.image_size}x{data.train.image_size} but this run "
+                           f"wants {size}x{size}: load it at the backbone's size, or give a data source")
     if data.validation is None:
         raise KerastlError("no validation data: set a validation split above 0 or a validation folder")
-    model = build_classifier(config.model, len(data.class_names))
+    return data
 
+
+def run_training(
+    config: RunConfig,
+    data: ImageData | Pipelines | None = None,
+    overwrite: bool = False,
+    verbose: int | str = "auto",
+    *,
+    model: TransferClassifier | None = None,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    heads: HeadStore | None = None,
+    save: Literal["export", "weights", "none"] = "export",
+) -> RunResult:
+    """Trains one classifier as `config` says, scores it and writes its run folder.
+
+    Everything is checked before anything is written, so bad input leaves no files.
+
+    Args:
+        config: the run's settings; registry defaults are resolved first.
+        data: loaded data (skips `config.data.source`), or (train, validation)
+            batched pipelines of (images, labels), used as they are: no feature
+            cache, no test split.
+        overwrite: replace a non-empty run folder.
+        verbose: Keras `fit` verbosity.
+        model: a classifier already built for this config (KerasTuner's `build(hp)`).
+        callbacks: extra Keras callbacks for both phases.
+        heads: a store of phase-1 heads: a head trained before on the same features
+            and phase-1 settings skips phase 1, and a newly trained one is stored.
+        save: "export" (the SavedModel and everything, see `kerastl.runfolder`),
+            "weights" (a weights-only run folder) or "none".
+
+    Example:
+    ```python
+    result = kerastl.run_training(RunConfig(DataConfig("flowers"), ModelConfig("efficientnet_b0")))
+    result.metrics["val_accuracy"], result.export_dir
+    ```
+    """
+    config = resolve_config(config)
+    folder = Path(config.export_dir)
+    if save != "none":
+        check_export_dir(folder, overwrite)
+    pipelines = isinstance(data, tuple)
+    if not pipelines:
+        data = _checked_data(config, data)
+    model = model or seeded_classifier(config.model, len(data.class_names), config.data.seed)
+    if pipelines:
+        (train, validation), phase1 = data, Phase1()
+    else:
+        train, validation = _image_pipelines(config, data)
+        phase1 = _phase1(config, data, model, heads, verbose)
     dc = config.data
-    augmenter = build_augmenter(dc.augment, seed=dc.seed)
-    train = data.train.batches(dc.batch_size, True, augmenter, dc.seed, dc.cache_limit_mb)
-    validation = data.validation.batches(dc.batch_size, cache_limit_mb=dc.cache_limit_mb)
-    log.info(
-        "training %s on %d images of %d classes (%d validation)",
-        config.model.backbone, data.train.count, len(data.class_names), data.validation.count,
-    )
-    scratch, tc = config.model.trains_from_scratch, config.train
-    features = None
-    if tc.feature_cache and not scratch:
-        cache = FeatureCache(tc.cache_dir, dc.cache_limit_mb)
-        views = tc.cache_views if augmenter is not None else 1
-        features = cache.phase1(
-            model, data.train, data.validation, views, dc.augment, dc.seed, dc.batch_size, progress=verbose != 0
-        )
     history = train_classifier(
-        model, train, validation, tc, from_scratch=scratch,
-        calibration_images=data.train.sample() if scratch else None, features=features,
-        batch_size=dc.batch_size, seed=dc.seed, verbose=verbose,
+        model, train, validation, config.train, calibration_images=None if pipelines else data.train.sample(),
+        features=phase1.features, batch_size=dc.batch_size, seed=dc.seed, callbacks=callbacks, verbose=verbose,
+        phase1=phase1.start, after_phase1=lambda history: phase1.store(heads, model, history),
     )
-    metrics = {}
-    test = data.test.batches(dc.batch_size, cache_limit_mb=0) if data.test is not None else None
-    for name, batches in (("validation", validation), ("test", test)):
-        if batches is not None:
-            values = model.evaluate(batches, return_dict=True, verbose=0)
-            metrics.update({f"{name}_{key}": float(value) for key, value in values.items()})
+    if phase1.features is not None and history.phase2 is None:  # the head's own view: no backbone pass
+        metrics = _head_scores(model, phase1.features[1])
+    else:
+        metrics = split_scores(model, validation, "val_")
+    if not pipelines and data.test is not None:
+        metrics.update(split_scores(model, data.test.batches(dc.batch_size, cache_limit_mb=0), "test_"))
     log.info("metrics: %s", metrics)
+    class_names = None if pipelines else data.class_names
+    if save != "none":
+        write_run_folder(folder, model, class_names, config, history, metrics, export=save == "export")
+    return RunResult(model, history, class_names, metrics, folder if save != "none" else None, config,
+                     reused_head=phase1.start is not None)
 
-    export_saved_model(model, export_dir, data.class_names, config.to_dict())
-    model.save(export_dir / "model.keras")
-    get_backbone(model).save_weights(export_dir / BACKBONE_WEIGHTS)
-    (export_dir / "history.json").write_text(json.dumps(history.to_dict(), indent=2) + "\n")
-    (export_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return RunResult(model, history, data.class_names, metrics, export_dir, config)
 
+def _image_pipelines(config: RunConfig, data: ImageData) -> Pipelines:
+    """The augmented, shuffled training pipeline and the plain validation pipeline."""
+    dc = config.data
+    log.info("training %s on %d images of %d classes (%d validation)", config.model.backbone,
+             data.train.count, len(data.class_names), data.validation.count)
+    augmenter = build_augmenter(dc.augment, seed=dc.seed)
+    return (data.train.batches(dc.batch_size, True, augmenter, dc.seed, dc.cache_limit_mb),
+            data.validation.batches(dc.batch_size, cache_limit_mb=dc.cache_limit_mb))
+
+
+@dataclass
+class Phase1:
+    """What phase 1 starts from: cached features, and a stored head (its history) under `key`."""
+
+    features: tuple[CachedFeatures, CachedFeatures] | None = None
+    start: keras.callbacks.History | None = None
+    key: str | None = None
+
+    def store(self, heads: HeadStore | None, model: TransferClassifier, history: keras.callbacks.History) -> None:
+        """Stores a newly trained phase-1 head (called between the phases)."""
+        if heads is not None and self.key is not None and self.start is None:
+            heads.save(self.key, model.head_model(), {"phase1": TrainResult(history).to_dict()["phase1"]})
+
+
+def _phase1(config: RunConfig, data: ImageData, model: TransferClassifier, heads: HeadStore | None,
+            verbose: int | str) -> Phase1:
+    """The cached features (when the base is frozen and the cache is on) and any stored head."""
+    dc, tc = config.data, config.train
+    if not tc.feature_cache or model.from_scratch:
+        return Phase1()
+    fingerprint = model_fingerprint(model)
+    features = FeatureCache(tc.cache_dir, dc.cache_limit_mb).phase1(
+        model, data.train, data.validation, cached_views(dc.augment, tc.cache_views), dc.augment, dc.seed,
+        dc.batch_size, progress=verbose != 0, fingerprint=fingerprint)
+    if heads is None:
+        return Phase1(features)
+    key = phase1_key(fingerprint, data, config)
+    return Phase1(features, _stored_phase1(heads, key, model), key)
+
+
+def _stored_phase1(heads: HeadStore, key: str, model: TransferClassifier) -> keras.callbacks.History | None:
+    """Loads a stored phase-1 head into `model`; returns that phase's history, or None when there is none."""
+    stored = heads.load(key)
+    if stored is None:
+        return None
+    model.head_model().load_weights(stored["weights"])
+    log.info("phase 1 reuses the stored head %s", key)
+    return TrainResult.from_dict({"phase1": stored["phase1"]}).phase1
+
+
+def _head_scores(model: TransferClassifier, validation: CachedFeatures) -> dict[str, float]:
+    # one eager call on a few thousand feature rows: no predict function to trace
+    probabilities = keras.ops.convert_to_numpy(
+        model.head_model()(np.asarray(validation.features[0]), training=False))
+    return score(probabilities, validation.labels, "val_")

@@ -1,8 +1,8 @@
 """Two-phase training: head on a frozen base, then fine-tuning the top blocks.
 
 Phase 1 trains the head with the base frozen (given cached backbone features, on
-a copy of the head whose weights then go back into the model; see
-`kerastl.features`); EarlyStopping on validation loss keeps the best epoch.
+the classifier's head model, which shares its layers; see `kerastl.features`);
+EarlyStopping on validation loss keeps the best epoch.
 Phase 2 unfreezes the top blocks, recompiles with a lower learning rate and
 continues; its EarlyStopping starts from phase 1's best, so fine-tuning never
 leaves the model worse on validation than phase 1 ended.
@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from kerastl.classifier import TransferClassifier
+from kerastl.compile import compile_classifier
 from kerastl.config import TrainConfig
-from kerastl.errors import KerastlError
 from kerastl.features import CachedFeatures
-from kerastl.model import HEAD_LAYERS, freeze_base, get_backbone, head_on_features, unfreeze
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,19 @@ class TrainResult:
                 out[name] = {k: [float(v) for v in vals] for k, vals in history.history.items()}
                 out[name]["epoch"] = [int(e) for e in history.epoch]
         return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, dict[str, list[float]]]) -> TrainResult:
+        """The inverse of `to_dict` (a stored phase 1 that a later run starts from)."""
+        histories = {}
+        for name in ("phase1", "phase2"):
+            if values.get(name) is not None:
+                history = keras.callbacks.History()
+                metrics = dict(values[name])
+                history.epoch = metrics.pop("epoch")
+                history.history = metrics
+                histories[name] = history
+        return cls(histories["phase1"], histories.get("phase2"))
 
 
 class KeepBest(keras.callbacks.EarlyStopping):
@@ -73,7 +87,7 @@ def first_images(batches: tf.data.Dataset, count: int = 512) -> tf.Tensor:
     return tf.concat(gathered, axis=0)[:count]
 
 
-def recalibrate_batchnorm(model: keras.Model, images) -> int:
+def recalibrate_batchnorm(model: TransferClassifier, images) -> int:
     """Sets every backbone BatchNorm's moving statistics to those of `images`.
 
     Keras BatchNorm momentum (0.99-0.999) leaves moving statistics far from the data
@@ -83,15 +97,14 @@ def recalibrate_batchnorm(model: keras.Model, images) -> int:
     statistics become exactly those of the sample; frozen or not, every BatchNorm
     layer is updated and left as it was found. Returns the number of layers updated.
     """
-    backbone = get_backbone(model)
-    norms = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    norms = model.batchnorm_layers()
     saved = [(layer.momentum, layer.trainable) for layer in norms]
     try:
         for layer in norms:  # a frozen BatchNorm ignores training=True: unfreeze it meanwhile
             layer.momentum, layer.trainable = 0.0, True
         if norms:
             x = tf.convert_to_tensor(images, tf.float32)
-            backbone(model.get_layer("preprocess")(model.get_layer("resize")(x)), training=True)
+            model.backbone(model.preprocess_images(x), training=True)
     finally:
         for layer, (momentum, trainable) in zip(norms, saved):
             layer.momentum, layer.trainable = momentum, trainable
@@ -107,31 +120,6 @@ class BatchNormCalibration(keras.callbacks.Callback):
 
     def on_test_begin(self, logs=None):
         recalibrate_batchnorm(self.model, self.images)
-
-
-def head_model(model: keras.Model) -> keras.Model:
-    """A copy of the classifier's head (dropout, hidden, softmax) taking pooled features.
-
-    It starts from the classifier's current head weights and dropout random state, so
-    training it on cached features follows the same path as training the full model.
-    """
-    names = {layer.name for layer in model.layers}
-    copies = [type(layer).from_config(layer.get_config())
-              for layer in (model.get_layer(name) for name in HEAD_LAYERS if name in names)]
-    head = head_on_features(copies, model.get_layer("pool").output.shape[-1])
-    graft_head(model, head)
-    return head
-
-
-def graft_head(source: keras.Model, target: keras.Model) -> None:
-    """Copies the head layers' weights (and dropout random state) from `source` to `target`."""
-    names = {layer.name for layer in target.layers}
-    for name in HEAD_LAYERS:
-        if name in names:
-            src, dst = source.get_layer(name), target.get_layer(name)
-            dst.set_weights(src.get_weights())
-            if hasattr(src, "seed_generator"):
-                dst.seed_generator.state.assign(src.seed_generator.state)
 
 
 def feature_batches(
@@ -166,64 +154,6 @@ def feature_batches(
     return ds.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))  # Keras then knows the steps
 
 
-def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0) -> keras.optimizers.Optimizer:
-    """A fresh Keras optimizer by name ("adam", "sgd", "adamw", ...), with decoupled weight decay."""
-    values = {"learning_rate": learning_rate}
-    if weight_decay:
-        values["weight_decay"] = weight_decay
-    try:
-        return keras.optimizers.get({"class_name": name, "config": values})
-    except (ValueError, TypeError):
-        raise KerastlError(f"unknown optimizer {name!r}; use a Keras optimizer name such as adam or sgd") from None
-
-
-@keras.saving.register_keras_serializable(package="kerastl")
-class SparseSmoothedCrossentropy(keras.losses.Loss):
-    """Categorical cross-entropy on integer labels with label smoothing (Keras's sparse loss has none)."""
-
-    def __init__(self, label_smoothing: float = 0.0, name: str = "sparse_smoothed_crossentropy", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.label_smoothing = label_smoothing
-
-    def call(self, y_true, y_pred):
-        depth = keras.ops.shape(y_pred)[-1]
-        one_hot = keras.ops.one_hot(keras.ops.reshape(keras.ops.cast(y_true, "int32"), (-1,)), depth)
-        return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
-
-    def get_config(self):
-        return {**super().get_config(), "label_smoothing": self.label_smoothing}
-
-
-def make_loss(name: str, binary: bool, label_smoothing: float = 0.0) -> keras.losses.Loss:
-    """The loss by Keras name; "auto" is (sparse categorical or binary) cross-entropy, smoothed if asked."""
-    if name == "auto" and label_smoothing:
-        if binary:
-            return keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
-        return SparseSmoothedCrossentropy(label_smoothing)
-    if label_smoothing:
-        raise KerastlError("label_smoothing needs loss auto (cross-entropy)")
-    if name == "auto":
-        name = "binary_crossentropy" if binary else "sparse_categorical_crossentropy"
-    try:
-        return keras.losses.get(name)
-    except (ValueError, TypeError):
-        raise KerastlError(f"unknown loss {name!r}; use auto or a Keras loss name") from None
-
-
-def compile_classifier(
-    model: keras.Model, config: TrainConfig, learning_rate: float | None = None, steps_per_execution: int = 1
-) -> None:
-    """Compiles with a fresh optimizer, the loss (see `TrainConfig`) and accuracy.
-
-    `learning_rate` defaults to `config.learning_rate` (phase 2 passes its lower rate).
-    """
-    binary = model.output_shape[-1] == 1
-    rate = config.learning_rate if learning_rate is None else learning_rate
-    model.compile(optimizer=make_optimizer(config.optimizer, rate, config.weight_decay),
-                  loss=make_loss(config.loss, binary, config.label_smoothing),
-                  metrics=["accuracy"], steps_per_execution=steps_per_execution)
-
-
 def train_head(
     head: keras.Model,
     features: tuple[CachedFeatures, CachedFeatures],
@@ -249,7 +179,7 @@ def train_head(
 
 
 def fine_tune(
-    model: keras.Model,
+    model: TransferClassifier,
     train_data: tf.data.Dataset,
     validation_data: tf.data.Dataset,
     config: TrainConfig,
@@ -262,7 +192,7 @@ def fine_tune(
 
     Returns None when there is nothing to fine-tune.
     """
-    if config.fine_tune_epochs == 0 or unfreeze(model, config.unfreeze_blocks, config.unfreeze_from) == 0:
+    if config.fine_tune_epochs == 0 or model.unfreeze(config.unfreeze_blocks, config.unfreeze_from) == 0:
         log.info("nothing to fine-tune (no epochs or no blocks); skipping phase 2")
         return None
     compile_classifier(model, config, config.learning_rate * config.fine_tune_lr_ratio)
@@ -275,58 +205,64 @@ def fine_tune(
 
 
 def train_classifier(
-    model: keras.Model,
+    model: TransferClassifier,
     train_data: tf.data.Dataset,
     validation_data: tf.data.Dataset,
     config: TrainConfig,
-    from_scratch: bool = False,
     calibration_images=None,
     features: tuple[CachedFeatures, CachedFeatures] | None = None,
     batch_size: int = 32,
     seed: int | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
     verbose: int | str = "auto",
+    phase1: keras.callbacks.History | None = None,
+    after_phase1: Callable[[keras.callbacks.History], None] | None = None,
 ) -> TrainResult:
-    """Trains `model` in two phases (one when `from_scratch`).
+    """Trains `model` in two phases (one when it trains from scratch).
 
     Args:
-        model: a kerastl classifier.
+        model: a `TransferClassifier`.
         train_data: batched (images, labels), augmented if wanted.
         validation_data: batched (images, labels); drives EarlyStopping.
         config: epochs, learning rates, unfreezing.
-        from_scratch: train every layer at once and skip fine-tuning.
         calibration_images: one batch of un-augmented training images (float32 0-255)
             for BatchNorm recalibration when training from scratch; defaults to the
             first 512 images of `train_data`.
         features: cached (train, validation) features of the frozen base: phase 1 then
-            trains a copy of the head on them and grafts its weights into `model`.
+            trains the classifier's head model on them.
         batch_size: phase-1 batch size on cached features.
         seed: phase-1 shuffle seed on cached features (use the image pipeline's).
         callbacks: extra Keras callbacks for both phases.
         verbose: passed to `fit`.
+        phase1: the history of a phase 1 that already ran: the head holds its best
+            weights, so training goes straight to phase 2.
+        after_phase1: called with phase 1's history before phase 2 starts (to store the head).
     """
     config.validate()
     extra = list(callbacks or [])
-    if from_scratch:
-        get_backbone(model).trainable = True
+    scratch = model.from_scratch
+    if scratch:
+        model.backbone.trainable = True
         sample = first_images(train_data) if calibration_images is None else calibration_images
         extra.append(BatchNormCalibration(sample))
     else:
-        freeze_base(model)
-    if features is not None and not from_scratch:
-        head = head_model(model)
-        phase1, phase1_stop = train_head(head, features, config, batch_size, seed, callbacks=extra, verbose=verbose)
-        graft_head(head, model)
+        model.freeze_backbone()
+    if phase1 is not None:
+        compile_classifier(model, config)
+    elif features is not None and not scratch:
+        phase1, _ = train_head(model.head_model(), features, config, batch_size, seed, callbacks=extra,
+                               verbose=verbose)
         compile_classifier(model, config)  # as the plain path leaves it
     else:
-        phase1_stop = KeepBest(config.patience)
         compile_classifier(model, config)
         phase1 = model.fit(
             train_data, validation_data=validation_data, epochs=config.epochs,
-            callbacks=[phase1_stop, *extra], shuffle=False, verbose=verbose,
+            callbacks=[KeepBest(config.patience), *extra], shuffle=False, verbose=verbose,
         )
+    if after_phase1 is not None:
+        after_phase1(phase1)
     result = TrainResult(phase1)
-    if not from_scratch:
-        result.phase2 = fine_tune(model, train_data, validation_data, config, phase1_stop.best,
+    if not scratch:
+        result.phase2 = fine_tune(model, train_data, validation_data, config, min(phase1.history["val_loss"]),
                                   len(phase1.epoch), callbacks=extra, verbose=verbose)
     return result

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from kerastl.config import ModelConfig, TrainConfig  # noqa: E402
 from kerastl.data import from_arrays, load_digits  # noqa: E402
 from kerastl.features import FeatureCache  # noqa: E402
-from kerastl.model import build_classifier  # noqa: E402
+from kerastl.classifier import build_classifier  # noqa: E402
 from kerastl.train import recalibrate_batchnorm, train_classifier  # noqa: E402
 
 

@@ -32,12 +32,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import keras_tuner  # noqa: E402
 
-from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig, TuneConfig  # noqa: E402
+from kerastl.classifier import build_classifier  # noqa: E402
+from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from kerastl.data import load_data  # noqa: E402
-from kerastl.model import build_classifier, get_backbone  # noqa: E402
-from kerastl.search import prepare, run_search, search_here  # noqa: E402
 from kerastl.train import recalibrate_batchnorm  # noqa: E402
-from kerastl.tuning import TransferHyperModel, make_objective  # noqa: E402
+from kerastl.tune.config import TuneConfig  # noqa: E402
+from kerastl.tune.hypermodel import TransferHyperModel  # noqa: E402
+from kerastl.tune.search import prepare, run_search, search_here  # noqa: E402
+from kerastl.tune.tuner import make_objective  # noqa: E402
 
 
 def calibrated_weights(backbone: str, size: int, data, folder: Path) -> str:
@@ -47,7 +49,7 @@ def calibrated_weights(backbone: str, size: int, data, folder: Path) -> str:
                              len(data.class_names))
     recalibrate_batchnorm(model, data.train.sample())
     path = folder / f"{backbone}-{size}.weights.h5"
-    get_backbone(model).save_weights(path)
+    model.backbone.save_weights(path)
     return str(path)
 
 

@@ -55,7 +55,8 @@ def offline(monkeypatch, tmp_path):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(file_utils, "urlretrieve", refuse)
-    monkeypatch.setattr(config, "_KERAS_DIR", str(tmp_path / "keras_home"))
+    monkeypatch.setattr(config, "_KERAS_DIR", str(tmp_path / "keras_home"))  # where Keras would download
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))  # what kerastl tells the user
     return tmp_path / "keras_home"
 
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from contract import check_contract
 from kerastl.backbones import REGISTRY, block_boundaries, build_backbone, get_spec, list_backbones
 from kerastl.errors import KerastlError
 
@@ -41,6 +42,20 @@ def test_every_entry_builds_small_and_splits_into_blocks(name):
     bounds = block_boundaries(backbone, name)
     assert len(bounds) >= 3, "fine-tuning needs several blocks to choose from"
     assert bounds == sorted(set(bounds)) and bounds[-1] < len(backbone.layers)
+
+
+# the smallest entry of each family keeps the contract in the default suite; the rest run with -m large
+REPRESENTATIVES = {
+    "vgg16", "resnet50", "resnet50_v2", "inception_v3", "xception", "densenet121", "mobilenet", "mobilenet_v2",
+    "mobilenet_v3_small", "efficientnet_b0", "efficientnet_v2_b0", "convnext_tiny", "nasnet_mobile", "simple_cnn",
+}
+
+
+@pytest.mark.parametrize("name", [n if n in REPRESENTATIVES else pytest.param(n, marks=pytest.mark.large)
+                                  for n in FAMILIES])
+def test_every_entry_keeps_the_classifier_contract(name, tmp_path):
+    """Builds small, splits into blocks, saves and reloads in safe mode, exports: equal outputs throughout."""
+    check_contract(name, tmp_path)
 
 
 # pixel (R, G, B) = (255, 128, 0) after each family's preprocessing

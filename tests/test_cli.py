@@ -26,7 +26,7 @@ def test_train_then_predict(image_folder, tmp_path, capsys):
                  "--batch-size", "8", "--no-cache", "--cache-views", "3"])
     assert code == 0
     out = capsys.readouterr().out
-    assert f"exported to {export}" in out and "validation_accuracy" in out
+    assert f"exported to {export}" in out and "val_accuracy" in out
     saved = RunConfig.from_json(export / "config.json")
     assert saved.train.learning_rate == 0.01  # from the config file
     assert saved.train.epochs == 2 and saved.data.batch_size == 8  # flags override it
@@ -83,7 +83,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, image_folder,
 def test_predict_reports_missing_images(tmp_path, capsys, fails_cleanly):
     from kerastl.config import ModelConfig
     from kerastl.export import export_saved_model
-    from kerastl.model import build_classifier
+    from kerastl.classifier import build_classifier
 
     model = build_classifier(ModelConfig("simple_cnn", weights=None, image_size=16), 2)
     export_saved_model(model, tmp_path / "m", ["a", "b"])

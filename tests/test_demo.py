@@ -16,7 +16,7 @@ def test_demo_transfers_better_than_scratch_and_exports(tmp_path, capsys, offlin
         for run in ("pretrain_0-4", "transfer_5-9", "scratch_5-9")
     }
     # the pretrained backbone evaluates correctly: its BatchNorm statistics match the data
-    assert metrics["pretrain_0-4"]["validation_accuracy"] > 0.9
+    assert metrics["pretrain_0-4"]["val_accuracy"] > 0.9
     transfer = metrics["transfer_5-9"]["test_accuracy"]
     scratch = metrics["scratch_5-9"]["test_accuracy"]
     assert transfer > scratch + 0.15, (transfer, scratch)

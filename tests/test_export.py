@@ -13,9 +13,10 @@ from PIL import Image
 
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from kerastl.data import from_arrays
-from kerastl.export import export_saved_model, load_export, load_model
-from kerastl.model import build_classifier
+from kerastl.classifier import build_classifier
+from kerastl.export import export_saved_model, load_export
 from kerastl.run import run_training
+from kerastl.runfolder import load_model
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_run_writes_every_file_and_a_config_that_round_trips(trained):
     result, _ = trained
     folder = result.export_dir
     for name in ("saved_model.pb", "labels.txt", "config.json", "model.keras", "backbone.weights.h5",
-                 "history.json", "metrics.json"):
+                 "history.json", "metrics.json", "metadata.json"):
         assert (folder / name).is_file(), name
     assert (folder / "labels.txt").read_text() == "blue\ngreen\nred\n"
     config = RunConfig.from_json(folder / "config.json")
@@ -106,7 +107,7 @@ def test_backbone_weights_start_the_next_run(trained, tmp_path):
     weights = str(result.export_dir / "backbone.weights.h5")
     model = build_classifier(ModelConfig("simple_cnn", weights=weights, image_size=32), 3)
     x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
-    features = lambda m: keras.Model(m.input, m.get_layer("pool").output).predict(x, verbose=0)  # noqa: E731
+    features = lambda m: m.features_model().predict(x, verbose=0)  # noqa: E731
     np.testing.assert_allclose(features(model), features(result.model), atol=1e-5)
 
 

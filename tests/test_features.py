@@ -11,10 +11,10 @@ import pytest
 from kerastl.cli import main
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from kerastl.data import from_arrays, load_digits
-from kerastl.features import CachedFeatures, FeatureCache, cache_key, feature_extractor
-from kerastl.model import build_classifier
+from kerastl.classifier import build_classifier
+from kerastl.features import CachedFeatures, FeatureCache, cache_key
 from kerastl.run import run_training
-from kerastl.train import feature_batches, graft_head, head_model, train_classifier
+from kerastl.train import feature_batches, train_classifier
 
 
 def digits(count=180, size=32):
@@ -31,12 +31,12 @@ def test_cached_head_training_equals_the_plain_frozen_base_path(tmp_path):
     data = digits()
     model = classifier(dropout=0.3, hidden_units=16)
     start = model.get_weights()
-    dropout_state = model.get_layer("dropout").seed_generator.state.numpy().copy()
+    dropout_state = model.output_dropout.seed_generator.state.numpy().copy()
     config = TrainConfig(epochs=4, fine_tune_epochs=0, learning_rate=0.01)
     runs = []
     for cached in (False, True):
         model.set_weights(start)
-        model.get_layer("dropout").seed_generator.state.assign(dropout_state)
+        model.output_dropout.seed_generator.state.assign(dropout_state)
         keras.utils.set_random_seed(7)
         cache = FeatureCache(tmp_path)
         features = (cache.features(model, data.train), cache.features(model, data.validation)) if cached else None
@@ -53,16 +53,15 @@ def test_cached_head_training_equals_the_plain_frozen_base_path(tmp_path):
     assert plain_history["val_loss"][-1] < plain_history["val_loss"][0]  # it did learn something
 
 
-def test_grafted_model_predicts_what_the_head_predicts_on_features():
+def test_the_model_predicts_what_its_trained_head_predicts_on_features():
     data = digits()
     model = classifier(hidden_units=8)
-    head = head_model(model)
-    for weight in head.trainable_weights:  # a trained head, different from the model's
+    head = model.head_model()
+    for weight in head.trainable_weights:  # a trained head, different from the one the model was built with
         weight.assign(np.random.default_rng(3).normal(0, 0.3, weight.shape).astype(np.float32))
-    graft_head(head, model)
     images, _ = data.validation.arrays()
     images = images.astype(np.float32)
-    features = feature_extractor(model).predict(images, verbose=0)
+    features = model.features_model().predict(images, verbose=0)
     np.testing.assert_allclose(model.predict(images, verbose=0), head.predict(features, verbose=0), atol=1e-5)
 
 
@@ -79,9 +78,7 @@ def test_cache_key_changes_with_backbone_size_weights_and_data(tmp_path):
     assert cache_key(retrained, data.train) == key
     weights_file = tmp_path / "b.weights.h5"
     other = classifier()  # another random start, saved to a file and loaded back
-    from kerastl.model import get_backbone
-
-    get_backbone(other).save_weights(weights_file)
+    other.backbone.save_weights(weights_file)
     from_file = build_classifier(ModelConfig("simple_cnn", str(weights_file), 32, from_scratch=False), 3)
     assert cache_key(from_file, data.train) == cache_key(other, data.train) != key
 
@@ -169,9 +166,7 @@ def test_runs_use_the_cache_by_default_and_reuse_it(tmp_path, caplog):
 def test_a_pretrained_start_hits_the_cache_whatever_the_seed(tmp_path, caplog):
     data = digits()
     model = classifier()
-    from kerastl.model import get_backbone
-
-    get_backbone(model).save_weights(tmp_path / "b.weights.h5")
+    model.backbone.save_weights(tmp_path / "b.weights.h5")
     config = RunConfig(
         DataConfig(augment="none", batch_size=16),
         ModelConfig("simple_cnn", weights=str(tmp_path / "b.weights.h5"), image_size=32),

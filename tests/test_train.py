@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from kerastl.config import ModelConfig, TrainConfig
 from kerastl.data import from_arrays, load_digits
-from kerastl.model import build_classifier, get_backbone
+from kerastl.classifier import build_classifier
 from kerastl.train import recalibrate_batchnorm, train_classifier
 
 
@@ -19,7 +19,7 @@ def digits(classes=(0, 1, 2), size=32):
 def _batchnorm_state(model):
     return {
         w.path: w.numpy().copy()
-        for layer in get_backbone(model).layers if isinstance(layer, keras.layers.BatchNormalization)
+        for layer in model.batchnorm_layers()
         for w in layer.weights
     }
 
@@ -30,10 +30,10 @@ def test_fine_tuning_leaves_batchnorm_statistics_unchanged():
     # give the BatchNorm layers statistics that differ from the initial 0/1, as pretrained ones would
     recalibrate_batchnorm(model, data.train.sample())
     before = _batchnorm_state(model)
-    kernel_before = get_backbone(model).get_layer("Conv_1").kernel.numpy().copy()
+    kernel_before = model.backbone.get_layer("Conv_1").kernel.numpy().copy()
     seen = []  # state at the end of every epoch, before KeepBest may restore earlier weights
     probe = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(
-        (_batchnorm_state(model), get_backbone(model).get_layer("Conv_1").kernel.numpy().copy())))
+        (_batchnorm_state(model), model.backbone.get_layer("Conv_1").kernel.numpy().copy())))
     result = train_classifier(
         model, data.train.batches(32, training=True), data.validation.batches(64),
         TrainConfig(epochs=1, fine_tune_epochs=1, unfreeze_blocks=99, patience=5, fine_tune_lr_ratio=10.0),
@@ -71,8 +71,8 @@ def test_recalibration_makes_inference_match_training_statistics():
     model = build_classifier(ModelConfig("mobilenet_v2", weights=None, image_size=32), 3)
     x, _ = data.train.arrays()
     x = tf.constant(x[:96], tf.float32)
-    features = keras.Model(model.input, model.get_layer("pool").output)
-    norms = [layer for layer in get_backbone(model).layers if isinstance(layer, keras.layers.BatchNormalization)]
+    features = model.features_model()
+    norms = model.batchnorm_layers()
     momenta = [layer.momentum for layer in norms]
     # untrained moving statistics (mean 0, variance 1) are far from the data's
     gap_before = np.abs(features(x, training=False) - features(x, training=True)).max()
@@ -87,7 +87,7 @@ def test_from_scratch_training_learns_and_evaluates_correctly():
     model = build_classifier(ModelConfig("mobilenet_v2", weights=None, image_size=32), 3)
     result = train_classifier(
         model, data.train.batches(32, training=True), data.validation.batches(64),
-        TrainConfig(epochs=8, patience=8), from_scratch=True, calibration_images=data.train.sample(), verbose=0,
+        TrainConfig(epochs=8, patience=8), calibration_images=data.train.sample(), verbose=0,
     )
     assert result.phase2 is None
     accuracy = model.evaluate(data.validation.batches(64), return_dict=True, verbose=0)["accuracy"]
@@ -98,14 +98,14 @@ def test_from_scratch_training_learns_and_evaluates_correctly():
 def test_recalibration_also_reaches_a_frozen_transfer_backbone():
     data = digits()
     model = build_classifier(ModelConfig("mobilenet_v2", weights=None, image_size=32, from_scratch=False), 3)
-    norm = get_backbone(model).get_layer("bn_Conv1")
+    norm = model.backbone.get_layer("bn_Conv1")
     assert not norm.trainable and np.allclose(norm.moving_mean.numpy(), 0)
     recalibrate_batchnorm(model, data.train.sample())
     assert not norm.trainable and not np.allclose(norm.moving_mean.numpy(), 0)
 
 
 def test_label_smoothing_and_weight_decay_reach_the_compiled_model(tmp_path):
-    from kerastl.train import compile_classifier, make_loss
+    from kerastl.compile import compile_classifier, make_loss
 
     y = np.array([0, 2, 1])
     p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3]], np.float32)

@@ -86,7 +86,7 @@ def test_a_chief_and_two_workers_run_every_trial_once_and_all_end(tmp_path):
     assert search.returncode == 0, err[-2000:]
     logs = tmp_path / "p" / "logs"
     started = [t for worker in ("tuner0", "tuner1") for t in _started(
-        re.sub(r"^\S+ \S+ kerastl\.tuning ", "", (logs / f"{worker}.log").read_text(), flags=re.M))]
+        re.sub(r"^\S+ \S+ kerastl\.tune\.tuner ", "", (logs / f"{worker}.log").read_text(), flags=re.M))]
     assert sorted(started) == ["0", "1", "2", "3"], started  # every trial exactly once over both workers
     for trial in range(4):  # each trial ran in a process of its own
         assert (tmp_path / "p" / f"trial_{trial}" / "trial.log").exists()

@@ -8,13 +8,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig, TuneConfig
+from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from kerastl.errors import KerastlError
 from kerastl.export import load_export
-from kerastl.search import run_search
-from kerastl.space import check_space, declare, parse_setting
 from kerastl.report import score
-from kerastl.tuning import TrialContext, TransferHyperModel, make_objective
+from kerastl.tune.config import TuneConfig
+from kerastl.tune.hypermodel import TransferHyperModel
+from kerastl.tune.search import run_search
+from kerastl.tune.space import check_space, declare, parse_setting
+from kerastl.tune.trial import TrialContext
+from kerastl.tune.tuner import make_objective
 
 
 def base_config(tmp_path, **train) -> RunConfig:
@@ -120,9 +123,9 @@ def test_fine_tuning_trial_starts_from_the_saved_head_of_an_equal_head_trial(tmp
 
 
 def test_a_failing_trial_is_recorded_failed_and_the_search_goes_on(tmp_path, monkeypatch):
-    import kerastl.tuning
+    import kerastl.tune.trial
 
-    real, calls = kerastl.tuning.run_trial_config, []
+    real, calls = kerastl.tune.trial.run_trial, []
 
     def second_runs_out_of_memory(*args, **kwargs):
         calls.append(1)
@@ -130,7 +133,7 @@ def test_a_failing_trial_is_recorded_failed_and_the_search_goes_on(tmp_path, mon
             raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kerastl.tuning, "run_trial_config", second_runs_out_of_memory)
+    monkeypatch.setattr(kerastl.tune.trial, "run_trial", second_runs_out_of_memory)
     result = run_search(base_config(tmp_path), TuneConfig(max_trials=3, project_dir=str(tmp_path / "p"),
                                                           space=HEAD_SPACE))
     statuses = sorted(row["status"] for row in result.trials)
@@ -139,12 +142,12 @@ def test_a_failing_trial_is_recorded_failed_and_the_search_goes_on(tmp_path, mon
 
 
 def test_repeated_failures_stop_the_search_with_a_clear_message(tmp_path, monkeypatch):
-    import kerastl.tuning
+    import kerastl.tune.trial
 
     def always_fails(*args, **kwargs):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
 
-    monkeypatch.setattr(kerastl.tuning, "run_trial_config", always_fails)
+    monkeypatch.setattr(kerastl.tune.trial, "run_trial", always_fails)
     with pytest.raises(KerastlError, match=r"search stopped: 2 trials in a row failed.*OOM"):
         run_search(base_config(tmp_path), TuneConfig(max_trials=5, max_failures=2, project_dir=str(tmp_path / "p"),
                                                      space=HEAD_SPACE))
@@ -192,11 +195,11 @@ def test_the_hypermodel_works_in_a_plain_kerastuner_search(tmp_path):
 
 
 def test_head_keeps_a_float32_softmax_under_mixed_precision():
-    from kerastl.model import build_head
+    from kerastl.classifier import build_classifier
 
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        head = build_head(ModelConfig(hidden_units=8), 3, 12)
+        head = build_classifier(ModelConfig("simple_cnn", None, 16, hidden_units=8), 3).head_model()
         assert head.get_layer("hidden").compute_dtype == "float16"
         assert head.output.dtype == "float32"
     finally:
@@ -204,7 +207,8 @@ def test_head_keeps_a_float32_softmax_under_mixed_precision():
 
 
 def test_devices_fall_back_to_the_cpu_and_pin_one_gpu_per_worker():
-    from kerastl.devices import setup_devices, worker_environments
+    from kerastl.devices import setup_devices
+    from kerastl.tune.distribute import worker_environments
 
     setup = setup_devices(mixed_precision=True)
     assert setup.device == "/CPU:0" and not setup.mixed_precision  # no GPU here: float32 on the CPU
@@ -248,7 +252,7 @@ def test_a_cached_trial_scores_what_the_plain_kerastuner_trial_scores(tmp_path):
 
 
 def test_tied_trials_rank_by_validation_loss_and_failed_trials_last():
-    from kerastl.search import rank
+    from kerastl.tune.tables import rank
 
     def row(trial, score, accuracy, loss):
         return {"trial": trial, "score": score, "val_accuracy": accuracy, "val_loss": loss}
@@ -266,5 +270,5 @@ def test_in_memory_data_of_another_size_is_refused_not_fed_to_the_model(tmp_path
     context = TrialContext(tmp_path / "p", data=load_data(config.data, 16))
     assert context.data(config).train.image_size == 16
     config.model.image_size = 24
-    with pytest.raises(KerastlError, match="in-memory data is 16x16 but this trial wants 24x24"):
-        context.data(config)
+    with pytest.raises(KerastlError, match="in-memory data is 16x16 but this run wants 24x24"):
+        context.run(config, tmp_path / "t")

@@ -23,26 +23,11 @@ from typing import Any
 
 from kerastl.config import RunConfig, read_json
 from kerastl.errors import KerastlError
+from kerastl.run import resolve_config
+from kerastl.tune.config import SPACE_FIELDS
 
 log = logging.getLogger(__name__)
 
-# setting -> (config section, field), in declaration order
-SPACE_FIELDS = {
-    "backbone": ("model", "backbone"),
-    "image_size": ("model", "image_size"),
-    "pooling": ("model", "pooling"),
-    "dropout": ("model", "dropout"),
-    "hidden_units": ("model", "hidden_units"),
-    "optimizer": ("train", "optimizer"),
-    "learning_rate": ("train", "learning_rate"),
-    "label_smoothing": ("train", "label_smoothing"),
-    "weight_decay": ("train", "weight_decay"),
-    "batch_size": ("data", "batch_size"),
-    "epochs": ("train", "epochs"),
-    "unfreeze_blocks": ("train", "unfreeze_blocks"),
-    "fine_tune_lr_ratio": ("train", "fine_tune_lr_ratio"),
-    "fine_tune_epochs": ("train", "fine_tune_epochs"),
-}
 FINE_TUNE_SETTINGS = ("fine_tune_lr_ratio", "fine_tune_epochs")
 
 DEFAULT_SPACE: dict[str, Any] = {
@@ -111,8 +96,6 @@ def check_space(space: dict[str, Any], base: RunConfig) -> dict[str, Any]:
     Each choice and both ends of each range are applied to `base` and validated,
     so a bad value fails before the first trial, not in the middle of the search.
     """
-    from kerastl.run import resolve_config
-
     unknown = sorted(set(space) - set(SPACE_FIELDS))
     if unknown:
         raise KerastlError(f"unknown search settings {unknown}; known: {sorted(SPACE_FIELDS)}")

@@ -1,0 +1,266 @@
+"""The classifier object: a functional Keras model that knows its parts.
+
+raw pixels (0-255, any size) -> Resizing -> the backbone's own preprocessing ->
+backbone (BatchNorm in inference mode) -> global pooling -> Dropout ->
+[Dense hidden] -> float32 softmax (or one sigmoid unit).
+
+`TransferClassifier` resolves its registry entry once and keeps every part as an
+attribute, in the manner of keras-hub's `ImageClassifier`. Its features model
+(raw images -> pooled features) and head model (pooled features ->
+probabilities) are built from the classifier's own layer objects, so training the
+head on cached features trains the classifier in place. No Lambda layers: it
+saves to `.keras` and loads with `safe_mode=True`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import keras
+from keras import layers
+
+from kerastl.backbones import BackboneSpec, block_boundaries, build_backbone, get_spec, resolve_size
+from kerastl.config import ModelConfig
+from kerastl.errors import KerastlError
+
+log = logging.getLogger(__name__)
+
+
+@keras.saving.register_keras_serializable(package="kerastl")
+class BackbonePreprocessing(layers.Layer):
+    """Applies the preprocessing that the registry names for `backbone` (0-255 RGB in)."""
+
+    def __init__(self, backbone: str, **kwargs):
+        super().__init__(**kwargs)
+        spec = get_spec(backbone)
+        self.backbone = spec.name
+        self._preprocess = spec.preprocess
+
+    def call(self, inputs):
+        return self._preprocess(inputs)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "backbone": self.backbone}
+
+
+@keras.saving.register_keras_serializable(package="kerastl")
+class TransferClassifier(keras.Model):
+    """A backbone from the registry with a pooling, dropout and softmax head.
+
+    Build one with `build_classifier(ModelConfig(...), num_classes)`, which makes
+    the backbone (ImageNet, a weights file or a random start); the constructor
+    takes an already built backbone, as keras-hub's tasks do.
+
+    Args:
+        backbone: a headless `keras.applications`-style model (see `build_backbone`).
+        backbone_name: its registry name; preprocessing and blocks come from the entry.
+        num_classes: classes of the softmax (2 with `binary`).
+        image_size: square input size of the backbone; the entry's default when None.
+        pooling: "avg" or "max" global pooling of the feature map.
+        dropout: dropout rate before the classifier.
+        hidden_units: a Dense ReLU layer of this size before the classifier (0: none).
+        binary: one sigmoid unit instead of a softmax (two classes only).
+        from_scratch: the backbone trains with BatchNorm learning its statistics;
+            otherwise it always runs BatchNorm in inference mode.
+        seed: fixes the head's initial weights and dropout masks, whatever
+            randomness building the backbone used.
+
+    Example:
+    ```python
+    model = kerastl.build_classifier(ModelConfig("mobilenet_v2", image_size=96), num_classes=5)
+    data = kerastl.from_folder("flowers", model)      # the data side asks the model for its size
+    model.features_model()(images)                    # pooled features of raw images
+    model.unfreeze(blocks=2)                          # BatchNorm stays frozen
+    ```
+    """
+
+    def __init__(
+        self,
+        backbone: keras.Model,
+        backbone_name: str,
+        num_classes: int,
+        image_size: int | None = None,
+        pooling: str = "avg",
+        dropout: float = 0.2,
+        hidden_units: int = 0,
+        binary: bool = False,
+        from_scratch: bool = False,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        spec = get_spec(backbone_name)
+        size = resolve_size(spec, image_size)
+        if num_classes < 2:
+            raise KerastlError(f"a classifier needs two or more classes, got {num_classes}")
+        if binary and num_classes != 2:
+            raise KerastlError(f"binary=True needs exactly two classes, got {num_classes}")
+        if pooling not in ("avg", "max"):
+            raise KerastlError(f"pooling must be avg or max, got {pooling!r}")
+
+        def init(offset: int):
+            return "glorot_uniform" if seed is None else keras.initializers.GlorotUniform(seed + offset)
+
+        # === Layers ===
+        self.spec: BackboneSpec = spec
+        self.backbone = backbone
+        self.resizing = layers.Resizing(size, size, name="resize")
+        self.preprocessing = BackbonePreprocessing(spec.name, name="preprocess")
+        pool = layers.GlobalAveragePooling2D if pooling == "avg" else layers.GlobalMaxPooling2D
+        self.pooler = pool(name="pool")
+        self.output_dropout = layers.Dropout(dropout, seed=seed, name="dropout")
+        self.hidden = (layers.Dense(hidden_units, activation="relu", kernel_initializer=init(1), name="hidden")
+                       if hidden_units else None)
+        units, activation = (1, "sigmoid") if binary else (num_classes, "softmax")
+        self.output_dense = layers.Dense(units, activation=activation, dtype="float32",
+                                         kernel_initializer=init(2), name="probabilities")
+
+        # === Functional model ===
+        inputs = keras.Input(shape=(None, None, 3), name="images")
+        maps = backbone(self.preprocess_images(inputs)) if from_scratch else self._backbone_maps(inputs)
+        outputs = self.head_layers_on(self.pooler(maps))
+        super().__init__(inputs=inputs, outputs=outputs, name=kwargs.pop("name", f"kerastl_{spec.name}"), **kwargs)
+
+        # === Config ===
+        self.backbone_name = spec.name
+        self.num_classes = num_classes
+        self.image_size = size
+        self.pooling = pooling
+        self.dropout = dropout
+        self.hidden_units = hidden_units
+        self.binary = binary
+        self.from_scratch = from_scratch
+        self.seed = seed
+        if not from_scratch:
+            self.freeze_backbone()
+
+    # --- the parts, as models that share this classifier's layers ---
+
+    def preprocess_images(self, images):
+        """Raw 0-255 images of any size -> the backbone's input (resized and preprocessed)."""
+        return self.preprocessing(self.resizing(images))
+
+    def _backbone_maps(self, images):
+        return self.backbone(self.preprocess_images(images), training=False)
+
+    def head_layers_on(self, features):
+        """The head (dropout, optional hidden layer, classifier) applied to pooled features."""
+        x = self.output_dropout(features)
+        if self.hidden is not None:
+            x = self.hidden(x)
+        return self.output_dense(x)
+
+    @property
+    def feature_dim(self) -> int:
+        """The width of the pooled features the head reads."""
+        return int(self.backbone.output.shape[-1])
+
+    def features_model(self) -> keras.Model:
+        """Raw images -> pooled backbone features (what the head sees), in inference mode."""
+        inputs = keras.Input(shape=(None, None, 3), name="images")
+        return keras.Model(inputs, self.pooler(self._backbone_maps(inputs)), name="features")
+
+    def head_model(self) -> keras.Model:
+        """Pooled features -> probabilities, on this classifier's own head layers.
+
+        Training it (phase 1 on cached features) trains the classifier's head in place.
+        """
+        inputs = keras.Input(shape=(self.feature_dim,), name="features")
+        return keras.Model(inputs, self.head_layers_on(inputs), name="head")
+
+    # --- freezing ---
+
+    def freeze_backbone(self) -> None:
+        """Freezes the whole backbone."""
+        self.backbone.trainable = False
+
+    def block_boundaries(self) -> list[int]:
+        """Indices into `backbone.layers` of the last layer of each registry block."""
+        return block_boundaries(self.backbone, self.spec.name)
+
+    def unfreeze(self, blocks: int = 0, from_layer: str | None = None) -> int:
+        """Makes the top of the backbone trainable; BatchNormalization layers stay frozen.
+
+        Args:
+            blocks: unfreeze the last `blocks` blocks (registry boundaries); 0 freezes the backbone.
+            from_layer: alternatively, unfreeze every backbone layer from this one (by name) on.
+
+        Returns:
+            The number of weighted backbone layers now trainable.
+        """
+        names = [layer.name for layer in self.backbone.layers]
+        if from_layer is not None:
+            if from_layer not in names:
+                raise KerastlError(f"layer {from_layer!r} is not in backbone {self.backbone.name}")
+            start = names.index(from_layer)
+        elif blocks <= 0:
+            self.freeze_backbone()
+            return 0
+        else:
+            bounds = self.block_boundaries()
+            start = 0 if blocks >= len(bounds) else bounds[-blocks - 1] + 1
+        self.backbone.trainable = True
+        count = 0
+        for index, layer in enumerate(self.backbone.layers):
+            layer.trainable = index >= start and not isinstance(layer, layers.BatchNormalization)
+            count += int(layer.trainable and bool(layer.weights))
+        log.info("unfroze %d weighted layers of %s from %s on", count, self.backbone.name, names[start])
+        return count
+
+    def batchnorm_layers(self) -> list[layers.BatchNormalization]:
+        """The backbone's BatchNormalization layers."""
+        return [layer for layer in self.backbone.layers if isinstance(layer, layers.BatchNormalization)]
+
+    # --- saving ---
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "backbone": keras.layers.serialize(self.backbone),
+            "backbone_name": self.backbone_name,
+            "num_classes": self.num_classes,
+            "image_size": self.image_size,
+            "pooling": self.pooling,
+            "dropout": self.dropout,
+            "hidden_units": self.hidden_units,
+            "binary": self.binary,
+            "from_scratch": self.from_scratch,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TransferClassifier:
+        config = dict(config)
+        if isinstance(config.get("backbone"), dict):
+            config["backbone"] = keras.layers.deserialize(config["backbone"])
+        return cls(**config)
+
+
+def build_classifier(config: ModelConfig, num_classes: int, seed: int | None = None) -> TransferClassifier:
+    """The classifier that `config` describes: backbone from the registry (with its weights) and head.
+
+    The backbone starts frozen unless the config trains from scratch. `seed` fixes
+    the head's initial weights and dropout masks (see `TransferClassifier`).
+    """
+    config.validate()
+    spec = get_spec(config.backbone)
+    size = resolve_size(spec, config.image_size)
+    if num_classes < 2:
+        raise KerastlError(f"a classifier needs two or more classes, got {num_classes}")
+    if config.binary and num_classes != 2:
+        raise KerastlError(f"binary=True needs exactly two classes, got {num_classes}")
+    return TransferClassifier(
+        build_backbone(spec.name, size, config.weights), spec.name, num_classes, size,
+        pooling=config.pooling, dropout=config.dropout, hidden_units=config.hidden_units, binary=config.binary,
+        from_scratch=config.trains_from_scratch, seed=seed,
+    )
+
+
+def seeded_classifier(config: ModelConfig, num_classes: int, seed: int) -> TransferClassifier:
+    """`build_classifier` right after seeding: a random start is the same in every run and process."""
+    keras.utils.set_random_seed(seed)
+    return build_classifier(config, num_classes, seed=seed)

@@ -1,0 +1,161 @@
+"""Run folders: the one writer and the readers of what a run leaves behind.
+
+An exported run folder (`kerastl train`, a search's best model) holds:
+
+- the SavedModel and `labels.txt` (see `kerastl.export`);
+- `model.keras`, the `TransferClassifier` (loads with `safe_mode=True`);
+- `backbone.weights.h5`, a pretrained start for a later run (`--weights FILE`);
+- `config.json` (the resolved `RunConfig`), `history.json`, `metrics.json`;
+- `metadata.json`: the kerastl version and folder format that wrote it.
+
+A weights-only run folder (each search trial) holds the same files but, instead
+of the SavedModel, `model.keras` and `backbone.weights.h5`, only the weights: the
+head's alone (`head.weights.h5`) when the backbone never trained, so that a trial
+on a frozen ResNet costs kilobytes, not a copy of ResNet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import keras
+
+from kerastl.classifier import TransferClassifier, seeded_classifier
+from kerastl.config import RunConfig
+from kerastl.errors import KerastlError
+from kerastl.export import export_saved_model, read_labels, write_labels
+from kerastl.features import weights_digest
+from kerastl.storage import HEAD_WEIGHTS
+from kerastl.train import TrainResult
+from kerastl.version import FOLDER_FORMAT, __version__
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.json"
+METRICS_FILE = "metrics.json"
+METADATA_FILE = "metadata.json"
+MODEL_FILE = "model.keras"
+BACKBONE_WEIGHTS = "backbone.weights.h5"
+MODEL_WEIGHTS = "model.weights.h5"
+
+
+def write_json(path: Path, value: Any) -> None:
+    """One JSON file, indented, ending in a newline."""
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def check_export_dir(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuses a file, or a non-empty folder unless `overwrite`, before anything is trained."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise KerastlError(f"export path {path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise KerastlError(f"export folder {path} is not empty; choose another or pass overwrite")
+
+
+def write_run_folder(
+    folder: str | os.PathLike,
+    model: TransferClassifier,
+    class_names: Sequence[str],
+    config: RunConfig,
+    history: TrainResult,
+    metrics: dict[str, float],
+    export: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Writes a run folder (see the module docstring); the only writer of one.
+
+    Args:
+        folder: created if missing.
+        model: the trained classifier.
+        class_names: names in output order.
+        config: the resolved run config.
+        history: both phases' histories.
+        metrics: `val_*` and `test_*` scores.
+        export: the SavedModel, `model.keras` and `backbone.weights.h5`; else weights only.
+        extra: more JSON files to write, name -> value (a search's `search.json`).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    metadata = {"kerastl_version": __version__, "format": FOLDER_FORMAT, "export": export}
+    if export:
+        export_saved_model(model, folder, class_names)
+        model.save(folder / MODEL_FILE)
+        model.backbone.save_weights(folder / BACKBONE_WEIGHTS)
+    else:
+        write_labels(folder, class_names)
+        if model.from_scratch or history.phase2 is not None:
+            model.save_weights(folder / MODEL_WEIGHTS)
+        else:  # the backbone is the one it was built with: the head is all that changed
+            model.head_model().save_weights(folder / HEAD_WEIGHTS)
+            metadata["backbone_digest"] = weights_digest(model.backbone)
+    config.to_json(folder / CONFIG_FILE)
+    write_json(folder / HISTORY_FILE, history.to_dict())
+    write_json(folder / METRICS_FILE, metrics)
+    write_json(folder / METADATA_FILE, metadata)
+    for name, value in (extra or {}).items():
+        write_json(folder / name, value)
+    return folder
+
+
+def read_config(folder: str | os.PathLike) -> RunConfig:
+    """The run config of a run folder or export (0.1's extra search keys are accepted)."""
+    return RunConfig.from_json(Path(folder) / CONFIG_FILE)
+
+
+def read_json_file(folder: str | os.PathLike, name: str) -> Any:
+    """A JSON file of a run folder, e.g. `metrics.json` or `history.json`."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise KerastlError(f"{folder} has no {name} (is it a kerastl run folder?)")
+    return json.loads(path.read_text())
+
+
+def load_model(folder: str | os.PathLike) -> TransferClassifier:
+    """The trained `TransferClassifier` of a run folder, exported or weights-only.
+
+    `model.keras` loads in safe mode. A run folder written by kerastl 0.1 holds a
+    plain functional model: it is rebuilt as a `TransferClassifier` from its
+    `config.json` and takes the saved weights, or fails with one line saying what to do.
+    """
+    folder = Path(folder)
+    metadata_path = folder / METADATA_FILE
+    if (folder / MODEL_FILE).is_file():
+        loaded = keras.saving.load_model(folder / MODEL_FILE, safe_mode=True)
+        if isinstance(loaded, TransferClassifier):
+            return loaded
+        return _from_version_0_1(folder, loaded)
+    if not metadata_path.is_file():
+        raise KerastlError(f"{folder} has no {MODEL_FILE} (is it a kerastl run folder?)")
+    metadata = json.loads(metadata_path.read_text())
+    config = read_config(folder)
+    model = seeded_classifier(config.model, len(read_labels(folder)), config.data.seed)
+    if (folder / MODEL_WEIGHTS).is_file():
+        model.load_weights(folder / MODEL_WEIGHTS)
+        return model
+    if weights_digest(model.backbone) != metadata.get("backbone_digest"):
+        raise KerastlError(f"the backbone rebuilt for {folder} differs from the one its head was trained on; "
+                           "was its weights file changed?")
+    model.head_model().load_weights(folder / HEAD_WEIGHTS)
+    return model
+
+
+def _from_version_0_1(folder: Path, loaded: keras.Model) -> TransferClassifier:
+    """A 0.1 model.keras (a plain functional model with the same layers, in the same order) as a classifier."""
+    advice = (f"{folder} was written by kerastl 0.1 and cannot be read as a 0.2 classifier: load "
+              f"{folder / MODEL_FILE} with keras.saving.load_model, or retrain with "
+              f"`kerastl train --config {folder / CONFIG_FILE}`")
+    try:
+        config = read_config(folder)
+        config.model.weights = None  # the saved weights replace whatever the backbone started from
+        model = seeded_classifier(config.model, len(read_labels(folder)), config.data.seed)
+        model.set_weights(loaded.get_weights())
+    except (KerastlError, ValueError) as error:
+        raise KerastlError(f"{advice} ({str(error).splitlines()[0]})") from None
+    log.info("read %s as a kerastl 0.1 run folder", folder)
+    return model

@@ -1,0 +1,82 @@
+"""The search's settings: `TuneConfig`, and which run settings a search may vary.
+
+No TensorFlow here: the command line reads the choices for its help text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kerastl.config import JsonConfig
+from kerastl.errors import KerastlError
+
+TUNERS = ("random", "bayesian", "hyperband")
+ISOLATION = ("auto", "always", "never")
+OBJECTIVES = {"val_accuracy": "max", "val_loss": "min", "val_macro_f1": "max", "val_auc": "max"}
+
+# searchable setting -> (RunConfig section, field), in declaration order
+SPACE_FIELDS = {
+    "backbone": ("model", "backbone"),
+    "image_size": ("model", "image_size"),
+    "pooling": ("model", "pooling"),
+    "dropout": ("model", "dropout"),
+    "hidden_units": ("model", "hidden_units"),
+    "optimizer": ("train", "optimizer"),
+    "learning_rate": ("train", "learning_rate"),
+    "label_smoothing": ("train", "label_smoothing"),
+    "weight_decay": ("train", "weight_decay"),
+    "batch_size": ("data", "batch_size"),
+    "epochs": ("train", "epochs"),
+    "unfreeze_blocks": ("train", "unfreeze_blocks"),
+    "fine_tune_lr_ratio": ("train", "fine_tune_lr_ratio"),
+    "fine_tune_epochs": ("train", "fine_tune_epochs"),
+}
+
+
+@dataclass
+class TuneConfig(JsonConfig):
+    """A KerasTuner search over a run config (see `kerastl.tune.space` for `space`).
+
+    Attributes:
+        tuner: "random", "bayesian" or "hyperband".
+        objective: one of `OBJECTIVES` (its direction is known), scored on the
+            validation split with the trial's best weights restored.
+        max_trials: trials to run (for hyperband, set by `epochs` and its factor instead).
+        project_dir: the search's folder: KerasTuner state, one folder per trial,
+            saved phase-1 heads, results. Running again on it resumes.
+        space: setting -> list, range or fixed value; None is `DEFAULT_SPACE`.
+        workers: 1 runs trials one at a time in this process; N > 1 starts a chief
+            and N worker processes (one per GPU when there are GPUs); 0 means one
+            worker per GPU, or 1 without GPUs.
+        isolate: run each trial in its own process: "auto" (trials that run the
+            backbone: fine-tuning, no cache, from scratch), "always" or "never".
+        mixed_precision: float16 compute on GPUs; None means "when there is a GPU".
+        max_failures: stop the search after this many failed trials in a row.
+    """
+
+    tuner: str = "random"
+    objective: str = "val_accuracy"
+    max_trials: int = 10
+    project_dir: str = "tuning"
+    space: dict[str, Any] | None = None
+    workers: int = 1
+    isolate: str = "auto"
+    mixed_precision: bool | None = None
+    max_failures: int = 3
+    hyperband_factor: int = 3
+
+    def validate(self) -> None:
+        if self.tuner not in TUNERS:
+            raise KerastlError(f"tuner must be one of {list(TUNERS)}, got {self.tuner!r}")
+        if self.objective not in OBJECTIVES:
+            raise KerastlError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
+        if self.isolate not in ISOLATION:
+            raise KerastlError(f"isolate must be one of {list(ISOLATION)}, got {self.isolate!r}")
+        for name in ("max_trials", "max_failures"):
+            if getattr(self, name) < 1:
+                raise KerastlError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise KerastlError(f"workers must be 0 or more, got {self.workers}")
+        if self.hyperband_factor < 2:
+            raise KerastlError(f"hyperband_factor must be at least 2, got {self.hyperband_factor}")

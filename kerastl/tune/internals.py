@@ -1,0 +1,42 @@
+"""The KerasTuner internals kerastl relies on, each behind one small wrapper.
+
+KerasTuner has no public API for these two needs:
+
+- **Declaring a space without building models.** `BaseTuner.__init__` calls the
+  private hook `_populate_initial_space` on a fresh project, and KerasTuner's
+  version builds the model again and again to discover conditional
+  hyperparameters: for kerastl that would build a backbone per pass.
+  `TransferTuner` overrides the hook under the name below and declares the space.
+- **A chief that ends when the search does.** KerasTuner's public chief
+  (`keras_tuner.src.distribute.oracle_chief.start_server`, reached by `search()`
+  in a chief process) sleeps 20 s between its checks once the search is over.
+  `serve_oracle` runs the same `OracleServicer` and lets kerastl poll every 0.2 s.
+
+`tests/test_tune_internals.py` fails loudly when any of them changes.
+"""
+
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+import keras_tuner
+from keras_tuner.src import protos
+from keras_tuner.src.distribute import oracle_chief
+
+POPULATE_SPACE_HOOK = "_populate_initial_space"  # the name BaseTuner.__init__ calls
+
+
+def serve_oracle(oracle: keras_tuner.Oracle, address: str) -> tuple[grpc.Server, oracle_chief.OracleServicer]:
+    """Starts KerasTuner's own oracle servicer on `address` ("ip:port"); returns (server, servicer)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    servicer = oracle_chief.OracleServicer(oracle)
+    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
+    server.add_insecure_port(address)
+    server.start()
+    return server, servicer
+
+
+def search_finished(servicer: oracle_chief.OracleServicer, oracle: keras_tuner.Oracle) -> bool:
+    """Whether the oracle said stop and every worker has finished its last trial."""
+    return bool(servicer.stop_triggered and oracle_chief.exit_chief(oracle))

@@ -1,0 +1,198 @@
+"""A whole search: check, run (in this process or as a chief with workers), report, export.
+
+The project folder holds everything a search needs to resume: `search.json` (the
+run and tune configs), KerasTuner's state, one `trial_*` folder per trial and the
+stored phase-1 heads. Running the same search on it again reruns no completed
+trial and reruns the one a crash interrupted.
+
+The exported model is the best trial's own trained model, restored from its
+folder, not a retrain on train + validation: it is exactly the model whose
+validation score picked it, and no validation images are left to stop a
+retrain early or to check it. It is written by the one run-folder writer, with
+`search.json` (the tune config and the best trial) and the trial tables beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from kerastl.classifier import TransferClassifier
+from kerastl.config import RunConfig
+from kerastl.data import ImageData, load_data
+from kerastl.devices import list_gpus, setup_devices
+from kerastl.errors import KerastlError
+from kerastl.report import split_scores
+from kerastl.run import resolve_config
+from kerastl.runfolder import (HISTORY_FILE, METRICS_FILE, check_export_dir, load_model, read_config, read_json_file,
+                               write_run_folder)
+from kerastl.train import TrainResult
+from kerastl.tune.config import TuneConfig
+from kerastl.tune.distribute import launch, serve_chief
+from kerastl.tune.space import DEFAULT_SPACE, check_space
+from kerastl.tune.tables import trial_table, write_tables
+from kerastl.tune.trial import TrialContext
+from kerastl.tune.tuner import TransferTuner, make_tuner
+
+log = logging.getLogger(__name__)
+
+SEARCH_FILE = "search.json"
+
+
+@dataclass
+class SearchResult:
+    """The search's trials (best first), the best trial's model and where it was exported.
+
+    A worker of a search spread over machines returns no trials and no model: the chief reports.
+    """
+
+    trials: list[dict]
+    model: TransferClassifier | None
+    export_dir: Path | None
+    metrics: dict[str, float]
+
+
+def prepare(config: RunConfig, tune: TuneConfig) -> tuple[RunConfig, TuneConfig]:
+    """Validated copies: the space checked against the config, the export folder named."""
+    tune = TuneConfig.from_dict(tune.to_dict())
+    tune.validate()
+    resolved = resolve_config(config)
+    base = RunConfig.from_dict(config.to_dict())
+    base.name, base.export_dir = resolved.name, resolved.export_dir
+    tune.space = check_space(DEFAULT_SPACE if tune.space is None else tune.space, base)
+    return base, tune
+
+
+def claim_project(project: Path, base: RunConfig, tune: TuneConfig, restart: bool) -> None:
+    """Writes `search.json`; refuses a folder that holds a different search (unless restarting)."""
+    path = project / SEARCH_FILE
+    if restart and project.exists():
+        shutil.rmtree(project)
+    record = {"run": base.to_dict(), "tune": tune.to_dict()}
+    if path.exists():
+        previous = json.loads(path.read_text())
+        free = {"workers", "max_trials", "project_dir", "name", "export_dir"}  # may change between runs
+
+        def settled(part: dict) -> dict:
+            return {k: v for k, v in part.items() if k not in free}
+
+        if any(settled(previous[k]) != settled(record[k]) for k in ("run", "tune")):
+            raise KerastlError(f"project folder {project} holds a different search; resume it with the same "
+                               "settings, start over with --restart (restart=True), or choose another folder")
+    project.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_search(project: Path) -> tuple[RunConfig, TuneConfig]:
+    """The run and tune configs a project folder's `search.json` holds."""
+    record = json.loads((project / SEARCH_FILE).read_text())
+    tune = TuneConfig.from_dict(record["tune"])
+    tune.project_dir = str(project)
+    return RunConfig.from_dict(record["run"]), tune
+
+
+def search_here(base: RunConfig, tune: TuneConfig, data: ImageData | None, verbose: int | str = 0) -> TransferTuner:
+    """Runs trials in this process (the single-process search, or one worker of many)."""
+    setup = setup_devices(tune.mixed_precision)
+    context = TrialContext(tune.project_dir, data, setup.device, verbose)
+    num_classes = len(data.class_names) if data is not None else None
+    tuner = make_tuner(base, tune, context, num_classes)
+    try:
+        tuner.search(verbose=0)
+    except RuntimeError as error:
+        if "consecutive failures" not in str(error):
+            raise
+        last = [line for line in str(error).splitlines() if line.strip()][-1]
+        raise KerastlError(f"search stopped: {tune.max_failures} trials in a row failed; the last with: "
+                           f"{last}. Trial folders under {tune.project_dir} hold each trial's log") from None
+    return tuner
+
+
+def run_as_chief(base: RunConfig, tune: TuneConfig) -> TransferTuner:
+    """The chief of a distributed search: serves the oracle until the search is done."""
+    tuner = make_tuner(base, tune, None, None)
+    serve_chief(tuner)
+    return tuner
+
+
+def run_search(
+    config: RunConfig,
+    tune: TuneConfig,
+    data: ImageData | None = None,
+    overwrite: bool = False,
+    restart: bool = False,
+    verbose: int | str = 0,
+) -> SearchResult:
+    """Searches, then exports the best trial's model with the trial tables beside it.
+
+    Args:
+        config: the run every trial starts from (data, backbone, training settings).
+        tune: tuner, objective, space, project folder, workers.
+        data: in-memory data for every trial (single process only); default loads
+            `config.data.source` (needed for workers and isolated trials).
+        overwrite: replace a non-empty export folder.
+        restart: delete the project folder first instead of resuming it.
+        verbose: Keras `fit` verbosity inside trials.
+
+    Example:
+    ```python
+    result = run_search(RunConfig(DataConfig("flowers"), ModelConfig("efficientnet_b0")),
+                        TuneConfig(max_trials=20, space={"dropout": [0.0, 0.3], "unfreeze_blocks": [0, 2]}))
+    result.trials[0], result.model, result.export_dir
+    ```
+    """
+    base, tune = prepare(config, tune)
+    export_dir = Path(base.export_dir)
+    check_export_dir(export_dir, overwrite)
+    project = Path(tune.project_dir)
+    claim_project(project, base, tune, restart)
+    workers, gpus = tune.workers, len(list_gpus())
+    if workers == 0:
+        workers = gpus if gpus > 1 else 1
+    role = os.environ.get("KERASTUNER_TUNER_ID", "") if "KERASTUNER_ORACLE_IP" in os.environ else ""
+    if role and "chief" not in role:  # one worker of a search spread over machines: run trials, export nothing
+        search_here(base, tune, data, verbose)
+        return SearchResult([], None, None, {})
+    if role:  # the chief of a search spread over machines: serve the oracle, then report and export
+        tuner = run_as_chief(base, tune)
+    elif workers > 1:
+        if data is not None:
+            raise KerastlError("several workers load the data themselves: give a data source, not in-memory data")
+        launch(tune, workers, gpus)
+        tuner = make_tuner(base, tune, None, None)  # reloads the finished search's state
+    else:
+        tuner = search_here(base, tune, data, verbose)
+    rows = trial_table(tuner)
+    write_tables(rows, project)
+    done = [row for row in rows if row["status"] == "COMPLETED"]
+    if not done:
+        raise KerastlError(f"no trial completed; see {project / 'trials.csv'} and the trial logs")
+    model, metrics = export_best(tuner, done[0]["trial"], export_dir, tune, data)
+    write_tables(rows, export_dir)
+    log.info("best trial %s (%s %.4f) exported to %s", done[0]["trial"], tune.objective, done[0][tune.objective],
+             export_dir)
+    return SearchResult(rows, model, export_dir, metrics)
+
+
+def export_best(tuner: TransferTuner, trial_id: str, export_dir: Path, tune: TuneConfig,
+                data: ImageData | None) -> tuple[TransferClassifier, dict[str, float]]:
+    """Writes the best trial's own model as an exported run folder, scored on the test split if there is one."""
+    trial_dir = Path(tuner.get_trial_dir(trial_id))
+    config = read_config(trial_dir)
+    config.name, config.export_dir = export_dir.name, str(export_dir)
+    model = load_model(trial_dir)
+    if data is None and tuner.context is not None:  # an in-process search has loaded it already
+        data = tuner.context.data(config)
+    elif data is None:
+        data = load_data(config.data, config.model.image_size)
+    metrics = read_json_file(trial_dir, METRICS_FILE)
+    if data.test is not None:
+        metrics.update(split_scores(model, data.test.batches(config.data.batch_size, cache_limit_mb=0), "test_"))
+    history = TrainResult.from_dict(read_json_file(trial_dir, HISTORY_FILE))
+    write_run_folder(export_dir, model, data.class_names, config, history, metrics,
+                     extra={SEARCH_FILE: {"tune": tune.to_dict(), "best_trial": trial_id}})
+    return model, metrics

@@ -1,0 +1,112 @@
+"""`TransferTuner`: a KerasTuner Tuner whose trials are kerastl runs, isolated when heavy.
+
+Head-only trials run in this process on the search's shared cached features
+(the feature cache keys them, so they are extracted once per backbone setting);
+trials that run the backbone go to a process of their own (see `kerastl.tune.trial`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from pathlib import Path
+
+import keras
+import keras_tuner
+
+from kerastl.classifier import TransferClassifier
+from kerastl.config import RunConfig
+from kerastl.errors import KerastlError
+from kerastl.runfolder import load_model
+from kerastl.tune import internals
+from kerastl.tune.config import OBJECTIVES, TuneConfig
+from kerastl.tune.hypermodel import TransferHyperModel
+from kerastl.tune.tables import shown_values
+from kerastl.tune.trial import TrialContext, needs_process, run_in_process
+
+log = logging.getLogger(__name__)
+
+
+def make_objective(name: str) -> keras_tuner.Objective:
+    """The KerasTuner objective with its direction (max for accuracy, F1 and AUC; min for loss)."""
+    if name not in OBJECTIVES:
+        raise KerastlError(f"objective must be one of {list(OBJECTIVES)}, got {name!r}")
+    return keras_tuner.Objective(name, OBJECTIVES[name])
+
+
+def make_oracle(tune: TuneConfig, seed: int, max_epochs: int) -> keras_tuner.Oracle:
+    """The KerasTuner oracle for `tune.tuner`, with the objective's direction and the failure limit."""
+    common = {"objective": make_objective(tune.objective), "seed": seed, "max_retries_per_trial": 0,
+              "max_consecutive_failed_trials": tune.max_failures}
+    if tune.tuner == "random":
+        return keras_tuner.oracles.RandomSearchOracle(max_trials=tune.max_trials, **common)
+    if tune.tuner == "bayesian":
+        return keras_tuner.oracles.BayesianOptimizationOracle(max_trials=tune.max_trials, **common)
+    return keras_tuner.oracles.HyperbandOracle(max_epochs=max_epochs, factor=tune.hyperband_factor, **common)
+
+
+class TransferTuner(keras_tuner.Tuner):
+    """Runs `TransferHyperModel` trials as kerastl runs: cached features, stored heads, own processes.
+
+    Args:
+        oracle: any KerasTuner oracle (see `make_oracle`).
+        hypermodel: the search's `TransferHyperModel`.
+        context: shared data and heads for in-process trials (None in a chief, which runs none).
+        tune: isolation and precision settings.
+        directory, project_name: where KerasTuner keeps its state (never overwritten: reruns resume).
+    """
+
+    def __init__(self, oracle, hypermodel: TransferHyperModel, context: TrialContext | None, tune: TuneConfig,
+                 directory: str, project_name: str):
+        self.context, self.tune = context, tune
+        super().__init__(oracle=oracle, hypermodel=hypermodel, directory=directory, project_name=project_name,
+                         overwrite=False)
+
+    def declare_space(self) -> None:
+        """Declares the hypermodel's space on the oracle without building a model."""
+        hp = self.oracle.get_space()
+        self.hypermodel.declare_hyperparameters(hp)
+        self.oracle.update_space(hp)
+
+    def run_trial(self, trial, *args, **kwargs) -> dict[str, float]:
+        config = self.hypermodel.trial_config(trial.hyperparameters)
+        budget = trial.hyperparameters.values.get("tuner/epochs")
+        trial_dir = Path(self.get_trial_dir(trial.trial_id))
+        isolated = needs_process(config, self.tune.isolate) and self.context.can_isolate
+        log.info("trial %s: %s%s", trial.trial_id, json.dumps(shown_values(trial.hyperparameters.values)),
+                 " (own process)" if isolated else "")
+        try:
+            if isolated:
+                return run_in_process(config, trial_dir, Path(self.project_dir), budget, self.tune.mixed_precision)
+            keras.backend.clear_session()  # frees the last trial's models (it runs gc.collect itself)
+            return self.context.run(config, trial_dir, budget)
+        except Exception as error:
+            lines = str(error).strip().splitlines()
+            log.warning("trial %s failed: %s", trial.trial_id, lines[-1] if lines else type(error).__name__)
+            raise
+
+    def load_model(self, trial) -> TransferClassifier:
+        """The trial's trained classifier, as `get_best_models` expects."""
+        return load_model(self.get_trial_dir(trial.trial_id))
+
+
+# KerasTuner builds the model repeatedly in this private hook to discover the space; declaring it is
+# enough here and builds nothing (see kerastl.tune.internals and tests/test_tune_internals.py).
+setattr(TransferTuner, internals.POPULATE_SPACE_HOOK, TransferTuner.declare_space)
+
+
+def make_tuner(base: RunConfig, tune: TuneConfig, context: TrialContext | None,
+               num_classes: int | None) -> TransferTuner:
+    """The search's `TransferTuner` on its project folder (reloading any state there)."""
+    project = Path(tune.project_dir).resolve()
+    oracle = make_oracle(tune, base.data.seed, base.train.epochs)
+    hypermodel = TransferHyperModel(base, tune.space, num_classes)
+    with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner prints "Reloading Tuner from ..."
+        tuner = TransferTuner(oracle, hypermodel, context, tune, str(project.parent), project.name)
+    trials = getattr(tuner.oracle, "trials", {})  # a worker's oracle is a client of the chief's: no trials here
+    done = sum(trial.status == "COMPLETED" for trial in trials.values())
+    if done:
+        log.info("resuming the search in %s: %d trials completed", project, done)
+    return tuner
