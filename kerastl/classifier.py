@@ -47,6 +47,14 @@ class BackbonePreprocessing(layers.Layer):
         return {**super().get_config(), "backbone": self.backbone}
 
 
+def check_classes(num_classes: int, binary: bool) -> None:
+    """Two or more classes; exactly two for a binary (one sigmoid unit) classifier."""
+    if num_classes < 2:
+        raise KerastlError(f"a classifier needs two or more classes, got {num_classes}")
+    if binary and num_classes != 2:
+        raise KerastlError(f"binary=True needs exactly two classes, got {num_classes}")
+
+
 @keras.saving.register_keras_serializable(package="kerastl")
 class TransferClassifier(keras.Model):
     """A backbone from the registry with a pooling, dropout and softmax head.
@@ -94,10 +102,7 @@ class TransferClassifier(keras.Model):
     ):
         spec = get_spec(backbone_name)
         size = resolve_size(spec, image_size)
-        if num_classes < 2:
-            raise KerastlError(f"a classifier needs two or more classes, got {num_classes}")
-        if binary and num_classes != 2:
-            raise KerastlError(f"binary=True needs exactly two classes, got {num_classes}")
+        check_classes(num_classes, binary)
         if pooling not in ("avg", "max"):
             raise KerastlError(f"pooling must be avg or max, got {pooling!r}")
 
@@ -120,8 +125,8 @@ class TransferClassifier(keras.Model):
 
         # === Functional model ===
         inputs = keras.Input(shape=(None, None, 3), name="images")
-        maps = backbone(self.preprocess_images(inputs)) if from_scratch else self._backbone_maps(inputs)
-        outputs = self.head_layers_on(self.pooler(maps))
+        maps = [backbone(self.preprocess_images(inputs))] if from_scratch else self._backbone_maps(inputs)
+        outputs = self.head_layers_on(self.pool_features(maps))
         super().__init__(inputs=inputs, outputs=outputs, name=kwargs.pop("name", f"kerastl_{spec.name}"), **kwargs)
 
         # === Config ===
@@ -143,8 +148,17 @@ class TransferClassifier(keras.Model):
         """Raw 0-255 images of any size -> the backbone's input (resized and preprocessed)."""
         return self.preprocessing(self.resizing(images))
 
-    def _backbone_maps(self, images):
-        return self.backbone(self.preprocess_images(images), training=False)
+    def _backbone_maps(self, images) -> list:
+        """The feature maps the head reads, BatchNorm in inference mode: today the backbone's output.
+
+        The head reads a list, so that reading several blocks (Head2Toe) only adds maps here.
+        """
+        return [self.backbone(self.preprocess_images(images), training=False)]
+
+    def pool_features(self, maps: list):
+        """Globally pools each feature map; several maps are concatenated into one vector."""
+        pooled = [self.pooler(feature_map) for feature_map in maps]
+        return pooled[0] if len(pooled) == 1 else layers.Concatenate(name="features")(pooled)
 
     def head_layers_on(self, features):
         """The head (dropout, optional hidden layer, classifier) applied to pooled features."""
@@ -156,12 +170,12 @@ class TransferClassifier(keras.Model):
     @property
     def feature_dim(self) -> int:
         """The width of the pooled features the head reads."""
-        return int(self.backbone.output.shape[-1])
+        return sum(int(feature_map.shape[-1]) for feature_map in self.backbone.outputs)
 
     def features_model(self) -> keras.Model:
         """Raw images -> pooled backbone features (what the head sees), in inference mode."""
         inputs = keras.Input(shape=(None, None, 3), name="images")
-        return keras.Model(inputs, self.pooler(self._backbone_maps(inputs)), name="features")
+        return keras.Model(inputs, self.pool_features(self._backbone_maps(inputs)), name="features")
 
     def head_model(self) -> keras.Model:
         """Pooled features -> probabilities, on this classifier's own head layers.
@@ -240,27 +254,28 @@ class TransferClassifier(keras.Model):
         return cls(**config)
 
 
-def build_classifier(config: ModelConfig, num_classes: int, seed: int | None = None) -> TransferClassifier:
+def build_classifier(config: ModelConfig, num_classes: int, seed: int | None = None,
+                     backbone: keras.Model | None = None) -> TransferClassifier:
     """The classifier that `config` describes: backbone from the registry (with its weights) and head.
 
     The backbone starts frozen unless the config trains from scratch. `seed` fixes
     the head's initial weights and dropout masks (see `TransferClassifier`).
+    `backbone` reuses one already built for this config (a search's frozen base,
+    shared by its head-only trials) instead of building it again.
     """
     config.validate()
     spec = get_spec(config.backbone)
     size = resolve_size(spec, config.image_size)
-    if num_classes < 2:
-        raise KerastlError(f"a classifier needs two or more classes, got {num_classes}")
-    if config.binary and num_classes != 2:
-        raise KerastlError(f"binary=True needs exactly two classes, got {num_classes}")
+    check_classes(num_classes, config.binary)  # before the backbone, which may take a while to build
     return TransferClassifier(
-        build_backbone(spec.name, size, config.weights), spec.name, num_classes, size,
+        backbone or build_backbone(spec.name, size, config.weights), spec.name, num_classes, size,
         pooling=config.pooling, dropout=config.dropout, hidden_units=config.hidden_units, binary=config.binary,
         from_scratch=config.trains_from_scratch, seed=seed,
     )
 
 
-def seeded_classifier(config: ModelConfig, num_classes: int, seed: int) -> TransferClassifier:
+def seeded_classifier(config: ModelConfig, num_classes: int, seed: int,
+                      backbone: keras.Model | None = None) -> TransferClassifier:
     """`build_classifier` right after seeding: a random start is the same in every run and process."""
     keras.utils.set_random_seed(seed)
-    return build_classifier(config, num_classes, seed=seed)
+    return build_classifier(config, num_classes, seed=seed, backbone=backbone)

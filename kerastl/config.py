@@ -170,7 +170,7 @@ class TrainConfig(JsonConfig):
         return self.fine_tune_epochs > 0 and (self.unfreeze_blocks > 0 or bool(self.unfreeze_from))
 
 
-# keys that kerastl 0.1 wrote into a search export's config.json; 0.2 keeps them in search.json
+# keys that kerastl 0.1 wrote into a search export's config.json; 0.2 keeps them in tune.json
 LEGACY_KEYS = ("tune", "best_trial")
 
 
@@ -179,7 +179,7 @@ class RunConfig(JsonConfig):
     """Everything one training run needs; written as `config.json` beside its outputs.
 
     A search's own settings live in `kerastl.tune.config.TuneConfig`, saved as
-    `search.json` beside a search's export.
+    `tune.json` beside a search's export.
 
     Attributes:
         name: the run's name; the default export folder is `saved_models/<name>`.

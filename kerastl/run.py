@@ -136,9 +136,12 @@ def run_training(
     """
     config = resolve_config(config)
     folder = Path(config.export_dir)
+    pipelines = isinstance(data, tuple)
+    if pipelines and (model is None or save != "none"):
+        raise KerastlError("training on (train, validation) pipelines needs the model built for them and "
+                           "save='none': pipelines carry no class names to build or export with")
     if save != "none":
         check_export_dir(folder, overwrite)
-    pipelines = isinstance(data, tuple)
     if not pipelines:
         data = _checked_data(config, data)
     model = model or seeded_classifier(config.model, len(data.class_names), config.data.seed)
@@ -162,7 +165,8 @@ def run_training(
     log.info("metrics: %s", metrics)
     class_names = None if pipelines else data.class_names
     if save != "none":
-        write_run_folder(folder, model, class_names, config, history, metrics, export=save == "export")
+        write_run_folder(folder, model, class_names, config, history, metrics, export=save == "export",
+                         backbone_digest=phase1.backbone_digest)
     return RunResult(model, history, class_names, metrics, folder if save != "none" else None, config,
                      reused_head=phase1.start is not None)
 
@@ -184,6 +188,7 @@ class Phase1:
     features: tuple[CachedFeatures, CachedFeatures] | None = None
     start: keras.callbacks.History | None = None
     key: str | None = None
+    backbone_digest: str | None = None  # of the backbone the features came from
 
     def store(self, heads: HeadStore | None, model: TransferClassifier, history: keras.callbacks.History) -> None:
         """Stores a newly trained phase-1 head (called between the phases)."""
@@ -201,10 +206,11 @@ def _phase1(config: RunConfig, data: ImageData, model: TransferClassifier, heads
     features = FeatureCache(tc.cache_dir, dc.cache_limit_mb).phase1(
         model, data.train, data.validation, cached_views(dc.augment, tc.cache_views), dc.augment, dc.seed,
         dc.batch_size, progress=verbose != 0, fingerprint=fingerprint)
+    digest = fingerprint["weights"]
     if heads is None:
-        return Phase1(features)
+        return Phase1(features, backbone_digest=digest)
     key = phase1_key(fingerprint, data, config)
-    return Phase1(features, _stored_phase1(heads, key, model), key)
+    return Phase1(features, _stored_phase1(heads, key, model), key, digest)
 
 
 def _stored_phase1(heads: HeadStore, key: str, model: TransferClassifier) -> keras.callbacks.History | None:

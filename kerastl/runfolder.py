@@ -27,7 +27,7 @@ import keras
 from kerastl.classifier import TransferClassifier, seeded_classifier
 from kerastl.config import RunConfig
 from kerastl.errors import KerastlError
-from kerastl.export import export_saved_model, read_labels, write_labels
+from kerastl.export import CONFIG_FILE, export_saved_model, read_labels, write_labels
 from kerastl.features import weights_digest
 from kerastl.storage import HEAD_WEIGHTS
 from kerastl.train import TrainResult
@@ -35,7 +35,6 @@ from kerastl.version import FOLDER_FORMAT, __version__
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
 METRICS_FILE = "metrics.json"
 METADATA_FILE = "metadata.json"
@@ -67,6 +66,7 @@ def write_run_folder(
     metrics: dict[str, float],
     export: bool = True,
     extra: dict[str, Any] | None = None,
+    backbone_digest: str | None = None,
 ) -> Path:
     """Writes a run folder (see the module docstring); the only writer of one.
 
@@ -78,7 +78,8 @@ def write_run_folder(
         history: both phases' histories.
         metrics: `val_*` and `test_*` scores.
         export: the SavedModel, `model.keras` and `backbone.weights.h5`; else weights only.
-        extra: more JSON files to write, name -> value (a search's `search.json`).
+        extra: more JSON files to write, name -> value (a search's `tune.json`).
+        backbone_digest: `weights_digest(model.backbone)` when the caller has it already.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,7 @@ def write_run_folder(
             model.save_weights(folder / MODEL_WEIGHTS)
         else:  # the backbone is the one it was built with: the head is all that changed
             model.head_model().save_weights(folder / HEAD_WEIGHTS)
-            metadata["backbone_digest"] = weights_digest(model.backbone)
+            metadata["backbone_digest"] = backbone_digest or weights_digest(model.backbone)
     config.to_json(folder / CONFIG_FILE)
     write_json(folder / HISTORY_FILE, history.to_dict())
     write_json(folder / METRICS_FILE, metrics)
@@ -148,10 +149,11 @@ def load_model(folder: str | os.PathLike) -> TransferClassifier:
 def _from_version_0_1(folder: Path, loaded: keras.Model) -> TransferClassifier:
     """A 0.1 model.keras (a plain functional model with the same layers, in the same order) as a classifier."""
     advice = (f"{folder} was written by kerastl 0.1 and cannot be read as a 0.2 classifier: load "
-              f"{folder / MODEL_FILE} with keras.saving.load_model, or retrain with "
+              f"{folder / MODEL_FILE} with keras.saving.load_model after `import kerastl.classifier`, or retrain with "
               f"`kerastl train --config {folder / CONFIG_FILE}`")
     try:
         config = read_config(folder)
+        config.model.from_scratch = config.model.trains_from_scratch  # before the weights are cleared
         config.model.weights = None  # the saved weights replace whatever the backbone started from
         model = seeded_classifier(config.model, len(read_labels(folder)), config.data.seed)
         model.set_weights(loaded.get_weights())

@@ -63,7 +63,7 @@ class HeadStore:
         self.directory = Path(directory)
 
     def load(self, key: str) -> dict | None:
-        """The head's meta ("best_val_loss", "epochs", and "weights", its file), or None."""
+        """The head's meta (as saved, e.g. its phase-1 history, plus "weights": its file), or None."""
         folder = self.directory / key
         try:
             meta = json.loads((folder / "meta.json").read_text())

@@ -31,7 +31,7 @@ def check_contract(name: str, folder) -> None:
     bounds = model.block_boundaries()
     assert len(bounds) >= 3, "fine-tuning needs several blocks to choose from"
     assert bounds == sorted(set(bounds)) and bounds[-1] < len(model.backbone.layers)
-    assert not any(isinstance(layer, keras.layers.Lambda) for layer in model._flatten_layers())
+    assert not any(isinstance(layer, keras.layers.Lambda) for layer in [*model.layers, *model.backbone.layers])
 
     images = np.random.default_rng(0).uniform(0, 255, (2, size + 5, size - 3, 3)).astype(np.float32)
     expected = model.predict(images, verbose=0)

@@ -45,7 +45,7 @@ def test_binary_has_one_sigmoid_unit_and_needs_two_classes():
 
 def test_no_lambda_and_keras_file_loads_in_safe_mode_with_every_argument(tmp_path):
     model = build_classifier(small("resnet50", hidden_units=4, pooling="max", dropout=0.3), num_classes=3, seed=5)
-    assert not any(isinstance(layer, keras.layers.Lambda) for layer in model._flatten_layers())
+    assert not any(isinstance(layer, keras.layers.Lambda) for layer in [*model.layers, *model.backbone.layers])
     x = np.random.default_rng(0).uniform(0, 255, (2, 40, 40, 3)).astype(np.float32)
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
@@ -70,6 +70,13 @@ def test_features_and_head_models_share_the_classifier_layers():
     np.testing.assert_allclose(model.output_dense.kernel.numpy(), head.get_layer("probabilities").kernel.numpy())
     np.testing.assert_allclose(head(features, training=False), model(images, training=False), atol=1e-5)
     assert {id(w) for w in head.weights} <= {id(w) for w in model.weights}
+
+
+def test_the_head_reads_pooled_features_of_one_or_several_blocks():
+    model = build_classifier(small(), num_classes=3)
+    one = model.pool_features([keras.Input((4, 4, 8))])
+    several = model.pool_features([keras.Input((4, 4, 8)), keras.Input((2, 2, 16))])
+    assert one.shape == (None, 8) and several.shape == (None, 24)  # pooled, then concatenated
 
 
 def test_base_starts_frozen_and_unfreezes_by_blocks_keeping_batchnorm_frozen():

@@ -14,7 +14,7 @@ from kerastl.runfolder import load_model, read_config
 
 V01_CONFIG = {
     "data": {"source": "digits", "augment": "none"},
-    "model": {"backbone": "simple_cnn", "weights": None, "image_size": 16, "hidden_units": 8},
+    "model": {"backbone": "mobilenet_v2", "weights": None, "image_size": 32, "hidden_units": 8},
     "train": {"epochs": 2, "fine_tune_epochs": 0},
     "name": "old", "export_dir": "saved_models/old",
     "tune": {"tuner": "random", "max_trials": 4}, "best_trial": "2",  # what a 0.1 search export added
@@ -24,17 +24,18 @@ V01_CONFIG = {
 def write_version_0_1_folder(folder, hidden_units=8):
     """What 0.1 wrote: a plain functional model with named layers, labels and a config with search keys."""
     inputs = keras.Input(shape=(None, None, 3), name="images")
-    x = keras.layers.Resizing(16, 16, name="resize")(inputs)
-    x = BackbonePreprocessing("simple_cnn", name="preprocess")(x)
-    x = build_backbone("simple_cnn", 16, weights=None)(x, training=False)
+    x = keras.layers.Resizing(32, 32, name="resize")(inputs)
+    x = BackbonePreprocessing("mobilenet_v2", name="preprocess")(x)
+    x = build_backbone("mobilenet_v2", 32, weights=None)(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(0.2, name="dropout")(x)
     if hidden_units:
         x = keras.layers.Dense(hidden_units, activation="relu", name="hidden")(x)
     outputs = keras.layers.Dense(3, activation="softmax", dtype="float32", name="probabilities")(x)
-    model = keras.Model(inputs, outputs, name="kerastl_simple_cnn")
-    for weight in model.weights:  # trained weights, unlike any fresh start
-        weight.assign(np.random.default_rng(len(weight.path)).normal(0, 0.2, weight.shape).astype(np.float32))
+    model = keras.Model(inputs, outputs, name="kerastl_mobilenet_v2")
+    for weight in model.weights:  # trained weights (BatchNorm statistics included), unlike any fresh start
+        values = np.random.default_rng(len(weight.path)).normal(0, 0.2, weight.shape)
+        weight.assign((np.abs(values) + 0.5 if "variance" in weight.path else values).astype(np.float32))
     folder.mkdir()
     model.save(folder / "model.keras")
     (folder / "labels.txt").write_text("a\nb\nc\n")
@@ -42,10 +43,14 @@ def write_version_0_1_folder(folder, hidden_units=8):
     return model
 
 
-def test_a_version_0_1_run_folder_loads_as_a_classifier_with_equal_outputs(tmp_path):
+@pytest.mark.parametrize("weights, from_scratch", [("imagenet", False), (None, True)])
+def test_a_version_0_1_run_folder_loads_as_a_classifier_with_equal_outputs(tmp_path, monkeypatch, weights,
+                                                                         from_scratch):
+    monkeypatch.setitem(V01_CONFIG, "model", {**V01_CONFIG["model"], "weights": weights})
     old = write_version_0_1_folder(tmp_path / "old")
-    loaded = load_model(tmp_path / "old")
+    loaded = load_model(tmp_path / "old")  # never downloads: the saved weights replace the start
     assert isinstance(loaded, TransferClassifier) and loaded.hidden_units == 8
+    assert loaded.from_scratch == from_scratch and loaded.backbone.trainable == from_scratch
     images = np.random.default_rng(0).uniform(0, 255, (3, 20, 20, 3)).astype(np.float32)
     np.testing.assert_allclose(loaded.predict(images, verbose=0), old.predict(images, verbose=0), atol=1e-6)
 

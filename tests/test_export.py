@@ -123,3 +123,53 @@ def test_run_refuses_a_non_empty_export_folder_and_writes_nothing_on_bad_input(t
     with pytest.raises(Exception, match="too small"):
         run_training(config, data=data)
     assert not (tmp_path / "new").exists()
+
+
+def _digit_run(tmp_path, fine_tune_epochs=0, weights=None):
+    from kerastl.data import load_digits
+
+    x, y, names = load_digits((0, 1, 2))
+    data = from_arrays(x[:90], y[:90], 16, names)
+    config = RunConfig(DataConfig(augment="none", batch_size=16),
+                       ModelConfig("simple_cnn", weights=weights, image_size=16, from_scratch=False, hidden_units=4),
+                       TrainConfig(epochs=2, fine_tune_epochs=fine_tune_epochs, unfreeze_blocks=1,
+                                   cache_dir=str(tmp_path / "cache")),
+                       export_dir=str(tmp_path / "run"))
+    return run_training(config, data, verbose=0, save="weights")
+
+
+@pytest.mark.parametrize("fine_tune_epochs, weights_file", [(0, "head.weights.h5"), (1, "model.weights.h5")])
+def test_weights_only_run_folders_load_as_the_same_model(tmp_path, fine_tune_epochs, weights_file):
+    result = _digit_run(tmp_path, fine_tune_epochs)
+    folder = result.export_dir
+    assert (folder / weights_file).is_file() and not (folder / "saved_model.pb").exists()
+    assert (result.history.phase2 is not None) == bool(fine_tune_epochs)
+    images = np.random.default_rng(3).uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(load_model(folder).predict(images, verbose=0), result.model.predict(images, verbose=0),
+                               atol=1e-6)
+
+
+def test_a_head_whose_backbone_file_changed_is_refused(tmp_path):
+    from kerastl.errors import KerastlError
+
+    start = build_classifier(ModelConfig("simple_cnn", weights=None, image_size=16), 3)
+    start.backbone.save_weights(tmp_path / "b.weights.h5")
+    _digit_run(tmp_path, weights=str(tmp_path / "b.weights.h5"))
+    other = build_classifier(ModelConfig("simple_cnn", weights=None, image_size=16), 3)
+    other.backbone.save_weights(tmp_path / "b.weights.h5")  # the file the head's backbone came from, replaced
+    with pytest.raises(KerastlError, match="differs from the one its head was trained on"):
+        load_model(tmp_path / "run")
+
+
+def test_pipelines_need_their_model_and_write_nothing(tmp_path):
+    from kerastl.errors import KerastlError
+
+    data = from_arrays(np.zeros((6, 8, 8, 3), np.uint8), np.array([0, 1] * 3), 16, ["a", "b"])
+    config = RunConfig(model=ModelConfig("simple_cnn", weights=None, image_size=16), export_dir=str(tmp_path / "e"))
+    pipelines = (data.train.batches(2), data.validation.batches(2))
+    with pytest.raises(KerastlError, match="needs the model built for them"):
+        run_training(config, pipelines)
+    model = build_classifier(config.model, 2)
+    with pytest.raises(KerastlError, match="save='none'"):
+        run_training(config, pipelines, model=model, save="export")
+    assert not (tmp_path / "e").exists()

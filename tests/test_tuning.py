@@ -107,6 +107,36 @@ def test_head_search_extracts_features_once_and_exports_the_best_trial(tmp_path)
     assert accuracy == pytest.approx(result.trials[0]["val_accuracy"], abs=1e-9)
 
 
+def test_a_search_export_is_a_run_folder_that_train_reproduces(tmp_path, capsys):
+    from kerastl.cli import main
+    from kerastl.runfolder import load_model
+
+    config = base_config(tmp_path)
+    config.data.test_split = 0.2
+    result = run_search(config, TuneConfig(max_trials=2, project_dir=str(tmp_path / "project"), space=HEAD_SPACE))
+    export = tmp_path / "export"
+    for name in ("saved_model.pb", "labels.txt", "config.json", "model.keras", "backbone.weights.h5", "history.json",
+                 "metrics.json", "metadata.json", "tune.json", "trials.csv", "trials.json"):
+        assert (export / name).is_file(), name  # what every train export holds, plus the search's own files
+    assert json.loads((export / "tune.json").read_text())["best_trial"] == result.trials[0]["trial"]
+    metrics = json.loads((export / "metrics.json").read_text())
+    assert metrics["val_accuracy"] == result.trials[0]["val_accuracy"] and "test_accuracy" in metrics
+    best_trial = tmp_path / "project" / f"trial_{result.trials[0]['trial']}"
+    images = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(load_model(export).predict(images, verbose=0),
+                               load_model(best_trial).predict(images, verbose=0), atol=1e-6)
+
+    assert main(["train", "--config", str(export / "config.json"), "--export", str(tmp_path / "again"), "-q"]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert RunConfig.from_json(tmp_path / "again" / "config.json").model == RunConfig.from_json(
+        export / "config.json").model
+    from kerastl.data import load_data
+
+    count = load_data(config.data, 16).validation.count
+    assert again["val_accuracy"] == pytest.approx(metrics["val_accuracy"], abs=1.5 / count)
+    assert again["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-3)
+
+
 def test_fine_tuning_trial_starts_from_the_saved_head_of_an_equal_head_trial(tmp_path):
     config = base_config(tmp_path)
     context = TrialContext(tmp_path / "project")
@@ -199,8 +229,9 @@ def test_head_keeps_a_float32_softmax_under_mixed_precision():
 
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        head = build_classifier(ModelConfig("simple_cnn", None, 16, hidden_units=8), 3).head_model()
-        assert head.get_layer("hidden").compute_dtype == "float16"
+        model = build_classifier(ModelConfig("simple_cnn", None, 16, hidden_units=8), 3)
+        head = model.head_model()
+        assert model.hidden.compute_dtype == "float16"
         assert head.output.dtype == "float32"
     finally:
         keras.mixed_precision.set_global_policy("float32")

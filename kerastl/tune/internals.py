@@ -18,6 +18,7 @@ KerasTuner has no public API for these two needs:
 from __future__ import annotations
 
 from concurrent import futures
+from typing import Any, Callable
 
 import grpc
 import keras_tuner
@@ -25,6 +26,12 @@ from keras_tuner.src import protos
 from keras_tuner.src.distribute import oracle_chief
 
 POPULATE_SPACE_HOOK = "_populate_initial_space"  # the name BaseTuner.__init__ calls
+
+
+def declare_space_on_init(tuner_class: type, declare: Callable[[Any], None]) -> type:
+    """Makes `tuner_class` run `declare(tuner)` where KerasTuner would build models to find the space."""
+    setattr(tuner_class, POPULATE_SPACE_HOOK, declare)
+    return tuner_class
 
 
 def serve_oracle(oracle: keras_tuner.Oracle, address: str) -> tuple[grpc.Server, oracle_chief.OracleServicer]:

@@ -9,7 +9,7 @@ The exported model is the best trial's own trained model, restored from its
 folder, not a retrain on train + validation: it is exactly the model whose
 validation score picked it, and no validation images are left to stop a
 retrain early or to check it. It is written by the one run-folder writer, with
-`search.json` (the tune config and the best trial) and the trial tables beside it.
+`tune.json` (the tune config and the best trial) and the trial tables beside it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ from kerastl.tune.tuner import TransferTuner, make_tuner
 
 log = logging.getLogger(__name__)
 
-SEARCH_FILE = "search.json"
+SEARCH_FILE = "search.json"  # in the project folder: the run and tune configs the search was started with
+TUNE_FILE = "tune.json"  # beside the export: the tune config and the best trial
+PROJECT_FORMAT = 2  # 0.1's project folders have none: their trial folders differ, so they are not resumed
 
 
 @dataclass
@@ -72,9 +74,13 @@ def claim_project(project: Path, base: RunConfig, tune: TuneConfig, restart: boo
     path = project / SEARCH_FILE
     if restart and project.exists():
         shutil.rmtree(project)
-    record = {"run": base.to_dict(), "tune": tune.to_dict()}
+    record = {"run": base.to_dict(), "tune": tune.to_dict(), "format": PROJECT_FORMAT}
     if path.exists():
         previous = json.loads(path.read_text())
+        if previous.get("format") != PROJECT_FORMAT:
+            raise KerastlError(f"project folder {project} holds a search started by kerastl 0.1, which this version "
+                               "cannot resume: finish it with kerastl 0.1, or start over with --restart "
+                               "(restart=True), or choose another folder")
         free = {"workers", "max_trials", "project_dir", "name", "export_dir"}  # may change between runs
 
         def settled(part: dict) -> dict:
@@ -171,19 +177,19 @@ def run_search(
     done = [row for row in rows if row["status"] == "COMPLETED"]
     if not done:
         raise KerastlError(f"no trial completed; see {project / 'trials.csv'} and the trial logs")
-    model, metrics = export_best(tuner, done[0]["trial"], export_dir, tune, data)
+    model, metrics = export_best(tuner, done[0]["trial"], base, tune, data)
     write_tables(rows, export_dir)
     log.info("best trial %s (%s %.4f) exported to %s", done[0]["trial"], tune.objective, done[0][tune.objective],
              export_dir)
     return SearchResult(rows, model, export_dir, metrics)
 
 
-def export_best(tuner: TransferTuner, trial_id: str, export_dir: Path, tune: TuneConfig,
+def export_best(tuner: TransferTuner, trial_id: str, base: RunConfig, tune: TuneConfig,
                 data: ImageData | None) -> tuple[TransferClassifier, dict[str, float]]:
     """Writes the best trial's own model as an exported run folder, scored on the test split if there is one."""
     trial_dir = Path(tuner.get_trial_dir(trial_id))
     config = read_config(trial_dir)
-    config.name, config.export_dir = export_dir.name, str(export_dir)
+    config.name, config.export_dir = base.name, base.export_dir
     model = load_model(trial_dir)
     if data is None and tuner.context is not None:  # an in-process search has loaded it already
         data = tuner.context.data(config)
@@ -193,6 +199,6 @@ def export_best(tuner: TransferTuner, trial_id: str, export_dir: Path, tune: Tun
     if data.test is not None:
         metrics.update(split_scores(model, data.test.batches(config.data.batch_size, cache_limit_mb=0), "test_"))
     history = TrainResult.from_dict(read_json_file(trial_dir, HISTORY_FILE))
-    write_run_folder(export_dir, model, data.class_names, config, history, metrics,
-                     extra={SEARCH_FILE: {"tune": tune.to_dict(), "best_trial": trial_id}})
+    write_run_folder(config.export_dir, model, data.class_names, config, history, metrics,
+                     extra={TUNE_FILE: {"tune": tune.to_dict(), "best_trial": trial_id}})
     return model, metrics

@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import keras
 import keras_tuner
 import tensorflow as tf
 
+from kerastl.classifier import TransferClassifier, seeded_classifier
 from kerastl.config import RunConfig
 from kerastl.data import ImageData, load_data
 from kerastl.devices import setup_devices
@@ -70,6 +72,7 @@ class TrialContext:
         self.device, self.verbose = device, verbose
         self._data: dict[int, ImageData] = {}
         self._given = data
+        self._backbones: dict[str, keras.Model] = {}
 
     @property
     def can_isolate(self) -> bool:
@@ -84,6 +87,20 @@ class TrialContext:
         if size not in self._data:
             self._data[size] = load_data(config.data, size)
         return self._data[size]
+
+    def classifier(self, config: RunConfig, num_classes: int) -> TransferClassifier | None:
+        """A head-only trial's classifier on the frozen backbone its earlier trials built; None otherwise.
+
+        A head-only trial never changes its backbone, so one built backbone (per
+        backbone setting and seed) serves them all instead of one per trial.
+        """
+        if not is_head_only(config):
+            return None
+        m = config.model
+        key = json.dumps([m.backbone, m.weights, m.image_size, config.data.seed, keras.config.dtype_policy().name])
+        model = seeded_classifier(m, num_classes, config.data.seed, backbone=self._backbones.get(key))
+        self._backbones[key] = model.backbone
+        return model
 
     def run(self, config: RunConfig, trial_dir: str | os.PathLike, budget: int | None = None) -> dict[str, float]:
         """Trains one trial's config on `self.device`; writes its run folder and `result.json`."""
@@ -100,7 +117,8 @@ def run_trial(config: RunConfig, context: TrialContext, trial_dir: Path, budget:
     config = budgeted(resolve_config(config), budget, config.train.epochs)
     config.export_dir = str(trial_dir)
     data = dataclasses.replace(context.data(config), test=None)  # trials are chosen on validation alone
-    result = run_training(config, data, overwrite=True, verbose=context.verbose, heads=context.heads,
+    result = run_training(config, data, overwrite=True, verbose=context.verbose,
+                          model=context.classifier(config, len(data.class_names)), heads=context.heads,
                           save="weights")
     info: dict[str, Any] = {
         "fine_tuned": result.history.phase2 is not None, "reused_head": result.reused_head,
@@ -122,12 +140,15 @@ def read_result(trial_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def is_head_only(config: RunConfig) -> bool:
+    """Whether a run trains the head alone on cached features, never running or changing the backbone."""
+    tc = config.train
+    return tc.feature_cache and not config.model.trains_from_scratch and not tc.wants_fine_tuning
+
+
 def needs_process(config: RunConfig, isolate: str) -> bool:
     """Whether a trial runs in its own process: always, never, or (auto) when it runs the backbone."""
-    if isolate != "auto":
-        return isolate == "always"
-    tc = config.train
-    return not (tc.feature_cache and not config.model.trains_from_scratch and not tc.wants_fine_tuning)
+    return isolate == "always" if isolate != "auto" else not is_head_only(config)
 
 
 def run_in_process(config: RunConfig, trial_dir: Path, project_dir: Path, budget: int | None,

@@ -92,9 +92,8 @@ class TransferTuner(keras_tuner.Tuner):
         return load_model(self.get_trial_dir(trial.trial_id))
 
 
-# KerasTuner builds the model repeatedly in this private hook to discover the space; declaring it is
-# enough here and builds nothing (see kerastl.tune.internals and tests/test_tune_internals.py).
-setattr(TransferTuner, internals.POPULATE_SPACE_HOOK, TransferTuner.declare_space)
+# KerasTuner would build the model repeatedly to discover the space; declaring it builds nothing
+internals.declare_space_on_init(TransferTuner, TransferTuner.declare_space)
 
 
 def make_tuner(base: RunConfig, tune: TuneConfig, context: TrialContext | None,
