@@ -303,3 +303,12 @@ def test_in_memory_data_of_another_size_is_refused_not_fed_to_the_model(tmp_path
     config.model.image_size = 24
     with pytest.raises(KerastlError, match="in-memory data is 16x16 but this run wants 24x24"):
         context.run(config, tmp_path / "t")
+
+
+def test_a_project_folder_of_version_0_1_is_refused_with_what_to_do(tmp_path):
+    project = tmp_path / "p"
+    project.mkdir()
+    config = base_config(tmp_path)
+    (project / "search.json").write_text(json.dumps({"run": config.to_dict(), "tune": {}}))  # 0.1: no format
+    with pytest.raises(KerastlError, match="started by kerastl 0.1.*--restart"):
+        run_search(config, TuneConfig(max_trials=1, project_dir=str(project), space=HEAD_SPACE))
