@@ -151,8 +151,9 @@ def run_training(
         train, validation = _image_pipelines(config, data)
         phase1 = _phase1(config, data, model, heads, verbose)
     dc = config.data
+    calibration = data.train.sample() if model.from_scratch and not pipelines else None  # un-augmented
     history = train_classifier(
-        model, train, validation, config.train, calibration_images=None if pipelines else data.train.sample(),
+        model, train, validation, config.train, calibration_images=calibration,
         features=phase1.features, batch_size=dc.batch_size, seed=dc.seed, callbacks=callbacks, verbose=verbose,
         phase1=phase1.start, after_phase1=lambda history: phase1.store(heads, model, history),
     )
