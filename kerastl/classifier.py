@@ -125,7 +125,7 @@ class TransferClassifier(keras.Model):
 
         # === Functional model ===
         inputs = keras.Input(shape=(None, None, 3), name="images")
-        maps = [backbone(self.preprocess_images(inputs))] if from_scratch else self._backbone_maps(inputs)
+        maps = self._as_list(backbone(self.preprocess_images(inputs))) if from_scratch else self._backbone_maps(inputs)
         outputs = self.head_layers_on(self.pool_features(maps))
         super().__init__(inputs=inputs, outputs=outputs, name=kwargs.pop("name", f"kerastl_{spec.name}"), **kwargs)
 
@@ -153,7 +153,11 @@ class TransferClassifier(keras.Model):
 
         The head reads a list, so that reading several blocks (Head2Toe) only adds maps here.
         """
-        return [self.backbone(self.preprocess_images(images), training=False)]
+        return self._as_list(self.backbone(self.preprocess_images(images), training=False))
+
+    @staticmethod
+    def _as_list(maps) -> list:
+        return list(maps) if isinstance(maps, (list, tuple)) else [maps]
 
     def pool_features(self, maps: list):
         """Globally pools each feature map; several maps are concatenated into one vector."""

@@ -41,3 +41,4 @@ def test_the_oracle_servicer_serves_and_knows_when_the_search_is_over():
         assert internals.search_finished(servicer, oracle)  # and no trial is running
     finally:
         server.stop(grace=0)
+

@@ -312,3 +312,14 @@ def test_a_project_folder_of_version_0_1_is_refused_with_what_to_do(tmp_path):
     (project / "search.json").write_text(json.dumps({"run": config.to_dict(), "tune": {}}))  # 0.1: no format
     with pytest.raises(KerastlError, match="started by kerastl 0.1.*--restart"):
         run_search(config, TuneConfig(max_trials=1, project_dir=str(project), space=HEAD_SPACE))
+
+
+def test_a_fresh_session_between_trials_keeps_mixed_precision():
+    from kerastl.tune.tuner import fresh_session
+
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        fresh_session()
+        assert keras.config.dtype_policy().name == "mixed_float16"
+    finally:
+        keras.config.set_dtype_policy("float32")

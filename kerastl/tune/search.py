@@ -81,7 +81,8 @@ def claim_project(project: Path, base: RunConfig, tune: TuneConfig, restart: boo
             raise KerastlError(f"project folder {project} holds a search started by kerastl 0.1, which this version "
                                "cannot resume: finish it with kerastl 0.1, or start over with --restart "
                                "(restart=True), or choose another folder")
-        free = {"workers", "max_trials", "project_dir", "name", "export_dir"}  # may change between runs
+        free = {"workers", "max_trials", "project_dir", "name", "export_dir", "isolate", "mixed_precision",
+                "max_failures"}  # may change between runs: they change how trials run, not what they find
 
         def settled(part: dict) -> dict:
             return {k: v for k, v in part.items() if k not in free}

@@ -80,7 +80,7 @@ class TransferTuner(keras_tuner.Tuner):
         try:
             if isolated:
                 return run_in_process(config, trial_dir, Path(self.project_dir), budget, self.tune.mixed_precision)
-            keras.backend.clear_session()  # frees the last trial's models (it runs gc.collect itself)
+            fresh_session()
             return self.context.run(config, trial_dir, budget)
         except Exception as error:
             lines = str(error).strip().splitlines()
@@ -94,6 +94,17 @@ class TransferTuner(keras_tuner.Tuner):
 
 # KerasTuner would build the model repeatedly to discover the space; declaring it builds nothing
 internals.declare_space_on_init(TransferTuner, TransferTuner.declare_space)
+
+
+def fresh_session() -> None:
+    """Frees the last in-process trial's models, keeping the dtype policy (mixed precision on a GPU).
+
+    `keras.backend.clear_session` resets every global setting, the policy included;
+    it runs `gc.collect` itself.
+    """
+    policy = keras.config.dtype_policy()
+    keras.backend.clear_session()
+    keras.config.set_dtype_policy(policy)
 
 
 def make_tuner(base: RunConfig, tune: TuneConfig, context: TrialContext | None,
