@@ -16,48 +16,12 @@ from typing import Sequence
 
 import numpy as np
 
-from kerastl.config import DataConfig, ModelConfig, RunConfig
+from kerastl.config import SETTINGS, DataConfig, ModelConfig, RunConfig
 from kerastl.errors import KerastlError
 from kerastl.tune.config import ISOLATION, OBJECTIVES, SPACE_FIELDS, TUNERS, TuneConfig
 
 # The modules that import TensorFlow are imported inside the commands that need them,
 # so that `--help` and bad flags answer before TensorFlow loads.
-
-# flag dest -> (config section, field); a flag left out keeps the config file's value
-TRAIN_FLAGS = {
-    "data": ("data", "source"),
-    "validation_dir": ("data", "validation_dir"),
-    "test_dir": ("data", "test_dir"),
-    "validation_split": ("data", "validation_split"),
-    "test_split": ("data", "test_split"),
-    "batch_size": ("data", "batch_size"),
-    "augment": ("data", "augment"),
-    "seed": ("data", "seed"),
-    "backbone": ("model", "backbone"),
-    "weights": ("model", "weights"),
-    "image_size": ("model", "image_size"),
-    "dropout": ("model", "dropout"),
-    "hidden_units": ("model", "hidden_units"),
-    "pooling": ("model", "pooling"),
-    "binary": ("model", "binary"),
-    "epochs": ("train", "epochs"),
-    "fine_tune_epochs": ("train", "fine_tune_epochs"),
-    "unfreeze_blocks": ("train", "unfreeze_blocks"),
-    "unfreeze_from": ("train", "unfreeze_from"),
-    "optimizer": ("train", "optimizer"),
-    "loss": ("train", "loss"),
-    "learning_rate": ("train", "learning_rate"),
-    "fine_tune_lr_ratio": ("train", "fine_tune_lr_ratio"),
-    "label_smoothing": ("train", "label_smoothing"),
-    "weight_decay": ("train", "weight_decay"),
-    "patience": ("train", "patience"),
-    "feature_cache": ("train", "feature_cache"),
-    "cache_views": ("train", "cache_views"),
-    "cache_dir": ("train", "cache_dir"),
-    "name": (None, "name"),
-    "export": (None, "export_dir"),
-}
-
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line and exit code 2."""
@@ -198,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_config(args: argparse.Namespace):
     config = RunConfig.from_json(args.config) if args.config else RunConfig()
-    for dest, (section, field) in TRAIN_FLAGS.items():
+    for dest, (section, field) in SETTINGS.items():  # a flag left out keeps the config file's value
         value = getattr(args, dest)
         if value is None:
             continue

@@ -214,3 +214,40 @@ class RunConfig(JsonConfig):
     @classmethod
     def from_json(cls, path: str | Path) -> RunConfig:
         return cls.from_dict(read_json(path, "config file"))
+
+
+# setting name -> (RunConfig section, or None for the run itself, field): the one table that
+# the command line's flags and the search space's settings name the config by
+SETTINGS: dict[str, tuple[str | None, str]] = {
+    "data": ("data", "source"),
+    "validation_dir": ("data", "validation_dir"),
+    "test_dir": ("data", "test_dir"),
+    "validation_split": ("data", "validation_split"),
+    "test_split": ("data", "test_split"),
+    "batch_size": ("data", "batch_size"),
+    "augment": ("data", "augment"),
+    "seed": ("data", "seed"),
+    "backbone": ("model", "backbone"),
+    "weights": ("model", "weights"),
+    "image_size": ("model", "image_size"),
+    "dropout": ("model", "dropout"),
+    "hidden_units": ("model", "hidden_units"),
+    "pooling": ("model", "pooling"),
+    "binary": ("model", "binary"),
+    "epochs": ("train", "epochs"),
+    "fine_tune_epochs": ("train", "fine_tune_epochs"),
+    "unfreeze_blocks": ("train", "unfreeze_blocks"),
+    "unfreeze_from": ("train", "unfreeze_from"),
+    "optimizer": ("train", "optimizer"),
+    "loss": ("train", "loss"),
+    "learning_rate": ("train", "learning_rate"),
+    "fine_tune_lr_ratio": ("train", "fine_tune_lr_ratio"),
+    "label_smoothing": ("train", "label_smoothing"),
+    "weight_decay": ("train", "weight_decay"),
+    "patience": ("train", "patience"),
+    "feature_cache": ("train", "feature_cache"),
+    "cache_views": ("train", "cache_views"),
+    "cache_dir": ("train", "cache_dir"),
+    "name": (None, "name"),
+    "export": (None, "export_dir"),
+}

@@ -8,30 +8,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kerastl.config import JsonConfig
+from kerastl.config import SETTINGS, JsonConfig
 from kerastl.errors import KerastlError
 
 TUNERS = ("random", "bayesian", "hyperband")
 ISOLATION = ("auto", "always", "never")
 OBJECTIVES = {"val_accuracy": "max", "val_loss": "min", "val_macro_f1": "max", "val_auc": "max"}
 
-# searchable setting -> (RunConfig section, field), in declaration order
-SPACE_FIELDS = {
-    "backbone": ("model", "backbone"),
-    "image_size": ("model", "image_size"),
-    "pooling": ("model", "pooling"),
-    "dropout": ("model", "dropout"),
-    "hidden_units": ("model", "hidden_units"),
-    "optimizer": ("train", "optimizer"),
-    "learning_rate": ("train", "learning_rate"),
-    "label_smoothing": ("train", "label_smoothing"),
-    "weight_decay": ("train", "weight_decay"),
-    "batch_size": ("data", "batch_size"),
-    "epochs": ("train", "epochs"),
-    "unfreeze_blocks": ("train", "unfreeze_blocks"),
-    "fine_tune_lr_ratio": ("train", "fine_tune_lr_ratio"),
-    "fine_tune_epochs": ("train", "fine_tune_epochs"),
-}
+# the settings a search may vary, in declaration order -> (RunConfig section, field)
+SPACE_FIELDS = {name: SETTINGS[name] for name in (
+    "backbone", "image_size", "pooling", "dropout", "hidden_units", "optimizer", "learning_rate", "label_smoothing",
+    "weight_decay", "batch_size", "epochs", "unfreeze_blocks", "fine_tune_lr_ratio", "fine_tune_epochs",
+)}
 
 
 @dataclass
