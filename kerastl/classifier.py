@@ -1,8 +1,14 @@
 """The classifier object: a functional Keras model that knows its parts.
 
 raw pixels (0-255, any size) -> Resizing -> the backbone's own preprocessing ->
-backbone (BatchNorm in inference mode) -> global pooling -> Dropout ->
+backbone (BatchNorm in inference mode) -> global pooling of its output, or of
+several blocks' outputs, concatenated -> standardisation -> Dropout ->
 [Dense hidden] -> float32 softmax (or one sigmoid unit).
+
+Blocks are numbered from 1 in the registry's order; the backbone's output is the
+last number (`block_count()`). The standardisation is a layer with fixed mean and
+scale, set from the training features (`FeatureNormalization`), so the export
+carries it.
 
 `TransferClassifier` resolves its registry entry once and keeps every part as an
 attribute, in the manner of keras-hub's `ImageClassifier`. Its features model
@@ -21,7 +27,7 @@ import keras
 from keras import layers
 
 from kerastl.backbones import BackboneSpec, block_boundaries, build_backbone, get_spec, resolve_size
-from kerastl.config import ModelConfig
+from kerastl.config import ModelConfig, parse_features
 from kerastl.errors import KerastlError
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,39 @@ class BackbonePreprocessing(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "backbone": self.backbone}
+
+
+@keras.saving.register_keras_serializable(package="kerastl")
+class FeatureNormalization(layers.Layer):
+    """(features - mean) * scale, per feature, with statistics set from training data.
+
+    The identity until `set_statistics` is called; the statistics are non-trainable
+    weights, so they save, load and export with the model.
+    """
+
+    def build(self, input_shape):
+        dim = int(input_shape[-1])
+        self.mean = self.add_weight(shape=(dim,), initializer="zeros", trainable=False, name="mean")
+        self.scale = self.add_weight(shape=(dim,), initializer="ones", trainable=False, name="scale")
+
+    def call(self, inputs):
+        return (inputs - keras.ops.cast(self.mean, inputs.dtype)) * keras.ops.cast(self.scale, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def set_statistics(self, mean, scale) -> None:
+        """Sets the mean and the scale (1 / standard deviation) of each feature."""
+        self.mean.assign(mean)
+        self.scale.assign(scale)
+
+
+def numbered_blocks(backbone: keras.Model, name: str) -> list[int]:
+    """Indices into `backbone.layers` of the layers ending blocks 1, 2, ...: the registry's
+    block boundaries, then the backbone's output layer when it ends no block."""
+    bounds = block_boundaries(backbone, name)
+    output = len(backbone.layers) - 1
+    return bounds if bounds and bounds[-1] == output else [*bounds, output]
 
 
 def check_classes(num_classes: int, binary: bool) -> None:
@@ -74,6 +113,9 @@ class TransferClassifier(keras.Model):
         binary: one sigmoid unit instead of a softmax (two classes only).
         from_scratch: the backbone trains with BatchNorm learning its statistics;
             otherwise it always runs BatchNorm in inference mode.
+        feature_blocks: the block numbers whose pooled outputs the head reads
+            (None: the backbone's output).
+        normalize: standardise the pooled features (`FeatureNormalization`) before the head.
         seed: fixes the head's initial weights and dropout masks, whatever
             randomness building the backbone used.
 
@@ -97,6 +139,8 @@ class TransferClassifier(keras.Model):
         hidden_units: int = 0,
         binary: bool = False,
         from_scratch: bool = False,
+        feature_blocks: list[int] | None = None,
+        normalize: bool = False,
         seed: int | None = None,
         **kwargs,
     ):
@@ -112,10 +156,16 @@ class TransferClassifier(keras.Model):
         # === Layers ===
         self.spec: BackboneSpec = spec
         self.backbone = backbone
+        last = len(self._block_layers())
+        blocks = sorted(set(feature_blocks or [last]))
+        if blocks[0] < 1 or blocks[-1] > last:
+            raise KerastlError(f"{spec.name} has blocks 1 to {last}; features cannot read block(s) {blocks}")
+        self.feature_blocks = blocks
         self.resizing = layers.Resizing(size, size, name="resize")
         self.preprocessing = BackbonePreprocessing(spec.name, name="preprocess")
         pool = layers.GlobalAveragePooling2D if pooling == "avg" else layers.GlobalMaxPooling2D
         self.pooler = pool(name="pool")
+        self.feature_norm = FeatureNormalization(name="normalize") if normalize else None
         self.output_dropout = layers.Dropout(dropout, seed=seed, name="dropout")
         self.hidden = (layers.Dense(hidden_units, activation="relu", kernel_initializer=init(1), name="hidden")
                        if hidden_units else None)
@@ -125,7 +175,10 @@ class TransferClassifier(keras.Model):
 
         # === Functional model ===
         inputs = keras.Input(shape=(None, None, 3), name="images")
-        maps = self._as_list(backbone(self.preprocess_images(inputs))) if from_scratch else self._backbone_maps(inputs)
+        if from_scratch:
+            maps = self._as_list(backbone(self.preprocess_images(inputs)))
+        else:
+            maps = self._backbone_maps(inputs, blocks)
         outputs = self.head_layers_on(self.pool_features(maps))
         super().__init__(inputs=inputs, outputs=outputs, name=kwargs.pop("name", f"kerastl_{spec.name}"), **kwargs)
 
@@ -138,6 +191,7 @@ class TransferClassifier(keras.Model):
         self.hidden_units = hidden_units
         self.binary = binary
         self.from_scratch = from_scratch
+        self.normalize = normalize
         self.seed = seed
         if not from_scratch:
             self.freeze_backbone()
@@ -148,12 +202,37 @@ class TransferClassifier(keras.Model):
         """Raw 0-255 images of any size -> the backbone's input (resized and preprocessed)."""
         return self.preprocessing(self.resizing(images))
 
-    def _backbone_maps(self, images) -> list:
-        """The feature maps the head reads, BatchNorm in inference mode: today the backbone's output.
+    def _block_layers(self) -> list[int]:
+        """Indices into `backbone.layers` of each numbered block's last layer; the output's layer is last."""
+        return numbered_blocks(self.backbone, self.spec.name)
 
-        The head reads a list, so that reading several blocks (Head2Toe) only adds maps here.
+    def block_count(self) -> int:
+        """How many blocks the features can read; the last number is the backbone's output."""
+        return len(self._block_layers())
+
+    def block_names(self) -> list[str]:
+        """The backbone layer that ends each numbered block."""
+        return [self.backbone.layers[index].name for index in self._block_layers()]
+
+    def block_widths(self, blocks: list[int]) -> list[int]:
+        """The pooled feature width (channels) of each of `blocks`."""
+        index = self._block_layers()
+        return [int(self.backbone.layers[index[b - 1]].output.shape[-1]) for b in blocks]
+
+    def _backbone_maps(self, images, blocks: list[int] | None = None) -> list:
+        """The feature maps of `blocks` (default: those the head reads), BatchNorm in inference mode.
+
+        Reading only the backbone's output calls the backbone itself; other blocks are
+        read through one model over the backbone's own layers, in one pass.
         """
-        return self._as_list(self.backbone(self.preprocess_images(images), training=False))
+        blocks = blocks or self.feature_blocks
+        x = self.preprocess_images(images)
+        if blocks == [self.block_count()]:
+            return self._as_list(self.backbone(x, training=False))
+        index = self._block_layers()
+        outputs = [self.backbone.layers[index[b - 1]].output for b in blocks]
+        taps = keras.Model(self.backbone.inputs, outputs, name="blocks_" + "_".join(map(str, blocks)))
+        return self._as_list(taps(x, training=False))
 
     @staticmethod
     def _as_list(maps) -> list:
@@ -165,8 +244,9 @@ class TransferClassifier(keras.Model):
         return pooled[0] if len(pooled) == 1 else layers.Concatenate(name="features")(pooled)
 
     def head_layers_on(self, features):
-        """The head (dropout, optional hidden layer, classifier) applied to pooled features."""
-        x = self.output_dropout(features)
+        """The head (standardisation, dropout, optional hidden layer, classifier) on pooled features."""
+        x = self.feature_norm(features) if self.feature_norm is not None else features
+        x = self.output_dropout(x)
         if self.hidden is not None:
             x = self.hidden(x)
         return self.output_dense(x)
@@ -174,12 +254,21 @@ class TransferClassifier(keras.Model):
     @property
     def feature_dim(self) -> int:
         """The width of the pooled features the head reads."""
-        return sum(int(feature_map.shape[-1]) for feature_map in self.backbone.outputs)
+        if self.from_scratch:
+            return sum(int(feature_map.shape[-1]) for feature_map in self.backbone.outputs)
+        return sum(self.block_widths(self.feature_blocks))
 
-    def features_model(self) -> keras.Model:
-        """Raw images -> pooled backbone features (what the head sees), in inference mode."""
+    def features_model(self, blocks: list[int] | None = None) -> keras.Model:
+        """Raw images -> pooled backbone features, in inference mode.
+
+        Args:
+            blocks: the block numbers to read, concatenated in this order; default
+                the blocks the head reads (what the head model takes).
+        """
         inputs = keras.Input(shape=(None, None, 3), name="images")
-        return keras.Model(inputs, self.pool_features(self._backbone_maps(inputs)), name="features")
+        pooled = [self.pooler(m) for m in self._backbone_maps(inputs, sorted(set(blocks or self.feature_blocks)))]
+        outputs = pooled[0] if len(pooled) == 1 else keras.ops.concatenate(pooled, axis=-1)
+        return keras.Model(inputs, outputs, name="features")
 
     def head_model(self) -> keras.Model:
         """Pooled features -> probabilities, on this classifier's own head layers.
@@ -202,6 +291,9 @@ class TransferClassifier(keras.Model):
     def unfreeze(self, blocks: int = 0, from_layer: str | None = None) -> int:
         """Makes the top of the backbone trainable; BatchNormalization layers stay frozen.
 
+        Layers after the deepest block the head reads stay frozen too: they do not
+        reach the output.
+
         Args:
             blocks: unfreeze the last `blocks` blocks (registry boundaries); 0 freezes the backbone.
             from_layer: alternatively, unfreeze every backbone layer from this one (by name) on.
@@ -221,9 +313,11 @@ class TransferClassifier(keras.Model):
             bounds = self.block_boundaries()
             start = 0 if blocks >= len(bounds) else bounds[-blocks - 1] + 1
         self.backbone.trainable = True
+        # layers after the deepest block the head reads never reach the output: they stay frozen
+        end = len(names) if self.from_scratch else self._block_layers()[max(self.feature_blocks) - 1]
         count = 0
         for index, layer in enumerate(self.backbone.layers):
-            layer.trainable = index >= start and not isinstance(layer, layers.BatchNormalization)
+            layer.trainable = start <= index <= end and not isinstance(layer, layers.BatchNormalization)
             count += int(layer.trainable and bool(layer.weights))
         log.info("unfroze %d weighted layers of %s from %s on", count, self.backbone.name, names[start])
         return count
@@ -247,6 +341,8 @@ class TransferClassifier(keras.Model):
             "hidden_units": self.hidden_units,
             "binary": self.binary,
             "from_scratch": self.from_scratch,
+            "feature_blocks": self.feature_blocks,
+            "normalize": self.normalize,
             "seed": self.seed,
         }
 
@@ -259,27 +355,46 @@ class TransferClassifier(keras.Model):
 
 
 def build_classifier(config: ModelConfig, num_classes: int, seed: int | None = None,
-                     backbone: keras.Model | None = None) -> TransferClassifier:
+                     backbone: keras.Model | None = None,
+                     feature_blocks: list[int] | None = None,
+                     normalize: bool | None = None) -> TransferClassifier:
     """The classifier that `config` describes: backbone from the registry (with its weights) and head.
 
     The backbone starts frozen unless the config trains from scratch. `seed` fixes
     the head's initial weights and dropout masks (see `TransferClassifier`).
     `backbone` reuses one already built for this config (a search's frozen base,
     shared by its head-only trials) instead of building it again.
+    `feature_blocks` are the blocks the head reads, when `config.features` names
+    no blocks itself ("auto" is chosen by a run, see `kerastl.probe`; until then,
+    and for "last", the head reads the backbone's output). `normalize` (default:
+    unless training from scratch) gives the head its standardisation layer; run
+    folders written before it existed are rebuilt without.
     """
     config.validate()
     spec = get_spec(config.backbone)
     size = resolve_size(spec, config.image_size)
     check_classes(num_classes, config.binary)  # before the backbone, which may take a while to build
+    backbone = backbone or build_backbone(spec.name, size, config.weights)
+    scratch = config.trains_from_scratch
+    mode = parse_features(config.features)
+    if not scratch and feature_blocks is None and mode == "all":
+        feature_blocks = list(range(1, len(numbered_blocks(backbone, spec.name)) + 1))
+    elif not scratch and feature_blocks is None and isinstance(mode, tuple):
+        feature_blocks = list(mode)
     return TransferClassifier(
-        backbone or build_backbone(spec.name, size, config.weights), spec.name, num_classes, size,
+        backbone, spec.name, num_classes, size,
         pooling=config.pooling, dropout=config.dropout, hidden_units=config.hidden_units, binary=config.binary,
-        from_scratch=config.trains_from_scratch, seed=seed,
+        from_scratch=scratch, feature_blocks=None if scratch else feature_blocks,
+        normalize=not scratch if normalize is None else normalize, seed=seed,
     )
 
 
+
 def seeded_classifier(config: ModelConfig, num_classes: int, seed: int,
-                      backbone: keras.Model | None = None) -> TransferClassifier:
+                      backbone: keras.Model | None = None,
+                      feature_blocks: list[int] | None = None,
+                      normalize: bool | None = None) -> TransferClassifier:
     """`build_classifier` right after seeding: a random start is the same in every run and process."""
     keras.utils.set_random_seed(seed)
-    return build_classifier(config, num_classes, seed=seed, backbone=backbone)
+    return build_classifier(config, num_classes, seed=seed, backbone=backbone, feature_blocks=feature_blocks,
+                            normalize=normalize)

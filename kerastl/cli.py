@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kerastl.config import SETTINGS, DataConfig, ModelConfig, RunConfig
+from kerastl.config import SETTINGS, VALIDATION_MODES, DataConfig, ModelConfig, RunConfig, parse_features
 from kerastl.errors import KerastlError
 from kerastl.tune.config import ISOLATION, OBJECTIVES, SPACE_FIELDS, TUNERS, TuneConfig
 
@@ -56,6 +56,18 @@ def _number(valid, problem: str):
     return parse
 
 
+def _features(text: str) -> str:
+    try:
+        parse_features(text)
+    except KerastlError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("features must be ")) from None
+    return text.strip().lower()
+
+
+def _blocks(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else _count(0)(text)
+
+
 _fraction = _number(lambda v: 0.0 <= v < 1.0, "not in [0, 1)")
 _positive = _number(lambda v: v > 0, "not positive")
 
@@ -79,10 +91,17 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--pooling", choices=("avg", "max"), help="global pooling of the feature map (avg)")
     m.add_argument("--binary", action=argparse.BooleanOptionalAction, default=None,
                    help="one sigmoid unit for two classes instead of a softmax")
+    m.add_argument("--features", type=_features, metavar="SPEC",
+                   help="what the head reads: last (the backbone's output), all (every block), block numbers "
+                   "such as 3,7, or auto (linear probes choose) (auto)")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=_count(1), metavar="N", help="phase-1 epochs, base frozen (10)")
-    t.add_argument("--fine-tune-epochs", type=_count(0), metavar="N", help="phase-2 epochs; 0 skips (10)")
-    t.add_argument("--unfreeze-blocks", type=_count(0), metavar="K", help="backbone blocks phase 2 trains (2)")
+    t.add_argument("--epochs", type=_count(1), metavar="N", help="phase-1 epochs at the least, base frozen (10)")
+    t.add_argument("--min-steps", type=_count(0), metavar="N",
+                   help="phase-1 optimizer steps at the least, however small the data (300)")
+    t.add_argument("--fine-tune-epochs", type=_count(0), metavar="N", help="phase-2 epochs at the least; 0 skips (10)")
+    t.add_argument("--fine-tune-min-steps", type=_count(0), metavar="N", help="phase-2 steps at the least (100)")
+    t.add_argument("--unfreeze-blocks", type=_blocks, metavar="K",
+                   help="backbone blocks phase 2 trains, or auto: read off the probe curve (auto)")
     t.add_argument("--unfreeze-from", metavar="LAYER", help="or: train phase 2 from this backbone layer on")
     t.add_argument("--optimizer", metavar="NAME", help="Keras optimizer name (adam)")
     t.add_argument("--loss", metavar="NAME", help="Keras loss name; auto picks cross-entropy (auto)")
@@ -92,6 +111,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--weight-decay", type=_number(lambda v: v >= 0, "negative"), metavar="W",
                    help="decoupled weight decay (0)")
     t.add_argument("--patience", type=_count(0), metavar="N", help="EarlyStopping patience in epochs (5)")
+    v = p.add_argument_group("validation")
+    v.add_argument("--validation", choices=VALIDATION_MODES,
+                   help="holdout: the validation split; cv: k-fold cross-validation on every labelled image; "
+                   "auto: cv when a class has fewer than --cv-below images (auto)")
+    v.add_argument("--cv-below", type=_count(0), metavar="N", help="images per class under which auto "
+                   "cross-validates (30)")
+    v.add_argument("--cv-folds", type=_count(2), metavar="K", help="cross-validation folds (5)")
     c = p.add_argument_group("feature cache (phase 1 on features computed once)")
     c.add_argument("--cache", dest="feature_cache", action=argparse.BooleanOptionalAction, default=None,
                    help="train the head on cached backbone features while the base is frozen (on)")
@@ -123,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--backbone", default="mobilenet_v2", metavar="NAME", help="registry name (mobilenet_v2)")
     extract.add_argument("--weights", default="imagenet", metavar="W", help="imagenet, none or a weights file")
     extract.add_argument("--image-size", type=_count(1), metavar="N", help="input size (the backbone's default)")
-    extract.add_argument("--layers", metavar="NAME[,NAME]", help="backbone layers to pool (default: its output)")
+    extract.add_argument("--layers", metavar="NAME[,NAME]", help="backbone layers to pool, one array each")
+    extract.add_argument("--features", type=_features, default="last", metavar="SPEC",
+                         help="blocks to pool and concatenate: last, all or numbers such as 3,7 (last)")
     extract.add_argument("--batch-size", type=_count(1), default=64, metavar="N", help="(64)")
     extract.add_argument("--out", required=True, metavar="FILE.npz", help="output file")
     backbones = sub.add_parser("backbones", help="list the backbones in the registry")
@@ -174,10 +202,21 @@ def _train(args: argparse.Namespace) -> int:
     from kerastl.run import run_training
 
     result = run_training(_run_config(args), overwrite=args.overwrite, verbose=0 if args.quiet else 2)
-    for key, value in sorted(result.metrics.items()):
-        print(f"{key}: {value:.4f}")
+    if result.probe is not None:
+        print(result.probe.summary())
+    print_metrics(result.metrics)
     print(f"exported to {result.export_dir}")
     return 0
+
+
+def print_metrics(metrics: dict[str, float]) -> None:
+    """One line per metric; a cross-validated estimate says so, with its spread."""
+    for key, value in sorted(metrics.items()):
+        if key == "cv_accuracy":
+            print(f"cv_accuracy: {value:.4f} +- {metrics.get('cv_accuracy_std', 0.0):.4f} "
+                  f"(cross-validated estimate, {metrics.get('cv_folds', 0):.0f} folds: no held-out split)")
+        elif key not in ("cv_accuracy_std", "cv_folds"):
+            print(f"{key}: {value:.4f}")
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -223,13 +262,16 @@ def _extract(args: argparse.Namespace) -> int:
 
     if not args.out.endswith(".npz"):
         raise KerastlError(f"--out must name an .npz file, got {args.out}")
+    if args.features == "auto":
+        raise KerastlError("extract reads last, all or block numbers; auto is chosen by a training run")
     config = resolve_config(RunConfig(DataConfig(source=args.data, validation_split=0.0),
-                                      ModelConfig(args.backbone, args.weights, args.image_size)))
+                                      ModelConfig(args.backbone, args.weights, args.image_size,
+                                                  features=args.features)))
     data = load_data(config.data, config.model.image_size)
     layers = [name for name in (args.layers or "").split(",") if name]
     arrays = extract_features(config.model, data, layers, args.batch_size, progress=True)
     np.savez(args.out, **arrays)
-    shapes = ", ".join(f"{k} {v.shape}" for k, v in arrays.items() if k not in ("labels", "class_names"))
+    shapes = ", ".join(f"{k} {v.shape}" for k, v in arrays.items() if k not in ("labels", "class_names", "blocks", "block_widths"))
     print(f"saved features of {len(arrays['labels'])} images ({shapes}) to {args.out}")
     return 0
 

@@ -87,6 +87,12 @@ class ModelConfig(JsonConfig):
         from_scratch: train every layer from the start, BatchNorm learning its
             statistics; None means "when weights is None".
         binary: one sigmoid unit instead of a softmax (two classes only).
+        features: where the head reads the backbone: "last" (its output), "all"
+            (every block's pooled output, concatenated), block numbers "3,7"
+            (1 is the first block, `kerastl backbones --blocks NAME` lists them;
+            the backbone's output is the last number), or "auto": linear probes on
+            the cached features choose among the single blocks and "all", keeping
+            the last unless another reads clearly better (see `kerastl.probe`).
     """
 
     backbone: str = "mobilenet_v2"
@@ -97,6 +103,7 @@ class ModelConfig(JsonConfig):
     hidden_units: int = 0
     binary: bool = False
     from_scratch: bool | None = None
+    features: str = "auto"
 
     @property
     def trains_from_scratch(self) -> bool:
@@ -109,6 +116,24 @@ class ModelConfig(JsonConfig):
             raise KerastlError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.hidden_units < 0:
             raise KerastlError(f"hidden_units must be 0 or more, got {self.hidden_units}")
+        parse_features(self.features)
+
+
+FEATURE_MODES = ("last", "auto", "all")
+
+
+def parse_features(text: str) -> str | tuple[int, ...]:
+    """ "last", "auto" or "all", or a tuple of block numbers (1 or more, ascending) from "3,7"."""
+    text = str(text).strip().lower()
+    if text in FEATURE_MODES:
+        return text
+    try:
+        blocks = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        blocks = ()
+    if not blocks or blocks[0] < 1:
+        raise KerastlError(f"features must be last, auto, all or block numbers from 1 such as 3,7; got {text!r}")
+    return blocks
 
 
 @dataclass
@@ -116,9 +141,13 @@ class TrainConfig(JsonConfig):
     """Two-phase training: frozen base, then fine-tuning the top blocks.
 
     Attributes:
-        epochs: phase-1 epochs (head only; the whole network when from scratch).
-        fine_tune_epochs: phase-2 epochs; 0 skips fine-tuning.
-        unfreeze_blocks: how many of the backbone's last blocks phase 2 trains.
+        epochs: phase-1 epochs at the least (head only; the whole network when from scratch).
+        min_steps: phase 1 runs at least this many optimizer steps, however small the
+            data: epochs are raised to reach it (and patience with them).
+        fine_tune_epochs: phase-2 epochs at the least; 0 skips fine-tuning.
+        fine_tune_min_steps: phase 2 runs at least this many steps (epochs raised to reach it).
+        unfreeze_blocks: how many of the backbone's last blocks phase 2 trains, or
+            "auto": chosen from the probe curve (the blocks after the best-reading one).
         unfreeze_from: alternatively, the layer name from which phase 2 trains.
         optimizer: a Keras optimizer name ("adam", "sgd", "adamw", ...).
         loss: a Keras loss name; "auto" is sparse categorical cross-entropy, or
@@ -132,11 +161,19 @@ class TrainConfig(JsonConfig):
         cache_views: with augmentation on, how many augmented views of each image the
             cache holds; epoch e trains on view e % cache_views.
         cache_dir: where cached features live (default `kerastl.features.default_cache_dir()`).
+        validation: "holdout" (stop and choose on the validation split), "cv" (k-fold
+            cross-validation on every labelled image, then train on them all), or
+            "auto": cv when the smallest class has fewer than `cv_below` labelled
+            images (training plus validation), holdout otherwise.
+        cv_below: the per-class count under which "auto" cross-validates.
+        cv_folds: folds of the cross-validation (fewer when a class has fewer images).
     """
 
     epochs: int = 10
+    min_steps: int = 300
     fine_tune_epochs: int = 10
-    unfreeze_blocks: int = 2
+    fine_tune_min_steps: int = 100
+    unfreeze_blocks: int | str = "auto"
     unfreeze_from: str | None = None
     optimizer: str = "adam"
     loss: str = "auto"
@@ -148,11 +185,21 @@ class TrainConfig(JsonConfig):
     feature_cache: bool = True
     cache_views: int = 4
     cache_dir: str | None = None
+    validation: str = "auto"
+    cv_below: int = 30
+    cv_folds: int = 5
 
     def validate(self) -> None:
-        for name in ("epochs", "fine_tune_epochs", "unfreeze_blocks", "patience"):
+        if self.unfreeze_blocks != "auto" and not isinstance(self.unfreeze_blocks, int):
+            raise KerastlError(f"unfreeze_blocks must be a whole number or auto, got {self.unfreeze_blocks!r}")
+        numbers = ("epochs", "min_steps", "fine_tune_epochs", "fine_tune_min_steps", "patience", "cv_below")
+        for name in (*numbers, *(("unfreeze_blocks",) if self.unfreeze_blocks != "auto" else ())):
             if getattr(self, name) < 0:
                 raise KerastlError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.validation not in VALIDATION_MODES:
+            raise KerastlError(f"validation must be one of {list(VALIDATION_MODES)}, got {self.validation!r}")
+        if self.cv_folds < 2:
+            raise KerastlError(f"cv_folds must be at least 2, got {self.cv_folds}")
         if self.cache_views < 1:
             raise KerastlError(f"cache_views must be at least 1, got {self.cache_views}")
         if self.epochs < 1:
@@ -167,8 +214,11 @@ class TrainConfig(JsonConfig):
     @property
     def wants_fine_tuning(self) -> bool:
         """Whether phase 2 has epochs and something to unfreeze (blocks or a layer name)."""
-        return self.fine_tune_epochs > 0 and (self.unfreeze_blocks > 0 or bool(self.unfreeze_from))
+        blocks = self.unfreeze_blocks == "auto" or self.unfreeze_blocks > 0
+        return self.fine_tune_epochs > 0 and (blocks or bool(self.unfreeze_from))
 
+
+VALIDATION_MODES = ("auto", "holdout", "cv")
 
 # keys that kerastl 0.1 wrote into a search export's config.json; 0.2 keeps them in tune.json
 LEGACY_KEYS = ("tune", "best_trial")
@@ -234,8 +284,11 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
     "hidden_units": ("model", "hidden_units"),
     "pooling": ("model", "pooling"),
     "binary": ("model", "binary"),
+    "features": ("model", "features"),
     "epochs": ("train", "epochs"),
+    "min_steps": ("train", "min_steps"),
     "fine_tune_epochs": ("train", "fine_tune_epochs"),
+    "fine_tune_min_steps": ("train", "fine_tune_min_steps"),
     "unfreeze_blocks": ("train", "unfreeze_blocks"),
     "unfreeze_from": ("train", "unfreeze_from"),
     "optimizer": ("train", "optimizer"),
@@ -248,6 +301,9 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
     "feature_cache": ("train", "feature_cache"),
     "cache_views": ("train", "cache_views"),
     "cache_dir": ("train", "cache_dir"),
+    "validation": ("train", "validation"),
+    "cv_below": ("train", "cv_below"),
+    "cv_folds": ("train", "cv_folds"),
     "name": (None, "name"),
     "export": (None, "export_dir"),
 }

@@ -52,6 +52,12 @@ class Split:
     count: int
     image_size: int
     fingerprint: str = ""  # changes whenever the split's images or labels change
+    labels: np.ndarray | None = None  # every image's label, in order, when known without reading images
+
+    def class_counts(self, num_classes: int) -> np.ndarray:
+        """Images per class (read from the labels, or from the dataset when they are not known)."""
+        labels = self.labels if self.labels is not None else np.array([int(y) for _, y in self.dataset])
+        return np.bincount(np.asarray(labels, np.int64), minlength=num_classes)
 
     def batches(
         self,
@@ -89,6 +95,16 @@ class Split:
         if not images:
             return np.zeros((0, self.image_size, self.image_size, 3), np.uint8), np.zeros((0,), np.int32)
         return np.concatenate(images), np.concatenate(labels)
+
+
+def merge_splits(first: Split, second: Split) -> Split:
+    """One split holding both splits' images (the first's, then the second's)."""
+    digest = hashlib.sha256((first.fingerprint + second.fingerprint).encode()).hexdigest()
+    labels = None
+    if first.labels is not None and second.labels is not None:
+        labels = np.concatenate([first.labels, second.labels])
+    return Split(first.dataset.concatenate(second.dataset), first.count + second.count, first.image_size, digest,
+                 labels)
 
 
 @dataclass
@@ -175,7 +191,8 @@ def _file_split(paths: list[str], labels: list[int], image_size: int) -> Split:
     for path, label in zip(paths, labels):
         stat = os.stat(path)
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{label}\n".encode())
-    return Split(ds.ignore_errors(log_warning=True), len(paths), image_size, digest.hexdigest())
+    return Split(ds.ignore_errors(log_warning=True), len(paths), image_size, digest.hexdigest(),
+                 np.asarray(labels, np.int32))
 
 
 def from_folder(
@@ -213,11 +230,12 @@ def from_folder(
     return ImageData(classes, splits["train"], splits.get("validation"), splits.get("test"))
 
 
-def _array_split(x: np.ndarray, y: np.ndarray, image_size: int) -> Split:
+def split_of_arrays(x: np.ndarray, y: np.ndarray, image_size: int) -> Split:
+    """A split of images (any size, resized to `image_size`) and integer labels."""
     images = to_model_input(x, image_size).numpy()
     labels = np.asarray(y, np.int32)
     digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
-    return Split(tf.data.Dataset.from_tensor_slices((images, labels)), len(images), image_size, digest)
+    return Split(tf.data.Dataset.from_tensor_slices((images, labels)), len(images), image_size, digest, labels)
 
 
 def from_arrays(
@@ -249,12 +267,12 @@ def from_arrays(
     train, val, tst = stratified_split(
         y, 0.0 if validation else validation_split, 0.0 if test else test_split, seed
     )
-    data = ImageData(class_names, _array_split(x[train], y[train], image_size))
+    data = ImageData(class_names, split_of_arrays(x[train], y[train], image_size))
     for name, given, index in (("validation", validation, val), ("test", test, tst)):
         if given is not None:
-            setattr(data, name, _array_split(*given, image_size))
+            setattr(data, name, split_of_arrays(*given, image_size))
         elif len(index):
-            setattr(data, name, _array_split(x[index], y[index], image_size))
+            setattr(data, name, split_of_arrays(x[index], y[index], image_size))
     return data
 
 

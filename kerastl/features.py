@@ -118,15 +118,18 @@ def extract_features(
 ) -> dict[str, np.ndarray]:
     """Pooled features of every image in `data.train` through `config`'s backbone and preprocessing.
 
-    Returns arrays ready for `np.savez`: "features" (or one array per named layer),
-    "labels" and "class_names".
+    Returns arrays ready for `np.savez`: "features" (the blocks `config.features`
+    names, concatenated; "block_widths" gives each block's columns) or one array
+    per named layer, "labels" and "class_names".
     """
     model = build_classifier(config, len(data.class_names))
     extractor = layer_features_model(model, layers) if layers else model.features_model()
     batches = data.train.batches(batch_size, cache_limit_mb=0)  # one pass: nothing to cache
     steps = math.ceil(data.train.count / batch_size)
     features, labels = extract(extractor, batches, progress=progress, steps=steps)
-    arrays = dict(features) if isinstance(features, dict) else {"features": features}
+    arrays = dict(features) if isinstance(features, dict) else {
+        "features": features, "blocks": np.array(model.feature_blocks),
+        "block_widths": np.array(model.block_widths(model.feature_blocks))}
     arrays.update(labels=labels, class_names=np.array(data.class_names))
     return arrays
 
@@ -150,7 +153,8 @@ def model_fingerprint(model: TransferClassifier) -> dict:
 
 
 def cache_key(
-    model: TransferClassifier | dict, split: Split, views: int = 1, augment: str = "none", seed: int = 0
+    model: TransferClassifier | dict, split: Split, views: int = 1, augment: str = "none", seed: int = 0,
+    blocks: list[int] | None = None,
 ) -> str:
     """The key of a split's cached features: any change to what they depend on changes it.
 
@@ -158,9 +162,11 @@ def cache_key(
         model: a classifier, or its `model_fingerprint`.
         split: the data; its fingerprint covers the images and labels.
         views, augment, seed: the augmented views that produced the features.
+        blocks: the blocks whose pooled outputs were concatenated (None: the backbone's output).
     """
     parts = {
         **(model if isinstance(model, dict) else model_fingerprint(model)),
+        "blocks": blocks,
         "data": split.fingerprint,
         "views": views,
         "augment": augment if views > 1 else "none",
@@ -183,6 +189,10 @@ class CachedFeatures:
 
     def nbytes(self) -> int:
         return int(self.features.nbytes + self.labels.nbytes)
+
+    def columns(self, index: np.ndarray) -> CachedFeatures:
+        """These features restricted to some columns (the blocks a head reads), in memory."""
+        return CachedFeatures(np.ascontiguousarray(np.asarray(self.features)[..., index]), self.labels)
 
 
 class FeatureCache:
@@ -260,7 +270,9 @@ class FeatureCache:
     ) -> CachedFeatures:
         """The split's pooled features: from the cache, else extracted and stored."""
         extractor = functools.cache(model.features_model)
-        return self._features(model_fingerprint(model), extractor, split, views, augment, seed, batch_size, progress)
+        blocks = None if model.feature_blocks == [model.block_count()] else model.feature_blocks
+        return self._features(model_fingerprint(model), extractor, split, views, augment, seed, batch_size, progress,
+                              blocks)
 
     def phase1(
         self,
@@ -273,21 +285,26 @@ class FeatureCache:
         batch_size: int = 64,
         progress: bool = False,
         fingerprint: dict | None = None,
+        blocks: list[int] | None = None,
     ) -> tuple[CachedFeatures, CachedFeatures]:
         """Training features (K views) and validation features (one plain view) for phase 1.
 
         The model's fingerprint (pass it when already known) is computed, and its
-        extractor built, once for both.
+        extractor built, once for both. `blocks` are the blocks to read, in one
+        backbone pass (default: those the model's head reads).
         """
         fingerprint = fingerprint or model_fingerprint(model)
-        extractor = functools.cache(model.features_model)
+        blocks = sorted(blocks or model.feature_blocks)
+        extractor = functools.cache(lambda: model.features_model(blocks))
+        key_blocks = None if blocks == [model.block_count()] else blocks
         return (
-            self._features(fingerprint, extractor, train, views, augment, seed, batch_size, progress),
-            self._features(fingerprint, extractor, validation, 1, "none", seed, batch_size, False),
+            self._features(fingerprint, extractor, train, views, augment, seed, batch_size, progress, key_blocks),
+            self._features(fingerprint, extractor, validation, 1, "none", seed, batch_size, False, key_blocks),
         )
 
-    def _features(self, fingerprint, extractor, split, views, augment, seed, batch_size, progress) -> CachedFeatures:
-        key = cache_key(fingerprint, split, views, augment, seed)
+    def _features(self, fingerprint, extractor, split, views, augment, seed, batch_size, progress,
+                  blocks=None) -> CachedFeatures:
+        key = cache_key(fingerprint, split, views, augment, seed, blocks)
         entry = self.load(key)
         if entry is not None:
             log.info("feature cache hit %s (%d images x %d views)", key, len(entry.labels), entry.views)

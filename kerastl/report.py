@@ -1,14 +1,18 @@
-"""Evaluation: class probabilities -> the scores kerastl reports and searches on.
+"""Evaluation: class probabilities -> the scores kerastl reports and searches on; and plots.
 
 One vocabulary everywhere: Keras's `val_` names for the validation split
-(`val_loss`, `val_accuracy`, `val_macro_f1`, `val_auc`) and `test_` for the test split.
+(`val_loss`, `val_accuracy`, `val_macro_f1`, `val_auc`), `test_` for the test split
+and `cv_` for a cross-validated estimate (see `kerastl.crossval`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import tensorflow as tf
+from matplotlib.figure import Figure
 from sklearn.metrics import f1_score, roc_auc_score
 
 METRICS = ("loss", "accuracy", "macro_f1", "auc")
@@ -48,3 +52,25 @@ def predict_split(model: keras.Model, batches: tf.data.Dataset) -> tuple[np.ndar
 def split_scores(model: keras.Model, batches: tf.data.Dataset, prefix: str) -> dict[str, float]:
     """`score` of a model's predictions on batched (images, labels)."""
     return score(*predict_split(model, batches), prefix)
+
+
+def plot_probe_curve(accuracy: list[float], all_accuracy: float, chosen: list[int], folds: int,
+                     path: str | Path) -> Path:
+    """A PNG of the probe accuracy per block, all blocks as a line, and the blocks the head reads.
+
+    Drawn on a `Figure` of its own (no pyplot state), so it runs headless anywhere.
+    """
+    blocks = np.arange(1, len(accuracy) + 1)
+    figure = Figure(figsize=(max(5.0, 0.35 * len(blocks) + 2), 3.2), dpi=100)
+    axes = figure.subplots()
+    axes.plot(blocks, accuracy, marker="o", label="one block")
+    axes.axhline(all_accuracy, color="tab:green", linestyle="--", label="all blocks")
+    axes.scatter(chosen, [accuracy[b - 1] for b in chosen], s=120, facecolors="none", edgecolors="tab:red",
+                 label="read by the head", zorder=3)
+    axes.set_xlabel("block (the last is the backbone's output)")
+    axes.set_ylabel(f"{folds}-fold probe accuracy")
+    axes.set_xticks(blocks)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path)
+    return Path(path)

@@ -9,11 +9,13 @@ hands it, writing nothing). The run folder is written by `kerastl.runfolder`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -24,15 +26,17 @@ import tensorflow as tf
 from kerastl.augment import build_augmenter, parse_augment
 from kerastl.backbones import check_weights, get_spec, normalize_weights, resolve_size
 from kerastl.classifier import TransferClassifier, seeded_classifier
-from kerastl.compile import make_loss, make_optimizer
-from kerastl.config import RunConfig
-from kerastl.data import ImageData, load_data
+from kerastl.compile import compile_classifier, make_loss, make_optimizer
+from kerastl.config import RunConfig, TrainConfig, parse_features
+from kerastl.crossval import train_cross_validated
+from kerastl.data import ImageData, load_data, merge_splits
 from kerastl.errors import KerastlError
-from kerastl.features import CachedFeatures, FeatureCache, cached_views, model_fingerprint
-from kerastl.report import score, split_scores
-from kerastl.runfolder import check_export_dir, write_run_folder
+from kerastl.features import CachedFeatures, FeatureCache, cached_views, extract, model_fingerprint
+from kerastl.probe import MAX_ROWS, ProbeCurve, ProbeFit, choose_c_cv, choose_c_holdout, folds_of, probe_blocks
+from kerastl.report import plot_probe_curve, score, split_scores
+from kerastl.runfolder import PROBE_FILE, PROBE_PLOT, check_export_dir, write_run_folder
 from kerastl.storage import HeadStore
-from kerastl.train import TrainResult, train_classifier
+from kerastl.train import TrainResult, epochs_for, recalibrate_batchnorm, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,9 @@ Pipelines = tuple[tf.data.Dataset, tf.data.Dataset]
 class RunResult:
     """What a run produced: the trained model, its histories, metrics and folder.
 
-    `reused_head` says whether phase 1 came from a `HeadStore` instead of training.
+    `reused_head` says whether phase 1 came from a `HeadStore` instead of training;
+    `probe` is the probe curve that `features="auto"` chose from. `config` is the
+    resolved config, with what "auto" chose.
     """
 
     model: TransferClassifier
@@ -54,6 +60,7 @@ class RunResult:
     export_dir: Path | None
     config: RunConfig
     reused_head: bool = False
+    probe: ProbeCurve | None = None
 
 
 def resolve_config(config: RunConfig) -> RunConfig:
@@ -75,28 +82,47 @@ def resolve_config(config: RunConfig) -> RunConfig:
     return config
 
 
-def phase1_key(fingerprint: dict, data: ImageData, config: RunConfig) -> str:
+def phase1_key(fingerprint: dict, data: ImageData, config: RunConfig, blocks: list[int]) -> str:
     """The `HeadStore` key of a run's phase-1 head: the features and every phase-1 setting."""
     m, t, d = config.model, config.train, config.data
     parts = {
-        "features": fingerprint, "train": data.train.fingerprint, "validation": data.validation.fingerprint,
-        "head": [m.dropout, m.hidden_units, m.binary], "epochs": t.epochs, "batch_size": d.batch_size,
+        "features": fingerprint, "blocks": blocks, "train": data.train.fingerprint,
+        "validation": data.validation.fingerprint if data.validation is not None else None,
+        "head": [m.dropout, m.hidden_units, m.binary], "epochs": [t.epochs, t.min_steps], "batch_size": d.batch_size,
         "optimizer": [t.optimizer, t.learning_rate, t.weight_decay, t.loss, t.label_smoothing, t.patience],
         "views": [cached_views(d.augment, t.cache_views), d.augment, d.seed],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _checked_data(config: RunConfig, data: ImageData | None) -> ImageData:
+def _checked_data(config: RunConfig, data: ImageData | None) -> tuple[ImageData, str]:
+    """The data, and its validation mode; in "cv" mode training and validation images are merged."""
     size = config.model.image_size
     if data is None:
         data = load_data(config.data, size)
     elif data.train.image_size != size:
         raise KerastlError(f"the in-memory data is {data.train.image_size}x{data.train.image_size} but this run "
                            f"wants {size}x{size}: load it at the backbone's size, or give a data source")
+    mode = validation_mode(config.train, data)
+    if mode == "cv":
+        merged = data.train if data.validation is None else merge_splits(data.train, data.validation)
+        log.info("cross-validating on all %d labelled images (fewer than %d in some class)", merged.count,
+                 config.train.cv_below)
+        return dataclasses.replace(data, train=merged, validation=None), mode
     if data.validation is None:
         raise KerastlError("no validation data: set a validation split above 0 or a validation folder")
-    return data
+    return data, mode
+
+
+def validation_mode(config: TrainConfig, data: ImageData) -> str:
+    """ "cv" or "holdout": `config.validation`, or for "auto", cv when the smallest class has
+    fewer than `config.cv_below` labelled images (training plus validation)."""
+    if config.validation != "auto":
+        return config.validation
+    counts = data.train.class_counts(len(data.class_names))
+    if data.validation is not None:
+        counts = counts + data.validation.class_counts(len(data.class_names))
+    return "cv" if counts.min() < config.cv_below else "holdout"
 
 
 def run_training(
@@ -113,12 +139,17 @@ def run_training(
     """Trains one classifier as `config` says, scores it and writes its run folder.
 
     Everything is checked before anything is written, so bad input leaves no files.
+    With cached features (the default for a pretrained base), the head starts from
+    a converged linear probe, `features="auto"` chooses the blocks it reads and
+    `unfreeze_blocks="auto"` the fine-tuning depth (see `kerastl.probe`); with few
+    images per class, every choice is cross-validated (see `kerastl.crossval`).
+    The resolved config written beside the model records those choices.
 
     Args:
         config: the run's settings; registry defaults are resolved first.
         data: loaded data (skips `config.data.source`), or (train, validation)
             batched pipelines of (images, labels), used as they are: no feature
-            cache, no test split.
+            cache, no test split, the backbone's output as features.
         overwrite: replace a non-empty run folder.
         verbose: Keras `fit` verbosity.
         model: a classifier already built for this config (KerasTuner's `build(hp)`).
@@ -142,34 +173,56 @@ def run_training(
                            "save='none': pipelines carry no class names to build or export with")
     if save != "none":
         check_export_dir(folder, overwrite)
-    if not pipelines:
-        data = _checked_data(config, data)
-    model = model or seeded_classifier(config.model, len(data.class_names), config.data.seed)
     if pipelines:
-        (train, validation), phase1 = data, Phase1()
+        (train, validation), mode = data, "holdout"
     else:
-        train, validation = _image_pipelines(config, data)
-        phase1 = _phase1(config, data, model, heads, verbose)
-    dc = config.data
-    calibration = data.train.sample() if model.from_scratch and not pipelines else None  # un-augmented
-    history = train_classifier(
-        model, train, validation, config.train, calibration_images=calibration,
-        features=phase1.features, batch_size=dc.batch_size, seed=dc.seed, callbacks=callbacks, verbose=verbose,
-        phase1=phase1.start, after_phase1=lambda history: phase1.store(heads, model, history),
-    )
-    if phase1.features is not None and history.phase2 is None:  # the head's own view: no backbone pass
-        metrics = _head_scores(model, phase1.features[1])
+        data, mode = _checked_data(config, data)
+        train, validation = _image_pipelines(config, data) if mode == "holdout" else (None, None)
+    model = model or seeded_classifier(config.model, len(data.class_names), config.data.seed)
+    phase1 = Phase1() if pipelines else _phase1(config, data, model, heads, verbose, mode)
+    model = phase1.model or model
+    if phase1.features is None and not model.from_scratch and mode == "holdout":
+        phase1.probe = _probe_pipelines(config, model, train, validation)
+    dc, tc = config.data, config.train
+    if mode == "cv":
+        history, metrics = _cross_validated(config, data, model, phase1, callbacks, verbose)
     else:
-        metrics = split_scores(model, validation, "val_")
+        calibration = data.train.sample() if model.from_scratch and not pipelines else None  # un-augmented
+        history = train_classifier(
+            model, train, validation, tc, calibration_images=calibration, features=phase1.features,
+            batch_size=dc.batch_size, seed=dc.seed, callbacks=callbacks, verbose=verbose, phase1=phase1.start,
+            after_phase1=lambda history: phase1.store(heads, model, history), head_start=phase1.probe,
+            unfreeze_blocks=phase1.depth,
+        )
+        if phase1.features is not None and history.phase2 is None:  # the head's own view: no backbone pass
+            metrics = _head_scores(model, phase1.features[1])
+        else:
+            metrics = split_scores(model, validation, "val_")
     if not pipelines and data.test is not None:
         metrics.update(split_scores(model, data.test.batches(dc.batch_size, cache_limit_mb=0), "test_"))
     log.info("metrics: %s", metrics)
+    config = _with_choices(config, model, phase1)
     class_names = None if pipelines else data.class_names
     if save != "none":
+        extra = {PROBE_FILE: phase1.curve.to_dict()} if phase1.curve is not None else None
         write_run_folder(folder, model, class_names, config, history, metrics, export=save == "export",
-                         backbone_digest=phase1.backbone_digest)
+                         backbone_digest=phase1.backbone_digest, extra=extra)
+        if phase1.curve is not None:
+            curve = phase1.curve
+            plot_probe_curve(curve.accuracy, curve.all_accuracy, curve.chosen, curve.folds, folder / PROBE_PLOT)
     return RunResult(model, history, class_names, metrics, folder if save != "none" else None, config,
-                     reused_head=phase1.start is not None)
+                     reused_head=phase1.start is not None, probe=phase1.curve)
+
+
+def _with_choices(config: RunConfig, model: TransferClassifier, phase1: Phase1) -> RunConfig:
+    """The config with "auto" resolved to what this run chose, so that it reproduces the run."""
+    config = copy.deepcopy(config)
+    if not model.from_scratch and config.model.features == "auto":
+        last = model.block_count()
+        config.model.features = "last" if model.feature_blocks == [last] else ",".join(map(str, model.feature_blocks))
+    if config.train.unfreeze_blocks == "auto":
+        config.train.unfreeze_blocks = phase1.depth or 2
+    return config
 
 
 def _image_pipelines(config: RunConfig, data: ImageData) -> Pipelines:
@@ -184,12 +237,19 @@ def _image_pipelines(config: RunConfig, data: ImageData) -> Pipelines:
 
 @dataclass
 class Phase1:
-    """What phase 1 starts from: cached features, and a stored head (its history) under `key`."""
+    """What phase 1 starts from: cached features (of the blocks the head reads), a stored head
+    (its history) under `key`, or a convex start (`probe`); and what `auto` chose."""
 
     features: tuple[CachedFeatures, CachedFeatures] | None = None
     start: keras.callbacks.History | None = None
     key: str | None = None
     backbone_digest: str | None = None  # of the backbone the features came from
+    probe: ProbeFit | None = None
+    curve: ProbeCurve | None = None
+    depth: int | None = None  # the fine-tuning depth the probe curve chose
+    model: TransferClassifier | None = None  # rebuilt to read the blocks `auto` chose
+    views: np.ndarray | None = None  # cross-validation: every view of every image [views, n, dim]
+    folds: list = field(default_factory=list)
 
     def store(self, heads: HeadStore | None, model: TransferClassifier, history: keras.callbacks.History) -> None:
         """Stores a newly trained phase-1 head (called between the phases)."""
@@ -198,20 +258,103 @@ class Phase1:
 
 
 def _phase1(config: RunConfig, data: ImageData, model: TransferClassifier, heads: HeadStore | None,
-            verbose: int | str) -> Phase1:
-    """The cached features (when the base is frozen and the cache is on) and any stored head."""
+            verbose: int | str, mode: str) -> Phase1:
+    """Cached features (when the base is frozen and the cache is on), the blocks they come from,
+    and the head's start: a stored head, or a linear probe fitted on them."""
     dc, tc = config.data, config.train
     if not tc.feature_cache or model.from_scratch:
         return Phase1()
     fingerprint = model_fingerprint(model)
-    features = FeatureCache(tc.cache_dir, dc.cache_limit_mb).phase1(
-        model, data.train, data.validation, cached_views(dc.augment, tc.cache_views), dc.augment, dc.seed,
-        dc.batch_size, progress=verbose != 0, fingerprint=fingerprint)
-    digest = fingerprint["weights"]
-    if heads is None:
-        return Phase1(features, backbone_digest=digest)
-    key = phase1_key(fingerprint, data, config)
-    return Phase1(features, _stored_phase1(heads, key, model), key, digest)
+    auto = parse_features(config.model.features) == "auto"
+    # the fine-tuning depth is read off the probe curve too
+    probing = auto or (tc.unfreeze_blocks == "auto" and tc.fine_tune_epochs > 0)
+    blocks = list(range(1, model.block_count() + 1)) if probing else model.feature_blocks
+    views = cached_views(dc.augment, tc.cache_views)
+    plain_split = data.validation if mode == "holdout" else data.train  # cv: a plain view of every image
+    train, plain = FeatureCache(tc.cache_dir, dc.cache_limit_mb).phase1(
+        model, data.train, plain_split, views, dc.augment, dc.seed, dc.batch_size, progress=verbose != 0,
+        fingerprint=fingerprint, blocks=blocks)
+    phase1 = Phase1(backbone_digest=fingerprint["weights"])
+    if probing:
+        model, train, plain = _probe_blocks(config, data, model, phase1, train, plain, mode, auto)
+    phase1.features = (train, plain)
+    if heads is not None:
+        phase1.key = phase1_key(fingerprint, data, config, model.feature_blocks)
+        phase1.start = _stored_phase1(heads, phase1.key, model)
+    binary, classes = config.model.binary, len(data.class_names)
+    if mode == "cv":
+        phase1.views = train.features if views == 1 else np.concatenate([train.features, plain.features])
+        phase1.folds = folds_of(plain.labels, tc.cv_folds, dc.seed)
+        phase1.probe = choose_c_cv(phase1.views, plain.features[0], plain.labels, phase1.folds, classes, binary,
+                                   dc.seed)
+    elif phase1.start is None:
+        phase1.probe = choose_c_holdout(train.features, train.labels, plain.features[0], plain.labels, classes,
+                                        binary, dc.seed)
+    return phase1
+
+
+def _probe_blocks(config: RunConfig, data: ImageData, model: TransferClassifier, phase1: Phase1,
+                  train: CachedFeatures, plain: CachedFeatures, mode: str, choose: bool):
+    """Probes every block on the labelled images (features of every block, in order) for the
+    probe curve and the fine-tuning depth; with `choose` (`features="auto"`), rebuilds the
+    classifier to read the chosen blocks. Returns it with its blocks' columns of the features."""
+    if mode == "cv":
+        x, y = np.asarray(plain.features[0]), plain.labels
+    else:
+        x = np.concatenate([np.asarray(train.features[0]), np.asarray(plain.features[0])])
+        y = np.concatenate([train.labels, plain.labels])
+    widths = model.block_widths(list(range(1, model.block_count() + 1)))
+    curve = probe_blocks(x, y, widths, model.block_names(), config.train.cv_folds, config.data.seed)
+    if not choose:
+        curve.chosen = model.feature_blocks
+    log.debug("%s", curve.summary())
+    phase1.curve, phase1.depth = curve, curve.unfreeze_blocks
+    if curve.chosen != model.feature_blocks:
+        model = seeded_classifier(config.model, len(data.class_names), config.data.seed, backbone=model.backbone,
+                                  feature_blocks=curve.chosen)
+        phase1.model = model
+    edges = np.cumsum([0, *widths])
+    columns = np.concatenate([np.arange(edges[b - 1], edges[b]) for b in curve.chosen])
+    return model, train.columns(columns), plain.columns(columns)
+
+
+def _probe_pipelines(config: RunConfig, model: TransferClassifier, train: tf.data.Dataset,
+                     validation: tf.data.Dataset) -> ProbeFit:
+    """The convex start without cached features: one pass of the backbone over (a sample of)
+    the training pipeline as it comes, augmented, and over the validation pipeline."""
+    extractor = model.features_model()
+    steps = math.ceil(MAX_ROWS / config.data.batch_size)
+    x, y = extract(extractor, train.take(steps))
+    xv, yv = extract(extractor, validation)
+    return choose_c_holdout(x[None], y, xv, yv, model.num_classes, model.binary, config.data.seed)
+
+
+def _cross_validated(config: RunConfig, data: ImageData, model: TransferClassifier, phase1: Phase1,
+                     callbacks, verbose) -> tuple[TrainResult, dict[str, float]]:
+    """Small data: both phases on every labelled image, choices by cross-validation (`kerastl.crossval`).
+
+    Without cached features (from scratch, or the cache off) there is nothing cheap to
+    cross-validate: the model trains on every image for the step budget, with no estimate.
+    """
+    dc, tc = config.data, config.train
+    if phase1.features is None:
+        log.warning("%d labelled images and no cached features: training on all of them for at least %d steps, "
+                    "with no validation estimate", data.train.count, tc.min_steps)
+        if model.from_scratch:
+            model.backbone.trainable = True
+        compile_classifier(model, tc)
+        epochs = epochs_for(tc.epochs, tc.min_steps, data.train.count, dc.batch_size)
+        batches = data.train.batches(dc.batch_size, True, build_augmenter(dc.augment, seed=dc.seed), dc.seed,
+                                     dc.cache_limit_mb)
+        history = model.fit(batches, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=verbose)
+        if model.from_scratch:
+            recalibrate_batchnorm(model, data.train.sample())
+        return TrainResult(history), {}
+    images, labels = data.train.arrays()
+    if not np.array_equal(labels, phase1.features[1].labels):
+        raise KerastlError("the cached features are not in the images' order; clear the feature cache")
+    return train_cross_validated(model, images, labels, phase1.views, phase1.probe, phase1.folds, tc, dc,
+                                 phase1.depth, callbacks, verbose)
 
 
 def _stored_phase1(heads: HeadStore, key: str, model: TransferClassifier) -> keras.callbacks.History | None:

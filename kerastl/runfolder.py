@@ -41,6 +41,8 @@ METADATA_FILE = "metadata.json"
 MODEL_FILE = "model.keras"
 BACKBONE_WEIGHTS = "backbone.weights.h5"
 MODEL_WEIGHTS = "model.weights.h5"
+PROBE_FILE = "probe.json"  # the probe curve that features="auto" chose from
+PROBE_PLOT = "probe.png"
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -83,7 +85,8 @@ def write_run_folder(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    metadata = {"kerastl_version": __version__, "format": FOLDER_FORMAT, "export": export}
+    metadata = {"kerastl_version": __version__, "format": FOLDER_FORMAT, "export": export,
+                "normalize": model.normalize}
     if export:
         export_saved_model(model, folder, class_names)
         model.save(folder / MODEL_FILE)
@@ -135,7 +138,9 @@ def load_model(folder: str | os.PathLike) -> TransferClassifier:
         raise KerastlError(f"{folder} has no {MODEL_FILE} (is it a kerastl run folder?)")
     metadata = json.loads(metadata_path.read_text())
     config = read_config(folder)
-    model = seeded_classifier(config.model, len(read_labels(folder)), config.data.seed)
+    # config.json names the blocks the head reads; format 2 folders predate the standardisation layer
+    model = seeded_classifier(config.model, len(read_labels(folder)), config.data.seed,
+                              normalize=metadata.get("normalize", False))
     if (folder / MODEL_WEIGHTS).is_file():
         model.load_weights(folder / MODEL_WEIGHTS)
         return model
@@ -155,7 +160,7 @@ def _from_version_0_1(folder: Path, loaded: keras.Model) -> TransferClassifier:
         config = read_config(folder)
         config.model.from_scratch = config.model.trains_from_scratch  # before the weights are cleared
         config.model.weights = None  # the saved weights replace whatever the backbone started from
-        model = seeded_classifier(config.model, len(read_labels(folder)), config.data.seed)
+        model = seeded_classifier(config.model, len(read_labels(folder)), config.data.seed, normalize=False)
         model.set_weights(loaded.get_weights())
     except (KerastlError, ValueError) as error:
         raise KerastlError(f"{advice} ({str(error).splitlines()[0]})") from None

@@ -1,16 +1,22 @@
-"""Two-phase training: head on a frozen base, then fine-tuning the top blocks.
+"""Two-phase training on a held-out validation split: head on a frozen base, then fine-tuning.
 
 Phase 1 trains the head with the base frozen (given cached backbone features, on
-the classifier's head model, which shares its layers; see `kerastl.features`);
-EarlyStopping on validation loss keeps the best epoch.
+the classifier's head model, which shares its layers; see `kerastl.features`).
+Given a convex start (`kerastl.probe`), the head starts from the converged linear
+probe and EarlyStopping counts it as the best so far. Its budget is optimizer
+steps: at least `min_steps`, whatever the dataset's size (epochs and patience are
+raised to reach it); EarlyStopping on validation loss keeps the best epoch.
 Phase 2 unfreezes the top blocks, recompiles with a lower learning rate and
-continues; its EarlyStopping starts from phase 1's best, so fine-tuning never
-leaves the model worse on validation than phase 1 ended.
+continues from that converged head (LP-FT, Kumar et al. 2022); its EarlyStopping
+starts from phase 1's best, so fine-tuning never leaves the model worse on
+validation than phase 1 ended. Small data is cross-validated instead
+(`kerastl.crossval`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,6 +28,7 @@ from kerastl.classifier import TransferClassifier
 from kerastl.compile import compile_classifier
 from kerastl.config import TrainConfig
 from kerastl.features import CachedFeatures
+from kerastl.probe import ProbeFit
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +81,24 @@ class KeepBest(keras.callbacks.EarlyStopping):
         if self.initial_best is not None:
             self.best = self.initial_best
             self.best_weights = self.model.get_weights()
+
+
+def epochs_for(epochs: int, min_steps: int, count: int, batch_size: int) -> int:
+    """`epochs`, raised so that `count` examples in batches of `batch_size` make `min_steps` steps."""
+    return max(epochs, math.ceil(min_steps / max(1, math.ceil(count / batch_size))))
+
+
+def scaled_patience(patience: int, epochs: int, raised: int) -> int:
+    """Patience raised in step with the epochs, so it stays the same share of the budget."""
+    return max(patience, math.ceil(patience * raised / max(epochs, 1)))
+
+
+def start_head(model: TransferClassifier, fit: ProbeFit) -> None:
+    """Sets the classifier's standardisation, and a linear head's weights, to a fitted probe."""
+    if model.feature_norm is not None:
+        model.feature_norm.set_statistics(fit.standardizer.mean, fit.standardizer.scale)
+    if model.hidden is None:
+        model.output_dense.set_weights([fit.kernel, fit.bias])
 
 
 def first_images(batches: tf.data.Dataset, count: int = 512) -> tf.Tensor:
@@ -162,16 +187,21 @@ def train_head(
     seed: int | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
     verbose: int | str = "auto",
+    initial_best: float | None = None,
 ) -> tuple[keras.callbacks.History, KeepBest]:
     """Phase 1 on cached (train, validation) features: trains `head` with KeepBest.
 
-    Returns the history and the KeepBest callback (its `best` is the best val_loss).
+    At least `config.min_steps` steps (see `epochs_for`); `initial_best` is the
+    validation loss of the head's starting weights (a convex start), which then
+    count as the best so far. Returns the history and the KeepBest callback (its
+    `best` is the best val_loss).
     """
-    stop = KeepBest(config.patience)
+    epochs = epochs_for(config.epochs, config.min_steps, len(features[0].labels), batch_size)
+    stop = KeepBest(scaled_patience(config.patience, config.epochs, epochs), initial_best)
     # head steps take microseconds: run many per call so Python overhead does not dominate
     compile_classifier(head, config, steps_per_execution=HEAD_STEPS_PER_EXECUTION)
     history = head.fit(
-        feature_batches(features[0], batch_size, True, seed), epochs=config.epochs,
+        feature_batches(features[0], batch_size, True, seed), epochs=epochs,
         validation_data=feature_batches(features[1], batch_size),
         callbacks=[stop, *(callbacks or [])], shuffle=False, verbose=verbose,
     )
@@ -187,21 +217,40 @@ def fine_tune(
     initial_epoch: int = 0,
     callbacks: list[keras.callbacks.Callback] | None = None,
     verbose: int | str = "auto",
+    unfreeze_blocks: int | None = None,
 ) -> keras.callbacks.History | None:
     """Phase 2: unfreezes the top blocks and trains at the lower rate, never ending worse than `phase1_best`.
 
-    Returns None when there is nothing to fine-tune.
+    At least `config.fine_tune_min_steps` steps; `unfreeze_blocks` is the depth
+    when `config.unfreeze_blocks` is "auto". Returns None when there is nothing to fine-tune.
     """
-    if config.fine_tune_epochs == 0 or model.unfreeze(config.unfreeze_blocks, config.unfreeze_from) == 0:
-        log.info("nothing to fine-tune (no epochs or no blocks); skipping phase 2")
+    if not unfreeze_top(model, config, unfreeze_blocks):
         return None
     compile_classifier(model, config, config.learning_rate * config.fine_tune_lr_ratio)
+    epochs = fine_tune_epochs(config, train_data)
     return model.fit(
-        train_data, validation_data=validation_data, initial_epoch=initial_epoch,
-        epochs=initial_epoch + config.fine_tune_epochs,
-        callbacks=[KeepBest(config.patience, initial_best=phase1_best), *(callbacks or [])], shuffle=False,
-        verbose=verbose,
+        train_data, validation_data=validation_data, initial_epoch=initial_epoch, epochs=initial_epoch + epochs,
+        callbacks=[KeepBest(scaled_patience(config.patience, config.fine_tune_epochs, epochs), phase1_best),
+                   *(callbacks or [])],
+        shuffle=False, verbose=verbose,
     )
+
+
+def unfreeze_top(model: TransferClassifier, config: TrainConfig, depth: int | None) -> bool:
+    """Unfreezes what phase 2 trains; False (and a log line) when that is nothing."""
+    blocks = depth if config.unfreeze_blocks == "auto" else config.unfreeze_blocks
+    if config.fine_tune_epochs == 0 or model.unfreeze(blocks or 0, config.unfreeze_from) == 0:
+        log.info("nothing to fine-tune (no epochs or no blocks); skipping phase 2")
+        return False
+    return True
+
+
+def fine_tune_epochs(config: TrainConfig, train_data: tf.data.Dataset) -> int:
+    """Phase-2 epochs: `fine_tune_epochs`, raised to make `fine_tune_min_steps` steps."""
+    steps = int(train_data.cardinality())
+    if steps <= 0:  # unknown (a user's pipeline): take the epochs as given
+        return config.fine_tune_epochs
+    return max(config.fine_tune_epochs, math.ceil(config.fine_tune_min_steps / steps))
 
 
 def train_classifier(
@@ -217,6 +266,8 @@ def train_classifier(
     verbose: int | str = "auto",
     phase1: keras.callbacks.History | None = None,
     after_phase1: Callable[[keras.callbacks.History], None] | None = None,
+    head_start: ProbeFit | None = None,
+    unfreeze_blocks: int | None = None,
 ) -> TrainResult:
     """Trains `model` in two phases (one when it trains from scratch).
 
@@ -237,6 +288,10 @@ def train_classifier(
         phase1: the history of a phase 1 that already ran: the head holds its best
             weights, so training goes straight to phase 2.
         after_phase1: called with phase 1's history before phase 2 starts (to store the head).
+        head_start: a linear probe fitted on the cached features (`kerastl.probe`):
+            the head starts from it, and it counts as phase 1's best so far.
+        unfreeze_blocks: the fine-tuning depth when `config.unfreeze_blocks` is "auto"
+            (a probe curve's choice; 2 when None).
     """
     config.validate()
     extra = list(callbacks or [])
@@ -247,22 +302,31 @@ def train_classifier(
         extra.append(BatchNormCalibration(sample))
     else:
         model.freeze_backbone()
+    initial = None
+    if head_start is not None and phase1 is None and not scratch:
+        start_head(model, head_start)
+        if model.hidden is None:  # the head is the probe: its validation loss is the best so far
+            initial = head_start.estimate.get("val_loss")
     if phase1 is not None:
         compile_classifier(model, config)
     elif features is not None and not scratch:
         phase1, _ = train_head(model.head_model(), features, config, batch_size, seed, callbacks=extra,
-                               verbose=verbose)
+                               verbose=verbose, initial_best=initial)
         compile_classifier(model, config)  # as the plain path leaves it
     else:
         compile_classifier(model, config)
+        steps = int(train_data.cardinality())
+        epochs = epochs_for(config.epochs, config.min_steps, steps, 1) if steps > 0 else config.epochs
         phase1 = model.fit(
-            train_data, validation_data=validation_data, epochs=config.epochs,
-            callbacks=[KeepBest(config.patience), *extra], shuffle=False, verbose=verbose,
+            train_data, validation_data=validation_data, epochs=epochs,
+            callbacks=[KeepBest(scaled_patience(config.patience, config.epochs, epochs), initial), *extra],
+            shuffle=False, verbose=verbose,
         )
     if after_phase1 is not None:
         after_phase1(phase1)
     result = TrainResult(phase1)
     if not scratch:
-        result.phase2 = fine_tune(model, train_data, validation_data, config, min(phase1.history["val_loss"]),
-                                  len(phase1.epoch), callbacks=extra, verbose=verbose)
+        best = min(phase1.history["val_loss"] + ([initial] if initial is not None else []))
+        result.phase2 = fine_tune(model, train_data, validation_data, config, best, len(phase1.epoch),
+                                  callbacks=extra, verbose=verbose, unfreeze_blocks=unfreeze_blocks or 2)
     return result

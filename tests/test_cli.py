@@ -21,7 +21,8 @@ def test_backbones_lists_the_registry(capsys):
 def test_train_then_predict(image_folder, tmp_path, capsys):
     export = tmp_path / "out"
     config = tmp_path / "run.json"
-    RunConfig.from_dict({"train": {"learning_rate": 0.01, "fine_tune_epochs": 0}, "data": {"augment": "none"}}).to_json(config)
+    RunConfig.from_dict({"train": {"learning_rate": 0.01, "fine_tune_epochs": 0, "validation": "holdout"},
+                         "data": {"augment": "none"}}).to_json(config)
     code = main(["train", "--data", str(image_folder), "--config", str(config), "--export", str(export), *SMALL,
                  "--batch-size", "8", "--no-cache", "--cache-views", "3"])
     assert code == 0
@@ -70,6 +71,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, image_folder,
         ([*train, "--data", str(image_folder), "--pooling", "median"], "invalid choice"),
         ([*train, "--data", str(image_folder), "--optimizer", "teleport"], "unknown optimizer 'teleport'"),
         ([*train, "--data", str(image_folder), "--loss", "vibes"], "unknown loss 'vibes'"),
+        ([*train, "--data", str(image_folder), "--features", "deep"], "last, auto, all or block numbers"),
+        ([*train, "--data", str(image_folder), "--features", "0,2"], "last, auto, all or block numbers"),
+        ([*train, "--data", str(image_folder), "--unfreeze-blocks", "deep"], "not a whole number"),
+        ([*train, "--data", str(image_folder), "--validation", "vibes"], "invalid choice"),
+        ([*train, "--data", str(image_folder), "--cv-folds", "1"], "below the minimum"),
         (["train", "--bogus-flag"], "unrecognized arguments"),
         (["predict", "--model", str(tmp_path), "x.png"], "not a kerastl export"),
         (["frobnicate"], "invalid choice"),
@@ -97,5 +103,23 @@ def test_help_documents_every_flag(capsys):
     assert main(["train", "--help"]) == 0
     text = capsys.readouterr().out
     for flag in ("--data", "--backbone", "--weights", "--image-size", "--epochs", "--fine-tune-epochs",
-                 "--unfreeze-blocks", "--batch-size", "--augment", "--export", "--config"):
+                 "--unfreeze-blocks", "--batch-size", "--augment", "--export", "--config", "--features",
+                 "--validation", "--min-steps", "--cv-folds"):
         assert flag in text
+
+
+def test_train_prints_what_the_probes_chose_and_names_a_cross_validated_estimate(image_folder, tmp_path, capsys):
+    from kerastl.backbones import build_backbone
+
+    export, weights = tmp_path / "out", tmp_path / "random.weights.h5"
+    build_backbone("simple_cnn", 16, weights=None).save_weights(weights)  # a frozen base to transfer from
+    code = main(["train", "--data", str(image_folder), "--backbone", "simple_cnn", "--image-size", "16",
+                 "--weights", str(weights), "--export", str(export), "-q", "--augment", "none",
+                 "--fine-tune-epochs", "0"])
+    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "features: " in out and "probe accuracy" in out and "fine-tuning depth" in out
+    assert "cv_accuracy: " in out and "cross-validated estimate, 5 folds" in out and "val_accuracy" not in out
+    saved = RunConfig.from_json(export / "config.json")
+    assert saved.model.features != "auto" and saved.train.unfreeze_blocks != "auto"
+    assert (export / "probe.json").is_file() and (export / "probe.png").is_file()

@@ -22,9 +22,10 @@ from kerastl.tune.tuner import make_objective
 
 def base_config(tmp_path, **train) -> RunConfig:
     """Digits at 16x16 through a frozen random simple_cnn: real data, seconds per trial."""
-    values = {"epochs": 4, "fine_tune_epochs": 0, "patience": 3, "cache_dir": str(tmp_path / "cache"), **train}
+    values = {"epochs": 4, "fine_tune_epochs": 0, "patience": 3, "cache_dir": str(tmp_path / "cache"),
+              "min_steps": 0, "fine_tune_min_steps": 0, **train}
     return RunConfig(DataConfig(source="digits", augment="none", batch_size=64),
-                     ModelConfig("simple_cnn", weights=None, from_scratch=False, image_size=16),
+                     ModelConfig("simple_cnn", weights=None, from_scratch=False, image_size=16, features="last"),
                      TrainConfig(**values), export_dir=str(tmp_path / "export"))
 
 
@@ -277,9 +278,10 @@ def test_a_cached_trial_scores_what_the_plain_kerastuner_trial_scores(tmp_path):
     plain = hypermodel.fit(hp, hypermodel.build(hp), data.train.batches(64, True, seed=config.data.seed),
                            validation_data=data.validation.batches(64))
     assert cached["val_accuracy"] > 0.3  # well above chance (0.1): a real trial
-    # same head start, dropout masks and batch order: only float round-off differs
-    assert cached["val_accuracy"] == pytest.approx(plain["val_accuracy"], abs=1.5 / data.validation.count)
-    assert cached["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-3)
+    # the same start (standardised by the same statistics) and dropout masks; the plain path's one extraction
+    # pass over the pipeline (for those statistics) takes one of its shuffles, so its batches come in another order
+    assert cached["val_accuracy"] == pytest.approx(plain["val_accuracy"], abs=4.5 / data.validation.count)
+    assert cached["val_loss"] == pytest.approx(plain["val_loss"], rel=0.05)
 
 
 def test_tied_trials_rank_by_validation_loss_and_failed_trials_last():

@@ -116,6 +116,7 @@ def run_trial(config: RunConfig, context: TrialContext, trial_dir: Path, budget:
         tf.config.experimental.reset_memory_stats(context.device.strip("/"))
     config = budgeted(resolve_config(config), budget, config.train.epochs)
     config.export_dir = str(trial_dir)
+    config.train.validation = "holdout"  # trials are compared on one validation split
     data = dataclasses.replace(context.data(config), test=None)  # trials are chosen on validation alone
     result = run_training(config, data, overwrite=True, verbose=context.verbose,
                           model=context.classifier(config, len(data.class_names)), heads=context.heads,

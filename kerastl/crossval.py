@@ -1,0 +1,140 @@
+"""Small data: k-fold cross-validation where a held-out split would be noise.
+
+With 10 images per class, a 20% validation split is 2 images per class: too few
+to stop on, choose on, or report. Below `TrainConfig.cv_below` labelled images per
+class (`validation="auto"`), a run instead uses every labelled image for training
+and k-fold cross-validation (stratified, k = `cv_folds` or fewer) for every choice:
+
+- Phase 1: the linear probe's L2 strength is chosen by cross-validated loss and
+  the probe refitted on every image (`kerastl.probe.choose_c_cv`).
+- Phase 2: in each fold, the fold's own probe starts a fine-tuning run on the
+  fold's training images, scored every epoch on its held-out images. The mean
+  held-out loss over folds gives a curve over epochs 0 (phase 1 alone) to E. Phase
+  2 then runs on every image for the epochs at the curve's minimum, and only when
+  that minimum is below epoch 0: fine-tuning keeps its changes only when the
+  cross-validated estimate improves.
+
+The metrics are named `cv_*` (accuracy, its standard deviation over folds, loss,
+folds): an estimate from cross-validation, not a held-out score. With a single
+image in some class there is nothing to cross-validate: the probe uses C=1 and
+phase 2 is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+import numpy as np
+
+from kerastl.augment import build_augmenter
+from kerastl.classifier import TransferClassifier
+from kerastl.compile import compile_classifier
+from kerastl.config import DataConfig, TrainConfig
+from kerastl.data import split_of_arrays
+from kerastl.features import CachedFeatures
+from kerastl.probe import ProbeFit, fit_probe, rows_of
+from kerastl.train import (HEAD_STEPS_PER_EXECUTION, TrainResult, epochs_for, feature_batches, fine_tune_epochs,
+                           start_head, unfreeze_top)
+
+log = logging.getLogger(__name__)
+
+
+def history_of(values: dict[str, list[float]]) -> keras.callbacks.History:
+    """A Keras History holding `values` per epoch (a phase that ran as cross-validation)."""
+    history = keras.callbacks.History()
+    history.history = {key: [float(v) for v in vals] for key, vals in values.items()}
+    history.epoch = list(range(len(next(iter(values.values())))))
+    return history
+
+
+def train_cross_validated(
+    model: TransferClassifier,
+    images: np.ndarray,
+    labels: np.ndarray,
+    views: np.ndarray,
+    probe: ProbeFit,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    config: TrainConfig,
+    data: DataConfig,
+    unfreeze_blocks: int | None = None,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    verbose: int | str = "auto",
+) -> tuple[TrainResult, dict[str, float]]:
+    """Both phases on every labelled image, each choice made by cross-validation.
+
+    Args:
+        model: a transfer classifier (frozen base, head reading cached features).
+        images, labels: every labelled image (uint8, the model's size) and its label.
+        views: cached training features [views, n, dim] of the blocks the head reads.
+        probe: the probe fitted on every image, with its `cv_*` estimate.
+        folds: (train, held-out) image indices; empty when there are too few images.
+        unfreeze_blocks: phase 2's depth when `config.unfreeze_blocks` is "auto".
+
+    Returns:
+        The phases' histories and the cross-validated estimate (`cv_*` metrics).
+    """
+    num_classes = model.num_classes
+    start_head(model, probe)
+    estimate = dict(probe.estimate)
+    phase1 = history_of({key: [value] for key, value in estimate.items()} or {"cv_loss": [float("nan")]})
+    if model.hidden is not None:  # no closed form: a fixed budget of steps from the standardised start
+        head = model.head_model()
+        compile_classifier(head, config, steps_per_execution=HEAD_STEPS_PER_EXECUTION)
+        epochs = epochs_for(config.epochs, config.min_steps, len(labels), data.batch_size)
+        phase1 = head.fit(feature_batches(CachedFeatures(views, labels), data.batch_size, True, data.seed),
+                          epochs=epochs, verbose=verbose)
+        log.info("a hidden layer has no cross-validated estimate and is not fine-tuned on small data")
+        return TrainResult(phase1), {}
+    result = TrainResult(phase1)
+    if not folds or not unfreeze_top(model, config, unfreeze_blocks or 2):
+        if not folds:
+            log.info("too few images per class to cross-validate: no fine-tuning")
+        model.freeze_backbone()
+        return result, estimate
+    compile_classifier(model, config, config.learning_rate * config.fine_tune_lr_ratio)
+    start = model.get_weights()
+    augmenter = build_augmenter(data.augment, seed=data.seed)
+    curves = []
+    for number, (train, held) in enumerate(folds, start=1):
+        model.set_weights(start)
+        x, y = rows_of(views, labels, train, data.seed)  # the fold's own probe: its held-out images stay unseen
+        start_head(model, fit_probe(x, y, probe.c, num_classes, model.binary))
+        _reset(model.optimizer)
+        batches = split_of_arrays(images[train], labels[train], model.image_size).batches(
+            data.batch_size, True, augmenter, data.seed, data.cache_limit_mb)
+        held_out = split_of_arrays(images[held], labels[held], model.image_size).batches(data.batch_size)
+        before = model.evaluate(held_out, verbose=0, return_dict=True)
+        history = model.fit(batches, validation_data=held_out, epochs=fine_tune_epochs(config, batches),
+                            shuffle=False, verbose=0)
+        curves.append(([before["loss"], *history.history["val_loss"]],
+                       [before["accuracy"], *history.history["val_accuracy"]]))
+        log.info("fine-tuning fold %d/%d: held-out loss %.4f -> best %.4f", number, len(folds),
+                 curves[-1][0][0], min(curves[-1][0]))
+    losses = np.mean([c[0] for c in curves], axis=0)
+    accuracies = np.array([c[1] for c in curves])
+    best = int(np.argmin(losses))
+    result.phase2 = history_of({"cv_loss": list(losses), "cv_accuracy": list(accuracies.mean(axis=0))})
+    model.set_weights(start)
+    if best == 0:
+        log.info("fine-tuning did not lower the cross-validated loss (%.4f): phase 1 is kept", losses[0])
+        model.freeze_backbone()
+        result.phase2 = None
+        return result, estimate
+    log.info("fine-tuning for %d epochs lowers the cross-validated loss %.4f -> %.4f", best, losses[0],
+             losses[best])
+    _reset(model.optimizer)
+    everything = split_of_arrays(images, labels, model.image_size).batches(
+        data.batch_size, True, augmenter, data.seed, data.cache_limit_mb)
+    model.fit(everything, epochs=best, callbacks=callbacks, shuffle=False, verbose=verbose)
+    model.freeze_backbone()
+    estimate.update(cv_loss=float(losses[best]), cv_accuracy=float(accuracies[:, best].mean()),
+                    cv_accuracy_std=float(accuracies[:, best].std()), cv_fine_tune_epochs=float(best))
+    return result, estimate
+
+
+def _reset(optimizer: keras.optimizers.Optimizer) -> None:
+    """Zeroes an optimizer's step count and moments, keeping its learning rate."""
+    for variable in optimizer.variables:
+        if variable.name != "learning_rate":
+            variable.assign(keras.ops.zeros_like(variable))

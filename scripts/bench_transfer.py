@@ -1,0 +1,92 @@
+"""Benchmark: transfer with the defaults against the strongest baselines, from 1 to 20 images per class.
+
+Digits 0-4 -> 5-9, as in `kerastl demo`: the backbone is pretrained from scratch on
+digits 0-4, then each run gets N labelled images per class of digits 5-9 and is
+tested on every other image of 5-9. For each N it prints test accuracy and seconds of:
+
+- defaults: `kerastl train --weights backbone.weights.h5` and nothing else
+  (features=auto, unfreeze_blocks=auto, cross-validation below 30 per class);
+- last: the same with features=last (the head reads the backbone's output, and
+  the probe curve still sets the fine-tuning depth), and last, depth 2 (no probing
+  at all): what `auto` adds to a run's time;
+- scratch: simple_cnn and the backbone itself from scratch on the same images,
+  each for `SCRATCH_STEPS` optimizer steps (trained to convergence); the best of them;
+- probes: scikit-learn LogisticRegression on the frozen backbone's standardised
+  features: its output ("last"), and the best of every single block and all blocks
+  concatenated ("best", chosen on the test set itself: a ceiling, not a method).
+
+    python scripts/bench_transfer.py                       # simple_cnn, 1 3 5 10 20 per class
+    python scripts/bench_transfer.py --backbone mobilenet_v2 --shots 3 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+from kerastl.demo import few_shot, pretrain, probe_accuracies, scratch, transfer  # noqa: E402
+from kerastl.runfolder import BACKBONE_WEIGHTS  # noqa: E402
+
+
+def timed(function, *args, **kwargs):
+    start = time.perf_counter()
+    value = function(*args, **kwargs)
+    return value, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", default="simple_cnn")
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 3, 5, 10, 20])
+    parser.add_argument("--seeds", type=int, default=1, help="few-shot draws per size, averaged")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="bench_transfer-"))
+    os.environ.setdefault("KERASTL_CACHE", str(work / "cache"))
+    pretrained, seconds = timed(pretrain, work / "pretrain", 0, args.backbone)
+    weights = str(pretrained.export_dir / BACKBONE_WEIGHTS)
+    print(f"{args.backbone} pretrained on digits 0-4 in {seconds:.0f} s: validation accuracy "
+          f"{pretrained.metrics['val_accuracy']:.3f}")
+    baselines = ["simple_cnn"] + ([args.backbone] if args.backbone != "simple_cnn" else [])
+    header = ("per class", "defaults", "s", "last", "s", "last,d2", "s", "scratch best", "s", "probe last",
+              "probe best", "chosen")
+    print(" | ".join(header))
+    for per_class in args.shots:
+        rows = []
+        for seed in range(args.seeds):
+            data, _, _ = few_shot(per_class, seed)
+            row = {}
+            run, row["defaults_s"] = timed(transfer, weights, data, None, seed, args.backbone)
+            row["defaults"] = run.metrics["test_accuracy"]
+            row["chosen"] = f"{run.config.model.features} d{run.config.train.unfreeze_blocks}"
+            run, row["last_s"] = timed(transfer, weights, data, None, seed, args.backbone, features="last")
+            row["last"] = run.metrics["test_accuracy"]
+            run, row["plain_s"] = timed(transfer, weights, data, None, seed, args.backbone, features="last",
+                                        unfreeze_blocks=2)
+            row["plain"] = run.metrics["test_accuracy"]
+            scores = []
+            for name in baselines:
+                run, spent = timed(scratch, data, seed, name)
+                scores.append((run.metrics["test_accuracy"], spent, name))
+            row["scratch"], row["scratch_s"], row["scratch_name"] = max(scores)
+            probes = probe_accuracies(weights, data, args.backbone)
+            row.update(probe_last=probes["last"], probe_best=probes["best"])
+            rows.append(row)
+        mean = {key: float(np.mean([r[key] for r in rows])) for key in rows[0] if not isinstance(rows[0][key], str)}
+        print(f"{per_class} | {mean['defaults']:.3f} | {mean['defaults_s']:.0f} | {mean['last']:.3f} | "
+              f"{mean['last_s']:.0f} | {mean['plain']:.3f} | {mean['plain_s']:.0f} | {mean['scratch']:.3f} "
+              f"({rows[0]['scratch_name']}) | {mean['scratch_s']:.0f} | {mean['probe_last']:.3f} | "
+              f"{mean['probe_best']:.3f} | {rows[0]['chosen']}", flush=True)
+    print("targets at 3 and 10 per class: defaults >= best scratch + 0.10; defaults >= best probe - 0.02")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Converged heads, reading the right depth, and honest small-data validation (`kerastl.probe`, `kerastl.crossval`)."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from kerastl.backbones import build_backbone
+from kerastl.classifier import build_classifier, seeded_classifier
+from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from kerastl.data import from_arrays, load_digits
+from kerastl.errors import KerastlError
+from kerastl.export import export_saved_model
+from kerastl.probe import choose_blocks, probe_blocks, unfreeze_depth
+from kerastl.run import run_training
+from kerastl.runfolder import load_model
+
+SIZE = 16
+
+
+def digits(per_class: int, test: bool = True, seed: int = 0):
+    """Digits 0-4 with `per_class` labelled images each, and (optionally) 100 test images."""
+    x, y, names = load_digits((0, 1, 2, 3, 4))
+    rng = np.random.default_rng(seed)
+    train = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in range(5)])
+    rest = rng.permutation(np.setdiff1d(np.arange(len(y)), train))[:100]
+    return (x, y, names), from_arrays(x[train], y[train], SIZE, names, validation_split=0.3, seed=seed,
+                                      test=(x[rest], y[rest]) if test else None)
+
+
+def frozen_random(**train) -> tuple[ModelConfig, TrainConfig]:
+    """A frozen random-weight simple_cnn: real features without any pretraining."""
+    return (ModelConfig("simple_cnn", weights=None, image_size=SIZE, from_scratch=False, features="last"),
+            TrainConfig(**{"fine_tune_epochs": 0, **train}))
+
+
+def test_phase_one_head_reaches_the_scikit_learn_probe(tmp_path):
+    _, data = digits(40)
+    model, train = frozen_random(validation="holdout")
+    result = run_training(RunConfig(DataConfig(augment="none"), model, train), data=data, verbose=0, save="none")
+    assert result.history.phase2 is None
+    extractor = result.model.features_model()
+    (x, y), (xv, yv) = data.train.arrays(), data.validation.arrays()
+    (xt, yt) = data.test.arrays()
+    features = [np.asarray(extractor.predict(a.astype(np.float32), verbose=0)) for a in (x, xv, xt)]
+    scaler = StandardScaler().fit(features[0])
+    reference = LogisticRegression(max_iter=5000).fit(scaler.transform(features[0]), y)
+    for split, (f, labels) in {"val": (features[1], yv), "test": (features[2], yt)}.items():
+        ours = result.metrics[f"{split}_accuracy"]
+        theirs = reference.score(scaler.transform(f), labels)
+        assert ours >= theirs - 0.01, (split, ours, theirs)
+
+
+def test_the_head_budget_is_steps_not_epochs():
+    _, data = digits(40)
+    model, train = frozen_random(validation="holdout", epochs=2, min_steps=60, patience=100)
+    result = run_training(RunConfig(DataConfig(augment="none", batch_size=32), model, train), data=data,
+                          verbose=0, save="none")
+    steps_per_epoch = -(-data.train.count // 32)
+    assert len(result.history.phase1.epoch) * steps_per_epoch >= 60
+
+
+def _zero_last_block(path):
+    """A simple_cnn weights file whose last block outputs zeros: it destroys the signal."""
+    backbone = build_backbone("simple_cnn", SIZE, weights=None)
+    for weight in backbone.get_layer("block3_conv").weights:
+        weight.assign(np.zeros(weight.shape, np.float32))
+    backbone.save_weights(path)
+    return str(path)
+
+
+def test_auto_reads_an_earlier_block_when_the_last_destroys_the_signal(tmp_path):
+    _, data = digits(40)
+    weights = _zero_last_block(tmp_path / "broken.weights.h5")
+    config = RunConfig(DataConfig(augment="none"), ModelConfig("simple_cnn", weights=weights, image_size=SIZE),
+                       TrainConfig(fine_tune_epochs=0, validation="holdout"), export_dir=str(tmp_path / "run"))
+    result = run_training(config, data=data, verbose=0)
+    assert result.model.feature_blocks != [3]  # not the output alone: an earlier block, or all of them
+    assert result.config.model.features == ",".join(map(str, result.model.feature_blocks))
+    assert result.probe.accuracy[-1] < 0.4 < max(result.probe.accuracy)
+    assert result.metrics["val_accuracy"] > 0.6
+    curve = json.loads((tmp_path / "run" / "probe.json").read_text())
+    assert [b["block"] for b in curve["blocks"]] == [1, 2, 3] and curve["chosen"] == result.model.feature_blocks
+    assert (tmp_path / "run" / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "run" / "probe.png").stat().st_size > 5000
+    # the export reads the same blocks, standardised by its own layer
+    reloaded = load_model(tmp_path / "run")
+    assert reloaded.feature_blocks == result.model.feature_blocks
+    images = data.validation.arrays()[0].astype(np.float32)
+    np.testing.assert_allclose(reloaded.predict(images, verbose=0), result.model.predict(images, verbose=0),
+                               atol=1e-5)
+
+
+def test_auto_keeps_the_output_when_it_reads_best():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 30)
+    noise = rng.normal(size=(120, 24))  # blocks 1 and 2: no signal
+    signal = np.eye(4)[labels] * 3 + rng.normal(size=(120, 4))  # block 3, the output: all of it
+    curve = probe_blocks(np.concatenate([noise, signal], axis=1), labels, [12, 12, 4], ["a", "b", "c"])
+    assert curve.chosen == [3] and curve.accuracy[2] > 0.9 > max(curve.accuracy[:2])
+    # a tie, or an advantage within the margin, keeps the output
+    assert choose_blocks([0.80, 0.805, 0.80], [0.5, 0.4, 0.5], 0.805, 0.4) == [3]
+    assert choose_blocks([0.90, 0.70, 0.80], [0.3, 0.6, 0.5], 0.85, 0.4) == [1]
+    assert choose_blocks([0.70, 0.70, 0.80], [0.6, 0.6, 0.5], 0.90, 0.3) == [1, 2, 3]
+    assert unfreeze_depth([0.5, 0.6, 0.9]) == 2 and unfreeze_depth([0.9, 0.6, 0.5, 0.4, 0.3]) == 5
+
+
+def test_multi_block_classifier_exports_and_plain_tensorflow_matches(tmp_path):
+    config = ModelConfig("simple_cnn", weights=None, image_size=SIZE, from_scratch=False, features="1,3")
+    model = build_classifier(config, 4, seed=0)
+    assert model.feature_blocks == [1, 3] and model.feature_dim == 32 + 128
+    rng = np.random.default_rng(0)
+    model.feature_norm.set_statistics(rng.normal(size=160), rng.uniform(0.5, 2.0, size=160))
+    export_saved_model(model, tmp_path, ["a", "b", "c", "d"])
+    images = rng.uniform(0, 255, (3, 20, 24, 3)).astype(np.float32)
+    served = tf.saved_model.load(str(tmp_path)).signatures["serving_default"](images=tf.constant(images))
+    np.testing.assert_allclose(next(iter(served.values())).numpy(), model.predict(images, verbose=0), atol=1e-5)
+    copy = keras.saving.load_model(_save(model, tmp_path / "m.keras"), safe_mode=True)
+    np.testing.assert_allclose(copy.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
+    with pytest.raises(KerastlError, match="has blocks 1 to 3"):
+        build_classifier(ModelConfig("simple_cnn", None, SIZE, from_scratch=False, features="2,4"), 4)
+
+
+def _save(model, path):
+    model.save(path)
+    return path
+
+
+def test_small_data_cross_validates_and_large_data_holds_out():
+    small_model, small_train = frozen_random()
+    _, small = digits(6)
+    result = run_training(RunConfig(DataConfig(augment="none"), small_model, small_train), data=small, verbose=0,
+                          save="none")
+    assert {"cv_accuracy", "cv_accuracy_std", "cv_loss", "cv_folds"} <= set(result.metrics)
+    assert not any(key.startswith("val_") for key in result.metrics) and "test_accuracy" in result.metrics
+    assert result.metrics["cv_folds"] == 5
+    _, large = digits(45)
+    result = run_training(RunConfig(DataConfig(augment="none"), *frozen_random()), data=large, verbose=0,
+                          save="none")
+    assert "val_accuracy" in result.metrics and not any(key.startswith("cv_") for key in result.metrics)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 1000.0])
+def test_cross_validated_fine_tuning_keeps_its_changes_only_when_the_estimate_improves(ratio):
+    _, data = digits(4)
+    config = RunConfig(DataConfig(augment="none", batch_size=8),
+                       ModelConfig("simple_cnn", weights=None, image_size=SIZE, from_scratch=False,
+                                   features="last"),
+                       TrainConfig(fine_tune_epochs=30, fine_tune_min_steps=0, unfreeze_blocks=1,
+                                   learning_rate=0.01, fine_tune_lr_ratio=ratio))
+    frozen = seeded_classifier(config.model, 5, DataConfig().seed).backbone.get_weights()  # as the run builds it
+    result = run_training(config, data=data, verbose=0, save="none")
+    assert result.metrics["cv_folds"] == 4
+    phase2 = result.history.phase2
+    if ratio > 1:  # a learning rate of 10 wrecks the backbone in every fold: phase 1 is kept, untouched
+        assert phase2 is None and "cv_fine_tune_epochs" not in result.metrics
+        for kept, before in zip(result.model.backbone.get_weights(), frozen):
+            np.testing.assert_array_equal(kept, before)
+    else:  # a gentle one lowers the held-out loss: fine-tuning runs for the epochs at the curve's minimum
+        losses = phase2.history["cv_loss"]
+        chosen = int(result.metrics["cv_fine_tune_epochs"])
+        assert 0 < chosen <= 30 and losses[chosen] == min(losses) < losses[0]
+        assert result.metrics["cv_loss"] == pytest.approx(losses[chosen])
+
+
+def test_one_image_per_class_trains_without_an_estimate():
+    _, data = digits(1)
+    result = run_training(RunConfig(DataConfig(augment="none"), *frozen_random()), data=data, verbose=0,
+                          save="none")
+    assert result.history.phase2 is None and "test_accuracy" in result.metrics
+    assert not any(key.startswith(("cv_", "val_")) for key in result.metrics)
