@@ -66,14 +66,15 @@ def few_shot(per_class: int, seed: int = 0) -> tuple[ImageData, np.ndarray, np.n
 
 
 def transfer(weights: str, data: ImageData, output: Path | None, seed: int = 0, backbone: str = BACKBONE,
-             features: str = "auto", unfreeze_blocks: int | str = "auto") -> RunResult:
+             features: str = "auto", unfreeze_blocks: int | str = "auto", fine_tune: bool = True) -> RunResult:
     """A run with the library's defaults from a pretrained backbone file (written to `output`, or not).
 
-    `features` and `unfreeze_blocks` are there for the benchmark's comparisons; the demo keeps the defaults.
+    `features`, `unfreeze_blocks` and `fine_tune` (False: phase 1 alone) are there for the
+    benchmark's comparisons; the demo keeps the defaults.
     """
+    train = TrainConfig(unfreeze_blocks=unfreeze_blocks, **({} if fine_tune else {"fine_tune_epochs": 0}))
     config = RunConfig(DataConfig(augment=AUGMENT, seed=seed),
-                       ModelConfig(backbone, weights=weights, image_size=SIZE, features=features),
-                       TrainConfig(unfreeze_blocks=unfreeze_blocks),
+                       ModelConfig(backbone, weights=weights, image_size=SIZE, features=features), train,
                        name="transfer", export_dir=str(output) if output else None)
     return run_training(config, data=data, overwrite=True, verbose=0, save="export" if output else "none")
 

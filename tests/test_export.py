@@ -132,8 +132,8 @@ def _digit_run(tmp_path, fine_tune_epochs=0, weights=None):
     data = from_arrays(x[:90], y[:90], 16, names)
     config = RunConfig(DataConfig(augment="none", batch_size=16),
                        ModelConfig("simple_cnn", weights=weights, image_size=16, from_scratch=False, hidden_units=4),
-                       TrainConfig(min_steps=0, fine_tune_min_steps=0, epochs=2, fine_tune_epochs=fine_tune_epochs, unfreeze_blocks=1,
-                                   cache_dir=str(tmp_path / "cache")),
+                       TrainConfig(validation="holdout", min_steps=0, fine_tune_min_steps=0, epochs=2,
+                                   fine_tune_epochs=fine_tune_epochs, unfreeze_blocks=1, cache_dir=str(tmp_path / "cache")),
                        export_dir=str(tmp_path / "run"))
     return run_training(config, data, verbose=0, save="weights")
 

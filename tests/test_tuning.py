@@ -12,6 +12,7 @@ from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from kerastl.errors import KerastlError
 from kerastl.export import load_export
 from kerastl.report import score
+from kerastl.runfolder import load_model
 from kerastl.tune.config import TuneConfig
 from kerastl.tune.hypermodel import TransferHyperModel
 from kerastl.tune.search import run_search
@@ -49,6 +50,7 @@ def test_search_settings_parse_as_choices_ranges_and_fixed_values():
     ({"learning_rate": {"min": 0.1, "max": 0.01}}, "min <= max"),
     ({"backbone": ["simple_cnn", "no_such_net"]}, "unknown backbone"),
     ({"optimizer": ["adam", "nonsense"]}, "unknown optimizer"),
+    ({"features": ["last", "deep"]}, "features must be last, auto, all or block numbers"),
 ])
 def test_bad_spaces_fail_before_any_trial(tmp_path, space, message):
     with pytest.raises(KerastlError, match=message):
@@ -325,3 +327,16 @@ def test_a_fresh_session_between_trials_keeps_mixed_precision():
         assert keras.config.dtype_policy().name == "mixed_float16"
     finally:
         keras.config.set_dtype_policy("float32")
+
+
+def test_the_blocks_the_head_reads_are_a_searchable_setting(tmp_path):
+    config = base_config(tmp_path)
+    space = {"features": ["last", "all", "1,2"]}
+    tune = TuneConfig(max_trials=3, tuner="random", project_dir=str(tmp_path / "project"), space=space)
+    result = run_search(config, tune)
+    assert sorted(row["values"]["features"] for row in result.trials) == ["1,2", "all", "last"]
+    assert len(list((tmp_path / "cache").iterdir())) == 6  # train and validation features of each reading
+    exported = RunConfig.from_json(tmp_path / "export" / "config.json")
+    assert exported.model.features == result.trials[0]["values"]["features"]
+    reloaded = load_model(tmp_path / "export")
+    assert reloaded.feature_blocks == {"last": [3], "all": [1, 2, 3], "1,2": [1, 2]}[exported.model.features]
