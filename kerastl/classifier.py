@@ -165,7 +165,8 @@ class TransferClassifier(keras.Model):
         self.preprocessing = BackbonePreprocessing(spec.name, name="preprocess")
         pool = layers.GlobalAveragePooling2D if pooling == "avg" else layers.GlobalMaxPooling2D
         self.pooler = pool(name="pool")
-        self.feature_norm = FeatureNormalization(name="normalize") if normalize else None
+        # float32 whatever the policy: 1 / std of a near-constant feature overflows float16
+        self.feature_norm = FeatureNormalization(dtype="float32", name="normalize") if normalize else None
         self.output_dropout = layers.Dropout(dropout, seed=seed, name="dropout")
         self.hidden = (layers.Dense(hidden_units, activation="relu", kernel_initializer=init(1), name="hidden")
                        if hidden_units else None)
@@ -254,7 +255,7 @@ class TransferClassifier(keras.Model):
     @property
     def feature_dim(self) -> int:
         """The width of the pooled features the head reads."""
-        if self.from_scratch:
+        if self.from_scratch or self.feature_blocks == [self.block_count()]:  # every output of the backbone
             return sum(int(feature_map.shape[-1]) for feature_map in self.backbone.outputs)
         return sum(self.block_widths(self.feature_blocks))
 
@@ -295,7 +296,9 @@ class TransferClassifier(keras.Model):
         reach the output.
 
         Args:
-            blocks: unfreeze the last `blocks` blocks (registry boundaries); 0 freezes the backbone.
+            blocks: unfreeze the last `blocks` blocks (registry boundaries), or, when the head
+                reads earlier blocks, the `blocks` blocks up to the deepest it reads; 0 freezes
+                the backbone.
             from_layer: alternatively, unfreeze every backbone layer from this one (by name) on.
 
         Returns:
@@ -309,9 +312,12 @@ class TransferClassifier(keras.Model):
         elif blocks <= 0:
             self.freeze_backbone()
             return 0
-        else:
+        elif self.from_scratch or self.feature_blocks == [self.block_count()]:  # the registry's last blocks
             bounds = self.block_boundaries()
             start = 0 if blocks >= len(bounds) else bounds[-blocks - 1] + 1
+        else:  # the `blocks` numbered blocks up to the deepest one the head reads
+            first = max(self.feature_blocks) - blocks
+            start = 0 if first <= 0 else self._block_layers()[first - 1] + 1
         self.backbone.trainable = True
         # layers after the deepest block the head reads never reach the output: they stay frozen
         end = len(names) if self.from_scratch else self._block_layers()[max(self.feature_blocks) - 1]

@@ -266,12 +266,13 @@ def _extract(args: argparse.Namespace) -> int:
         raise KerastlError("extract reads last, all or block numbers; auto is chosen by a training run")
     config = resolve_config(RunConfig(DataConfig(source=args.data, validation_split=0.0),
                                       ModelConfig(args.backbone, args.weights, args.image_size,
-                                                  features=args.features)))
+                                                  from_scratch=False, features=args.features)))
     data = load_data(config.data, config.model.image_size)
     layers = [name for name in (args.layers or "").split(",") if name]
     arrays = extract_features(config.model, data, layers, args.batch_size, progress=True)
     np.savez(args.out, **arrays)
-    shapes = ", ".join(f"{k} {v.shape}" for k, v in arrays.items() if k not in ("labels", "class_names", "blocks", "block_widths"))
+    skipped = ("labels", "class_names", "blocks", "block_widths")
+    shapes = ", ".join(f"{k} {v.shape}" for k, v in arrays.items() if k not in skipped)
     print(f"saved features of {len(arrays['labels'])} images ({shapes}) to {args.out}")
     return 0
 

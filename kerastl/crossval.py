@@ -23,6 +23,7 @@ phase 2 is skipped.
 from __future__ import annotations
 
 import logging
+import math
 
 import keras
 import numpy as np
@@ -34,8 +35,7 @@ from kerastl.config import DataConfig, TrainConfig
 from kerastl.data import split_of_arrays
 from kerastl.features import CachedFeatures
 from kerastl.probe import ProbeFit, fit_probe, rows_of
-from kerastl.train import (HEAD_STEPS_PER_EXECUTION, TrainResult, epochs_for, feature_batches, fine_tune_epochs,
-                           start_head, unfreeze_top)
+from kerastl.train import HEAD_STEPS_PER_EXECUTION, TrainResult, epochs_for, feature_batches, start_head, unfreeze_top
 
 log = logging.getLogger(__name__)
 
@@ -92,21 +92,23 @@ def train_cross_validated(
             log.info("too few images per class to cross-validate: no fine-tuning")
         model.freeze_backbone()
         return result, estimate
-    compile_classifier(model, config, config.learning_rate * config.fine_tune_lr_ratio)
+    rate = config.learning_rate * config.fine_tune_lr_ratio
     start = model.get_weights()
     augmenter = build_augmenter(data.augment, seed=data.seed)
+    smallest = min(len(train) for train, _ in folds)  # one epoch count for every fold: curves of one length
+    epochs = max(config.fine_tune_epochs,
+                 math.ceil(config.fine_tune_min_steps / math.ceil(smallest / data.batch_size)))
     curves = []
     for number, (train, held) in enumerate(folds, start=1):
         model.set_weights(start)
         x, y = rows_of(views, labels, train, data.seed)  # the fold's own probe: its held-out images stay unseen
         start_head(model, fit_probe(x, y, probe.c, num_classes, model.binary))
-        _reset(model.optimizer)
+        compile_classifier(model, config, rate)  # a fresh optimizer for every fold
         batches = split_of_arrays(images[train], labels[train], model.image_size).batches(
             data.batch_size, True, augmenter, data.seed, data.cache_limit_mb)
         held_out = split_of_arrays(images[held], labels[held], model.image_size).batches(data.batch_size)
         before = model.evaluate(held_out, verbose=0, return_dict=True)
-        history = model.fit(batches, validation_data=held_out, epochs=fine_tune_epochs(config, batches),
-                            shuffle=False, verbose=0)
+        history = model.fit(batches, validation_data=held_out, epochs=epochs, shuffle=False, verbose=0)
         curves.append(([before["loss"], *history.history["val_loss"]],
                        [before["accuracy"], *history.history["val_accuracy"]]))
         log.info("fine-tuning fold %d/%d: held-out loss %.4f -> best %.4f", number, len(folds),
@@ -123,7 +125,7 @@ def train_cross_validated(
         return result, estimate
     log.info("fine-tuning for %d epochs lowers the cross-validated loss %.4f -> %.4f", best, losses[0],
              losses[best])
-    _reset(model.optimizer)
+    compile_classifier(model, config, rate)
     everything = split_of_arrays(images, labels, model.image_size).batches(
         data.batch_size, True, augmenter, data.seed, data.cache_limit_mb)
     model.fit(everything, epochs=best, callbacks=callbacks, shuffle=False, verbose=verbose)
@@ -131,10 +133,3 @@ def train_cross_validated(
     estimate.update(cv_loss=float(losses[best]), cv_accuracy=float(accuracies[:, best].mean()),
                     cv_accuracy_std=float(accuracies[:, best].std()), cv_fine_tune_epochs=float(best))
     return result, estimate
-
-
-def _reset(optimizer: keras.optimizers.Optimizer) -> None:
-    """Zeroes an optimizer's step count and moments, keeping its learning rate."""
-    for variable in optimizer.variables:
-        if variable.name != "learning_rate":
-            variable.assign(keras.ops.zeros_like(variable))

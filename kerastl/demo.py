@@ -31,6 +31,7 @@ from kerastl.classifier import build_classifier
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from kerastl.data import ImageData, from_arrays, load_digits
 from kerastl.export import load_export
+from kerastl.probe import block_columns
 from kerastl.run import RunResult, run_training
 from kerastl.runfolder import BACKBONE_WEIGHTS
 
@@ -99,9 +100,8 @@ def probe_accuracies(weights: str, data: ImageData, backbone: str = BACKBONE) ->
     extractor = model.features_model(list(range(1, count + 1)))
     (x, y), (xt, yt) = data.train.arrays(), data.test.arrays()
     features, test_features = (np.asarray(extractor.predict(a.astype(np.float32), verbose=0)) for a in (x, xt))
-    edges = np.cumsum([0, *widths])
-    readings = {f"block {b}": slice(edges[b - 1], edges[b]) for b in range(1, count + 1)}
-    readings["all blocks"] = slice(0, edges[-1])
+    readings = {f"block {b}": block_columns(widths, [b]) for b in range(1, count + 1)}
+    readings["all blocks"] = block_columns(widths, list(range(1, count + 1)))
     accuracies = {}
     for name, columns in readings.items():
         probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
@@ -139,7 +139,8 @@ class DemoResult:
     seconds: float
 
 
-def _timed(function, *args, **kwargs):
+def timed(function, *args, **kwargs):
+    """`function(*args, **kwargs)` and the seconds it took."""
     start = time.perf_counter()
     value = function(*args, **kwargs)
     return value, time.perf_counter() - start
@@ -157,9 +158,9 @@ def run_demo(output: str | Path = "saved_models/demo", seed: int = 0) -> DemoRes
         data, test, labels = few_shot(per_class, seed)
         log.info("digits 5-9 from %d images per class", per_class)
         folder = output / f"transfer_5-9_{per_class}"
-        moved, moved_s = _timed(transfer, weights, data, folder, seed)
-        baseline, baseline_s = _timed(scratch, data, seed)
-        probes, probes_s = _timed(probe_accuracies, weights, data)
+        moved, moved_s = timed(transfer, weights, data, folder, seed)
+        baseline, baseline_s = timed(scratch, data, seed)
+        probes, probes_s = timed(probe_accuracies, weights, data)
         shots.append(ShotResult(
             per_class, moved.metrics["test_accuracy"], baseline.metrics["test_accuracy"], probes["last"],
             probes["best"], probes["best_reading"], moved.config.model.features, moved.config.train.unfreeze_blocks,

@@ -214,6 +214,9 @@ class ProbeCurve:
     def summary(self) -> str:
         """One line for people: what the head reads and why."""
         last = len(self.names)
+        if not self.folds:
+            return f"features: the backbone's output (too few images per class to compare blocks by " \
+                   f"cross-validation); fine-tuning depth {self.unfreeze_blocks} blocks"
         read = ("the backbone's output" if self.chosen == [last] else "all blocks"
                 if len(self.chosen) == last else "block " + ",".join(map(str, self.chosen)))
         best = int(np.argmax(self.accuracy)) + 1
@@ -233,11 +236,17 @@ def probe_blocks(features: np.ndarray, labels: np.ndarray, widths: list[int], na
     """
     if len(labels) > 300:  # three folds are enough to rank blocks when there are images to spare
         folds = min(folds, 3)
-    if len(labels) > MAX_PROBE_IMAGES:
-        keep = np.sort(np.random.default_rng(seed).choice(len(labels), MAX_PROBE_IMAGES, replace=False))
-        features, labels = features[keep], labels[keep]
+    if len(labels) > MAX_PROBE_IMAGES:  # a per-class share of every class
+        keep = np.concatenate([
+            np.random.default_rng(seed).permutation(np.flatnonzero(labels == c))[
+                : max(1, round(MAX_PROBE_IMAGES * np.mean(labels == c)))] for c in np.unique(labels)])
+        features, labels = features[np.sort(keep)], labels[np.sort(keep)]
     num_classes = int(labels.max()) + 1
-    splits = folds_of(labels, folds, seed) or [(np.arange(len(labels)), np.arange(len(labels)))]
+    splits = folds_of(labels, folds, seed)
+    last = len(widths)
+    if not splits:  # nothing to cross-validate: read the output, at the default depth
+        return ProbeCurve(names, [float("nan")] * last, [float("nan")] * last, float("nan"), float("nan"),
+                          [last], 2, 0, len(labels))
     edges = np.cumsum([0, *widths])
     columns = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])] + [slice(0, edges[-1])]
     scores = []
@@ -251,7 +260,13 @@ def probe_blocks(features: np.ndarray, labels: np.ndarray, widths: list[int], na
     accuracy, loss = [float(s[0]) for s in scores], [float(s[1]) for s in scores]
     chosen = choose_blocks(accuracy[:-1], loss[:-1], accuracy[-1], loss[-1])
     return ProbeCurve(names, accuracy[:-1], loss[:-1], accuracy[-1], loss[-1], chosen,
-                      unfreeze_depth(accuracy[:-1]), len(splits), len(labels))
+                      unfreeze_depth(accuracy[:-1], chosen), len(splits), len(labels))
+
+
+def block_columns(widths: list[int], blocks: list[int]) -> np.ndarray:
+    """The columns of `blocks` (numbers from 1) in features that concatenate blocks of `widths`."""
+    edges = np.cumsum([0, *widths])
+    return np.concatenate([np.arange(edges[b - 1], edges[b]) for b in sorted(blocks)])
 
 
 def choose_blocks(accuracy: list[float], loss: list[float], all_accuracy: float, all_loss: float) -> list[int]:
@@ -264,8 +279,16 @@ def choose_blocks(accuracy: list[float], loss: list[float], all_accuracy: float,
     return blocks if best_accuracy > accuracy[-1] + SWITCH_MARGIN else [last]
 
 
-def unfreeze_depth(accuracy: list[float]) -> int:
-    """Fine-tuning depth from the probe curve: the best-reading block and every block after it
-    (they are the most specific to the pretraining task), and at least 2."""
-    best = int(np.argmax(np.round(accuracy, 6) + 1e-9 * np.arange(len(accuracy))))  # ties: the later block
-    return max(2, len(accuracy) - best)
+def unfreeze_depth(accuracy: list[float], chosen: list[int]) -> int:
+    """Fine-tuning depth from the probe curve, counted back from the deepest block read.
+
+    Reading the output (no other reading was clearly better): 2. Otherwise the
+    best-reading block up to the deepest one read, at least 2: the blocks between them
+    are the most specific to the pretraining task.
+    """
+    last = len(accuracy)
+    if chosen == [last]:
+        return 2
+    deepest = max(chosen)
+    best = int(np.argmax(accuracy[:deepest])) + 1  # ties: the earlier block
+    return max(2, deepest - best + 1)

@@ -32,9 +32,10 @@ from kerastl.crossval import train_cross_validated
 from kerastl.data import ImageData, load_data, merge_splits
 from kerastl.errors import KerastlError
 from kerastl.features import CachedFeatures, FeatureCache, cached_views, extract, model_fingerprint
-from kerastl.probe import MAX_ROWS, ProbeCurve, ProbeFit, choose_c_cv, choose_c_holdout, folds_of, probe_blocks
-from kerastl.report import plot_probe_curve, score, split_scores
-from kerastl.runfolder import PROBE_FILE, PROBE_PLOT, check_export_dir, write_run_folder
+from kerastl.probe import (MAX_ROWS, ProbeCurve, ProbeFit, block_columns, choose_c_cv, choose_c_holdout, folds_of,
+                           probe_blocks)
+from kerastl.report import score, split_scores
+from kerastl.runfolder import check_export_dir, write_run_folder
 from kerastl.storage import HeadStore
 from kerastl.train import TrainResult, epochs_for, recalibrate_batchnorm, train_classifier
 
@@ -204,12 +205,8 @@ def run_training(
     config = _with_choices(config, model, phase1)
     class_names = None if pipelines else data.class_names
     if save != "none":
-        extra = {PROBE_FILE: phase1.curve.to_dict()} if phase1.curve is not None else None
         write_run_folder(folder, model, class_names, config, history, metrics, export=save == "export",
-                         backbone_digest=phase1.backbone_digest, extra=extra)
-        if phase1.curve is not None:
-            curve = phase1.curve
-            plot_probe_curve(curve.accuracy, curve.all_accuracy, curve.chosen, curve.folds, folder / PROBE_PLOT)
+                         backbone_digest=phase1.backbone_digest, probe=phase1.curve)
     return RunResult(model, history, class_names, metrics, folder if save != "none" else None, config,
                      reused_head=phase1.start is not None, probe=phase1.curve)
 
@@ -298,11 +295,9 @@ def _probe_blocks(config: RunConfig, data: ImageData, model: TransferClassifier,
     """Probes every block on the labelled images (features of every block, in order) for the
     probe curve and the fine-tuning depth; with `choose` (`features="auto"`), rebuilds the
     classifier to read the chosen blocks. Returns it with its blocks' columns of the features."""
-    if mode == "cv":
-        x, y = np.asarray(plain.features[0]), plain.labels
-    else:
-        x = np.concatenate([np.asarray(train.features[0]), np.asarray(plain.features[0])])
-        y = np.concatenate([train.labels, plain.labels])
+    # the labelled images that train: in holdout mode, the validation images stay held out
+    x, y = (np.asarray(plain.features[0]), plain.labels) if mode == "cv" else (np.asarray(train.features[0]),
+                                                                              train.labels)
     widths = model.block_widths(list(range(1, model.block_count() + 1)))
     curve = probe_blocks(x, y, widths, model.block_names(), config.train.cv_folds, config.data.seed)
     if not choose:
@@ -313,8 +308,7 @@ def _probe_blocks(config: RunConfig, data: ImageData, model: TransferClassifier,
         model = seeded_classifier(config.model, len(data.class_names), config.data.seed, backbone=model.backbone,
                                   feature_blocks=curve.chosen)
         phase1.model = model
-    edges = np.cumsum([0, *widths])
-    columns = np.concatenate([np.arange(edges[b - 1], edges[b]) for b in curve.chosen])
+    columns = block_columns(widths, curve.chosen)
     return model, train.columns(columns), plain.columns(columns)
 
 

@@ -29,6 +29,8 @@ from kerastl.config import RunConfig
 from kerastl.errors import KerastlError
 from kerastl.export import CONFIG_FILE, export_saved_model, read_labels, write_labels
 from kerastl.features import weights_digest
+from kerastl.probe import ProbeCurve
+from kerastl.report import plot_probe_curve
 from kerastl.storage import HEAD_WEIGHTS
 from kerastl.train import TrainResult
 from kerastl.version import FOLDER_FORMAT, __version__
@@ -69,6 +71,7 @@ def write_run_folder(
     export: bool = True,
     extra: dict[str, Any] | None = None,
     backbone_digest: str | None = None,
+    probe: ProbeCurve | None = None,
 ) -> Path:
     """Writes a run folder (see the module docstring); the only writer of one.
 
@@ -82,6 +85,7 @@ def write_run_folder(
         export: the SavedModel, `model.keras` and `backbone.weights.h5`; else weights only.
         extra: more JSON files to write, name -> value (a search's `tune.json`).
         backbone_digest: `weights_digest(model.backbone)` when the caller has it already.
+        probe: the probe curve the run chose its blocks from: `probe.json` and `probe.png`.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -104,6 +108,9 @@ def write_run_folder(
     write_json(folder / METADATA_FILE, metadata)
     for name, value in (extra or {}).items():
         write_json(folder / name, value)
+    if probe is not None:
+        write_json(folder / PROBE_FILE, probe.to_dict())
+        plot_probe_curve(probe.accuracy, probe.all_accuracy, probe.chosen, probe.folds, folder / PROBE_PLOT)
     return folder
 
 

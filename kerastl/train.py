@@ -33,6 +33,7 @@ from kerastl.probe import ProbeFit
 log = logging.getLogger(__name__)
 
 HEAD_STEPS_PER_EXECUTION = 32
+START_LOSS = "start_val_loss"  # phase 1's starting (probe) loss, in its history: the best to beat
 
 
 @dataclass
@@ -187,24 +188,28 @@ def train_head(
     seed: int | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
     verbose: int | str = "auto",
-    initial_best: float | None = None,
+    start_is_best: bool = False,
 ) -> tuple[keras.callbacks.History, KeepBest]:
     """Phase 1 on cached (train, validation) features: trains `head` with KeepBest.
 
-    At least `config.min_steps` steps (see `epochs_for`); `initial_best` is the
-    validation loss of the head's starting weights (a convex start), which then
-    count as the best so far. Returns the history and the KeepBest callback (its
-    `best` is the best val_loss).
+    At least `config.min_steps` steps (see `epochs_for`). With `start_is_best` (a
+    convex start), the starting weights count as the best so far, at their validation
+    loss as compiled (label smoothing included), recorded in the history as
+    `START_LOSS`. Returns the history and the KeepBest callback (its `best` is the best val_loss).
     """
     epochs = epochs_for(config.epochs, config.min_steps, len(features[0].labels), batch_size)
-    stop = KeepBest(scaled_patience(config.patience, config.epochs, epochs), initial_best)
     # head steps take microseconds: run many per call so Python overhead does not dominate
     compile_classifier(head, config, steps_per_execution=HEAD_STEPS_PER_EXECUTION)
+    validation = feature_batches(features[1], batch_size)
+    initial = head.evaluate(validation, verbose=0, return_dict=True)["loss"] if start_is_best else None
+    stop = KeepBest(scaled_patience(config.patience, config.epochs, epochs), initial)
     history = head.fit(
         feature_batches(features[0], batch_size, True, seed), epochs=epochs,
-        validation_data=feature_batches(features[1], batch_size),
+        validation_data=validation,
         callbacks=[stop, *(callbacks or [])], shuffle=False, verbose=verbose,
     )
+    if initial is not None:
+        history.history[START_LOSS] = [initial]
     return history, stop
 
 
@@ -303,18 +308,19 @@ def train_classifier(
     else:
         model.freeze_backbone()
     initial = None
-    if head_start is not None and phase1 is None and not scratch:
+    probe_start = head_start is not None and phase1 is None and not scratch
+    if probe_start:
         start_head(model, head_start)
-        if model.hidden is None:  # the head is the probe: its validation loss is the best so far
-            initial = head_start.estimate.get("val_loss")
     if phase1 is not None:
         compile_classifier(model, config)
     elif features is not None and not scratch:
         phase1, _ = train_head(model.head_model(), features, config, batch_size, seed, callbacks=extra,
-                               verbose=verbose, initial_best=initial)
+                               verbose=verbose, start_is_best=probe_start and model.hidden is None)
         compile_classifier(model, config)  # as the plain path leaves it
     else:
         compile_classifier(model, config)
+        if probe_start and model.hidden is None:  # the head is the probe: its loss, as compiled, is the best so far
+            initial = model.evaluate(validation_data, verbose=0, return_dict=True)["loss"]
         steps = int(train_data.cardinality())
         epochs = epochs_for(config.epochs, config.min_steps, steps, 1) if steps > 0 else config.epochs
         phase1 = model.fit(
@@ -322,11 +328,13 @@ def train_classifier(
             callbacks=[KeepBest(scaled_patience(config.patience, config.epochs, epochs), initial), *extra],
             shuffle=False, verbose=verbose,
         )
+    if initial is not None:
+        phase1.history[START_LOSS] = [initial]
     if after_phase1 is not None:
-        after_phase1(phase1)
+        after_phase1(phase1)  # a stored head keeps its start's loss: a later phase 2 must beat it too
     result = TrainResult(phase1)
     if not scratch:
-        best = min(phase1.history["val_loss"] + ([initial] if initial is not None else []))
+        best = min(phase1.history["val_loss"] + phase1.history.get(START_LOSS, []))
         result.phase2 = fine_tune(model, train_data, validation_data, config, best, len(phase1.epoch),
                                   callbacks=extra, verbose=verbose, unfreeze_blocks=unfreeze_blocks or 2)
     return result

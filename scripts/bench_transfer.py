@@ -27,21 +27,14 @@ import argparse
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from kerastl.demo import few_shot, pretrain, probe_accuracies, scratch, transfer  # noqa: E402
+from kerastl.demo import few_shot, pretrain, probe_accuracies, scratch, timed, transfer  # noqa: E402
 from kerastl.runfolder import BACKBONE_WEIGHTS  # noqa: E402
-
-
-def timed(function, *args, **kwargs):
-    start = time.perf_counter()
-    value = function(*args, **kwargs)
-    return value, time.perf_counter() - start
 
 
 def main() -> None:
@@ -87,7 +80,8 @@ def main() -> None:
         mean = {key: float(np.mean([r[key] for r in rows])) for key in rows[0] if not isinstance(rows[0][key], str)}
         print(f"{per_class} | {mean['defaults']:.3f} | {mean['defaults_s']:.0f} | {mean['last']:.3f} | "
               f"{mean['last_s']:.0f} | {mean['plain']:.3f} | {mean['plain_s']:.0f} | {mean['scratch']:.3f} "
-              f"({rows[0]['scratch_name']}) | {mean['scratch_s']:.0f} | {mean['phase1']:.3f} | {mean['probe_last']:.3f} | "
+              f"({rows[0]['scratch_name']}) | {mean['scratch_s']:.0f} | {mean['phase1']:.3f} | "
+              f"{mean['probe_last']:.3f} | "
               f"{mean['probe_best']:.3f} | {rows[0]['chosen']}", flush=True)
     print("targets: phase 1 >= probe last - 0.01; at 3 and 10 per class, defaults >= best scratch + 0.10 and "
           ">= best probe - 0.02")

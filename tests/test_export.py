@@ -30,7 +30,8 @@ def trained(tmp_path_factory):
     config = RunConfig(
         DataConfig(source=str(root / "images"), validation_split=0.25, batch_size=8, augment="flip"),
         ModelConfig("simple_cnn", weights=None, image_size=32, from_scratch=False),
-        TrainConfig(validation="holdout", min_steps=0, fine_tune_min_steps=0, epochs=12, fine_tune_epochs=2, unfreeze_blocks=1, learning_rate=0.01, patience=12),
+        TrainConfig(validation="holdout", min_steps=0, fine_tune_min_steps=0,
+                    epochs=12, fine_tune_epochs=2, unfreeze_blocks=1, learning_rate=0.01, patience=12),
         export_dir=str(root / "export"),
     )
     return run_training(config, verbose=0), root
@@ -133,7 +134,8 @@ def _digit_run(tmp_path, fine_tune_epochs=0, weights=None):
     config = RunConfig(DataConfig(augment="none", batch_size=16),
                        ModelConfig("simple_cnn", weights=weights, image_size=16, from_scratch=False, hidden_units=4),
                        TrainConfig(validation="holdout", min_steps=0, fine_tune_min_steps=0, epochs=2,
-                                   fine_tune_epochs=fine_tune_epochs, unfreeze_blocks=1, cache_dir=str(tmp_path / "cache")),
+                                   fine_tune_epochs=fine_tune_epochs, unfreeze_blocks=1,
+                                   cache_dir=str(tmp_path / "cache")),
                        export_dir=str(tmp_path / "run"))
     return run_training(config, data, verbose=0, save="weights")
 

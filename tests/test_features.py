@@ -32,7 +32,8 @@ def test_cached_head_training_equals_the_plain_frozen_base_path(tmp_path):
     model = classifier(dropout=0.3, hidden_units=16)
     start = model.get_weights()
     dropout_state = model.output_dropout.seed_generator.state.numpy().copy()
-    config = TrainConfig(validation="holdout", min_steps=0, fine_tune_min_steps=0, epochs=4, fine_tune_epochs=0, learning_rate=0.01)
+    config = TrainConfig(validation="holdout", min_steps=0, fine_tune_min_steps=0,
+                         epochs=4, fine_tune_epochs=0, learning_rate=0.01)
     runs = []
     for cached in (False, True):
         model.set_weights(start)
@@ -128,7 +129,8 @@ def test_fit_on_augmented_views_runs_every_epoch_on_its_view(tmp_path):
         warnings.simplefilter("always")
         result = train_classifier(
             model, data.train.batches(16, training=True), data.validation.batches(16),
-            TrainConfig(validation="holdout", min_steps=0, fine_tune_min_steps=0, epochs=5, fine_tune_epochs=0, patience=5), features=features, batch_size=16, verbose=0,
+            TrainConfig(validation="holdout", min_steps=0, fine_tune_min_steps=0,
+                        epochs=5, fine_tune_epochs=0, patience=5), features=features, batch_size=16, verbose=0,
         )
     assert result.phase1.epoch == [0, 1, 2, 3, 4]
     assert not [w for w in caught if "ran out of data" in str(w.message)]  # no epoch cut short
@@ -139,7 +141,8 @@ def test_runs_use_the_cache_by_default_and_reuse_it(tmp_path, caplog):
     config = RunConfig(
         DataConfig(augment="none", batch_size=16),
         ModelConfig("simple_cnn", weights=None, image_size=32, from_scratch=False),
-        TrainConfig(validation="holdout", min_steps=0, fine_tune_min_steps=0, epochs=2, fine_tune_epochs=1, cache_dir=str(tmp_path / "cache")),
+        TrainConfig(validation="holdout", min_steps=0, fine_tune_min_steps=0,
+                    epochs=2, fine_tune_epochs=1, cache_dir=str(tmp_path / "cache")),
         export_dir=str(tmp_path / "run1"),
     )
     with caplog.at_level(logging.INFO, logger="kerastl.features"):
@@ -170,7 +173,8 @@ def test_a_pretrained_start_hits_the_cache_whatever_the_seed(tmp_path, caplog):
     config = RunConfig(
         DataConfig(augment="none", batch_size=16),
         ModelConfig("simple_cnn", weights=str(tmp_path / "b.weights.h5"), image_size=32),
-        TrainConfig(validation="holdout", min_steps=0, fine_tune_min_steps=0, epochs=1, fine_tune_epochs=0, cache_dir=str(tmp_path / "cache")),
+        TrainConfig(validation="holdout", min_steps=0, fine_tune_min_steps=0,
+                    epochs=1, fine_tune_epochs=0, cache_dir=str(tmp_path / "cache")),
     )
     for seed in (0, 1):
         config.export_dir, config.data.seed = str(tmp_path / f"run{seed}"), seed
@@ -199,7 +203,8 @@ def test_views_fall_back_to_one_without_augmentation(tmp_path, views):
     config = RunConfig(
         DataConfig(augment="none" if views == 1 else "rotate:0.1", batch_size=16),
         ModelConfig("simple_cnn", weights=None, image_size=32, from_scratch=False),
-        TrainConfig(validation="holdout", min_steps=0, fine_tune_min_steps=0, epochs=2, fine_tune_epochs=0, cache_views=2, cache_dir=str(tmp_path / "cache")),
+        TrainConfig(validation="holdout", min_steps=0, fine_tune_min_steps=0,
+                    epochs=2, fine_tune_epochs=0, cache_views=2, cache_dir=str(tmp_path / "cache")),
         export_dir=str(tmp_path / "run"),
     )
     run_training(config, data=data, verbose=0)

@@ -36,7 +36,8 @@ def test_fine_tuning_leaves_batchnorm_statistics_unchanged():
         (_batchnorm_state(model), model.backbone.get_layer("Conv_1").kernel.numpy().copy())))
     result = train_classifier(
         model, data.train.batches(32, training=True), data.validation.batches(64),
-        TrainConfig(min_steps=0, fine_tune_min_steps=0, epochs=1, fine_tune_epochs=1, unfreeze_blocks=99, patience=5, fine_tune_lr_ratio=10.0),
+        TrainConfig(min_steps=0, fine_tune_min_steps=0,
+                    epochs=1, fine_tune_epochs=1, unfreeze_blocks=99, patience=5, fine_tune_lr_ratio=10.0),
         callbacks=[probe], verbose=0,
     )
     assert result.phase2 is not None and len(result.phase2.epoch) == 1 and len(seen) == 2
@@ -55,7 +56,8 @@ def test_fine_tuning_never_ends_worse_than_phase_one():
     # a fine-tuning learning rate of 30 wrecks the weights: phase 2 must roll back to phase 1's best
     result = train_classifier(
         model, data.train.batches(32, training=True), validation,
-        TrainConfig(min_steps=0, fine_tune_min_steps=0, epochs=4, fine_tune_epochs=3, unfreeze_blocks=3, optimizer="sgd",
+        TrainConfig(min_steps=0, fine_tune_min_steps=0,
+                    epochs=4, fine_tune_epochs=3, unfreeze_blocks=3, optimizer="sgd",
                     learning_rate=0.05, fine_tune_lr_ratio=600.0, patience=3),
         verbose=0,
     )
@@ -87,7 +89,8 @@ def test_from_scratch_training_learns_and_evaluates_correctly():
     model = build_classifier(ModelConfig("mobilenet_v2", weights=None, image_size=32), 3)
     result = train_classifier(
         model, data.train.batches(32, training=True), data.validation.batches(64),
-        TrainConfig(min_steps=0, fine_tune_min_steps=0, epochs=8, patience=8), calibration_images=data.train.sample(), verbose=0,
+        TrainConfig(min_steps=0, fine_tune_min_steps=0,
+                    epochs=8, patience=8), calibration_images=data.train.sample(), verbose=0,
     )
     assert result.phase2 is None
     accuracy = model.evaluate(data.validation.batches(64), return_dict=True, verbose=0)["accuracy"]

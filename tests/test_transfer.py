@@ -106,7 +106,20 @@ def test_auto_keeps_the_output_when_it_reads_best():
     assert choose_blocks([0.80, 0.805, 0.80], [0.5, 0.4, 0.5], 0.805, 0.4) == [3]
     assert choose_blocks([0.90, 0.70, 0.80], [0.3, 0.6, 0.5], 0.85, 0.4) == [1]
     assert choose_blocks([0.70, 0.70, 0.80], [0.6, 0.6, 0.5], 0.90, 0.3) == [1, 2, 3]
-    assert unfreeze_depth([0.5, 0.6, 0.9]) == 2 and unfreeze_depth([0.9, 0.6, 0.5, 0.4, 0.3]) == 5
+    assert unfreeze_depth([0.5, 0.6, 0.9], [3]) == 2  # the output reads best: the last two blocks
+    assert unfreeze_depth([0.9, 0.6, 0.5, 0.4, 0.3], [1, 2, 3, 4, 5]) == 5  # all read, block 1 best: all of them
+    assert unfreeze_depth([0.5, 0.6, 0.9, 0.7, 0.3], [3]) == 2  # block 3 alone: it and the one before
+
+
+def test_fine_tuning_depth_counts_back_from_the_deepest_block_read():
+    config = ModelConfig("mobilenet_v2", weights=None, image_size=32, from_scratch=False, features="7")
+    model = build_classifier(config, 3)
+    names = model.block_names()
+    assert model.unfreeze(blocks=2) > 0
+    trainable = [layer.name for layer in model.backbone.layers if layer.trainable and layer.weights]
+    index = {layer.name: i for i, layer in enumerate(model.backbone.layers)}
+    assert index[names[4]] < min(index[n] for n in trainable) <= index[names[5]]  # blocks 6 and 7 train
+    assert max(index[n] for n in trainable) <= index[names[6]]  # nothing after block 7 does
 
 
 def test_multi_block_classifier_exports_and_plain_tensorflow_matches(tmp_path):

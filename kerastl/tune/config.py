@@ -17,7 +17,8 @@ OBJECTIVES = {"val_accuracy": "max", "val_loss": "min", "val_macro_f1": "max", "
 
 # the settings a search may vary, in declaration order -> (RunConfig section, field)
 SPACE_FIELDS = {name: SETTINGS[name] for name in (
-    "backbone", "image_size", "features", "pooling", "dropout", "hidden_units", "optimizer", "learning_rate", "label_smoothing",
+    "backbone", "image_size", "features", "pooling", "dropout", "hidden_units", "optimizer", "learning_rate",
+    "label_smoothing",
     "weight_decay", "batch_size", "epochs", "unfreeze_blocks", "fine_tune_lr_ratio", "fine_tune_epochs",
 )}
 

@@ -53,6 +53,7 @@ def budgeted(config: RunConfig, budget: int | None, max_epochs: int) -> RunConfi
         tc = config.train
         tc.fine_tune_epochs = math.ceil(tc.fine_tune_epochs * budget / max(max_epochs, 1))
         tc.epochs = int(budget)
+        tc.min_steps = tc.fine_tune_min_steps = 0  # the bracket's epochs are the budget, not a floor of steps
     return config
 
 
