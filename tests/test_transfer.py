@@ -186,3 +186,14 @@ def test_one_image_per_class_trains_without_an_estimate():
                           save="none")
     assert result.history.phase2 is None and "test_accuracy" in result.metrics
     assert not any(key.startswith(("cv_", "val_")) for key in result.metrics)
+
+
+def test_folds_of_different_sizes_fine_tune_for_the_same_epochs():
+    (x, y, names), _ = digits(1)
+    index = np.concatenate([np.flatnonzero(y == c)[: 7 + (c == 4)] for c in range(5)])  # 7, 7, 7, 7 and 8 images
+    data = from_arrays(x[index], y[index], SIZE, names, validation_split=0.0)
+    config = RunConfig(DataConfig(augment="none", batch_size=28),  # folds of 28 and 29 images: 1 or 2 steps
+                       ModelConfig("simple_cnn", weights=None, image_size=SIZE, from_scratch=False, features="last"),
+                       TrainConfig(fine_tune_epochs=1, fine_tune_min_steps=4, unfreeze_blocks=1))
+    result = run_training(config, data=data, verbose=0, save="none")
+    assert result.metrics["cv_folds"] == 5
