@@ -23,7 +23,6 @@ phase 2 is skipped.
 from __future__ import annotations
 
 import logging
-import math
 
 import keras
 import numpy as np
@@ -87,7 +86,7 @@ def train_cross_validated(
         log.info("a hidden layer has no cross-validated estimate and is not fine-tuned on small data")
         return TrainResult(phase1), {}
     result = TrainResult(phase1)
-    if not folds or not unfreeze_top(model, config, unfreeze_blocks or 2):
+    if not folds or not unfreeze_top(model, config, unfreeze_blocks):
         if not folds:
             log.info("too few images per class to cross-validate: no fine-tuning")
         model.freeze_backbone()
@@ -96,8 +95,7 @@ def train_cross_validated(
     start = model.get_weights()
     augmenter = build_augmenter(data.augment, seed=data.seed)
     smallest = min(len(train) for train, _ in folds)  # one epoch count for every fold: curves of one length
-    epochs = max(config.fine_tune_epochs,
-                 math.ceil(config.fine_tune_min_steps / math.ceil(smallest / data.batch_size)))
+    epochs = epochs_for(config.fine_tune_epochs, config.fine_tune_min_steps, smallest, data.batch_size)
     curves = []
     for number, (train, held) in enumerate(folds, start=1):
         model.set_weights(start)

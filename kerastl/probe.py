@@ -37,6 +37,7 @@ C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 PROBE_C = 0.3  # the fixed L2 strength of the probes that compare blocks
 MAX_ROWS = 20000  # rows (images x views) a probe fits on; more are subsampled
 MAX_PROBE_IMAGES = 1000  # images the block probes cross-validate on
+DEFAULT_DEPTH = 2  # fine-tuning depth when the head reads the output, or when no probe curve chose
 SWITCH_MARGIN = 0.01  # another reading must beat the backbone's output by this accuracy
 
 
@@ -246,7 +247,7 @@ def probe_blocks(features: np.ndarray, labels: np.ndarray, widths: list[int], na
     last = len(widths)
     if not splits:  # nothing to cross-validate: read the output, at the default depth
         return ProbeCurve(names, [float("nan")] * last, [float("nan")] * last, float("nan"), float("nan"),
-                          [last], 2, 0, len(labels))
+                          [last], DEFAULT_DEPTH, 0, len(labels))
     edges = np.cumsum([0, *widths])
     columns = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])] + [slice(0, edges[-1])]
     scores = []
@@ -288,7 +289,7 @@ def unfreeze_depth(accuracy: list[float], chosen: list[int]) -> int:
     """
     last = len(accuracy)
     if chosen == [last]:
-        return 2
+        return DEFAULT_DEPTH
     deepest = max(chosen)
     best = int(np.argmax(accuracy[:deepest])) + 1  # ties: the earlier block
-    return max(2, deepest - best + 1)
+    return max(DEFAULT_DEPTH, deepest - best + 1)

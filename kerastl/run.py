@@ -32,8 +32,8 @@ from kerastl.crossval import train_cross_validated
 from kerastl.data import ImageData, load_data, merge_splits
 from kerastl.errors import KerastlError
 from kerastl.features import CachedFeatures, FeatureCache, cached_views, extract, model_fingerprint
-from kerastl.probe import (MAX_ROWS, ProbeCurve, ProbeFit, block_columns, choose_c_cv, choose_c_holdout, folds_of,
-                           probe_blocks)
+from kerastl.probe import (DEFAULT_DEPTH, MAX_ROWS, ProbeCurve, ProbeFit, block_columns, choose_c_cv,
+                           choose_c_holdout, folds_of, probe_blocks)
 from kerastl.report import score, split_scores
 from kerastl.runfolder import check_export_dir, write_run_folder
 from kerastl.storage import HeadStore
@@ -218,7 +218,7 @@ def _with_choices(config: RunConfig, model: TransferClassifier, phase1: Phase1) 
         last = model.block_count()
         config.model.features = "last" if model.feature_blocks == [last] else ",".join(map(str, model.feature_blocks))
     if config.train.unfreeze_blocks == "auto":
-        config.train.unfreeze_blocks = phase1.depth or 2
+        config.train.unfreeze_blocks = phase1.depth or DEFAULT_DEPTH
     return config
 
 

@@ -28,7 +28,7 @@ from kerastl.classifier import TransferClassifier
 from kerastl.compile import compile_classifier
 from kerastl.config import TrainConfig
 from kerastl.features import CachedFeatures
-from kerastl.probe import ProbeFit
+from kerastl.probe import DEFAULT_DEPTH, ProbeFit
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def fine_tune(
     if not unfreeze_top(model, config, unfreeze_blocks):
         return None
     compile_classifier(model, config, config.learning_rate * config.fine_tune_lr_ratio)
-    epochs = fine_tune_epochs(config, train_data)
+    epochs = pipeline_epochs(config.fine_tune_epochs, config.fine_tune_min_steps, train_data)
     return model.fit(
         train_data, validation_data=validation_data, initial_epoch=initial_epoch, epochs=initial_epoch + epochs,
         callbacks=[KeepBest(scaled_patience(config.patience, config.fine_tune_epochs, epochs), phase1_best),
@@ -243,19 +243,17 @@ def fine_tune(
 
 def unfreeze_top(model: TransferClassifier, config: TrainConfig, depth: int | None) -> bool:
     """Unfreezes what phase 2 trains; False (and a log line) when that is nothing."""
-    blocks = depth if config.unfreeze_blocks == "auto" else config.unfreeze_blocks
+    blocks = (depth or DEFAULT_DEPTH) if config.unfreeze_blocks == "auto" else config.unfreeze_blocks
     if config.fine_tune_epochs == 0 or model.unfreeze(blocks or 0, config.unfreeze_from) == 0:
         log.info("nothing to fine-tune (no epochs or no blocks); skipping phase 2")
         return False
     return True
 
 
-def fine_tune_epochs(config: TrainConfig, train_data: tf.data.Dataset) -> int:
-    """Phase-2 epochs: `fine_tune_epochs`, raised to make `fine_tune_min_steps` steps."""
-    steps = int(train_data.cardinality())
-    if steps <= 0:  # unknown (a user's pipeline): take the epochs as given
-        return config.fine_tune_epochs
-    return max(config.fine_tune_epochs, math.ceil(config.fine_tune_min_steps / steps))
+def pipeline_epochs(epochs: int, min_steps: int, batches: tf.data.Dataset) -> int:
+    """`epochs_for` a batched pipeline: its batches are its steps; unknown (a user's pipeline): `epochs`."""
+    steps = int(batches.cardinality())
+    return epochs_for(epochs, min_steps, steps, 1) if steps > 0 else epochs
 
 
 def train_classifier(
@@ -296,7 +294,7 @@ def train_classifier(
         head_start: a linear probe fitted on the cached features (`kerastl.probe`):
             the head starts from it, and it counts as phase 1's best so far.
         unfreeze_blocks: the fine-tuning depth when `config.unfreeze_blocks` is "auto"
-            (a probe curve's choice; 2 when None).
+            (a probe curve's choice; `DEFAULT_DEPTH` when None).
     """
     config.validate()
     extra = list(callbacks or [])
@@ -321,8 +319,7 @@ def train_classifier(
         compile_classifier(model, config)
         if probe_start and model.hidden is None:  # the head is the probe: its loss, as compiled, is the best so far
             initial = model.evaluate(validation_data, verbose=0, return_dict=True)["loss"]
-        steps = int(train_data.cardinality())
-        epochs = epochs_for(config.epochs, config.min_steps, steps, 1) if steps > 0 else config.epochs
+        epochs = pipeline_epochs(config.epochs, config.min_steps, train_data)
         phase1 = model.fit(
             train_data, validation_data=validation_data, epochs=epochs,
             callbacks=[KeepBest(scaled_patience(config.patience, config.epochs, epochs), initial), *extra],
@@ -336,5 +333,5 @@ def train_classifier(
     if not scratch:
         best = min(phase1.history["val_loss"] + phase1.history.get(START_LOSS, []))
         result.phase2 = fine_tune(model, train_data, validation_data, config, best, len(phase1.epoch),
-                                  callbacks=extra, verbose=verbose, unfreeze_blocks=unfreeze_blocks or 2)
+                                  callbacks=extra, verbose=verbose, unfreeze_blocks=unfreeze_blocks)
     return result
