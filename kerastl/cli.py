@@ -1,8 +1,10 @@
 """The `kerastl` command: a thin shell over the Python API.
 
 `main(argv)` parses, calls the library, prints for people and returns an exit
-code; bad input prints one line on stderr and returns 2. TensorFlow is imported
-only after parsing, so `--help` and flag errors answer at once.
+code; bad input prints one line on stderr and returns 2. Every check that needs
+no TensorFlow (`kerastl.preflight`) runs before TensorFlow is imported, so
+`--help` and bad input answer at once; TensorFlow's native start-up lines are
+kept off the terminal (`kerastl.quiet`) unless `--verbose` or `KERASTL_TF_LOG=1`.
 """
 
 from __future__ import annotations
@@ -16,8 +18,13 @@ from typing import Sequence
 
 import numpy as np
 
+from kerastl.backbones import check_weights, get_spec, normalize_weights, resolve_size
 from kerastl.config import SETTINGS, VALIDATION_MODES, DataConfig, ModelConfig, RunConfig, parse_features
 from kerastl.errors import KerastlError
+from kerastl.imagefiles import check_data
+from kerastl.preflight import check_data_source, check_run, resolve_run_config
+from kerastl.quiet import NATIVE_LOG_VARIABLE, import_tensorflow
+from kerastl.storage import check_export_dir
 from kerastl.tune.config import ISOLATION, OBJECTIVES, SPACE_FIELDS, TUNERS, TuneConfig
 
 # The modules that import TensorFlow are imported inside the commands that need them,
@@ -82,6 +89,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--batch-size", type=_count(1), metavar="N", help="batch size (32)")
     d.add_argument("--augment", metavar="PRESET", help="none, light, standard, strong, or e.g. flip,rotate:0.2")
     d.add_argument("--seed", type=int, metavar="N", help="random seed for splits, shuffling, augmentation (42)")
+    d.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
+                   help="fail before training if any file cannot be read as an image (off: skip it, with a warning)")
     m = p.add_argument_group("model")
     m.add_argument("--backbone", metavar="NAME", help="registry name, see `kerastl backbones` (mobilenet_v2)")
     m.add_argument("--weights", metavar="W", help="imagenet, none (train from scratch) or a weights file (imagenet)")
@@ -133,10 +142,19 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kerastl", description="Transfer learning on images with Keras.")
+    parser = _Parser(prog="kerastl", description="Transfer learning on images with Keras.",
+                     epilog=f"TensorFlow's native start-up log is hidden; --verbose or {NATIVE_LOG_VARIABLE}=1 "
+                     "shows it.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging and TensorFlow's native log")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    train = sub.add_parser("train", help="train a classifier (frozen base, then fine-tuning) and export it")
+    train = sub.add_parser(
+        "train", help="train a classifier (frozen base, then fine-tuning) and export it",
+        description="Train a classifier and export it. A killed run resumes from its last completed epoch when "
+        "the same command runs again (its state is kept in EXPORT.partial).")
     _add_train_flags(train)
+    train.add_argument("--restart", action="store_true",
+                       help="discard an unfinished run into the same export folder instead of resuming it")
     predict = sub.add_parser("predict", help="classify images with an exported model")
     predict.add_argument("--model", required=True, metavar="DIR", help="an export folder")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, GIF or BMP files")
@@ -183,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-failures", type=_count(1), default=3, metavar="N",
                    help="stop after N failed trials in a row (3)")
     s.add_argument("--restart", action="store_true", help="delete --project-dir first instead of resuming")
+    check = sub.add_parser("check-data", help="report every file of a class folder that training would skip "
+                           "or convert, and what happens to it",
+                           description="Exit code 0: every file is usable; 1: some files will be skipped; 2: the "
+                           "folder cannot train.")
+    check.add_argument("folder", metavar="DIR", help="a folder with one subfolder per class")
     demo = sub.add_parser("demo", help="offline demo: transfer from digits 0-4 to 5-9 vs training from scratch")
     demo.add_argument("--output", default="saved_models/demo", metavar="DIR", help="(saved_models/demo)")
     return parser
@@ -199,9 +222,12 @@ def _run_config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    config = _run_config(args)
+    check_run(config, args.overwrite, args.restart)
+    import_tensorflow(args.verbose)
     from kerastl.run import run_training
 
-    result = run_training(_run_config(args), overwrite=args.overwrite, verbose=0 if args.quiet else 2)
+    result = run_training(config, overwrite=args.overwrite, verbose=0 if args.quiet else 2, restart=args.restart)
     if result.probe is not None:
         print(result.probe.summary())
     print_metrics(result.metrics)
@@ -220,6 +246,11 @@ def print_metrics(metrics: dict[str, float]) -> None:
 
 
 def _tune(args: argparse.Namespace) -> int:
+    config = _run_config(args)
+    resolved = resolve_run_config(config)
+    check_data_source(resolved.data)
+    check_export_dir(resolved.export_dir, args.overwrite, create_parent=not (config.name or config.export_dir))
+    import_tensorflow(args.verbose)
     from kerastl.tune.search import run_search
     from kerastl.tune.space import DEFAULT_SPACE, load_space, parse_setting
     from kerastl.tune.tables import format_table
@@ -228,7 +259,7 @@ def _tune(args: argparse.Namespace) -> int:
     space.update(parse_setting(text) for text in args.search)
     tune = TuneConfig(args.tuner, args.objective, args.max_trials, args.project_dir, space, args.workers,
                       args.isolate, args.mixed_precision, args.max_failures)
-    result = run_search(_run_config(args), tune, overwrite=args.overwrite, restart=args.restart,
+    result = run_search(config, tune, overwrite=args.overwrite, restart=args.restart,
                         verbose=0 if args.quiet else 2)
     if result.model is None:
         print(f"worker {os.environ.get('KERASTUNER_TUNER_ID')} finished; the chief reports and exports")
@@ -242,6 +273,12 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    if not os.path.isfile(os.path.join(args.model, "saved_model.pb")):
+        raise KerastlError(f"{args.model} is not a kerastl export (no saved_model.pb)")
+    for path in args.images:
+        if not os.path.isfile(path):
+            raise KerastlError(f"image file {path} does not exist")
+    import_tensorflow(args.verbose)
     from kerastl.export import load_export
 
     model = load_export(args.model)
@@ -256,14 +293,19 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from kerastl.data import load_data
-    from kerastl.features import extract_features
-    from kerastl.run import resolve_config
-
     if not args.out.endswith(".npz"):
         raise KerastlError(f"--out must name an .npz file, got {args.out}")
     if args.features == "auto":
         raise KerastlError("extract reads last, all or block numbers; auto is chosen by a training run")
+    spec = get_spec(args.backbone)
+    resolve_size(spec, args.image_size)
+    check_weights(spec, normalize_weights(args.weights))
+    check_data_source(DataConfig(source=args.data))
+    import_tensorflow(args.verbose)
+    from kerastl.data import load_data
+    from kerastl.features import extract_features
+    from kerastl.run import resolve_config
+
     config = resolve_config(RunConfig(DataConfig(source=args.data, validation_split=0.0),
                                       ModelConfig(args.backbone, args.weights, args.image_size,
                                                   from_scratch=False, features=args.features)))
@@ -286,12 +328,19 @@ def _backbones(args: argparse.Namespace) -> int:
     print(f"{'name':<22}{'default':>8}{'min':>6}  {'imagenet':<9}preprocessing")
     for name in names:
         spec = REGISTRY[name]
-        module = spec.preprocess.__module__.rsplit(".", 1)[-1]
+        module = spec.preprocess_family
         print(f"{name:<22}{spec.default_size:>8}{spec.min_size:>6}  {'yes' if spec.imagenet else 'no':<9}{module}")
     return 0
 
 
+def _check_data(args: argparse.Namespace) -> int:
+    report = check_data(args.folder)
+    print(report.format())
+    return report.exit_code  # 0: every file is usable, 1: some will be skipped, 2: the folder cannot train
+
+
 def _demo(args: argparse.Namespace) -> int:
+    import_tensorflow(args.verbose)
     from kerastl.demo import format_report, run_demo
 
     print(format_report(run_demo(args.output)))
@@ -311,7 +360,7 @@ class _StderrHandler(logging.StreamHandler):
 
 
 COMMANDS = {"train": _train, "tune": _tune, "predict": _predict, "extract": _extract, "backbones": _backbones,
-            "demo": _demo}
+            "check-data": _check_data, "demo": _demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -320,18 +369,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help (0) or a flag error (2, already printed as one line)
         return int(stop.code or 0)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("kerastl")
     logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     logger.propagate = False  # TensorFlow's absl gives the root logger a handler of its own
 
     try:
         return COMMANDS[args.command](args)
     except KerastlError as error:
-        print(f"kerastl: error: {error}", file=sys.stderr)
+        print(f"kerastl: error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, always
         return 2
 
 

@@ -53,6 +53,8 @@ class DataConfig(JsonConfig):
         augment: a preset ("none", "light", "standard", "strong") or a comma list
             of layer names, each optionally with a factor ("flip,rotate:0.2").
         cache_limit_mb: decoded training images are cached in memory up to this size.
+        strict: fail before training when any file in a class folder cannot be read
+            as an image; otherwise such files are skipped with one warning listing them.
     """
 
     source: str = ""
@@ -64,6 +66,7 @@ class DataConfig(JsonConfig):
     augment: str = "light"
     seed: int = 42
     cache_limit_mb: int = 2048
+    strict: bool = False
 
     def validate(self) -> None:
         for name in ("validation_split", "test_split"):
@@ -277,6 +280,7 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
     "batch_size": ("data", "batch_size"),
     "augment": ("data", "augment"),
     "seed": ("data", "seed"),
+    "strict": ("data", "strict"),
     "backbone": ("model", "backbone"),
     "weights": ("model", "weights"),
     "image_size": ("model", "image_size"),

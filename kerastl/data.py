@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -23,13 +23,14 @@ import numpy as np
 import tensorflow as tf
 from sklearn.datasets import load_digits as sklearn_digits
 
+from kerastl import imagefiles
 from kerastl.config import DataConfig
 from kerastl.errors import KerastlError
 
 log = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+IMAGE_EXTENSIONS = imagefiles.IMAGE_EXTENSIONS  # kept importable from here
 
 
 class HasImageSize(Protocol):
@@ -159,40 +160,60 @@ def stratified_split(
     return train, np.sort(np.concatenate(parts[1])), np.sort(np.concatenate(parts[2]))
 
 
-def _list_class_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
-    if not root.is_dir():
-        raise KerastlError(f"data folder {root} does not exist")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise KerastlError(f"{root} has no class subfolders (expected one folder per class)")
-    if len(classes) == 1:
-        raise KerastlError(f"{root} has only one class folder ({classes[0]}); a classifier needs two or more")
-    paths, labels, skipped = [], [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith("."))
-        images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-        skipped += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
-        if not images:
-            raise KerastlError(
-                f"class folder {root / name} has no images (supported: {', '.join(IMAGE_EXTENSIONS)})"
-            )
-        paths += [str(p) for p in images]
-        labels += [label] * len(images)
+def _decode_in_tensorflow(path: str) -> None:
+    """Decodes one file exactly as the pipeline will; raises ValueError with TensorFlow's reason."""
+    try:
+        tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    except tf.errors.OpError as error:
+        # "{{function_node ...}} Invalid PNG data, size 60 [Op:DecodeImage] name: " -> "Invalid PNG data, size 60"
+        message = error.message.split("}}")[-1].split("[Op:")[0].strip()
+        raise ValueError(message or type(error).__name__) from None
+
+
+def _usable_files(listings: list[imagefiles.FolderListing], strict: bool) -> list[imagefiles.FolderListing]:
+    """Decodes every listed file once; undecodable ones are dropped up front with one warning.
+
+    With `strict`, any file that would be skipped fails here (before any decoding
+    when the cheap listing already found one).
+    """
+
+    def skipped_in(listings: list[imagefiles.FolderListing]) -> tuple[list[imagefiles.Finding], str]:
+        found = [replace(f, name=f"{listing.root.name}/{f.name}") for listing in listings for f in listing.skipped]
+        roots = sorted({str(listing.root) for listing in listings if listing.skipped})
+        hint = f"run `kerastl check-data` on {' and '.join(roots)}"
+        if strict and found:
+            raise KerastlError(f"{len(found)} files cannot be used as images: {imagefiles.describe(found, 3)}; "
+                               f"fix or remove them, or turn strict off to skip them; {hint} to list every problem")
+        return found, hint
+
+    skipped_in(listings)
+    listings = [imagefiles.check_files(listing, decode=_decode_in_tensorflow) for listing in listings]
+    skipped, hint = skipped_in(listings)
     if skipped:
-        kinds = sorted({p.suffix or p.name for p in skipped})
-        log.warning("skipped %d files with unsupported extensions in %s: %s", len(skipped), root, kinds)
-    return classes, paths, labels
+        log.warning("skipped %d files that cannot be used as images: %s; %s for details",
+                    len(skipped), imagefiles.describe(skipped, 20), hint)
+    noted = len({f.path for listing in listings for f in listing.findings if f.action == imagefiles.USED})
+    if noted:
+        log.info("%d images are read with a conversion (grayscale, alpha, palette, CMYK, first frame...); "
+                 "`kerastl check-data` lists them", noted)
+    for listing in listings:
+        errors = listing.errors()
+        if errors:
+            raise KerastlError(errors[0])
+    return listings
 
 
 def _file_split(paths: list[str], labels: list[int], image_size: int) -> Split:
     ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, np.int32)))
+    # No `ignore_errors`: every file was decoded once by `_usable_files`, so a decode here fails only
+    # when a file changed during training. Dropping it would make `count` and `labels` wrong and
+    # shift every later label, so such a change stops the run with TensorFlow's error instead.
     ds = ds.map(lambda p, y: (_decode_file(p, image_size), y), num_parallel_calls=AUTOTUNE)
     digest = hashlib.sha256(str(image_size).encode())
     for path, label in zip(paths, labels):
         stat = os.stat(path)
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{label}\n".encode())
-    return Split(ds.ignore_errors(log_warning=True), len(paths), image_size, digest.hexdigest(),
-                 np.asarray(labels, np.int32))
+    return Split(ds, len(paths), image_size, digest.hexdigest(), np.asarray(labels, np.int32))
 
 
 def from_folder(
@@ -203,28 +224,39 @@ def from_folder(
     seed: int = 42,
     validation_dir: str | None = None,
     test_dir: str | None = None,
+    strict: bool = False,
 ) -> ImageData:
-    """Reads a folder of class subfolders (jpg, png, gif, bmp).
+    """Reads a folder of class subfolders (JPEG, PNG, GIF, BMP, judged by content).
 
-    Unsupported files are skipped with one warning; files that fail to decode are
-    dropped with a warning instead of aborting training. Without `validation_dir`
-    or `test_dir`, those splits are cut from each class of `root`. `image_size` may
-    be the classifier the images are for.
+    Every file is decoded once before the pipeline is built: files that cannot be
+    used (damaged, empty, not an image, WebP...) are left out up front with one
+    warning listing them, so counts and labels always match the images; with
+    `strict` they raise `KerastlError` instead. Hidden files are ignored. See
+    `kerastl.imagefiles` for what happens to each kind of file. Without
+    `validation_dir` or `test_dir`, those splits are cut from each class of `root`.
+    `image_size` may be the classifier the images are for.
     """
     image_size = image_size_of(image_size)
-    classes, paths, labels = _list_class_folder(Path(root))
-    label_array = np.asarray(labels)
+    listings = [imagefiles.list_class_folder(root)]
+    classes = listings[0].class_names
+    for name, folder in (("validation", validation_dir), ("test", test_dir)):
+        if folder:
+            listings.append(imagefiles.list_class_folder(folder))
+            if listings[-1].class_names != classes:
+                raise KerastlError(
+                    f"{name} folder {folder} has classes {listings[-1].class_names}, expected {classes}")
+    listings = _usable_files(listings, strict)
+    paths, labels = listings[0].paths, listings[0].labels
     train, val, test = stratified_split(
-        label_array, 0.0 if validation_dir else validation_split, 0.0 if test_dir else test_split, seed
+        np.asarray(labels), 0.0 if validation_dir else validation_split, 0.0 if test_dir else test_split, seed
     )
     pick = lambda idx: ([paths[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
     splits = {"train": _file_split(*pick(train), image_size)}
+    others = iter(listings[1:])
     for name, folder, idx in (("validation", validation_dir, val), ("test", test_dir, test)):
         if folder:
-            other_classes, other_paths, other_labels = _list_class_folder(Path(folder))
-            if other_classes != classes:
-                raise KerastlError(f"{name} folder {folder} has classes {other_classes}, expected {classes}")
-            splits[name] = _file_split(other_paths, other_labels, image_size)
+            other = next(others)
+            splits[name] = _file_split(other.paths, other.labels, image_size)
         elif len(idx):
             splits[name] = _file_split(*pick(idx), image_size)
     return ImageData(classes, splits["train"], splits.get("validation"), splits.get("test"))
@@ -347,5 +379,5 @@ def load_data(config: DataConfig, image_size: int | HasImageSize) -> ImageData:
         return from_arrays(x, y, image_size, names, test=test, **split)
     return from_folder(
         config.source, image_size, test_split=config.test_split,
-        validation_dir=config.validation_dir, test_dir=config.test_dir, **split,
+        validation_dir=config.validation_dir, test_dir=config.test_dir, strict=config.strict, **split,
     )

@@ -72,7 +72,7 @@ def export_saved_model(model: TransferClassifier, directory: str | os.PathLike, 
     directory.mkdir(parents=True, exist_ok=True)
     archive.write_out(str(directory), verbose=False)
     write_labels(directory, class_names)
-    log.info("exported SavedModel to %s", directory)
+    log.debug("exported SavedModel to %s", directory)
     return directory
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +33,7 @@ from kerastl.export import CONFIG_FILE, export_saved_model, read_labels, write_l
 from kerastl.features import weights_digest
 from kerastl.probe import ProbeCurve
 from kerastl.report import plot_probe_curve
-from kerastl.storage import HEAD_WEIGHTS
+from kerastl.storage import HEAD_WEIGHTS, disk_full_error, publish_folder
 from kerastl.train import TrainResult
 from kerastl.version import FOLDER_FORMAT, __version__
 
@@ -52,15 +54,6 @@ def write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n")
 
 
-def check_export_dir(path: str | os.PathLike, overwrite: bool) -> None:
-    """Refuses a file, or a non-empty folder unless `overwrite`, before anything is trained."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise KerastlError(f"export path {path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise KerastlError(f"export folder {path} is not empty; choose another or pass overwrite")
-
-
 def write_run_folder(
     folder: str | os.PathLike,
     model: TransferClassifier,
@@ -75,6 +68,10 @@ def write_run_folder(
 ) -> Path:
     """Writes a run folder (see the module docstring); the only writer of one.
 
+    Everything is written into a temporary folder beside `folder`, then swapped in
+    (`kerastl.storage.publish_folder`): a kill or a full disk while writing leaves
+    the previous folder as it was and nothing half-written.
+
     Args:
         folder: created if missing.
         model: the trained classifier.
@@ -88,7 +85,23 @@ def write_run_folder(
         probe: the probe curve the run chose its blocks from: `probe.json` and `probe.png`.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-writing-", dir=folder.parent))
+    try:
+        _write_files(staging, model, class_names, config, history, metrics, export, extra, backbone_digest, probe)
+        publish_folder(staging, folder)
+        log.info("wrote %s", folder)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise disk_full_error(error, f"the run folder {folder}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def _write_files(folder: Path, model, class_names, config, history, metrics, export, extra, backbone_digest,
+                 probe) -> None:
     metadata = {"kerastl_version": __version__, "format": FOLDER_FORMAT, "export": export,
                 "normalize": model.normalize}
     if export:
@@ -111,7 +124,6 @@ def write_run_folder(
     if probe is not None:
         write_json(folder / PROBE_FILE, probe.to_dict())
         plot_probe_curve(probe.accuracy, probe.all_accuracy, probe.chosen, probe.folds, folder / PROBE_PLOT)
-    return folder
 
 
 def read_config(folder: str | os.PathLike) -> RunConfig:
@@ -137,7 +149,7 @@ def load_model(folder: str | os.PathLike) -> TransferClassifier:
     folder = Path(folder)
     metadata_path = folder / METADATA_FILE
     if (folder / MODEL_FILE).is_file():
-        loaded = keras.saving.load_model(folder / MODEL_FILE, safe_mode=True)
+        loaded = load_keras_file(folder / MODEL_FILE)
         if isinstance(loaded, TransferClassifier):
             return loaded
         return _from_version_0_1(folder, loaded)
@@ -156,6 +168,18 @@ def load_model(folder: str | os.PathLike) -> TransferClassifier:
                            "was its weights file changed?")
     model.head_model().load_weights(folder / HEAD_WEIGHTS)
     return model
+
+
+def load_keras_file(path: str | os.PathLike) -> keras.Model:
+    """A `.keras` file loaded in safe mode: a file that holds code (a Lambda layer) is refused, in one line."""
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except ValueError as error:
+        if "safe_mode" in str(error) or "lambda" in str(error).lower():
+            raise KerastlError(f"refusing {path}: it holds Python code (a Lambda layer), and kerastl loads models "
+                               "only in safe mode; load it with keras.saving.load_model(safe_mode=False) only if "
+                               "you trust where it came from") from None
+        raise
 
 
 def _from_version_0_1(folder: Path, loaded: keras.Model) -> TransferClassifier:

@@ -1,22 +1,30 @@
-"""Atomic folder writes, and the store of trained phase-1 heads.
+"""Atomic folder writes, output-folder checks, and the store of trained phase-1 heads.
 
 Several processes (search workers, trial processes) may write the same entry at
 once. Every entry is written into a fresh folder and renamed into place in one
 step, so readers never see half an entry and the first writer's entry is kept.
+An export replaces the one before it the same way (`publish_folder`), so a kill
+while writing leaves the previous export whole. No TensorFlow here: the command
+line checks output folders before it loads TensorFlow.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import keras
+from kerastl.errors import KerastlError
+
+if TYPE_CHECKING:
+    import keras
 
 HEAD_WEIGHTS = "head.weights.h5"
 
@@ -49,6 +57,69 @@ def staged_folder(target: Path) -> Iterator[Path]:
         os.replace(staging, target)
     except OSError:  # another process (a search worker) stored the same entry first: keep theirs
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_export_dir(path: str | os.PathLike, overwrite: bool, create_parent: bool = False) -> None:
+    """Refuses an output folder that cannot be written, before anything is trained.
+
+    A file, a non-empty folder (unless `overwrite`), a missing parent (unless
+    `create_parent`: the default `saved_models/`) or a parent where nothing can be
+    written are one-line `KerastlError`s.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise KerastlError(f"export path {path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise KerastlError(f"export folder {path} is not empty; choose another or pass overwrite")
+    parent = path.absolute().parent
+    if not parent.exists() and create_parent:
+        parent.mkdir(parents=True, exist_ok=True)
+    if not parent.is_dir():
+        raise KerastlError(f"the parent folder of {path} ({parent}) does not exist or is not a folder")
+    try:  # os.access says yes to root even on a read-only file system: try it
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise KerastlError(f"cannot write in {parent}: {error.strerror}") from None
+
+
+def disk_full_error(error: OSError, what: str) -> KerastlError:
+    """The one-line error for a failed write (a full disk, a quota, a read-only file system)."""
+    reason = "no space left on the device" if error.errno in (errno.ENOSPC, errno.EDQUOT) else error.strerror
+    return KerastlError(f"writing {what} failed ({reason}); nothing half-written was left there")
+
+
+_RENAME_EXCHANGE = 2  # renameat2 flag: swap two paths in one step (Linux 3.15+)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swaps two paths atomically where the system can; False where it cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_cwd = -100
+    return renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), _RENAME_EXCHANGE) == 0
+
+
+def publish_folder(staging: Path, target: Path) -> None:
+    """Moves a fully written `staging` folder to `target`, replacing whatever was there.
+
+    The old `target` is swapped out in one step (or, where the system cannot swap,
+    renamed aside just before), so a kill at any point leaves either the old folder
+    or the new one at `target`, never a half-written one.
+    """
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    if _exchange(staging, target):
+        shutil.rmtree(staging, ignore_errors=True)  # it now holds the old folder
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+    os.replace(target, aside / target.name)
+    os.replace(staging, target)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 class HeadStore:

@@ -27,15 +27,15 @@ def test_folder_reads_every_format_in_class_order_with_stratified_splits(image_f
         assert np.all(x[y == label].mean(axis=(1, 2)).argmax(axis=1) == dominant[name])
 
 
-def test_unsupported_files_are_skipped_with_a_warning_and_corrupt_images_dropped(image_folder, caplog):
+def test_unreadable_files_are_skipped_up_front_with_one_warning(image_folder, caplog):
     (image_folder / "red" / "notes.txt").write_text("not an image")
     (image_folder / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with caplog.at_level(logging.WARNING, logger="kerastl.data"):
         data = from_folder(image_folder, 16, validation_split=0.0)
-    assert "skipped 1 files with unsupported extensions" in caplog.text and ".txt" in caplog.text
-    assert data.train.count == 25  # listed, but the broken one cannot decode...
+    assert "skipped 2 files" in caplog.text and "notes.txt" in caplog.text and "broken.png" in caplog.text
+    assert data.train.count == 24  # both left out before the pipeline is built...
     x, y = data.train.arrays()
-    assert len(x) == 24  # ...and is dropped instead of aborting training
+    assert len(x) == len(y) == 24  # ...so the count matches the images (tests/test_faults.py has the rest)
 
 
 def test_bad_folders_fail_with_one_clear_sentence(tmp_path, image_folder):

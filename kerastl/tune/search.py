@@ -28,8 +28,9 @@ from kerastl.devices import list_gpus, setup_devices
 from kerastl.errors import KerastlError
 from kerastl.report import split_scores
 from kerastl.run import resolve_config
-from kerastl.runfolder import (HISTORY_FILE, METRICS_FILE, check_export_dir, load_model, read_config, read_json_file,
+from kerastl.runfolder import (HISTORY_FILE, METRICS_FILE, load_model, read_config, read_json_file,
                                write_run_folder)
+from kerastl.storage import check_export_dir
 from kerastl.train import TrainResult
 from kerastl.tune.config import TuneConfig
 from kerastl.tune.distribute import launch, serve_chief

@@ -1,0 +1,86 @@
+"""Checks of a run's input that need no TensorFlow, made before anything loads or trains.
+
+`resolve_run_config` fills in the registry's defaults (size, canonical name) and the
+run's name and folder; `check_run` adds every check the command line makes
+before it imports TensorFlow: the data folder and its classes, the backbone, the
+image size, the weights file, the export folder, and an unfinished run in it.
+`kerastl.run.run_training` makes the same checks, so the Python API fails as early.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+
+from kerastl.backbones import check_weights, get_spec, normalize_weights, resolve_size
+from kerastl.config import DataConfig, RunConfig
+from kerastl.errors import KerastlError
+from kerastl.imagefiles import list_class_folder
+from kerastl.resume import RunState, adopt_unfinished
+from kerastl.storage import check_export_dir
+
+DEFAULT_EXPORT_ROOT = Path("saved_models")
+BUILT_IN_SOURCES = ("digits", "cifar10")
+
+
+def resolve_run_config(config: RunConfig) -> RunConfig:
+    """A validated copy with registry defaults filled in (size, canonical name, folders)."""
+    config = copy.deepcopy(config)
+    config.validate()
+    config.model.weights = normalize_weights(config.model.weights)
+    spec = get_spec(config.model.backbone)
+    config.model.backbone = spec.name
+    config.model.image_size = resolve_size(spec, config.model.image_size)
+    check_weights(spec, config.model.weights)
+    if not config.name:
+        config.name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if config.export_dir is None:
+        config.export_dir = str(DEFAULT_EXPORT_ROOT / config.name)
+    return config
+
+
+def is_named(config: RunConfig) -> bool:
+    """Whether the user chose the run's name or folder (otherwise the same command finds its unfinished run)."""
+    return bool(config.name or config.export_dir)
+
+
+def resolve_for_export(config: RunConfig) -> RunConfig:
+    """`resolve_run_config`, taking over the folder of an unfinished run of the same config when
+    the user named none."""
+    resolved = resolve_run_config(config)
+    return resolved if is_named(config) else adopt_unfinished(resolved, DEFAULT_EXPORT_ROOT)
+
+
+def check_data_source(config: DataConfig) -> None:
+    """A class folder (and validation or test folder) that exists and has two classes, each with images.
+
+    The built-in sources and CIFAR-10 folders are read, and checked, by `kerastl.data`.
+    """
+    if not config.source:
+        raise KerastlError("no data source given: pass a class folder, cifar10 or digits")
+    if config.source in BUILT_IN_SOURCES or _is_cifar10_folder(config.source):
+        return
+    for folder in (config.source, config.validation_dir, config.test_dir):
+        if folder:
+            list_class_folder(Path(folder))
+
+
+def _is_cifar10_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "batches.meta")) and os.path.isfile(os.path.join(path, "test_batch"))
+
+
+def check_run(config: RunConfig, overwrite: bool = False, restart: bool = False) -> RunConfig:
+    """Every check of a training run that needs no TensorFlow; returns the resolved config.
+
+    Raises a one-line `KerastlError` for: a missing data folder, one class, a class
+    without images, an unknown backbone, a size below the backbone's minimum, bad
+    numbers, a missing or unusable weights file, an export folder that cannot be
+    written, and another run (or another config's unfinished run) in that folder.
+    """
+    resolved = resolve_for_export(config)
+    check_data_source(resolved.data)
+    check_export_dir(resolved.export_dir, overwrite, create_parent=not is_named(config))
+    RunState(resolved.export_dir).check(resolved, restart)
+    return resolved

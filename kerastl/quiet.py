@@ -1,0 +1,89 @@
+"""TensorFlow's native start-up log, kept off the terminal.
+
+Importing TensorFlow and finding its devices writes lines from C++ straight to
+file descriptor 2, before any Python logging is set up: "All log messages before
+absl::InitializeLog() ...", the oneDNN and CPU-instruction notices, "Could not find
+cuda drivers" and "failed call to cuInit". `TF_CPP_MIN_LOG_LEVEL` cannot silence the
+ones written before absl starts. `import_tensorflow` captures descriptor 2 while
+those happen, drops the lines known to be start-up notices and writes everything
+else (a real error, a Python traceback) back to stderr.
+
+`KERASTL_TF_LOG=1` (or `kerastl --verbose`) lets every native line through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+NATIVE_LOG_VARIABLE = "KERASTL_TF_LOG"
+
+_START_UP_NOISE = [
+    re.compile(r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"),
+    # absl lines at INFO or WARNING level: I0000 00:00:1795614029.384951    2150 port.cc:153] ...
+    re.compile(r"[IW]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\] "),
+    # the same in TensorFlow's older format: 2024-01-01 12:00:00.000000: I tensorflow/... ]
+    re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IW] "),
+    re.compile(r"E\d{4} .*\] failed call to cuInit"),  # no GPU driver: an error only in name
+    re.compile(r"\d{4}-\d\d-\d\d .*: E .*failed call to cuInit"),
+    re.compile(r"To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags\."),
+]
+
+
+def native_log_wanted() -> bool:
+    """Whether `KERASTL_TF_LOG` asks for TensorFlow's native log."""
+    return os.environ.get(NATIVE_LOG_VARIABLE, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_start_up_noise(line: str) -> bool:
+    """Whether a line is one of TensorFlow's known start-up notices."""
+    return any(pattern.match(line) for pattern in _START_UP_NOISE)
+
+
+@contextlib.contextmanager
+def filtered_native_stderr() -> Iterator[None]:
+    """Captures file descriptor 2 during the block; afterwards writes back all but start-up notices."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode(errors="replace")
+            kept = [line for line in text.splitlines(keepends=True) if not is_start_up_noise(line)]
+            dropped = text.count("\n") - len(kept)
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+            if dropped:
+                log.debug("kept %d lines of TensorFlow's start-up log off the terminal", dropped)
+
+
+def import_tensorflow(verbose: bool = False) -> None:
+    """Imports TensorFlow and initialises its devices, without its native start-up lines.
+
+    Sets `TF_CPP_MIN_LOG_LEVEL=2` (errors only, later in the run) unless the user
+    set it. With `verbose` or `KERASTL_TF_LOG=1`, nothing is filtered.
+    """
+    if verbose or native_log_wanted():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with filtered_native_stderr():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # finding devices is what calls cuInit
