@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from kerastl.augment import build_augmenter, parse_augment
-from kerastl.backbones import check_weights, get_spec, normalize_weights, resolve_size
+from kerastl.callbacks import NaNLoss
 from kerastl.classifier import TransferClassifier, seeded_classifier
 from kerastl.compile import compile_classifier, make_loss, make_optimizer
 from kerastl.config import RunConfig, TrainConfig, parse_features
@@ -34,14 +33,15 @@ from kerastl.errors import KerastlError
 from kerastl.features import CachedFeatures, FeatureCache, cached_views, extract, model_fingerprint
 from kerastl.probe import (DEFAULT_DEPTH, MAX_ROWS, ProbeCurve, ProbeFit, block_columns, choose_c_cv,
                            choose_c_holdout, folds_of, probe_blocks)
+from kerastl.preflight import DEFAULT_EXPORT_ROOT, check_data_source, is_named, resolve_run_config
 from kerastl.report import score, split_scores
-from kerastl.runfolder import check_export_dir, write_run_folder
-from kerastl.storage import HeadStore
+from kerastl.resume import RunState, adopt_unfinished
+from kerastl.runfolder import write_run_folder
+from kerastl.storage import HeadStore, check_export_dir
 from kerastl.train import TrainResult, epochs_for, recalibrate_batchnorm, train_classifier
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXPORT_ROOT = Path("saved_models")
 Pipelines = tuple[tf.data.Dataset, tf.data.Dataset]
 
 
@@ -65,21 +65,12 @@ class RunResult:
 
 
 def resolve_config(config: RunConfig) -> RunConfig:
-    """A validated copy with registry defaults filled in (size, canonical name, folders)."""
-    config = copy.deepcopy(config)
-    config.validate()
-    config.model.weights = normalize_weights(config.model.weights)
-    spec = get_spec(config.model.backbone)
-    config.model.backbone = spec.name
-    config.model.image_size = resolve_size(spec, config.model.image_size)
-    check_weights(spec, config.model.weights)
+    """A validated copy with registry defaults filled in (size, canonical name, folders); the
+    augmentation, optimizer and loss are checked too."""
+    config = resolve_run_config(config)
     parse_augment(config.data.augment)
     make_optimizer(config.train.optimizer, config.train.learning_rate, config.train.weight_decay)
     make_loss(config.train.loss, config.model.binary, config.train.label_smoothing)
-    if not config.name:
-        config.name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if config.export_dir is None:
-        config.export_dir = str(DEFAULT_EXPORT_ROOT / config.name)
     return config
 
 
@@ -136,6 +127,7 @@ def run_training(
     callbacks: list[keras.callbacks.Callback] | None = None,
     heads: HeadStore | None = None,
     save: Literal["export", "weights", "none"] = "export",
+    restart: bool = False,
 ) -> RunResult:
     """Trains one classifier as `config` says, scores it and writes its run folder.
 
@@ -159,6 +151,11 @@ def run_training(
             and phase-1 settings skips phase 1, and a newly trained one is stored.
         save: "export" (the SavedModel and everything, see `kerastl.runfolder`),
             "weights" (a weights-only run folder) or "none".
+        restart: discard an unfinished run into the same folder instead of resuming it.
+
+    An exported run keeps its state in `<export>.partial` while it trains (see
+    `kerastl.resume`): killed, the same call resumes from its last completed epoch.
+    A NaN loss stops training with a `KerastlError`, keeping that state.
 
     Example:
     ```python
@@ -166,18 +163,43 @@ def run_training(
     result.metrics["val_accuracy"], result.export_dir
     ```
     """
+    named = is_named(config)
     config = resolve_config(config)
+    if save == "export" and not named:  # the same command finds its unfinished run
+        config = adopt_unfinished(config, DEFAULT_EXPORT_ROOT)
+    if data is None:
+        check_data_source(config.data)
     folder = Path(config.export_dir)
     pipelines = isinstance(data, tuple)
     if pipelines and (model is None or save != "none"):
         raise KerastlError("training on (train, validation) pipelines needs the model built for them and "
                            "save='none': pipelines carry no class names to build or export with")
     if save != "none":
-        check_export_dir(folder, overwrite)
+        check_export_dir(folder, overwrite, create_parent=not named)
+    state = RunState(folder).acquire(config, named, restart) if save == "export" else None
+    try:
+        result = _run(config, data, pipelines, verbose, model, callbacks, heads, save, state)
+    except NaNLoss as error:
+        kept = f"; its last good epochs are kept in {state.folder}" if state is not None else ""
+        raise KerastlError(f"training stopped: {error}{kept}. Lower --learning-rate and rerun with --restart") from None
+    finally:
+        if state is not None:
+            state.release()
+    if state is not None:
+        state.finish()
+    return result
+
+
+def _run(config: RunConfig, data, pipelines: bool, verbose, model, callbacks, heads, save: str,
+         state: RunState | None) -> RunResult:
+    """`run_training` once its folder is checked (and, exporting, its unfinished state locked)."""
+    folder = Path(config.export_dir)
     if pipelines:
         (train, validation), mode = data, "holdout"
     else:
         data, mode = _checked_data(config, data)
+        if state is not None:
+            state.check_data(data.train.fingerprint)
         train, validation = _image_pipelines(config, data) if mode == "holdout" else (None, None)
     model = model or seeded_classifier(config.model, len(data.class_names), config.data.seed)
     phase1 = Phase1() if pipelines else _phase1(config, data, model, heads, verbose, mode)
@@ -193,7 +215,7 @@ def run_training(
             model, train, validation, tc, calibration_images=calibration, features=phase1.features,
             batch_size=dc.batch_size, seed=dc.seed, callbacks=callbacks, verbose=verbose, phase1=phase1.start,
             after_phase1=lambda history: phase1.store(heads, model, history), head_start=phase1.probe,
-            unfreeze_blocks=phase1.depth,
+            unfreeze_blocks=phase1.depth, backup_dir=state.backup_dir if state is not None else None,
         )
         if phase1.features is not None and history.phase2 is None:  # the head's own view: no backbone pass
             metrics = _head_scores(model, phase1.features[1])

@@ -15,20 +15,24 @@ validation than phase 1 ended. Small data is cross-validated instead
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from kerastl.callbacks import EpochSnapshots, KeepBest, StopOnNaN, restore_snapshot
 from kerastl.classifier import TransferClassifier
 from kerastl.compile import compile_classifier
 from kerastl.config import TrainConfig
 from kerastl.features import CachedFeatures
 from kerastl.probe import DEFAULT_DEPTH, ProbeFit
+from kerastl.storage import staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -64,24 +68,6 @@ class TrainResult:
                 history.history = metrics
                 histories[name] = history
         return cls(histories["phase1"], histories.get("phase2"))
-
-
-class KeepBest(keras.callbacks.EarlyStopping):
-    """EarlyStopping on `val_loss` that restores the best weights, seeded with a known best.
-
-    With `initial_best` (phase 1's best validation loss) the weights at the start
-    of training count as the best so far, so training can only end better or equal.
-    """
-
-    def __init__(self, patience: int, initial_best: float | None = None):
-        super().__init__(monitor="val_loss", patience=patience, restore_best_weights=True)
-        self.initial_best = initial_best
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        if self.initial_best is not None:
-            self.best = self.initial_best
-            self.best_weights = self.model.get_weights()
 
 
 def epochs_for(epochs: int, min_steps: int, count: int, batch_size: int) -> int:
@@ -149,26 +135,29 @@ class BatchNormCalibration(keras.callbacks.Callback):
 
 
 def feature_batches(
-    cached: CachedFeatures, batch_size: int, training: bool = False, seed: int | None = None
+    cached: CachedFeatures, batch_size: int, training: bool = False, seed: int | None = None, first_epoch: int = 0
 ) -> tf.data.Dataset:
     """A pipeline over cached features; each iteration of it is one epoch.
 
     One view in memory: the same cache -> shuffle -> batch structure and seed as
     the image pipeline, so batches come in the same order. Several views
-    (augmentation on): the e-th iteration trains on view e % K, reshuffled each time.
-    Memory-mapped features are streamed batch by batch, never read in whole.
+    (augmentation on): the e-th iteration trains on view e % K, shuffled by a
+    generator seeded with (seed, e). Memory-mapped features are streamed batch by
+    batch, never read in whole. `first_epoch` starts at a later epoch (resuming)
+    with the order that epoch has in an uninterrupted run.
     """
     in_memory = not isinstance(cached.features, np.memmap)
     if in_memory and (not training or cached.views == 1):
         ds = tf.data.Dataset.from_tensor_slices((np.asarray(cached.features[0]), cached.labels)).cache()
         if training:
             ds = ds.shuffle(max(len(cached.labels), 1), seed=seed, reshuffle_each_iteration=True)
-        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    count, rng, epochs_done = len(cached.labels), np.random.default_rng(seed), [0]
+        return skip_epochs(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE), first_epoch)
+    count, epochs_done = len(cached.labels), [first_epoch]
 
     def one_epoch():
-        view = cached.features[epochs_done[0] % cached.views] if training else cached.features[0]
-        order = rng.permutation(count) if training else np.arange(count)
+        epoch = epochs_done[0]
+        view = cached.features[epoch % cached.views] if training else cached.features[0]
+        order = np.random.default_rng([seed or 0, epoch]).permutation(count) if training else np.arange(count)
         epochs_done[0] += 1
         for start in range(0, count, batch_size):
             index = np.sort(order[start : start + batch_size])
@@ -180,6 +169,59 @@ def feature_batches(
     return ds.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))  # Keras then knows the steps
 
 
+# Keras's fit makes two iterators per epoch of a dataset of known length: one when the epoch
+# starts and one, left unused, when it ends (tests/test_faults.py pins the resumed order).
+ITERATORS_PER_EPOCH = 2
+
+
+def skip_epochs(batches: tf.data.Dataset, epochs: int) -> tf.data.Dataset:
+    """`batches` as `fit` leaves it after `epochs` epochs: a reshuffling pipeline draws its next
+    order whenever an iterator is made, so making (and dropping) those iterators reads no data."""
+    for _ in range(ITERATORS_PER_EPOCH * epochs):
+        iter(batches)
+    return batches
+
+
+def resumable_fit(
+    model: keras.Model,
+    make_train: Callable[[int], tf.data.Dataset],
+    validation_data: tf.data.Dataset,
+    epochs: int,
+    stop: KeepBest,
+    callbacks: list[keras.callbacks.Callback],
+    verbose: int | str,
+    snapshots: Path | None = None,
+    initial_epoch: int = 0,
+) -> keras.callbacks.History:
+    """`model.fit` with `stop` (KeepBest), NaN checks and, given `snapshots`, a snapshot per epoch.
+
+    With `snapshots`, training resumes from the newest good snapshot there: weights,
+    optimizer, KeepBest's state and the history so far; `make_train(k)` gives the
+    training pipeline as it is after the first k epochs of this fit.
+    """
+    done = None if snapshots is None else restore_snapshot(snapshots, model, stop)
+    start = initial_epoch if done is None else done["epoch"]
+    before = {} if done is None else done["history"]
+    if done is not None and (done["stopped"] or start >= epochs):  # it had ended: as KeepBest would end it
+        if done["best_weights"] is not None:
+            model.set_weights(done["best_weights"])
+        return _history(before, {})
+    extra = [StopOnNaN(), *callbacks]
+    if snapshots is not None:
+        extra.append(EpochSnapshots(snapshots, stop, before))  # last: it saves what KeepBest decided
+    history = model.fit(make_train(start - initial_epoch), validation_data=validation_data, initial_epoch=start,
+                        epochs=epochs, callbacks=[stop, *extra], shuffle=False, verbose=verbose)
+    return _history(before, {**history.history, "epoch": list(history.epoch)})
+
+
+def _history(before: dict, after: dict) -> keras.callbacks.History:
+    history = keras.callbacks.History()
+    merged = {k: list(before.get(k, [])) + list(after.get(k, [])) for k in {*before, *after}}
+    history.epoch = [int(e) for e in merged.pop("epoch", [])]
+    history.history = merged
+    return history
+
+
 def train_head(
     head: keras.Model,
     features: tuple[CachedFeatures, CachedFeatures],
@@ -189,13 +231,15 @@ def train_head(
     callbacks: list[keras.callbacks.Callback] | None = None,
     verbose: int | str = "auto",
     start_is_best: bool = False,
+    snapshots: Path | None = None,
 ) -> tuple[keras.callbacks.History, KeepBest]:
     """Phase 1 on cached (train, validation) features: trains `head` with KeepBest.
 
     At least `config.min_steps` steps (see `epochs_for`). With `start_is_best` (a
     convex start), the starting weights count as the best so far, at their validation
     loss as compiled (label smoothing included), recorded in the history as
-    `START_LOSS`. Returns the history and the KeepBest callback (its `best` is the best val_loss).
+    `START_LOSS`. `snapshots`: resume from and save epoch snapshots there.
+    Returns the history and the KeepBest callback (its `best` is the best val_loss).
     """
     epochs = epochs_for(config.epochs, config.min_steps, len(features[0].labels), batch_size)
     # head steps take microseconds: run many per call so Python overhead does not dominate
@@ -203,11 +247,8 @@ def train_head(
     validation = feature_batches(features[1], batch_size)
     initial = head.evaluate(validation, verbose=0, return_dict=True)["loss"] if start_is_best else None
     stop = KeepBest(scaled_patience(config.patience, config.epochs, epochs), initial)
-    history = head.fit(
-        feature_batches(features[0], batch_size, True, seed), epochs=epochs,
-        validation_data=validation,
-        callbacks=[stop, *(callbacks or [])], shuffle=False, verbose=verbose,
-    )
+    history = resumable_fit(head, lambda first: feature_batches(features[0], batch_size, True, seed, first),
+                            validation, epochs, stop, list(callbacks or []), verbose, snapshots)
     if initial is not None:
         history.history[START_LOSS] = [initial]
     return history, stop
@@ -223,22 +264,24 @@ def fine_tune(
     callbacks: list[keras.callbacks.Callback] | None = None,
     verbose: int | str = "auto",
     unfreeze_blocks: int | None = None,
+    snapshots: Path | None = None,
+    skipped: int = 0,
 ) -> keras.callbacks.History | None:
     """Phase 2: unfreezes the top blocks and trains at the lower rate, never ending worse than `phase1_best`.
 
     At least `config.fine_tune_min_steps` steps; `unfreeze_blocks` is the depth
-    when `config.unfreeze_blocks` is "auto". Returns None when there is nothing to fine-tune.
+    when `config.unfreeze_blocks` is "auto". `snapshots`: resume from and save
+    epoch snapshots there; `skipped`: epochs of `train_data` an uninterrupted run
+    would have drawn before phase 2 that this process did not (a phase 1 read
+    back from its backup). Returns None when there is nothing to fine-tune.
     """
     if not unfreeze_top(model, config, unfreeze_blocks):
         return None
     compile_classifier(model, config, config.learning_rate * config.fine_tune_lr_ratio)
     epochs = pipeline_epochs(config.fine_tune_epochs, config.fine_tune_min_steps, train_data)
-    return model.fit(
-        train_data, validation_data=validation_data, initial_epoch=initial_epoch, epochs=initial_epoch + epochs,
-        callbacks=[KeepBest(scaled_patience(config.patience, config.fine_tune_epochs, epochs), phase1_best),
-                   *(callbacks or [])],
-        shuffle=False, verbose=verbose,
-    )
+    stop = KeepBest(scaled_patience(config.patience, config.fine_tune_epochs, epochs), phase1_best)
+    return resumable_fit(model, lambda first: skip_epochs(train_data, skipped + first), validation_data,
+                         initial_epoch + epochs, stop, list(callbacks or []), verbose, snapshots, initial_epoch)
 
 
 def unfreeze_top(model: TransferClassifier, config: TrainConfig, depth: int | None) -> bool:
@@ -256,6 +299,37 @@ def pipeline_epochs(epochs: int, min_steps: int, batches: tf.data.Dataset) -> in
     return epochs_for(epochs, min_steps, steps, 1) if steps > 0 else epochs
 
 
+PHASE1_DONE = "phase1-done"
+
+
+def save_phase1(backup_dir: Path, model: TransferClassifier, history: keras.callbacks.History, drawn: int) -> None:
+    """Keeps a finished phase 1: every variable of the model (dropout seeds too), its history and
+    the epochs of the training pipeline it drew."""
+    with staged_folder(backup_dir / PHASE1_DONE) as staging:
+        np.savez(staging / "variables.npz", *(keras.ops.convert_to_numpy(v) for v in model.variables))
+        (staging / "phase1.json").write_text(json.dumps({**TrainResult(history).to_dict(), "drawn": drawn}))
+
+
+def load_phase1(backup_dir: Path, model: TransferClassifier) -> tuple[keras.callbacks.History, int] | None:
+    """A finished phase 1 kept by `save_phase1`, loaded into `model`; None when there is none or it is damaged."""
+    folder = backup_dir / PHASE1_DONE
+    if not folder.is_dir():
+        return None
+    try:
+        values = json.loads((folder / "phase1.json").read_text())
+        with np.load(folder / "variables.npz") as arrays:
+            saved = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+        if [tuple(a.shape) for a in saved] != [tuple(v.shape) for v in model.variables]:
+            raise ValueError("its variables do not fit this model")
+    except (OSError, ValueError, KeyError, EOFError) as error:
+        log.warning("the kept phase 1 in %s is damaged (%s); phase 1 runs again", folder, error)
+        return None
+    for variable, value in zip(model.variables, saved):
+        variable.assign(value)
+    log.info("phase 1 finished before the interruption: going on with phase 2")
+    return TrainResult.from_dict(values).phase1, int(values.get("drawn", 0))
+
+
 def train_classifier(
     model: TransferClassifier,
     train_data: tf.data.Dataset,
@@ -271,6 +345,7 @@ def train_classifier(
     after_phase1: Callable[[keras.callbacks.History], None] | None = None,
     head_start: ProbeFit | None = None,
     unfreeze_blocks: int | None = None,
+    backup_dir: str | Path | None = None,
 ) -> TrainResult:
     """Trains `model` in two phases (one when it trains from scratch).
 
@@ -279,9 +354,9 @@ def train_classifier(
         train_data: batched (images, labels), augmented if wanted.
         validation_data: batched (images, labels); drives EarlyStopping.
         config: epochs, learning rates, unfreezing.
-        calibration_images: one batch of un-augmented training images (float32 0-255)
-            for BatchNorm recalibration when training from scratch; defaults to the
-            first 512 images of `train_data`.
+        calibration_images: un-augmented training images (0-255) for BatchNorm
+            recalibration when training from scratch; defaults to the first 512
+            images of `train_data`.
         features: cached (train, validation) features of the frozen base: phase 1 then
             trains the classifier's head model on them.
         batch_size: phase-1 batch size on cached features.
@@ -295,9 +370,16 @@ def train_classifier(
             the head starts from it, and it counts as phase 1's best so far.
         unfreeze_blocks: the fine-tuning depth when `config.unfreeze_blocks` is "auto"
             (a probe curve's choice; `DEFAULT_DEPTH` when None).
+        backup_dir: where both phases keep a snapshot per epoch and phase 1 its end
+            result: a run killed and started again with the same folder resumes from
+            the last completed epoch, in the phase it was in.
+
+    Raises:
+        kerastl.callbacks.NaNLoss: the loss became NaN or infinite (the snapshots are kept).
     """
     config.validate()
     extra = list(callbacks or [])
+    backup = Path(backup_dir) if backup_dir is not None else None
     scratch = model.from_scratch
     if scratch:
         model.backbone.trainable = True
@@ -305,33 +387,40 @@ def train_classifier(
         extra.append(BatchNormCalibration(sample))
     else:
         model.freeze_backbone()
-    initial = None
+    initial, drawn, skipped = None, 0, 0
+    kept = load_phase1(backup, model) if backup is not None and phase1 is None else None
+    if kept is not None:
+        phase1, skipped = kept
     probe_start = head_start is not None and phase1 is None and not scratch
     if probe_start:
         start_head(model, head_start)
+    snapshots = backup / "phase1" if backup is not None else None
     if phase1 is not None:
         compile_classifier(model, config)
     elif features is not None and not scratch:
         phase1, _ = train_head(model.head_model(), features, config, batch_size, seed, callbacks=extra,
-                               verbose=verbose, start_is_best=probe_start and model.hidden is None)
+                               verbose=verbose, start_is_best=probe_start and model.hidden is None,
+                               snapshots=snapshots)
         compile_classifier(model, config)  # as the plain path leaves it
     else:
         compile_classifier(model, config)
         if probe_start and model.hidden is None:  # the head is the probe: its loss, as compiled, is the best so far
             initial = model.evaluate(validation_data, verbose=0, return_dict=True)["loss"]
         epochs = pipeline_epochs(config.epochs, config.min_steps, train_data)
-        phase1 = model.fit(
-            train_data, validation_data=validation_data, epochs=epochs,
-            callbacks=[KeepBest(scaled_patience(config.patience, config.epochs, epochs), initial), *extra],
-            shuffle=False, verbose=verbose,
-        )
+        stop = KeepBest(scaled_patience(config.patience, config.epochs, epochs), initial)
+        phase1 = resumable_fit(model, lambda first: skip_epochs(train_data, first), validation_data, epochs, stop,
+                               extra, verbose, snapshots)
+        drawn = len(phase1.epoch)
     if initial is not None:
         phase1.history[START_LOSS] = [initial]
-    if after_phase1 is not None:
+    if backup is not None and kept is None:
+        save_phase1(backup, model, phase1, drawn)
+    if after_phase1 is not None and kept is None:
         after_phase1(phase1)  # a stored head keeps its start's loss: a later phase 2 must beat it too
     result = TrainResult(phase1)
     if not scratch:
         best = min(phase1.history["val_loss"] + phase1.history.get(START_LOSS, []))
         result.phase2 = fine_tune(model, train_data, validation_data, config, best, len(phase1.epoch),
-                                  callbacks=extra, verbose=verbose, unfreeze_blocks=unfreeze_blocks)
+                                  callbacks=extra, verbose=verbose, unfreeze_blocks=unfreeze_blocks,
+                                  snapshots=backup / "phase2" if backup is not None else None, skipped=skipped)
     return result
