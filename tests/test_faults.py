@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import copy
+import errno
 import io
+import json
 import logging
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from kerastl import imagefiles
 from kerastl.config import DataConfig
 from kerastl.data import _decode_in_tensorflow, from_folder, load_data
 from kerastl.errors import KerastlError
@@ -230,3 +238,356 @@ def test_a_separate_validation_folder_is_checked_the_same_way(faulty_folder, tmp
     assert "val/cat/truncated.jpg" in message
     assert data.train.count == data.validation.count == 14
     assert len(data.validation.arrays()[0]) == 14
+
+
+# --- a quick, quiet command line --------------------------------------------------------------
+
+NATIVE_LINE = r"^([IWEF]\d{4} \d\d:\d\d|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWEF] |WARNING: All log messages before absl)"
+
+
+def test_bad_input_answers_in_one_line_before_tensorflow_is_imported(tmp_path, image_folder):
+    one_class, empty = tmp_path / "one", tmp_path / "empty"
+    (one_class / "cat").mkdir(parents=True)
+    (empty / "cat").mkdir(parents=True)
+    (empty / "dog").mkdir()
+    Image.fromarray(_pixels(RED)).save(empty / "cat" / "0.png")
+    (tmp_path / "file").write_text("")
+    cases = [
+        (["train", "--data", str(tmp_path / "nope")], "does not exist"),
+        (["train", "--data", str(one_class)], "only one class folder"),
+        (["train", "--data", str(empty)], "no images"),
+        (["train", "--data", str(image_folder), "--backbone", "nonet"], "unknown backbone"),
+        (["train", "--data", str(image_folder), "--backbone", "simple_cnn", "--image-size", "8"], "too small"),
+        (["train", "--data", str(image_folder), "--epochs", "two"], "not a whole number"),
+        (["train", "--data", str(image_folder), "--learning-rate", "-1"], "not positive"),
+        (["train", "--data", str(image_folder), "--weights", str(tmp_path / "w.h5")], "does not exist"),
+        (["train", "--data", str(image_folder), "--export", str(tmp_path / "no" / "run")], "does not exist"),
+        (["train", "--data", str(image_folder), "--export", str(tmp_path / "file" / "run")], "not a folder"),
+        (["predict", "--model", str(tmp_path / "nope"), "x.jpg"], "no saved_model.pb"),
+        (["tune", "--data", str(one_class)], "only one class folder"),
+        (["extract", "--data", str(tmp_path / "nope"), "--out", "x.npz"], "does not exist"),
+    ]
+    script = (
+        "import contextlib, io, json, sys, time\n"
+        "from kerastl.cli import main\n"
+        "out = []\n"
+        f"for argv, match in {cases!r}:\n"
+        "    err = io.StringIO()\n"
+        "    start = time.perf_counter()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        code = main(argv)\n"
+        "    out.append([code, err.getvalue(), match, time.perf_counter() - start])\n"
+        "print(json.dumps({'results': out, 'tensorflow': 'tensorflow' in sys.modules}))\n"
+    )
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert not result["tensorflow"], "a bad-input check imported TensorFlow"
+    for code, err, match, _ in result["results"]:
+        assert code == 2 and err.startswith("kerastl: error: ") and err.count("\n") == 1, err
+        assert match in err, (match, err)
+
+
+def test_tensorflows_start_up_lines_stay_off_the_terminal_unless_asked_for():
+
+    code = "from kerastl.quiet import import_tensorflow; import_tensorflow()"
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**_env(), "KERASTL_TF_LOG": ""})
+    assert not [line for line in quiet.stderr.splitlines() if re.match(NATIVE_LINE, line)], quiet.stderr
+    loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**_env(), "KERASTL_TF_LOG": "1"})
+    assert [line for line in loud.stderr.splitlines() if re.match(NATIVE_LINE, line)], "nothing to filter here?"
+
+
+def _env() -> dict:
+
+    return {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+
+
+def test_real_native_errors_still_reach_the_terminal(capfd):
+    from kerastl.quiet import filtered_native_stderr
+
+    with filtered_native_stderr():
+        os.write(2, b"I0000 00:00:1795614494.482421    4532 port.cc:153] oneDNN custom operations are on.\n")
+        os.write(2, b"E0000 00:00:1795614494.482421    4532 kernel.cc:12] Out of memory\n")
+    assert capfd.readouterr().err == "E0000 00:00:1795614494.482421    4532 kernel.cc:12] Out of memory\n"
+
+
+def test_a_normal_train_prints_no_native_log_line(image_folder, tmp_path):
+
+    run = subprocess.run(
+        [sys.executable, "-m", "kerastl", "train", "--data", str(image_folder), "--backbone", "simple_cnn",
+         "--image-size", "16", "--weights", "none", "--epochs", "1", "--min-steps", "0", "--quiet",
+         "--export", str(tmp_path / "run")],
+        capture_output=True, text=True, env={**_env(), "KERASTL_CACHE": os.environ["KERASTL_CACHE"]})
+    assert run.returncode == 0, run.stderr
+    assert not [line for line in run.stderr.splitlines() if re.match(NATIVE_LINE, line)], run.stderr
+
+
+# --- untrusted and misfit files ---------------------------------------------------------------
+
+
+def test_a_keras_file_holding_a_lambda_layer_is_refused_in_one_line(tmp_path):
+    from kerastl.runfolder import load_model
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda x: x * 2), keras.layers.Dense(2)])
+    (tmp_path / "crafted").mkdir()
+    model.save(tmp_path / "crafted" / "model.keras")
+    with pytest.raises(KerastlError, match="holds Python code") as caught:
+        load_model(tmp_path / "crafted")
+    assert "\n" not in str(caught.value)
+
+
+def test_a_legacy_h5_full_model_is_refused(tmp_path, image_folder, fails_cleanly):
+
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(tmp_path / "full.h5")
+    fails_cleanly(["train", "--data", str(image_folder), "--weights", str(tmp_path / "full.h5")],
+                  "legacy .h5 full model")
+
+
+def test_a_weights_file_that_does_not_fit_names_the_file_the_backbone_and_the_first_mismatch(tmp_path):
+    from kerastl.backbones import build_backbone
+
+    path = tmp_path / "cnn.weights.h5"
+    build_backbone("simple_cnn", 16, None).save_weights(path)
+    with pytest.raises(KerastlError) as caught:
+        build_backbone("mobilenet_v2", 32, str(path))
+    message = str(caught.value)
+    assert "\n" not in message and len(message) < 400, message
+    assert str(path) in message and "mobilenet_v2" in message and "Conv1" in message
+
+
+# --- atomic, safe files -----------------------------------------------------------------------
+
+
+def _tiny_run_folder(folder):
+    from kerastl.classifier import build_classifier
+    from kerastl.config import ModelConfig, RunConfig
+    from kerastl.runfolder import write_run_folder
+    from kerastl.train import TrainResult
+
+    model = build_classifier(ModelConfig("simple_cnn", None, 16), 2, seed=0)
+    history = keras.callbacks.History()
+    history.history, history.epoch = {"loss": [1.0]}, [0]
+    return write_run_folder(folder, model, ["a", "b"], RunConfig(), TrainResult(history), {"val_accuracy": 0.5})
+
+
+def test_a_full_disk_during_a_write_gives_one_line_and_leaves_the_previous_export(tmp_path, monkeypatch):
+    from kerastl import runfolder
+
+    folder = _tiny_run_folder(tmp_path / "export")
+    before = sorted(p.name for p in folder.iterdir())
+
+    def full(path, value):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runfolder, "write_json", full)
+    with pytest.raises(KerastlError, match="no space left on the device") as caught:
+        _tiny_run_folder(folder)
+    assert "\n" not in str(caught.value)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no half-written folder beside it
+
+
+def test_a_kill_during_export_leaves_the_previous_export_intact(tmp_path):
+    folder = _tiny_run_folder(tmp_path / "export")
+    (folder / "marker").write_text("the previous export")
+    script = (
+        "import os, signal, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from kerastl import runfolder\n"
+        "from test_faults import _tiny_run_folder\n"
+        "def killed(path, value):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "runfolder.write_json = killed  # after the SavedModel and model.keras, before the JSON files\n"
+        f"_tiny_run_folder({str(folder)!r})\n"
+    )
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=os.getcwd())
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert (folder / "marker").read_text() == "the previous export"
+    assert (folder / "saved_model.pb").is_file() and (folder / "metrics.json").is_file()
+
+
+def test_an_unwritable_export_parent_is_reported_before_training(tmp_path, image_folder, fails_cleanly):
+    (tmp_path / "file").write_text("")
+    fails_cleanly(["train", "--data", str(image_folder), "--export", str(tmp_path / "file" / "run")],
+                  "not a folder")
+    fails_cleanly(["train", "--data", str(image_folder), "--export", str(tmp_path / "missing" / "run")],
+                  "does not exist")
+
+
+# --- resuming ---------------------------------------------------------------------------------
+
+
+def test_a_second_run_into_the_same_export_folder_refuses_with_one_line(tmp_path, image_folder, fails_cleanly):
+    export = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from kerastl.resume import RunState; "
+         "from kerastl.config import RunConfig; "
+         f"RunState({str(export)!r}).acquire(RunConfig(), named=True); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        fails_cleanly(["train", "--data", str(image_folder), "--backbone", "simple_cnn", "--weights", "none",
+                       "--export", str(export)],
+                      "another kerastl run (pid")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_only_an_unfinished_run_of_the_same_config_resumes(tmp_path, image_folder, fails_cleanly):
+    from kerastl.config import DataConfig, ModelConfig, RunConfig
+    from kerastl.preflight import check_run, resolve_run_config
+    from kerastl.resume import RunState
+
+    export = tmp_path / "run"
+    config = RunConfig(DataConfig(str(image_folder)), ModelConfig("simple_cnn", None, 16), export_dir=str(export))
+    state = RunState(export).acquire(resolve_run_config(config), named=True)
+    state.backup_dir.mkdir()
+    state.release()
+    check_run(config)  # the same config: resumes
+    fails_cleanly(["train", "--data", str(image_folder), "--backbone", "simple_cnn", "--image-size", "16",
+                   "--weights", "none", "--dropout", "0.5", "--export", str(export)], "another config")
+    check_run(dataclasses_replace_dropout(config), restart=True)  # --restart discards it
+
+
+def dataclasses_replace_dropout(config):
+
+    config = copy.deepcopy(config)
+    config.model.dropout = 0.5
+    return config
+
+
+def test_the_same_command_without_a_name_finds_its_unfinished_run(tmp_path, image_folder, monkeypatch):
+    from kerastl.config import DataConfig, ModelConfig, RunConfig
+    from kerastl.preflight import resolve_for_export
+    from kerastl.resume import RunState
+
+    monkeypatch.chdir(tmp_path)
+    config = RunConfig(DataConfig(str(image_folder)), ModelConfig("simple_cnn", None, 16))
+    first = resolve_for_export(config)
+    RunState(first.export_dir).acquire(first, named=False).release()
+    (tmp_path / "saved_models" / f"{first.name}.partial" / "backup").mkdir()
+
+    time.sleep(1.1)  # a later default name
+    assert resolve_for_export(config).export_dir == first.export_dir
+    other = dataclasses_replace_dropout(config)
+    assert resolve_for_export(other).export_dir != first.export_dir
+
+
+def _snapshotted_model(tmp_path, epochs: int = 3):
+    from kerastl.callbacks import EpochSnapshots, KeepBest
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile("adam", "mse")
+    x, y = np.ones((8, 4)), np.zeros((8, 2))
+    stop = KeepBest(patience=10)
+    model.fit(x, y, validation_data=(x, y), epochs=epochs, verbose=0,
+              callbacks=[stop, EpochSnapshots(tmp_path / "snapshots", stop)])
+    return model, stop
+
+
+def test_a_damaged_backup_falls_back_to_the_previous_copy_or_fails_with_one_line(tmp_path):
+    from kerastl.callbacks import KeepBest, restore_snapshot, snapshot_folders
+
+    model, _ = _snapshotted_model(tmp_path)
+    folders = snapshot_folders(tmp_path / "snapshots")
+    assert [f.name for f in folders] == ["epoch-00002", "epoch-00003"]  # the newest two are kept
+    latest = folders[-1] / "state.npz"
+    latest.write_bytes(latest.read_bytes()[:100])  # truncated
+    meta = restore_snapshot(tmp_path / "snapshots", model, KeepBest(patience=10))
+    assert meta["epoch"] == 2 and len(meta["history"]["loss"]) == 2
+    earlier = folders[0] / "state.json"
+    earlier.write_text("{not json")
+    with pytest.raises(KerastlError, match="--restart") as caught:
+        restore_snapshot(tmp_path / "snapshots", model)
+    assert "\n" not in str(caught.value)
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_backup(tmp_path, image_folder):
+    from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from kerastl.run import run_training
+
+    class Poison(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 3:
+                self.model.set_weights([np.full_like(w, np.nan) for w in self.model.get_weights()])
+
+    config = RunConfig(DataConfig(str(image_folder), augment="none"), ModelConfig("simple_cnn", None, 16),
+                       TrainConfig(epochs=6, min_steps=0, fine_tune_epochs=0, validation="holdout", patience=10),
+                       export_dir=str(tmp_path / "run"))
+    with pytest.raises(KerastlError, match="NaN|nan") as caught:
+        run_training(config, callbacks=[Poison()], verbose=0)
+    assert "\n" not in str(caught.value) and "--restart" in str(caught.value)
+    assert not (tmp_path / "run").exists()
+    snapshots = sorted(p.name for p in (tmp_path / "run.partial" / "backup" / "phase1").iterdir())
+    assert snapshots == ["epoch-00002", "epoch-00003"]
+    assert (tmp_path / "run.partial" / "backup" / "phase1" / "epoch-00003" / "best.npz").is_file()
+
+
+# --- resuming after SIGKILL (slow: two or three training runs each) ---------------------------------
+
+# a deterministic run: no augmentation, no dropout, the head reads the output (no probing)
+RUN = ["train", "--data", "digits", "--backbone", "simple_cnn", "--image-size", "16", "--augment", "none",
+       "--dropout", "0", "--features", "last", "--unfreeze-blocks", "1", "--validation", "holdout", "--quiet",
+       "--epochs", "6", "--min-steps", "0", "--fine-tune-epochs", "6", "--fine-tune-min-steps", "0",
+       "--patience", "20"]
+
+
+def _kerastl(args, env, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "kerastl", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+@pytest.fixture
+def run_env(tmp_path, backbone_weights):
+    env = {**os.environ, "KERASTL_CACHE": str(tmp_path / "cache"), "TF_DETERMINISTIC_OPS": "1"}
+    return env, ["--weights", str(backbone_weights), "--cache-dir", str(tmp_path / "cache")]
+
+
+@pytest.fixture
+def backbone_weights(tmp_path):
+    from kerastl.backbones import build_backbone
+
+    path = tmp_path / "cnn.weights.h5"
+    build_backbone("simple_cnn", 16, None).save_weights(path)
+    return path
+
+
+def _weights(folder: Path) -> list[np.ndarray]:
+    from kerastl.runfolder import load_model
+
+    return load_model(folder).get_weights()
+
+
+def _kill_when(process: subprocess.Popen, ready, timeout: float = 300.0) -> None:
+    start = time.time()
+    while not ready():
+        assert process.poll() is None, process.communicate()
+        assert time.time() - start < timeout
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["phase1", "phase2"])
+def test_a_killed_train_resumes_and_ends_with_the_uninterrupted_weights(tmp_path, run_env, phase):
+    env, extra = run_env
+    flags = extra + (["--no-cache"] if phase == "phase1" else [])  # phase 1 on images: epochs long enough to kill
+    whole = _kerastl([*RUN, *flags, "--export", str(tmp_path / "whole")], env)
+    assert whole.wait() == 0, whole.communicate()
+    target = tmp_path / "killed"
+    snapshots = tmp_path / "killed.partial" / "backup" / phase
+    process = _kerastl([*RUN, *flags, "--export", str(target)], env)
+    _kill_when(process, lambda: len(list(snapshots.glob("epoch-*"))) >= 2)
+    assert not target.exists()
+    again = _kerastl([*RUN, *flags, "--export", str(target)], env)
+    out, err = again.communicate()
+    assert again.returncode == 0, err
+    assert "resuming" in err
+    assert not (tmp_path / "killed.partial").exists()
+    for a, b in zip(_weights(tmp_path / "whole"), _weights(target)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
