@@ -22,7 +22,10 @@ phase 2 is skipped.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -34,7 +37,8 @@ from kerastl.config import DataConfig, TrainConfig
 from kerastl.data import split_of_arrays
 from kerastl.features import CachedFeatures
 from kerastl.probe import ProbeFit, fit_probe, rows_of
-from kerastl.train import HEAD_STEPS_PER_EXECUTION, TrainResult, epochs_for, feature_batches, start_head, unfreeze_top
+from kerastl.train import (HEAD_STEPS_PER_EXECUTION, TrainResult, epochs_for, feature_batches, resumable_fit,
+                           skip_epochs, start_head, unfreeze_top)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,27 @@ def history_of(values: dict[str, list[float]]) -> keras.callbacks.History:
     history.history = {key: [float(v) for v in vals] for key, vals in values.items()}
     history.epoch = list(range(len(next(iter(values.values())))))
     return history
+
+
+def _kept_fold(backup_dir: Path | None, number: int) -> tuple[list, list] | None:
+    path = backup_dir / "cv-folds" / f"{number}.json" if backup_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text())
+        return values["loss"], values["accuracy"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _keep_fold(backup_dir: Path | None, number: int, curve: tuple[list, list]) -> None:
+    if backup_dir is not None:
+        folder = backup_dir / "cv-folds"
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = folder / f".{number}.json.tmp"
+        temporary.write_text(json.dumps({"loss": [float(v) for v in curve[0]],
+                                         "accuracy": [float(v) for v in curve[1]]}))
+        os.replace(temporary, folder / f"{number}.json")
 
 
 def train_cross_validated(
@@ -59,6 +84,7 @@ def train_cross_validated(
     unfreeze_blocks: int | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
     verbose: int | str = "auto",
+    backup_dir: Path | None = None,
 ) -> tuple[TrainResult, dict[str, float]]:
     """Both phases on every labelled image, each choice made by cross-validation.
 
@@ -69,6 +95,8 @@ def train_cross_validated(
         probe: the probe fitted on every image, with its `cv_*` estimate.
         folds: (train, held-out) image indices; empty when there are too few images.
         unfreeze_blocks: phase 2's depth when `config.unfreeze_blocks` is "auto".
+        backup_dir: where each finished fold's curve and the final fit's epoch
+            snapshots are kept, so a killed run resumes at the next fold or epoch.
 
     Returns:
         The phases' histories and the cross-validated estimate (`cv_*` metrics).
@@ -98,6 +126,10 @@ def train_cross_validated(
     epochs = epochs_for(config.fine_tune_epochs, config.fine_tune_min_steps, smallest, data.batch_size)
     curves = []
     for number, (train, held) in enumerate(folds, start=1):
+        kept = _kept_fold(backup_dir, number)
+        if kept is not None:
+            curves.append(kept)
+            continue
         model.set_weights(start)
         x, y = rows_of(views, labels, train, data.seed)  # the fold's own probe: its held-out images stay unseen
         start_head(model, fit_probe(x, y, probe.c, num_classes, model.binary))
@@ -109,6 +141,7 @@ def train_cross_validated(
         history = model.fit(batches, validation_data=held_out, epochs=epochs, shuffle=False, verbose=0)
         curves.append(([before["loss"], *history.history["val_loss"]],
                        [before["accuracy"], *history.history["val_accuracy"]]))
+        _keep_fold(backup_dir, number, curves[-1])
         log.info("fine-tuning fold %d/%d: held-out loss %.4f -> best %.4f", number, len(folds),
                  curves[-1][0][0], min(curves[-1][0]))
     losses = np.mean([c[0] for c in curves], axis=0)
@@ -126,7 +159,8 @@ def train_cross_validated(
     compile_classifier(model, config, rate)
     everything = split_of_arrays(images, labels, model.image_size).batches(
         data.batch_size, True, augmenter, data.seed, data.cache_limit_mb)
-    model.fit(everything, epochs=best, callbacks=callbacks, shuffle=False, verbose=verbose)
+    resumable_fit(model, lambda first: skip_epochs(everything, first), None, best, None, list(callbacks or []),
+                  verbose, backup_dir / "phase2" if backup_dir is not None else None)
     model.freeze_backbone()
     estimate.update(cv_loss=float(losses[best]), cv_accuracy=float(accuracies[:, best].mean()),
                     cv_accuracy_std=float(accuracies[:, best].std()), cv_fine_tune_epochs=float(best))

@@ -132,6 +132,8 @@ class RunState:
             if restart and self.backup_dir.exists():
                 log.info("discarding the unfinished run in %s (restart)", self.folder)
                 shutil.rmtree(self.backup_dir)
+            for stale in self.export_dir.parent.glob(f".{self.export_dir.name}-writing-*"):
+                shutil.rmtree(stale, ignore_errors=True)  # a run folder whose writer was killed
             self.resuming = previous is not None and self.backup_dir.is_dir()
             if previous is None:
                 self._write({"digest": run_digest(config), "named": named, "config": config.to_dict()})

@@ -38,7 +38,7 @@ from kerastl.report import score, split_scores
 from kerastl.resume import RunState, adopt_unfinished
 from kerastl.runfolder import write_run_folder
 from kerastl.storage import HeadStore, check_export_dir
-from kerastl.train import TrainResult, epochs_for, recalibrate_batchnorm, train_classifier
+from kerastl.train import TrainResult, epochs_for, recalibrate_batchnorm, resumable_fit, skip_epochs, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,8 @@ def run_training(
     try:
         result = _run(config, data, pipelines, verbose, model, callbacks, heads, save, state)
     except NaNLoss as error:
-        kept = f"; its last good epochs are kept in {state.folder}" if state is not None else ""
+        saved = state is not None and any(state.backup_dir.rglob("epoch-*"))
+        kept = f"; the epochs before it are kept in {state.folder}" if saved else ""
         raise KerastlError(f"training stopped: {error}{kept}. Lower --learning-rate and rerun with --restart") from None
     finally:
         if state is not None:
@@ -208,7 +209,8 @@ def _run(config: RunConfig, data, pipelines: bool, verbose, model, callbacks, he
         phase1.probe = _probe_pipelines(config, model, train, validation)
     dc, tc = config.data, config.train
     if mode == "cv":
-        history, metrics = _cross_validated(config, data, model, phase1, callbacks, verbose)
+        history, metrics = _cross_validated(config, data, model, phase1, callbacks, verbose,
+                                            state.backup_dir if state is not None else None)
     else:
         calibration = data.train.sample() if model.from_scratch and not pipelines else None  # un-augmented
         history = train_classifier(
@@ -346,7 +348,7 @@ def _probe_pipelines(config: RunConfig, model: TransferClassifier, train: tf.dat
 
 
 def _cross_validated(config: RunConfig, data: ImageData, model: TransferClassifier, phase1: Phase1,
-                     callbacks, verbose) -> tuple[TrainResult, dict[str, float]]:
+                     callbacks, verbose, backup_dir: Path | None) -> tuple[TrainResult, dict[str, float]]:
     """Small data: both phases on every labelled image, choices by cross-validation (`kerastl.crossval`).
 
     Without cached features (from scratch, or the cache off) there is nothing cheap to
@@ -362,7 +364,8 @@ def _cross_validated(config: RunConfig, data: ImageData, model: TransferClassifi
         epochs = epochs_for(tc.epochs, tc.min_steps, data.train.count, dc.batch_size)
         batches = data.train.batches(dc.batch_size, True, build_augmenter(dc.augment, seed=dc.seed), dc.seed,
                                      dc.cache_limit_mb)
-        history = model.fit(batches, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=verbose)
+        history = resumable_fit(model, lambda first: skip_epochs(batches, first), None, epochs, None,
+                                list(callbacks or []), verbose, backup_dir / "phase1" if backup_dir else None)
         if model.from_scratch:
             recalibrate_batchnorm(model, data.train.sample())
         return TrainResult(history), {}
@@ -370,7 +373,7 @@ def _cross_validated(config: RunConfig, data: ImageData, model: TransferClassifi
     if not np.array_equal(labels, phase1.features[1].labels):
         raise KerastlError("the cached features are not in the images' order; clear the feature cache")
     return train_cross_validated(model, images, labels, phase1.views, phase1.probe, phase1.folds, tc, dc,
-                                 phase1.depth, callbacks, verbose)
+                                 phase1.depth, callbacks, verbose, backup_dir)
 
 
 def _stored_phase1(heads: HeadStore, key: str, model: TransferClassifier) -> keras.callbacks.History | None:

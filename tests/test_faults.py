@@ -572,19 +572,28 @@ def _kill_when(process: subprocess.Popen, ready, timeout: float = 300.0) -> None
     process.wait()
 
 
+# where to kill: the flags that make the run, and the backup file whose appearance means "mid-way"
+KILLS = {
+    "phase1": (["--no-cache"], "phase1/epoch-00002"),  # phase 1 on images: epochs long enough to kill in
+    "phase2": ([], "phase2/epoch-*"),
+    "cv": (["--validation", "cv", "--cv-folds", "3", "--fine-tune-epochs", "2"], "cv-folds/1.json"),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", ["phase1", "phase2"])
-def test_a_killed_train_resumes_and_ends_with_the_uninterrupted_weights(tmp_path, run_env, phase):
+@pytest.mark.parametrize("where", sorted(KILLS))
+def test_a_killed_train_resumes_and_ends_with_the_uninterrupted_weights(tmp_path, run_env, where):
     env, extra = run_env
-    flags = extra + (["--no-cache"] if phase == "phase1" else [])  # phase 1 on images: epochs long enough to kill
-    whole = _kerastl([*RUN, *flags, "--export", str(tmp_path / "whole")], env)
+    flags, mark = KILLS[where]
+    flags = [*RUN, *extra, *flags]
+    whole = _kerastl([*flags, "--export", str(tmp_path / "whole")], env)
     assert whole.wait() == 0, whole.communicate()
     target = tmp_path / "killed"
-    snapshots = tmp_path / "killed.partial" / "backup" / phase
-    process = _kerastl([*RUN, *flags, "--export", str(target)], env)
-    _kill_when(process, lambda: len(list(snapshots.glob("epoch-*"))) >= 2)
+    backup = tmp_path / "killed.partial" / "backup"
+    process = _kerastl([*flags, "--export", str(target)], env)
+    _kill_when(process, lambda: any(backup.glob(mark)))
     assert not target.exists()
-    again = _kerastl([*RUN, *flags, "--export", str(target)], env)
+    again = _kerastl([*flags, "--export", str(target)], env)
     out, err = again.communicate()
     assert again.returncode == 0, err
     assert "resuming" in err
