@@ -68,9 +68,11 @@ def write_run_folder(
 ) -> Path:
     """Writes a run folder (see the module docstring); the only writer of one.
 
-    Everything is written into a temporary folder beside `folder`, then swapped in
-    (`kerastl.storage.publish_folder`): a kill or a full disk while writing leaves
-    the previous folder as it was and nothing half-written.
+    Everything is written into a temporary folder beside `folder`, then an export is
+    swapped in whole (`kerastl.storage.publish_folder`): a kill or a full disk while
+    writing leaves the previous folder as it was and nothing half-written. A
+    weights-only folder (a search trial's, which holds KerasTuner's files too) takes
+    each finished file by an atomic rename instead.
 
     Args:
         folder: created if missing.
@@ -89,7 +91,13 @@ def write_run_folder(
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-writing-", dir=folder.parent))
     try:
         _write_files(staging, model, class_names, config, history, metrics, export, extra, backbone_digest, probe)
-        publish_folder(staging, folder)
+        if export:
+            publish_folder(staging, folder)
+        else:  # a trial's folder holds KerasTuner's files too: move each file in, one by one
+            folder.mkdir(exist_ok=True)
+            for path in staging.iterdir():
+                os.replace(path, folder / path.name)
+            staging.rmdir()
         log.info("wrote %s", folder)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
