@@ -52,7 +52,9 @@ class DataConfig(JsonConfig):
         test_dir: a separate test folder; otherwise `test_split` of each class.
         augment: a preset ("none", "light", "standard", "strong") or a comma list
             of layer names, each optionally with a factor ("flip,rotate:0.2").
-        cache_limit_mb: decoded training images are cached in memory up to this size.
+        cache_limit_mb: the memory kerastl may hold data in, in MB: decoded training and
+            validation images are cached in memory while they fit it together, and
+            cached features larger than it are memory-mapped from disk, never read in.
         strict: fail before training when any file in a class folder cannot be read
             as an image; otherwise such files are skipped with one warning listing them.
     """

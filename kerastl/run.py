@@ -247,13 +247,19 @@ def _with_choices(config: RunConfig, model: TransferClassifier, phase1: Phase1) 
 
 
 def _image_pipelines(config: RunConfig, data: ImageData) -> Pipelines:
-    """The augmented, shuffled training pipeline and the plain validation pipeline."""
+    """The augmented, shuffled training pipeline and the plain validation pipeline.
+
+    Both share one budget of decoded images in memory, `cache_limit_mb`: the training
+    images are cached when they fit it, the validation images when they fit what is left.
+    """
     dc = config.data
     log.info("training %s on %d images of %d classes (%d validation)", config.model.backbone,
              data.train.count, len(data.class_names), data.validation.count)
     augmenter = build_augmenter(dc.augment, seed=dc.seed)
+    train_mb = data.train.count * data.train.image_size**2 * 3 / 2**20
+    left = dc.cache_limit_mb - train_mb if train_mb <= dc.cache_limit_mb else dc.cache_limit_mb
     return (data.train.batches(dc.batch_size, True, augmenter, dc.seed, dc.cache_limit_mb),
-            data.validation.batches(dc.batch_size, cache_limit_mb=dc.cache_limit_mb))
+            data.validation.batches(dc.batch_size, cache_limit_mb=int(left)))
 
 
 @dataclass
