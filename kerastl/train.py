@@ -185,15 +185,15 @@ def skip_epochs(batches: tf.data.Dataset, epochs: int) -> tf.data.Dataset:
 def resumable_fit(
     model: keras.Model,
     make_train: Callable[[int], tf.data.Dataset],
-    validation_data: tf.data.Dataset,
+    validation_data: tf.data.Dataset | None,
     epochs: int,
-    stop: KeepBest,
+    stop: KeepBest | None,
     callbacks: list[keras.callbacks.Callback],
     verbose: int | str,
     snapshots: Path | None = None,
     initial_epoch: int = 0,
 ) -> keras.callbacks.History:
-    """`model.fit` with `stop` (KeepBest), NaN checks and, given `snapshots`, a snapshot per epoch.
+    """`model.fit` with `stop` (KeepBest, if any), NaN checks and, given `snapshots`, a snapshot per epoch.
 
     With `snapshots`, training resumes from the newest good snapshot there: weights,
     optimizer, KeepBest's state and the history so far; `make_train(k)` gives the
@@ -203,14 +203,14 @@ def resumable_fit(
     start = initial_epoch if done is None else done["epoch"]
     before = {} if done is None else done["history"]
     if done is not None and (done["stopped"] or start >= epochs):  # it had ended: as KeepBest would end it
-        if done["best_weights"] is not None:
+        if stop is not None and done["best_weights"] is not None:
             model.set_weights(done["best_weights"])
         return _history(before, {})
     extra = [StopOnNaN(), *callbacks]
     if snapshots is not None:
         extra.append(EpochSnapshots(snapshots, stop, before))  # last: it saves what KeepBest decided
     history = model.fit(make_train(start - initial_epoch), validation_data=validation_data, initial_epoch=start,
-                        epochs=epochs, callbacks=[stop, *extra], shuffle=False, verbose=verbose)
+                        epochs=epochs, callbacks=[*([stop] if stop else []), *extra], shuffle=False, verbose=verbose)
     return _history(before, {**history.history, "epoch": list(history.epoch)})
 
 
