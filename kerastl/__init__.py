@@ -37,7 +37,7 @@ _EXPORTS = {
     "compile_classifier": "kerastl.compile",
     "FeatureCache": "kerastl.features",
     "extract_features": "kerastl.features",
-    "recalibrate_batchnorm": "kerastl.train",
+    "recalibrate_batchnorm": "kerastl.batchnorm",
     "train_classifier": "kerastl.train",
     "RunResult": "kerastl.run",
     "run_training": "kerastl.run",

@@ -76,16 +76,18 @@ class Split:
         else:
             log.debug("not caching %d images (%.0f MB > cache limit %d MB)", self.count, megabytes, cache_limit_mb)
         if training:
-            ds = ds.shuffle(max(self.count, 1), seed=seed, reshuffle_each_iteration=True)
+            # a shuffle buffer holds its images decoded: no more than the memory budget (or 1024 images)
+            limit = max(int(cache_limit_mb * 2**20 // (self.image_size**2 * 3)), 1024)
+            ds = ds.shuffle(max(min(self.count, limit), 1), seed=seed, reshuffle_each_iteration=True)
         ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
         if training and augmenter is not None:
             ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=AUTOTUNE)
         return ds.prefetch(AUTOTUNE)
 
     def sample(self, count: int = 512) -> tf.Tensor:
-        """Up to `count` images as one float32 batch, read once without touching any cache."""
+        """Up to `count` images (uint8 0-255) as one batch, read once without touching any cache."""
         images, _ = next(iter(self.dataset.take(count).batch(count)))
-        return tf.cast(images, tf.float32)
+        return images
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """All images and labels as numpy arrays (for evaluation and small data)."""

@@ -70,30 +70,72 @@ def extract(
     seed: int | None = None,
     progress: bool = False,
     steps: int | None = None,
-) -> tuple[dict[str, np.ndarray] | np.ndarray, np.ndarray]:
+    out: np.ndarray | RowWriter | None = None,
+) -> tuple[dict[str, np.ndarray] | np.ndarray | RowWriter, np.ndarray]:
     """Runs `extractor` over batched (images, labels) in order; returns (features, labels).
 
     Args:
         augment: an augmentation spec applied before extraction (one random view).
         progress: show a Keras progress bar of `steps` batches.
+        out: a preallocated [rows, dim] array or `RowWriter` (one feature output) that
+            the features are written into batch by batch, instead of being collected
+            and concatenated; it is returned as the features, its first len(labels)
+            rows filled.
     """
     augmenter = build_augmenter(augment, seed=seed)
     bar = keras.utils.Progbar(steps, unit_name="batch") if progress else None
-    outputs, labels = [], []
+    outputs, labels, rows = [], [], 0
     for step, (images, y) in enumerate(batches, start=1):
         if augmenter is not None:
             images = augmenter(images, training=True)
-        outputs.append(extractor.predict_on_batch(images))
+        batch = extractor.predict_on_batch(images)
+        if out is None:
+            outputs.append(batch)
+        else:
+            if rows + len(batch) > len(out):
+                raise KerastlError(f"more images than the {len(out)} rows allocated for their features")
+            out[rows : rows + len(batch)] = batch
+        rows += len(batch)
         labels.append(y.numpy())
         if bar is not None:
             bar.update(step)
-    if not outputs:
+    if rows == 0:
         raise KerastlError("no images to extract features from")
-    if isinstance(outputs[0], dict):
+    if out is not None:
+        features = out
+    elif isinstance(outputs[0], dict):
         features = {name: np.concatenate([o[name] for o in outputs]) for name in outputs[0]}
     else:
         features = np.concatenate(outputs)
     return features, np.concatenate(labels)
+
+
+class RowWriter:
+    """Rows of one view of a float32 .npy file [views, n, dim], written in place by slice
+    assignment (`writer[a:b] = rows`) through the file, never mapped or held in memory."""
+
+    def __init__(self, path: Path, offset: int, rows: int, dim: int):
+        self.path, self.offset, self.rows, self.dim = path, offset, rows, dim
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __setitem__(self, index: slice, values: np.ndarray) -> None:
+        start = index.start or 0
+        values = np.ascontiguousarray(values, np.float32)
+        if values.shape != (len(range(*index.indices(self.rows))), self.dim):
+            raise ValueError(f"rows of shape {values.shape} do not fit rows {index} of width {self.dim}")
+        with open(self.path, "r+b") as handle:
+            handle.seek(self.offset + start * self.dim * 4)
+            values.tofile(handle)
+
+
+def npy_rows(path: Path, views: int, rows: int, dim: int) -> list[RowWriter]:
+    """Creates a float32 .npy file [views, rows, dim] (sparse, zero-filled) and a writer per view."""
+    created = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(views, rows, dim))
+    offset = created.offset
+    del created  # only the header is written: the data stays sparse until the writers fill it
+    return [RowWriter(path, offset + view * rows * dim * 4, rows, dim) for view in range(views)]
 
 
 def cached_views(augment: str, cache_views: int) -> int:
@@ -202,7 +244,10 @@ class FeatureCache:
     it is written to a temporary folder and renamed into place, so a crash never
     leaves a half-written entry under its key. An entry that fails to load or
     whose checksum differs is logged, removed and rebuilt, never used.
-    Entries larger than `memory_limit_mb` are memory-mapped instead of read in.
+    Entries larger than `memory_limit_mb` are memory-mapped instead of read in, and
+    extracted straight into their staged file instead of into memory, so neither
+    building nor loading an entry holds more than that in memory. Smaller ones are
+    extracted into one preallocated array (no per-batch copies stacked at the end).
     """
 
     def __init__(self, directory: str | os.PathLike | None = None, memory_limit_mb: int = 2048):
@@ -249,14 +294,19 @@ class FeatureCache:
         """
         with staged_folder(self.path(key)) as staging:
             np.save(staging / "features.npy", np.ascontiguousarray(entry.features))
-            np.save(staging / "labels.npy", entry.labels)
-            meta = {
-                "shape": list(entry.features.shape),
-                "bytes": entry.nbytes(),
-                "features": file_digest(staging / "features.npy"),
-                "labels": file_digest(staging / "labels.npy"),
-            }
-            (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+            self._finish(staging, entry.labels, entry.features.shape, entry.features.nbytes)
+
+    @staticmethod
+    def _finish(staging: Path, labels: np.ndarray, shape: tuple[int, ...], features_bytes: int) -> None:
+        """Completes a staged entry whose features.npy is written: labels.npy and meta.json."""
+        np.save(staging / "labels.npy", labels)
+        meta = {
+            "shape": list(shape),
+            "bytes": int(features_bytes) + int(labels.nbytes),
+            "features": file_digest(staging / "features.npy"),
+            "labels": file_digest(staging / "labels.npy"),
+        }
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
 
     def features(
         self,
@@ -313,11 +363,40 @@ class FeatureCache:
         # with several views, decode once and reread from memory (when it fits) for the others
         batches = split.batches(batch_size, cache_limit_mb=self.memory_limit_mb if views > 1 else 0)
         steps = math.ceil(split.count / batch_size)
-        stacks, labels = [], None
-        for view in range(views):
-            spec = augment if views > 1 else "none"
-            features, labels = extract(extractor(), batches, spec, seed + 1009 * view, progress, steps)
-            stacks.append(features.astype(np.float32))
-        entry = CachedFeatures(np.stack(stacks), labels.astype(np.int32))
-        self.save(key, entry)
-        return entry
+        dim = int(extractor().output.shape[-1])
+        shape = (views, split.count, dim)
+        on_disk = int(np.prod(shape)) * 4 + split.count * 4 > self.memory_limit_mb * 2**20  # as `load` decides
+        with staged_folder(self.path(key)) as staging:
+            path = staging / "features.npy"
+            # streamed into their place: in memory, or over the limit into the staged file (as `load` maps it)
+            features = npy_rows(path, *shape) if on_disk else np.empty(shape, np.float32)
+            for view in range(views):
+                _, labels = extract(extractor(), batches, augment if views > 1 else "none", seed + 1009 * view,
+                                    progress, steps, out=features[view])
+            labels = labels.astype(np.int32)
+            if len(labels) < split.count:  # the split held fewer images than it counts
+                log.info("features of %d images, of the %d counted", len(labels), split.count)
+                features = _trimmed(features, path, len(labels))
+            elif not on_disk:
+                np.save(path, features)
+            self._finish(staging, labels, (views, len(labels), dim), views * len(labels) * dim * 4)
+        if not on_disk:
+            return CachedFeatures(features, labels)
+        return CachedFeatures(np.load(self.path(key) / "features.npy", mmap_mode="r"), labels)
+
+
+def _trimmed(features: np.ndarray | list[RowWriter], path: Path, rows: int) -> np.ndarray | None:
+    """Features keeping only the first `rows` rows of each view, saved to `path` (None: on disk)."""
+    if isinstance(features, np.ndarray):
+        features = np.ascontiguousarray(features[:, :rows])
+        np.save(path, features)
+        return features
+    full = path.with_name("full.npy")
+    os.replace(path, full)
+    for old, new in zip(features, npy_rows(path, len(features), rows, features[0].dim)):
+        for start in range(0, rows, 4096):  # read through the file too: nothing is mapped
+            block = min(4096, rows - start)
+            values = np.fromfile(full, np.float32, block * old.dim, offset=old.offset + start * old.dim * 4)
+            new[start : start + block] = values.reshape(block, old.dim)
+    full.unlink()
+    return None

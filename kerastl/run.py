@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from kerastl.augment import build_augmenter, parse_augment
+from kerastl.batchnorm import recalibrate_batchnorm
 from kerastl.callbacks import NaNLoss
 from kerastl.classifier import TransferClassifier, seeded_classifier
 from kerastl.compile import compile_classifier, make_loss, make_optimizer
@@ -38,7 +39,7 @@ from kerastl.report import score, split_scores
 from kerastl.resume import RunState, adopt_unfinished
 from kerastl.runfolder import write_run_folder
 from kerastl.storage import HeadStore, check_export_dir
-from kerastl.train import TrainResult, epochs_for, recalibrate_batchnorm, resumable_fit, skip_epochs, train_classifier
+from kerastl.train import TrainResult, epochs_for, resumable_fit, skip_epochs, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +374,7 @@ def _cross_validated(config: RunConfig, data: ImageData, model: TransferClassifi
         history = resumable_fit(model, lambda first: skip_epochs(batches, first), None, epochs, None,
                                 list(callbacks or []), verbose, backup_dir / "phase1" if backup_dir else None)
         if model.from_scratch:
-            recalibrate_batchnorm(model, data.train.sample())
+            recalibrate_batchnorm(model, data.train.sample(), chunk_size=dc.batch_size)
         return TrainResult(history), {}
     images, labels = data.train.arrays()
     if not np.array_equal(labels, phase1.features[1].labels):

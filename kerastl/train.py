@@ -26,6 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kerastl.batchnorm import BatchNormCalibration
 from kerastl.callbacks import EpochSnapshots, KeepBest, StopOnNaN, restore_snapshot
 from kerastl.classifier import TransferClassifier
 from kerastl.compile import compile_classifier
@@ -97,41 +98,6 @@ def first_images(batches: tf.data.Dataset, count: int = 512) -> tf.Tensor:
         if total >= count:
             break
     return tf.concat(gathered, axis=0)[:count]
-
-
-def recalibrate_batchnorm(model: TransferClassifier, images) -> int:
-    """Sets every backbone BatchNorm's moving statistics to those of `images`.
-
-    Keras BatchNorm momentum (0.99-0.999) leaves moving statistics far from the data
-    after short training from scratch, so a model that trained well evaluates badly.
-    This runs `images` (one un-augmented batch of training images, a few hundred is
-    plenty) through the backbone once in training mode with momentum 0, so the moving
-    statistics become exactly those of the sample; frozen or not, every BatchNorm
-    layer is updated and left as it was found. Returns the number of layers updated.
-    """
-    norms = model.batchnorm_layers()
-    saved = [(layer.momentum, layer.trainable) for layer in norms]
-    try:
-        for layer in norms:  # a frozen BatchNorm ignores training=True: unfreeze it meanwhile
-            layer.momentum, layer.trainable = 0.0, True
-        if norms:
-            x = tf.convert_to_tensor(images, tf.float32)
-            model.backbone(model.preprocess_images(x), training=True)
-    finally:
-        for layer, (momentum, trainable) in zip(norms, saved):
-            layer.momentum, layer.trainable = momentum, trainable
-    return len(norms)
-
-
-class BatchNormCalibration(keras.callbacks.Callback):
-    """Recalibrates BatchNorm statistics on a fixed sample before every validation."""
-
-    def __init__(self, images):
-        super().__init__()
-        self.images = tf.convert_to_tensor(images, tf.float32)
-
-    def on_test_begin(self, logs=None):
-        recalibrate_batchnorm(self.model, self.images)
 
 
 def feature_batches(
@@ -354,9 +320,9 @@ def train_classifier(
         train_data: batched (images, labels), augmented if wanted.
         validation_data: batched (images, labels); drives EarlyStopping.
         config: epochs, learning rates, unfreezing.
-        calibration_images: un-augmented training images (0-255) for BatchNorm
-            recalibration when training from scratch; defaults to the first 512
-            images of `train_data`.
+        calibration_images: un-augmented training images (0-255, any dtype; uint8 keeps
+            them small) for BatchNorm recalibration when training from scratch; defaults
+            to the first 512 images of `train_data`.
         features: cached (train, validation) features of the frozen base: phase 1 then
             trains the classifier's head model on them.
         batch_size: phase-1 batch size on cached features.
@@ -384,7 +350,7 @@ def train_classifier(
     if scratch:
         model.backbone.trainable = True
         sample = first_images(train_data) if calibration_images is None else calibration_images
-        extra.append(BatchNormCalibration(sample))
+        extra.append(BatchNormCalibration(sample, chunk_size=batch_size))
     else:
         model.freeze_backbone()
     initial, drawn, skipped = None, 0, 0

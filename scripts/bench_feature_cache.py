@@ -32,7 +32,8 @@ from kerastl.config import ModelConfig, TrainConfig  # noqa: E402
 from kerastl.data import from_arrays, load_digits  # noqa: E402
 from kerastl.features import FeatureCache  # noqa: E402
 from kerastl.classifier import build_classifier  # noqa: E402
-from kerastl.train import recalibrate_batchnorm, train_classifier  # noqa: E402
+from kerastl.batchnorm import recalibrate_batchnorm  # noqa: E402
+from kerastl.train import train_classifier  # noqa: E402
 
 
 class EpochTimer(keras.callbacks.Callback):

@@ -35,7 +35,7 @@ import keras_tuner  # noqa: E402
 from kerastl.classifier import build_classifier  # noqa: E402
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from kerastl.data import load_data  # noqa: E402
-from kerastl.train import recalibrate_batchnorm  # noqa: E402
+from kerastl.batchnorm import recalibrate_batchnorm  # noqa: E402
 from kerastl.tune.config import TuneConfig  # noqa: E402
 from kerastl.tune.hypermodel import TransferHyperModel  # noqa: E402
 from kerastl.tune.search import prepare, run_search, search_here  # noqa: E402

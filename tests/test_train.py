@@ -8,7 +8,8 @@ import tensorflow as tf
 from kerastl.config import ModelConfig, TrainConfig
 from kerastl.data import from_arrays, load_digits
 from kerastl.classifier import build_classifier
-from kerastl.train import recalibrate_batchnorm, train_classifier
+from kerastl.batchnorm import recalibrate_batchnorm
+from kerastl.train import train_classifier
 
 
 def digits(classes=(0, 1, 2), size=32):
@@ -78,7 +79,7 @@ def test_recalibration_makes_inference_match_training_statistics():
     momenta = [layer.momentum for layer in norms]
     # untrained moving statistics (mean 0, variance 1) are far from the data's
     gap_before = np.abs(features(x, training=False) - features(x, training=True)).max()
-    assert recalibrate_batchnorm(model, x) == 52
+    assert recalibrate_batchnorm(model, x, chunk_size=len(x)) == 52  # one chunk: the whole batch's statistics
     gap_after = np.abs(features(x, training=False) - features(x, training=True)).max()
     assert gap_after < 1e-3 < gap_before
     assert [layer.momentum for layer in norms] == momenta  # restored after calibrating
