@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import keras
@@ -75,22 +76,26 @@ class NaNLoss(RuntimeError):
         self.epoch = epoch
 
 
-class StopOnNaN(keras.callbacks.TerminateOnNaN):
-    """Keras's TerminateOnNaN with `raise_error=True`, which skips `on_train_end` (so no
-    callback deletes a backup or restores weights on the way out), raising `NaNLoss`."""
+class StopOnNaN(keras.callbacks.Callback):
+    """Stops training at the first NaN or infinite batch loss by raising `NaNLoss`.
+
+    Keras's `TerminateOnNaN` stops gracefully by default, which runs every callback's
+    `on_train_end` (Keras's `BackupAndRestore` deletes its backup there, and early
+    stopping restores weights); its `raise_error=True` exists only in recent Keras.
+    Raising here skips that clean-up on every Keras 3, so the snapshots stay.
+    """
 
     def __init__(self):
-        super().__init__(raise_error=True)
+        super().__init__()
         self.epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
     def on_batch_end(self, batch, logs=None):
-        try:
-            super().on_batch_end(batch, logs)
-        except RuntimeError:
-            raise NaNLoss(self.epoch, float((logs or {}).get("loss", float("nan")))) from None
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            raise NaNLoss(self.epoch, float(loss))
 
 
 def _state_variables(model: keras.Model) -> list:
@@ -171,7 +176,7 @@ def restore_snapshot(directory: str | os.PathLike, model: keras.Model, keep_best
             if [tuple(v.shape) for v in values] != [tuple(v.shape) for v in variables]:
                 raise ValueError("its variables do not fit this model")
             best = _load_arrays(folder / BEST_FILE, meta["digests"][BEST_FILE]) if BEST_FILE in meta["digests"] else None
-        except (OSError, ValueError, KeyError, EOFError) as error:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
             log.warning("snapshot %s is damaged (%s); trying the one before it", folder, error)
             shutil.rmtree(folder, ignore_errors=True)
             continue

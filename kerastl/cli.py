@@ -18,13 +18,13 @@ from typing import Sequence
 
 import numpy as np
 
-from kerastl.backbones import check_weights, get_spec, normalize_weights, resolve_size
+from kerastl.backbones import REGISTRY, check_weights, get_spec, list_backbones, normalize_weights, resolve_size
 from kerastl.config import SETTINGS, VALIDATION_MODES, DataConfig, ModelConfig, RunConfig, parse_features
 from kerastl.errors import KerastlError
 from kerastl.imagefiles import check_data
-from kerastl.preflight import check_data_source, check_run, resolve_run_config
+from kerastl.preflight import check_data_source, check_run, check_search
 from kerastl.quiet import NATIVE_LOG_VARIABLE, import_tensorflow
-from kerastl.storage import check_export_dir
+from kerastl.storage import check_parent, replace_file
 from kerastl.tune.config import ISOLATION, OBJECTIVES, SPACE_FIELDS, TUNERS, TuneConfig
 
 # The modules that import TensorFlow are imported inside the commands that need them,
@@ -247,9 +247,7 @@ def print_metrics(metrics: dict[str, float]) -> None:
 
 def _tune(args: argparse.Namespace) -> int:
     config = _run_config(args)
-    resolved = resolve_run_config(config)
-    check_data_source(resolved.data)
-    check_export_dir(resolved.export_dir, args.overwrite, create_parent=not (config.name or config.export_dir))
+    check_search(config, args.overwrite)
     import_tensorflow(args.verbose)
     from kerastl.tune.search import run_search
     from kerastl.tune.space import DEFAULT_SPACE, load_space, parse_setting
@@ -301,6 +299,7 @@ def _extract(args: argparse.Namespace) -> int:
     resolve_size(spec, args.image_size)
     check_weights(spec, normalize_weights(args.weights))
     check_data_source(DataConfig(source=args.data))
+    check_parent(args.out)
     import_tensorflow(args.verbose)
     from kerastl.data import load_data
     from kerastl.features import extract_features
@@ -312,7 +311,7 @@ def _extract(args: argparse.Namespace) -> int:
     data = load_data(config.data, config.model.image_size)
     layers = [name for name in (args.layers or "").split(",") if name]
     arrays = extract_features(config.model, data, layers, args.batch_size, progress=True)
-    np.savez(args.out, **arrays)
+    replace_file(args.out, lambda path: np.savez(path, **arrays), suffix=".npz")
     skipped = ("labels", "class_names", "blocks", "block_widths")
     shapes = ", ".join(f"{k} {v.shape}" for k, v in arrays.items() if k not in skipped)
     print(f"saved features of {len(arrays['labels'])} images ({shapes}) to {args.out}")
@@ -320,8 +319,6 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _backbones(args: argparse.Namespace) -> int:
-    from kerastl.backbones import REGISTRY, list_backbones
-
     names = list_backbones(args.pattern)
     if not names:
         raise KerastlError(f"no backbone matches {args.pattern!r}; `kerastl backbones` lists them all")

@@ -31,6 +31,7 @@ import keras
 import numpy as np
 
 from kerastl.augment import build_augmenter
+from kerastl.callbacks import StopOnNaN
 from kerastl.classifier import TransferClassifier
 from kerastl.compile import compile_classifier
 from kerastl.config import DataConfig, TrainConfig
@@ -110,7 +111,7 @@ def train_cross_validated(
         compile_classifier(head, config, steps_per_execution=HEAD_STEPS_PER_EXECUTION)
         epochs = epochs_for(config.epochs, config.min_steps, len(labels), data.batch_size)
         phase1 = head.fit(feature_batches(CachedFeatures(views, labels), data.batch_size, True, data.seed),
-                          epochs=epochs, verbose=verbose)
+                          epochs=epochs, callbacks=[StopOnNaN()], verbose=verbose)
         log.info("a hidden layer has no cross-validated estimate and is not fine-tuned on small data")
         return TrainResult(phase1), {}
     result = TrainResult(phase1)
@@ -138,7 +139,8 @@ def train_cross_validated(
             data.batch_size, True, augmenter, data.seed, data.cache_limit_mb)
         held_out = split_of_arrays(images[held], labels[held], model.image_size).batches(data.batch_size)
         before = model.evaluate(held_out, verbose=0, return_dict=True)
-        history = model.fit(batches, validation_data=held_out, epochs=epochs, shuffle=False, verbose=0)
+        history = model.fit(batches, validation_data=held_out, epochs=epochs, callbacks=[StopOnNaN()],
+                            shuffle=False, verbose=0)
         curves.append(([before["loss"], *history.history["val_loss"]],
                        [before["accuracy"], *history.history["val_accuracy"]]))
         _keep_fold(backup_dir, number, curves[-1])

@@ -26,6 +26,7 @@ from sklearn.datasets import load_digits as sklearn_digits
 from kerastl import imagefiles
 from kerastl.config import DataConfig
 from kerastl.errors import KerastlError
+from kerastl.preflight import is_cifar10_folder
 
 log = logging.getLogger(__name__)
 
@@ -321,11 +322,6 @@ def load_digits(classes: tuple[int, ...] = tuple(range(10))) -> tuple[np.ndarray
     remap = {c: i for i, c in enumerate(classes)}
     labels = np.array([remap[t] for t in digits.target[keep]], np.int32)
     return images, labels, [str(c) for c in classes]
-
-
-def is_cifar10_folder(path: str | os.PathLike) -> bool:
-    """Whether `path` is an extracted `cifar-10-batches-py` folder."""
-    return (Path(path) / "batches.meta").is_file() and (Path(path) / "test_batch").is_file()
 
 
 def load_cifar10(path: str | None = None) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], list[str]]:

@@ -46,11 +46,9 @@ def is_named(config: RunConfig) -> bool:
     return bool(config.name or config.export_dir)
 
 
-def resolve_for_export(config: RunConfig) -> RunConfig:
-    """`resolve_run_config`, taking over the folder of an unfinished run of the same config when
-    the user named none."""
-    resolved = resolve_run_config(config)
-    return resolved if is_named(config) else adopt_unfinished(resolved, DEFAULT_EXPORT_ROOT)
+def check_output(config: RunConfig, resolved: RunConfig, overwrite: bool) -> None:
+    """The export folder of `resolved` can be written; the default root is created, a chosen parent is not."""
+    check_export_dir(resolved.export_dir, overwrite, create_parent=config.export_dir is None)
 
 
 def check_data_source(config: DataConfig) -> None:
@@ -60,14 +58,15 @@ def check_data_source(config: DataConfig) -> None:
     """
     if not config.source:
         raise KerastlError("no data source given: pass a class folder, cifar10 or digits")
-    if config.source in BUILT_IN_SOURCES or _is_cifar10_folder(config.source):
+    if config.source in BUILT_IN_SOURCES or is_cifar10_folder(config.source):
         return
     for folder in (config.source, config.validation_dir, config.test_dir):
         if folder:
             list_class_folder(Path(folder))
 
 
-def _is_cifar10_folder(path: str) -> bool:
+def is_cifar10_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is an extracted `cifar-10-batches-py` folder."""
     return os.path.isfile(os.path.join(path, "batches.meta")) and os.path.isfile(os.path.join(path, "test_batch"))
 
 
@@ -78,9 +77,21 @@ def check_run(config: RunConfig, overwrite: bool = False, restart: bool = False)
     without images, an unknown backbone, a size below the backbone's minimum, bad
     numbers, a missing or unusable weights file, an export folder that cannot be
     written, and another run (or another config's unfinished run) in that folder.
+    Without a name or folder, the run takes over the unfinished run of the same
+    config under `DEFAULT_EXPORT_ROOT`, if there is one.
     """
-    resolved = resolve_for_export(config)
+    resolved = resolve_run_config(config)
+    if not is_named(config):
+        resolved = adopt_unfinished(resolved, DEFAULT_EXPORT_ROOT)
     check_data_source(resolved.data)
-    check_export_dir(resolved.export_dir, overwrite, create_parent=not is_named(config))
+    check_output(config, resolved, overwrite)
     RunState(resolved.export_dir).check(resolved, restart)
+    return resolved
+
+
+def check_search(config: RunConfig, overwrite: bool = False) -> RunConfig:
+    """The checks of a search's run settings and export folder that need no TensorFlow."""
+    resolved = resolve_run_config(config)
+    check_data_source(resolved.data)
+    check_output(config, resolved, overwrite)
     return resolved

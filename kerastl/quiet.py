@@ -4,9 +4,9 @@ Importing TensorFlow and finding its devices writes lines from C++ straight to
 file descriptor 2, before any Python logging is set up: "All log messages before
 absl::InitializeLog() ...", the oneDNN and CPU-instruction notices, "Could not find
 cuda drivers" and "failed call to cuInit". `TF_CPP_MIN_LOG_LEVEL` cannot silence the
-ones written before absl starts. `import_tensorflow` captures descriptor 2 while
-those happen, drops the lines known to be start-up notices and writes everything
-else (a real error, a Python traceback) back to stderr.
+ones written before absl starts. `import_tensorflow` routes descriptor 2 through a
+pipe while those happen, drops the lines known to be start-up notices and passes
+everything else (a real error, a Python traceback) on to stderr as it comes.
 
 `KERASTL_TF_LOG=1` (or `kerastl --verbose`) lets every native line through.
 """
@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import sys
-import tempfile
+import threading
 from typing import Iterator
 
 log = logging.getLogger(__name__)
@@ -49,26 +49,34 @@ def is_start_up_noise(line: str) -> bool:
 
 @contextlib.contextmanager
 def filtered_native_stderr() -> Iterator[None]:
-    """Captures file descriptor 2 during the block; afterwards writes back all but start-up notices."""
+    """Routes file descriptor 2 through a filter during the block: start-up notices are dropped,
+    every other line reaches stderr as it is written (even if the process then aborts)."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            text = capture.read().decode(errors="replace")
-            kept = [line for line in text.splitlines(keepends=True) if not is_start_up_noise(line)]
-            dropped = text.count("\n") - len(kept)
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
-            if dropped:
-                log.debug("kept %d lines of TensorFlow's start-up log off the terminal", dropped)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    dropped = [0]
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:  # until descriptor 2 is restored and the pipe's last writer is gone
+                if is_start_up_noise(line.decode(errors="replace")):
+                    dropped[0] += 1
+                else:
+                    os.write(saved, line)
+
+    thread = threading.Thread(target=forward, name="kerastl-native-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        thread.join(timeout=10)
+        os.close(saved)
+        if dropped[0]:
+            log.debug("kept %d lines of TensorFlow's start-up log off the terminal", dropped[0])
 
 
 def import_tensorflow(verbose: bool = False) -> None:

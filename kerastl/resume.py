@@ -62,11 +62,26 @@ def adopt_unfinished(config: RunConfig, root: str | os.PathLike) -> RunConfig:
             values = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if values.get("digest") == digest and not values.get("named", True):
+        if values.get("digest") == digest and not values.get("named", True) and not _locked(path.parent):
             config.name, config.export_dir = values["config"]["name"], values["config"]["export_dir"]
             log.info("found the unfinished run %s of this config: resuming it", config.export_dir)
             break
     return config
+
+
+def _locked(folder: Path) -> bool:
+    """Whether a live process holds the lock of an unfinished run's folder."""
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _holder(lock_path: Path) -> str:
@@ -88,6 +103,10 @@ class RunState:
     @property
     def backup_dir(self) -> Path:
         return self.folder / "backup"
+
+    def has_progress(self) -> bool:
+        """Whether the unfinished run got as far as an epoch snapshot or a finished phase or fold."""
+        return self.backup_dir.is_dir() and any(p.is_file() for p in self.backup_dir.rglob("*"))
 
     def _try_lock(self) -> int:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -111,6 +130,8 @@ class RunState:
             raise KerastlError(f"the unfinished run in {self.folder} is damaged; rerun with --restart to start "
                                "over") from None
         if values.get("digest") != run_digest(config):
+            if not self.has_progress():  # it failed before its first epoch: nothing to keep
+                return None
             raise KerastlError(f"{self.folder} holds an unfinished run of another config; rerun that command to "
                                "finish it, or pass --restart to discard it")
         return values
@@ -129,12 +150,14 @@ class RunState:
             os.ftruncate(self._lock, 0)
             os.write(self._lock, f"{os.getpid()}\n".encode())
             previous = self._check_config(config, restart)
-            if restart and self.backup_dir.exists():
-                log.info("discarding the unfinished run in %s (restart)", self.folder)
+            if previous is None and self.backup_dir.exists():
+                if restart:
+                    log.info("discarding the unfinished run in %s (restart)", self.folder)
                 shutil.rmtree(self.backup_dir)
-            for stale in self.export_dir.parent.glob(f".{self.export_dir.name}-writing-*"):
-                shutil.rmtree(stale, ignore_errors=True)  # a run folder whose writer was killed
-            self.resuming = previous is not None and self.backup_dir.is_dir()
+            for pattern in (f".{self.export_dir.name}-writing-*", f".{self.export_dir.name}-old-*"):
+                for stale in self.export_dir.parent.glob(pattern):  # left by a writer that was killed
+                    shutil.rmtree(stale, ignore_errors=True)
+            self.resuming = previous is not None and self.has_progress()
             if previous is None:
                 self._write({"digest": run_digest(config), "named": named, "config": config.to_dict()})
             elif self.resuming:

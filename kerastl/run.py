@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ from kerastl.preflight import DEFAULT_EXPORT_ROOT, check_data_source, is_named, 
 from kerastl.report import score, split_scores
 from kerastl.resume import RunState, adopt_unfinished
 from kerastl.runfolder import write_run_folder
-from kerastl.storage import HeadStore, check_export_dir
+from kerastl.storage import HeadStore, check_export_dir, disk_full_error
 from kerastl.train import TrainResult, epochs_for, resumable_fit, skip_epochs, train_classifier
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def run_training(
     result.metrics["val_accuracy"], result.export_dir
     ```
     """
-    named = is_named(config)
+    named, config_export_dir = is_named(config), config.export_dir
     config = resolve_config(config)
     if save == "export" and not named:  # the same command finds its unfinished run
         config = adopt_unfinished(config, DEFAULT_EXPORT_ROOT)
@@ -176,19 +177,24 @@ def run_training(
         raise KerastlError("training on (train, validation) pipelines needs the model built for them and "
                            "save='none': pipelines carry no class names to build or export with")
     if save != "none":
-        check_export_dir(folder, overwrite, create_parent=not named)
+        check_export_dir(folder, overwrite, create_parent=config_export_dir is None)
     state = RunState(folder).acquire(config, named, restart) if save == "export" else None
     try:
         result = _run(config, data, pipelines, verbose, model, callbacks, heads, save, state)
+        if state is not None:
+            state.finish()  # under the lock: no other run can have started in the folder meanwhile
     except NaNLoss as error:
-        saved = state is not None and any(state.backup_dir.rglob("epoch-*"))
-        kept = f"; the epochs before it are kept in {state.folder}" if saved else ""
-        raise KerastlError(f"training stopped: {error}{kept}. Lower --learning-rate and rerun with --restart") from None
+        best = sorted(state.backup_dir.rglob("best.npz")) if state is not None else []
+        kept = f"; the best weights before it are kept in {best[-1].parent}" if best else ""
+        raise KerastlError(f"training stopped: {error}{kept}. To start over with a lower --learning-rate, "
+                           "pass --restart") from None
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise disk_full_error(error, f"the run's files beside {folder}") from None
     finally:
         if state is not None:
             state.release()
-    if state is not None:
-        state.finish()
     return result
 
 
@@ -257,8 +263,8 @@ def _image_pipelines(config: RunConfig, data: ImageData) -> Pipelines:
     log.info("training %s on %d images of %d classes (%d validation)", config.model.backbone,
              data.train.count, len(data.class_names), data.validation.count)
     augmenter = build_augmenter(dc.augment, seed=dc.seed)
-    train_mb = data.train.count * data.train.image_size**2 * 3 / 2**20
-    left = dc.cache_limit_mb - train_mb if train_mb <= dc.cache_limit_mb else dc.cache_limit_mb
+    train_mb = data.train.count * data.train.image_size**2 * 3 / 2**20  # or its shuffle buffer: the limit
+    left = max(dc.cache_limit_mb - train_mb, 0)
     return (data.train.batches(dc.batch_size, True, augmenter, dc.seed, dc.cache_limit_mb),
             data.validation.batches(dc.batch_size, cache_limit_mb=int(left)))
 

@@ -99,11 +99,10 @@ def write_run_folder(
                 os.replace(path, folder / path.name)
             staging.rmdir()
         log.info("wrote %s", folder)
-    except OSError as error:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        raise disk_full_error(error, f"the run folder {folder}") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError) or "No space left on device" in str(error):  # TensorFlow's own writes too
+            raise disk_full_error(error, f"the run folder {folder}") from None
         raise
     return folder
 

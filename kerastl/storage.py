@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from kerastl.errors import KerastlError
 
@@ -71,8 +71,13 @@ def check_export_dir(path: str | os.PathLike, overwrite: bool, create_parent: bo
         raise KerastlError(f"export path {path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise KerastlError(f"export folder {path} is not empty; choose another or pass overwrite")
-    parent = path.absolute().parent
-    if not parent.exists() and create_parent:
+    check_parent(path, create_parent)
+
+
+def check_parent(path: str | os.PathLike, create: bool = False) -> None:
+    """Refuses a path whose parent folder is missing (unless `create`) or cannot be written."""
+    parent = Path(path).absolute().parent
+    if not parent.exists() and create:
         parent.mkdir(parents=True, exist_ok=True)
     if not parent.is_dir():
         raise KerastlError(f"the parent folder of {path} ({parent}) does not exist or is not a folder")
@@ -83,10 +88,29 @@ def check_export_dir(path: str | os.PathLike, overwrite: bool, create_parent: bo
         raise KerastlError(f"cannot write in {parent}: {error.strerror}") from None
 
 
-def disk_full_error(error: OSError, what: str) -> KerastlError:
+def replace_file(path: str | os.PathLike, write: Callable[[Path], None], suffix: str = "") -> None:
+    """Writes a file through `write(temporary)` beside `path`, then renames it into place in one step."""
+    path = Path(path)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}-", suffix=suffix, dir=path.absolute().parent)
+    os.close(handle)
+    try:
+        write(Path(name))
+        os.replace(name, path)
+    except BaseException as error:
+        Path(name).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise disk_full_error(error, str(path)) from None
+        raise
+
+
+def disk_full_error(error: Exception, what: str) -> KerastlError:
     """The one-line error for a failed write (a full disk, a quota, a read-only file system)."""
-    reason = "no space left on the device" if error.errno in (errno.ENOSPC, errno.EDQUOT) else error.strerror
-    return KerastlError(f"writing {what} failed ({reason}); nothing half-written was left there")
+    number = getattr(error, "errno", None)
+    if number in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(error):
+        reason = "no space left on the device"
+    else:
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+    return KerastlError(f"writing {what} failed ({reason}); what was there before is kept")
 
 
 _RENAME_EXCHANGE = 2  # renameat2 flag: swap two paths in one step (Linux 3.15+)

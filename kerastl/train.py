@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +34,7 @@ from kerastl.compile import compile_classifier
 from kerastl.config import TrainConfig
 from kerastl.features import CachedFeatures
 from kerastl.probe import DEFAULT_DEPTH, ProbeFit
-from kerastl.storage import staged_folder
+from kerastl.storage import file_digest, staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ def resumable_fit(
     if done is not None and (done["stopped"] or start >= epochs):  # it had ended: as KeepBest would end it
         if stop is not None and done["best_weights"] is not None:
             model.set_weights(done["best_weights"])
+        make_train(start - initial_epoch)  # the pipeline as those epochs left it, for what comes next
         return _history(before, {})
     extra = [StopOnNaN(), *callbacks]
     if snapshots is not None:
@@ -273,7 +275,8 @@ def save_phase1(backup_dir: Path, model: TransferClassifier, history: keras.call
     the epochs of the training pipeline it drew."""
     with staged_folder(backup_dir / PHASE1_DONE) as staging:
         np.savez(staging / "variables.npz", *(keras.ops.convert_to_numpy(v) for v in model.variables))
-        (staging / "phase1.json").write_text(json.dumps({**TrainResult(history).to_dict(), "drawn": drawn}))
+        values = {**TrainResult(history).to_dict(), "drawn": drawn, "digest": file_digest(staging / "variables.npz")}
+        (staging / "phase1.json").write_text(json.dumps(values))
 
 
 def load_phase1(backup_dir: Path, model: TransferClassifier) -> tuple[keras.callbacks.History, int] | None:
@@ -283,11 +286,13 @@ def load_phase1(backup_dir: Path, model: TransferClassifier) -> tuple[keras.call
         return None
     try:
         values = json.loads((folder / "phase1.json").read_text())
+        if file_digest(folder / "variables.npz") != values["digest"]:
+            raise ValueError("variables.npz does not match its checksum")
         with np.load(folder / "variables.npz") as arrays:
             saved = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
         if [tuple(a.shape) for a in saved] != [tuple(v.shape) for v in model.variables]:
             raise ValueError("its variables do not fit this model")
-    except (OSError, ValueError, KeyError, EOFError) as error:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         log.warning("the kept phase 1 in %s is damaged (%s); phase 1 runs again", folder, error)
         return None
     for variable, value in zip(model.variables, saved):
