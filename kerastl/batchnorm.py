@@ -93,8 +93,10 @@ class BatchNormCalibrator:
 
     def __call__(self, images) -> int:
         count = int(images.shape[0])
-        if not self.norms or count == 0:
-            log.warning("nothing to recalibrate (%d BatchNorm layers, %d images)", len(self.norms), count)
+        if not self.norms:  # a backbone without BatchNorm (simple_cnn): nothing to do
+            return 0
+        if count == 0:
+            log.warning("no images to recalibrate %d BatchNorm layers with", len(self.norms))
             return 0
         saved = [(layer.momentum, layer.trainable) for layer in self.norms]
         try:

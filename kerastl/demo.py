@@ -150,6 +150,7 @@ def run_demo(output: str | Path = "saved_models/demo", seed: int = 0) -> DemoRes
     """Pretrains, then compares transfer and baselines at each of `SHOTS`; exports the last transfer."""
     start = time.time()
     output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)  # the demo's own folder; its runs go inside it
     log.info("pretraining %s from scratch on digits 0-4", BACKBONE)
     pretrained = pretrain(output / "pretrain_0-4", seed)
     weights = str(pretrained.export_dir / BACKBONE_WEIGHTS)
