@@ -26,6 +26,7 @@ _EXPORTS = {
     "get_spec": "kerastl.backbones",
     "list_backbones": "kerastl.backbones",
     "build_augmenter": "kerastl.augment",
+    "check_data": "kerastl.imagefiles",
     "ImageData": "kerastl.data",
     "from_arrays": "kerastl.data",
     "from_folder": "kerastl.data",
