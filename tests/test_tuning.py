@@ -186,6 +186,7 @@ def test_repeated_failures_stop_the_search_with_a_clear_message(tmp_path, monkey
                                                      space=HEAD_SPACE))
 
 
+@pytest.mark.slow  # 20 trials, over a minute: CI runs it with the other slow tests
 def test_memory_stays_flat_over_many_in_process_trials(tmp_path):
     space = {"dropout": {"min": 0.0, "max": 0.5}, "hidden_units": [0, 16, 64], "learning_rate": {
         "min": 1e-3, "max": 1e-2, "log": True}}
