@@ -64,7 +64,7 @@ def adopt_unfinished(config: RunConfig, root: str | os.PathLike) -> RunConfig:
             continue
         if values.get("digest") == digest and not values.get("named", True) and not _locked(path.parent):
             config.name, config.export_dir = values["config"]["name"], values["config"]["export_dir"]
-            log.info("found the unfinished run %s of this config: resuming it", config.export_dir)
+            log.debug("found the unfinished run %s of this config", config.export_dir)
             break
     return config
 
