@@ -98,6 +98,29 @@ class StopOnNaN(keras.callbacks.Callback):
             raise NaNLoss(self.epoch, float(loss))
 
 
+DAMAGED = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)  # what reading a damaged file raises
+
+
+def save_values(path: Path, values) -> str:
+    """Writes arrays (or variables' values) to an `.npz` file; returns its SHA-256."""
+    np.savez(path, *(np.asarray(keras.ops.convert_to_numpy(v)) for v in values))
+    return file_digest(path)
+
+
+def load_values(path: Path, digest: str, variables: list | None = None) -> list[np.ndarray]:
+    """The arrays of a `save_values` file, checked against its digest (and the variables' shapes).
+
+    Raises one of `DAMAGED` when the file is damaged or does not fit.
+    """
+    if file_digest(path) != digest:
+        raise ValueError(f"{path.name} does not match its checksum")
+    with np.load(path) as arrays:
+        values = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+    if variables is not None and [tuple(v.shape) for v in values] != [tuple(v.shape) for v in variables]:
+        raise ValueError(f"the variables in {path.name} do not fit this model")
+    return values
+
+
 def _state_variables(model: keras.Model) -> list:
     optimizer = getattr(model, "optimizer", None)
     return list(model.variables) + (list(optimizer.variables) if optimizer is not None else [])
@@ -116,6 +139,7 @@ class EpochSnapshots(keras.callbacks.Callback):
         self.keep_best = keep_best
         self.history = {k: list(v) for k, v in (history or {}).items()}
         self._saved_best_epoch: int | None = None
+        self._saved_best_digest = ""
 
     def on_epoch_end(self, epoch, logs=None):
         for key, value in (logs or {}).items():
@@ -123,20 +147,19 @@ class EpochSnapshots(keras.callbacks.Callback):
         self.history.setdefault("epoch", []).append(int(epoch))
         previous = snapshot_folders(self.directory)
         with staged_folder(self.directory / f"epoch-{epoch + 1:05d}") as staging:
-            values = [np.asarray(keras.ops.convert_to_numpy(v)) for v in _state_variables(self.model)]
-            np.savez(staging / STATE_FILE, *values)
             meta = {"epoch": epoch + 1, "history": self.history, "stopped": bool(self.model.stop_training),
-                    "digests": {STATE_FILE: file_digest(staging / STATE_FILE)}}
+                    "digests": {STATE_FILE: save_values(staging / STATE_FILE, _state_variables(self.model))}}
             keep = self.keep_best
             if keep is not None and keep.best_weights is not None:
                 reuse = previous and self._saved_best_epoch == keep.best_epoch and (previous[-1] / BEST_FILE).is_file()
                 if reuse:  # the best has not changed: link the previous snapshot's copy
                     os.link(previous[-1] / BEST_FILE, staging / BEST_FILE)
+                    digest = self._saved_best_digest
                 else:
-                    np.savez(staging / BEST_FILE, *keep.best_weights)
-                self._saved_best_epoch = keep.best_epoch
+                    digest = save_values(staging / BEST_FILE, keep.best_weights)
+                self._saved_best_epoch, self._saved_best_digest = keep.best_epoch, digest
                 meta["keep_best"] = keep.state()
-                meta["digests"][BEST_FILE] = file_digest(staging / BEST_FILE)
+                meta["digests"][BEST_FILE] = digest
             (staging / META_FILE).write_text(json.dumps(meta))
         for old in previous[:-1]:  # keep this one and the one before it
             shutil.rmtree(old, ignore_errors=True)
@@ -145,13 +168,6 @@ class EpochSnapshots(keras.callbacks.Callback):
 def snapshot_folders(directory: Path) -> list[Path]:
     """The snapshots in `directory`, oldest first."""
     return sorted(p for p in Path(directory).glob("epoch-*") if p.is_dir()) if Path(directory).is_dir() else []
-
-
-def _load_arrays(path: Path, digest: str) -> list[np.ndarray]:
-    if file_digest(path) != digest:
-        raise ValueError(f"{path.name} does not match its checksum")
-    with np.load(path) as arrays:
-        return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
 
 
 def restore_snapshot(directory: str | os.PathLike, model: keras.Model, keep_best: KeepBest | None = None,
@@ -172,11 +188,9 @@ def restore_snapshot(directory: str | os.PathLike, model: keras.Model, keep_best
     for folder in reversed(folders):
         try:
             meta = json.loads((folder / META_FILE).read_text())
-            values = _load_arrays(folder / STATE_FILE, meta["digests"][STATE_FILE])
-            if [tuple(v.shape) for v in values] != [tuple(v.shape) for v in variables]:
-                raise ValueError("its variables do not fit this model")
-            best = _load_arrays(folder / BEST_FILE, meta["digests"][BEST_FILE]) if BEST_FILE in meta["digests"] else None
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            values = load_values(folder / STATE_FILE, meta["digests"][STATE_FILE], variables)
+            best = load_values(folder / BEST_FILE, meta["digests"][BEST_FILE]) if BEST_FILE in meta["digests"] else None
+        except DAMAGED as error:
             log.warning("snapshot %s is damaged (%s); trying the one before it", folder, error)
             shutil.rmtree(folder, ignore_errors=True)
             continue

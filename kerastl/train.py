@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,13 +27,13 @@ import numpy as np
 import tensorflow as tf
 
 from kerastl.batchnorm import BatchNormCalibration
-from kerastl.callbacks import EpochSnapshots, KeepBest, StopOnNaN, restore_snapshot
+from kerastl.callbacks import DAMAGED, EpochSnapshots, KeepBest, StopOnNaN, load_values, restore_snapshot, save_values
 from kerastl.classifier import TransferClassifier
 from kerastl.compile import compile_classifier
 from kerastl.config import TrainConfig
 from kerastl.features import CachedFeatures
 from kerastl.probe import DEFAULT_DEPTH, ProbeFit
-from kerastl.storage import file_digest, staged_folder
+from kerastl.storage import staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +182,9 @@ def resumable_fit(
 
 
 def _history(before: dict, after: dict) -> keras.callbacks.History:
-    history = keras.callbacks.History()
+    """One History of the epochs before a resume and those after it."""
     merged = {k: list(before.get(k, [])) + list(after.get(k, [])) for k in {*before, *after}}
-    history.epoch = [int(e) for e in merged.pop("epoch", [])]
-    history.history = merged
-    return history
+    return TrainResult.from_dict({"phase1": {"epoch": [], **merged}}).phase1
 
 
 def train_head(
@@ -274,9 +271,9 @@ def save_phase1(backup_dir: Path, model: TransferClassifier, history: keras.call
     """Keeps a finished phase 1: every variable of the model (dropout seeds too), its history and
     the epochs of the training pipeline it drew."""
     with staged_folder(backup_dir / PHASE1_DONE) as staging:
-        np.savez(staging / "variables.npz", *(keras.ops.convert_to_numpy(v) for v in model.variables))
-        values = {**TrainResult(history).to_dict(), "drawn": drawn, "digest": file_digest(staging / "variables.npz")}
-        (staging / "phase1.json").write_text(json.dumps(values))
+        digest = save_values(staging / "variables.npz", model.variables)
+        (staging / "phase1.json").write_text(json.dumps({**TrainResult(history).to_dict(), "drawn": drawn,
+                                                         "digest": digest}))
 
 
 def load_phase1(backup_dir: Path, model: TransferClassifier) -> tuple[keras.callbacks.History, int] | None:
@@ -286,13 +283,8 @@ def load_phase1(backup_dir: Path, model: TransferClassifier) -> tuple[keras.call
         return None
     try:
         values = json.loads((folder / "phase1.json").read_text())
-        if file_digest(folder / "variables.npz") != values["digest"]:
-            raise ValueError("variables.npz does not match its checksum")
-        with np.load(folder / "variables.npz") as arrays:
-            saved = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
-        if [tuple(a.shape) for a in saved] != [tuple(v.shape) for v in model.variables]:
-            raise ValueError("its variables do not fit this model")
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        saved = load_values(folder / "variables.npz", values["digest"], model.variables)
+    except DAMAGED as error:
         log.warning("the kept phase 1 in %s is damaged (%s); phase 1 runs again", folder, error)
         return None
     for variable, value in zip(model.variables, saved):
