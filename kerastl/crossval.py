@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import keras
@@ -38,6 +37,7 @@ from kerastl.config import DataConfig, TrainConfig
 from kerastl.data import split_of_arrays
 from kerastl.features import CachedFeatures
 from kerastl.probe import ProbeFit, fit_probe, rows_of
+from kerastl.storage import replace_file
 from kerastl.train import (HEAD_STEPS_PER_EXECUTION, TrainResult, epochs_for, feature_batches, resumable_fit,
                            skip_epochs, start_head, unfreeze_top)
 
@@ -65,12 +65,9 @@ def _kept_fold(backup_dir: Path | None, number: int) -> tuple[list, list] | None
 
 def _keep_fold(backup_dir: Path | None, number: int, curve: tuple[list, list]) -> None:
     if backup_dir is not None:
-        folder = backup_dir / "cv-folds"
-        folder.mkdir(parents=True, exist_ok=True)
-        temporary = folder / f".{number}.json.tmp"
-        temporary.write_text(json.dumps({"loss": [float(v) for v in curve[0]],
-                                         "accuracy": [float(v) for v in curve[1]]}))
-        os.replace(temporary, folder / f"{number}.json")
+        (backup_dir / "cv-folds").mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"loss": [float(v) for v in curve[0]], "accuracy": [float(v) for v in curve[1]]})
+        replace_file(backup_dir / "cv-folds" / f"{number}.json", lambda path: path.write_text(text))
 
 
 def train_cross_validated(

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from kerastl.config import RunConfig
 from kerastl.errors import KerastlError
+from kerastl.storage import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +155,8 @@ class RunState:
                 if restart:
                     log.info("discarding the unfinished run in %s (restart)", self.folder)
                 shutil.rmtree(self.backup_dir)
-            for pattern in (f".{self.export_dir.name}-writing-*", f".{self.export_dir.name}-old-*"):
-                for stale in self.export_dir.parent.glob(pattern):  # left by a writer that was killed
-                    shutil.rmtree(stale, ignore_errors=True)
+            for stale in self.export_dir.parent.glob(f".{self.export_dir.name}-*"):  # a killed writer's
+                shutil.rmtree(stale, ignore_errors=True)
             self.resuming = previous is not None and self.has_progress()
             if previous is None:
                 self._write({"digest": run_digest(config), "named": named, "config": config.to_dict()})
@@ -168,9 +168,8 @@ class RunState:
         return self
 
     def _write(self, values: dict) -> None:
-        temporary = self.folder / f".{RUN_FILE}.tmp"
-        temporary.write_text(json.dumps(values, indent=2) + "\n")
-        os.replace(temporary, self.folder / RUN_FILE)
+        text = json.dumps(values, indent=2) + "\n"
+        replace_file(self.folder / RUN_FILE, lambda path: path.write_text(text))
 
     def check_data(self, fingerprint: str) -> None:
         """Records the training data's fingerprint, or refuses to resume on other data."""

@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,7 +31,7 @@ from kerastl.export import CONFIG_FILE, export_saved_model, read_labels, write_l
 from kerastl.features import weights_digest
 from kerastl.probe import ProbeCurve
 from kerastl.report import plot_probe_curve
-from kerastl.storage import HEAD_WEIGHTS, disk_full_error, publish_folder
+from kerastl.storage import HEAD_WEIGHTS, disk_full_error, staged_folder
 from kerastl.train import TrainResult
 from kerastl.version import FOLDER_FORMAT, __version__
 
@@ -87,23 +85,15 @@ def write_run_folder(
         probe: the probe curve the run chose its blocks from: `probe.json` and `probe.png`.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-writing-", dir=folder.parent))
-    try:
-        _write_files(staging, model, class_names, config, history, metrics, export, extra, backbone_digest, probe)
-        if export:
-            publish_folder(staging, folder)
-        else:  # a trial's folder holds KerasTuner's files too: move each file in, one by one
-            folder.mkdir(exist_ok=True)
-            for path in staging.iterdir():
-                os.replace(path, folder / path.name)
-            staging.rmdir()
-        log.info("wrote %s", folder)
-    except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)
+    try:  # an export is swapped in whole; a trial's folder holds KerasTuner's files too: files move in
+        with staged_folder(folder, "replace" if export else "merge") as staging:
+            _write_files(staging, model, class_names, config, history, metrics, export, extra, backbone_digest,
+                         probe)
+    except Exception as error:
         if isinstance(error, OSError) or "No space left on device" in str(error):  # TensorFlow's own writes too
             raise disk_full_error(error, f"the run folder {folder}") from None
         raise
+    log.info("wrote %s", folder)
     return folder
 
 

@@ -39,24 +39,33 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def staged_folder(target: Path) -> Iterator[Path]:
-    """A fresh folder beside `target` to write into, renamed to `target` in one step at the end.
+def staged_folder(target: Path, mode: str = "keep") -> Iterator[Path]:
+    """A fresh folder beside `target` (`.NAME-*`) to write into, moved to `target` at the end.
 
-    Readers never see a half-written folder. If `target` appeared meanwhile (another
-    process wrote the same entry first), theirs is kept and this one removed; so is
-    this one if writing it failed.
+    Readers never see a half-written folder, and a failed write leaves nothing behind.
+    When `target` exists by then, `mode` says what happens: "keep" keeps it (another
+    process, a search worker, stored the same entry first), "replace" swaps the new
+    folder in (`publish_folder`), "merge" moves each new file into it by rename.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         yield staging
+        if mode == "replace":
+            publish_folder(staging, target)
+        elif mode == "merge":
+            target.mkdir(exist_ok=True)
+            for path in staging.iterdir():
+                os.replace(path, target / path.name)
+            staging.rmdir()
+        else:
+            try:
+                os.replace(staging, target)
+            except OSError:  # the same entry was stored first: keep theirs
+                shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    try:
-        os.replace(staging, target)
-    except OSError:  # another process (a search worker) stored the same entry first: keep theirs
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_export_dir(path: str | os.PathLike, overwrite: bool, create_parent: bool = False) -> None:
