@@ -35,7 +35,7 @@ from kerastl.errors import KerastlError
 from kerastl.features import CachedFeatures, FeatureCache, cached_views, extract, model_fingerprint
 from kerastl.probe import (DEFAULT_DEPTH, MAX_ROWS, ProbeCurve, ProbeFit, block_columns, choose_c_cv,
                            choose_c_holdout, folds_of, probe_blocks)
-from kerastl.preflight import DEFAULT_EXPORT_ROOT, check_data_source, is_named, resolve_run_config
+from kerastl.preflight import DEFAULT_EXPORT_ROOT, is_named, resolve_run_config
 from kerastl.report import score, split_scores
 from kerastl.resume import RunState, adopt_unfinished
 from kerastl.runfolder import write_run_folder
@@ -169,8 +169,6 @@ def run_training(
     config = resolve_config(config)
     if save == "export" and not named:  # the same command finds its unfinished run
         config = adopt_unfinished(config, DEFAULT_EXPORT_ROOT)
-    if data is None:
-        check_data_source(config.data)
     folder = Path(config.export_dir)
     pipelines = isinstance(data, tuple)
     if pipelines and (model is None or save != "none"):
@@ -178,9 +176,12 @@ def run_training(
                            "save='none': pipelines carry no class names to build or export with")
     if save != "none":
         check_export_dir(folder, overwrite, create_parent=config_export_dir is None)
+    mode = "holdout" if pipelines else None
+    if not pipelines:  # read (and checked) before the folder is locked or anything is written
+        data, mode = _checked_data(config, data)
     state = RunState(folder).acquire(config, named, restart) if save == "export" else None
     try:
-        result = _run(config, data, pipelines, verbose, model, callbacks, heads, save, state)
+        result = _run(config, data, mode, pipelines, verbose, model, callbacks, heads, save, state)
         if state is not None:
             state.finish()  # under the lock: no other run can have started in the folder meanwhile
     except NaNLoss as error:
@@ -198,14 +199,13 @@ def run_training(
     return result
 
 
-def _run(config: RunConfig, data, pipelines: bool, verbose, model, callbacks, heads, save: str,
+def _run(config: RunConfig, data, mode: str, pipelines: bool, verbose, model, callbacks, heads, save: str,
          state: RunState | None) -> RunResult:
-    """`run_training` once its folder is checked (and, exporting, its unfinished state locked)."""
+    """`run_training` once its data is read and its folder checked (and, exporting, locked)."""
     folder = Path(config.export_dir)
     if pipelines:
-        (train, validation), mode = data, "holdout"
+        train, validation = data
     else:
-        data, mode = _checked_data(config, data)
         if state is not None:
             state.check_data(data.train.fingerprint)
         train, validation = _image_pipelines(config, data) if mode == "holdout" else (None, None)
