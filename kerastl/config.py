@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kerastl.errors import KerastlError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+CONFIG_SUFFIXES = (".json", ".toml")
 
 
 def read_json(path: str | Path, what: str) -> Any:
@@ -23,6 +31,27 @@ def read_json(path: str | Path, what: str) -> Any:
         raise KerastlError(f"{what} {path} does not exist") from None
     except json.JSONDecodeError as error:
         raise KerastlError(f"{what} {path} is not valid JSON: {error}") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file's values: JSON (`.json`) or TOML (`.toml`, tables `[data]`, `[model]`, `[train]`,
+    and `[tune]` for a search). TOML has no null: a key left out keeps its default, and
+    `weights = "none"` trains from scratch. A bad file is a one-line `KerastlError`."""
+    path = Path(path)
+    if path.suffix.lower() not in CONFIG_SUFFIXES:
+        raise KerastlError(f"config file {path} must end in .json or .toml")
+    if path.suffix.lower() == ".json":
+        values = read_json(path, "config file")
+    else:
+        try:
+            values = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise KerastlError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as error:
+            raise KerastlError(f"config file {path} is not valid TOML: {error}") from None
+    if not isinstance(values, dict):
+        raise KerastlError(f"config file {path} must hold an object of settings, not {type(values).__name__}")
+    return values
 
 
 class JsonConfig:
@@ -109,6 +138,10 @@ class ModelConfig(JsonConfig):
     binary: bool = False
     from_scratch: bool | None = None
     features: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weights, str) and self.weights.strip().lower() in ("none", ""):
+            self.weights = None  # "none" in a config file (TOML has no null) or on the command line
 
     @property
     def trains_from_scratch(self) -> bool:
@@ -225,6 +258,9 @@ class TrainConfig(JsonConfig):
 
 VALIDATION_MODES = ("auto", "holdout", "cv")
 
+# the scores a search may optimise, and their direction (the search wing and the reports read it)
+OBJECTIVES = {"val_accuracy": "max", "val_loss": "min", "val_macro_f1": "max", "val_auc": "max"}
+
 # keys that kerastl 0.1 wrote into a search export's config.json; 0.2 keeps them in tune.json
 LEGACY_KEYS = ("tune", "best_trial")
 
@@ -269,6 +305,12 @@ class RunConfig(JsonConfig):
     @classmethod
     def from_json(cls, path: str | Path) -> RunConfig:
         return cls.from_dict(read_json(path, "config file"))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RunConfig:
+        """A run config from a JSON or TOML file (see `read_config_file`); a `tune` table is left
+        to `kerastl.tune.config.TuneConfig`."""
+        return cls.from_dict(read_config_file(path))
 
 
 # setting name -> (RunConfig section, or None for the run itself, field): the one table that

@@ -8,12 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kerastl.config import SETTINGS, JsonConfig
+from kerastl.config import OBJECTIVES, SETTINGS, JsonConfig
 from kerastl.errors import KerastlError
 
 TUNERS = ("random", "bayesian", "hyperband")
 ISOLATION = ("auto", "always", "never")
-OBJECTIVES = {"val_accuracy": "max", "val_loss": "min", "val_macro_f1": "max", "val_auc": "max"}
 
 # the settings a search may vary, in declaration order -> (RunConfig section, field)
 SPACE_FIELDS = {name: SETTINGS[name] for name in (
