@@ -28,18 +28,21 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from kerastl.augment import build_augmenter
 from kerastl.callbacks import StopOnNaN
 from kerastl.classifier import TransferClassifier
 from kerastl.compile import compile_classifier
-from kerastl.config import DataConfig, TrainConfig
-from kerastl.data import split_of_arrays
+from kerastl.batchnorm import recalibrate_batchnorm
+from kerastl.config import DataConfig, RunConfig, TrainConfig
+from kerastl.data import ImageData, split_of_arrays
+from kerastl.errors import KerastlError
 from kerastl.features import CachedFeatures
 from kerastl.probe import ProbeFit, fit_probe, rows_of
 from kerastl.storage import replace_file
 from kerastl.train import (HEAD_STEPS_PER_EXECUTION, TrainResult, epochs_for, feature_batches, resumable_fit,
-                           skip_epochs, start_head, unfreeze_top)
+                           skip_epochs, start_head, tensorboard_logs, unfreeze_top)
 
 log = logging.getLogger(__name__)
 
@@ -164,3 +167,62 @@ def train_cross_validated(
     estimate.update(cv_loss=float(losses[best]), cv_accuracy=float(accuracies[:, best].mean()),
                     cv_accuracy_std=float(accuracies[:, best].std()), cv_fine_tune_epochs=float(best))
     return result, estimate
+
+
+def cross_validate_run(config: RunConfig, data: ImageData, model: TransferClassifier, features: CachedFeatures | None,
+                       views: np.ndarray | None, probe: ProbeFit | None, folds: list[tuple[np.ndarray, np.ndarray]],
+                       depth: int | None, callbacks: list[keras.callbacks.Callback] | None, verbose: int | str,
+                       backup_dir: Path | None, log_dir: Path | None = None) -> tuple[TrainResult, dict[str, float]]:
+    """A run on small data: both phases on every labelled image, choices by cross-validation.
+
+    `features` are the plain cached features of every image (None without a cache),
+    `views` every cached view, `probe` the probe fitted on them, `folds` the folds and
+    `depth` the fine-tuning depth the probe curve chose. `log_dir`: TensorBoard logs of the
+    training that runs on every image.
+
+    Without cached features (from scratch, or the cache off) there is nothing cheap to
+    cross-validate: the model trains on every image for the step budget, with no estimate.
+    """
+    dc, tc = config.data, config.train
+    if features is None:
+        log.warning("%d labelled images and no cached features: training on all of them for at least %d steps, "
+                    "with no validation estimate", data.train.count, tc.min_steps)
+        if model.from_scratch:
+            model.backbone.trainable = True
+        compile_classifier(model, tc)
+        epochs = epochs_for(tc.epochs, tc.min_steps, data.train.count, dc.batch_size)
+        batches = data.train.batches(dc.batch_size, True, build_augmenter(dc.augment, seed=dc.seed), dc.seed,
+                                     dc.cache_limit_mb)
+        history = resumable_fit(model, lambda first: skip_epochs(batches, first), None, epochs, None,
+                                [*(callbacks or []), *tensorboard_logs(log_dir, "phase1")], verbose,
+                                backup_dir / "phase1" if backup_dir else None)
+        if model.from_scratch:
+            recalibrate_batchnorm(model, data.train.sample(), chunk_size=dc.batch_size)
+        return TrainResult(history), {}
+    images, labels = data.train.arrays()
+    if not np.array_equal(labels, features.labels):
+        raise KerastlError("the cached features are not in the images' order; clear the feature cache")
+    result, estimate = train_cross_validated(model, images, labels, views, probe, folds, tc, dc, depth,
+                                             [*(callbacks or []), *tensorboard_logs(log_dir, "phase2")], verbose,
+                                             backup_dir)
+    if log_dir is not None:
+        log_curves(Path(log_dir), result)
+    return result, estimate
+
+
+def log_curves(log_dir: Path, result: TrainResult) -> None:
+    """Writes the cross-validated curves (and a hidden head's fit on every image) for TensorBoard,
+    as `log_dir/phaseN/cross-validated` (or `/train`): no Keras fit logs them, since they are
+    averaged over folds or fitted in closed form. Tags are Keras's (`epoch_loss`, `epoch_accuracy`)."""
+    for phase, history in (("phase1", result.phase1), ("phase2", result.phase2)):
+        if history is None:
+            continue
+        for key, values in history.history.items():
+            run, name = ("cross-validated", key[3:]) if key.startswith("cv_") else ("train", key)
+            if name not in ("loss", "accuracy"):
+                continue
+            writer = tf.summary.create_file_writer(str(log_dir / phase / run))
+            with writer.as_default():
+                for step, value in enumerate(values):
+                    tf.summary.scalar(f"epoch_{name}", value, step=step)
+            writer.close()

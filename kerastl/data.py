@@ -119,6 +119,7 @@ class ImageData:
     train: Split
     validation: Split | None = None
     test: Split | None = None
+    skipped: int = 0  # files of the class folders left out: they cannot be used as images
 
 
 def to_model_input(images: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -173,7 +174,8 @@ def _decode_in_tensorflow(path: str) -> None:
         raise ValueError(message or type(error).__name__) from None
 
 
-def _usable_files(listings: list[imagefiles.FolderListing], strict: bool) -> list[imagefiles.FolderListing]:
+def _usable_files(listings: list[imagefiles.FolderListing], strict: bool,
+                  min_classes: int = 2) -> list[imagefiles.FolderListing]:
     """Decodes every listed file once; undecodable ones are dropped up front with one warning.
 
     With `strict`, any file that would be skipped fails here (before any decoding
@@ -200,7 +202,7 @@ def _usable_files(listings: list[imagefiles.FolderListing], strict: bool) -> lis
         log.info("%d images are read with a conversion (grayscale, alpha, palette, CMYK, first frame...); "
                  "`kerastl check-data` lists them", noted)
     for listing in listings:
-        errors = listing.errors()
+        errors = listing.errors(min_classes)
         if errors:
             raise KerastlError(errors[0])
     return listings
@@ -228,6 +230,7 @@ def from_folder(
     validation_dir: str | None = None,
     test_dir: str | None = None,
     strict: bool = False,
+    min_classes: int = 2,
 ) -> ImageData:
     """Reads a folder of class subfolders (JPEG, PNG, GIF, BMP, judged by content).
 
@@ -237,10 +240,11 @@ def from_folder(
     `strict` they raise `KerastlError` instead. Hidden files are ignored. See
     `kerastl.imagefiles` for what happens to each kind of file. Without
     `validation_dir` or `test_dir`, those splits are cut from each class of `root`.
-    `image_size` may be the classifier the images are for.
+    `image_size` may be the classifier the images are for; `min_classes=1` reads a
+    folder of one class (images to evaluate a model on).
     """
     image_size = image_size_of(image_size)
-    listings = [imagefiles.list_class_folder(root)]
+    listings = [imagefiles.list_class_folder(root, min_classes)]
     classes = listings[0].class_names
     for name, folder in (("validation", validation_dir), ("test", test_dir)):
         if folder:
@@ -248,7 +252,8 @@ def from_folder(
             if listings[-1].class_names != classes:
                 raise KerastlError(
                     f"{name} folder {folder} has classes {listings[-1].class_names}, expected {classes}")
-    listings = _usable_files(listings, strict)
+    listings = _usable_files(listings, strict, min_classes)
+    skipped = sum(len(listing.skipped) for listing in listings)
     paths, labels = listings[0].paths, listings[0].labels
     train, val, test = stratified_split(
         np.asarray(labels), 0.0 if validation_dir else validation_split, 0.0 if test_dir else test_split, seed
@@ -262,7 +267,7 @@ def from_folder(
             splits[name] = _file_split(other.paths, other.labels, image_size)
         elif len(idx):
             splits[name] = _file_split(*pick(idx), image_size)
-    return ImageData(classes, splits["train"], splits.get("validation"), splits.get("test"))
+    return ImageData(classes, splits["train"], splits.get("validation"), splits.get("test"), skipped)
 
 
 def split_of_arrays(x: np.ndarray, y: np.ndarray, image_size: int) -> Split:
@@ -361,8 +366,9 @@ def load_cifar10(path: str | None = None) -> tuple[tuple[np.ndarray, np.ndarray]
     return (x_train, y_train), read("test_batch"), names
 
 
-def load_data(config: DataConfig, image_size: int | HasImageSize) -> ImageData:
-    """Dispatches on `config.source`: "digits", "cifar10", a CIFAR-10 folder or a class folder."""
+def load_data(config: DataConfig, image_size: int | HasImageSize, min_classes: int = 2) -> ImageData:
+    """Dispatches on `config.source`: "digits", "cifar10", a CIFAR-10 folder or a class folder
+    (of at least `min_classes` classes)."""
     config.validate()
     image_size = image_size_of(image_size)
     if not config.source:
@@ -377,5 +383,6 @@ def load_data(config: DataConfig, image_size: int | HasImageSize) -> ImageData:
         return from_arrays(x, y, image_size, names, test=test, **split)
     return from_folder(
         config.source, image_size, test_split=config.test_split,
-        validation_dir=config.validation_dir, test_dir=config.test_dir, strict=config.strict, **split,
+        validation_dir=config.validation_dir, test_dir=config.test_dir, strict=config.strict,
+        min_classes=min_classes, **split,
     )

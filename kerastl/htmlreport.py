@@ -34,9 +34,9 @@ from typing import Any
 from kerastl import plots
 from kerastl.config import OBJECTIVES
 from kerastl.errors import KerastlError
-from kerastl.modelcard import (NOT_RECORDED, write_model_card, RunFiles, Table, counts_table, data_sources, data_warnings, limitations,
-                               metric_rows, model_facts, number, per_class_table, phases, read_run, usage_snippet,
-                               validation_mode, weak_classes_text)
+from kerastl.modelcard import (NOT_RECORDED, RunFiles, Table, counts_table, data_sources, limitations, metric_rows,
+                               model_facts, number, per_class_table, phases, read_run, recorded_warnings, usage_snippet,
+                               validation_mode, weak_classes_text, write_model_card)
 from kerastl.version import __version__
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def _png(path: Path) -> bytes | None:
 
 
 def _data_section(run: RunFiles) -> str:
-    counts, warnings = counts_table(run), data_warnings(run)
+    counts, warnings = counts_table(run), recorded_warnings(run)
     return _section("data", "Data", [
         _facts([*data_sources(run), ("validation mode", validation_mode(run))]),
         _table(counts, footer=1) if counts else f'<p class="note">Images per class: {NOT_RECORDED}.</p>',
@@ -357,7 +357,14 @@ def write_run_files(folder: str | Path, location: str | Path | None = None) -> P
 def write_report(folder: str | Path) -> Path:
     """The report of a search project (search.json, or trials.json without a run's files) or of a
     run folder (config.json and metrics.json; a search's export, which holds trials.json too, is one):
-    a run folder's plots and model card are redrawn with it."""
+    a run folder's plots and model card are redrawn with it.
+
+    Example:
+    ```python
+    write_report("saved_models/flowers")  # -> saved_models/flowers/report.html
+    write_report("tuning")                # the search's trial table
+    ```
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise KerastlError(f"{folder} is not a folder")

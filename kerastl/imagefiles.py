@@ -102,11 +102,12 @@ class FolderListing:
         per_label = Counter(self.labels)
         return [per_label[label] for label in range(len(self.class_names))]
 
-    def errors(self) -> list[str]:
-        """Why this folder cannot train a classifier (one sentence each); empty when it can."""
+    def errors(self, min_classes: int = 2) -> list[str]:
+        """Why this folder cannot train a classifier (one sentence each); empty when it can.
+        `min_classes=1` accepts one class (images to evaluate a model on)."""
         if not self.class_names:
             return [f"{self.root} has no class subfolders (expected one folder per class)"]
-        if len(self.class_names) == 1:
+        if len(self.class_names) < min_classes:
             return [f"{self.root} has only one class folder ({self.class_names[0]}); a classifier needs two or more"]
         return [
             f"class folder {self.root / name} has no images kerastl can read ({', '.join(SUPPORTED_FORMATS)}); "
@@ -197,7 +198,7 @@ def scan_class_folder(root: str | os.PathLike) -> FolderListing:
     return listing
 
 
-def list_class_folder(root: str | os.PathLike) -> FolderListing:
+def list_class_folder(root: str | os.PathLike, min_classes: int = 2) -> FolderListing:
     """The classes (sorted folder names) and candidate images of a class folder, cheaply.
 
     Reads each file's first bytes, never decodes, so the command line can call it
@@ -205,11 +206,11 @@ def list_class_folder(root: str | os.PathLike) -> FolderListing:
     in `findings`; `check_files` then decodes the rest.
 
     Raises:
-        KerastlError: a missing folder, no class subfolders, a single class, or a
-            class folder without a single candidate image.
+        KerastlError: a missing folder, no class subfolders, fewer than `min_classes`
+            classes, or a class folder without a single candidate image.
     """
     listing = scan_class_folder(root)
-    errors = listing.errors()
+    errors = listing.errors(min_classes)
     if errors:
         raise KerastlError(errors[0])
     return listing

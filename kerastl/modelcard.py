@@ -155,7 +155,7 @@ def counts_table(run: RunFiles) -> Table | None:
     return ["class", *splits], rows
 
 
-def data_warnings(run: RunFiles) -> list[str]:
+def recorded_warnings(run: RunFiles) -> list[str]:
     """data.json's warnings, and the files that could not be read."""
     data = run.data or {}
     skipped = data.get("skipped_files")
@@ -407,7 +407,7 @@ def model_card(folder: str | Path, location: str | Path | None = None) -> str:
     lines.append(f"- validation mode: {validation_mode(run)}")
     table = counts_table(run)
     lines += ["", *(_md_table(table) if table else ["Images per class: not recorded."]), ""]
-    warnings = data_warnings(run)
+    warnings = recorded_warnings(run)
     lines += ["Warnings:", *(f"- {md_escape(w)}" for w in warnings)] if warnings else ["Warnings: none recorded."]
     lines += ["", "## Model", "", *(f"- {label}: {md_escape(text)}" for label, text in model_facts(run))]
     lines += ["", "## Training", "", *(f"- {label}: {md_escape(text)}" for label, text in phases(run))]

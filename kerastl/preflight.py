@@ -51,8 +51,9 @@ def check_output(config: RunConfig, resolved: RunConfig, overwrite: bool) -> Non
     check_export_dir(resolved.export_dir, overwrite, create_parent=config.export_dir is None)
 
 
-def check_data_source(config: DataConfig) -> None:
-    """A class folder (and validation or test folder) that exists and has two classes, each with images.
+def check_data_source(config: DataConfig, min_classes: int = 2) -> None:
+    """A class folder (and validation or test folder) that exists and has two classes (or
+    `min_classes`), each with images.
 
     The built-in sources and CIFAR-10 folders are read, and checked, by `kerastl.data`.
     """
@@ -62,7 +63,7 @@ def check_data_source(config: DataConfig) -> None:
         return
     for folder in (config.source, config.validation_dir, config.test_dir):
         if folder:
-            list_class_folder(Path(folder))
+            list_class_folder(Path(folder), min_classes)
 
 
 def is_cifar10_folder(path: str | os.PathLike) -> bool:

@@ -130,7 +130,7 @@ def probe_path(x: np.ndarray, y: np.ndarray, cs, num_classes: int, binary: bool 
 
 
 def _scores(fit: ProbeFit, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(accuracy, cross-entropy) of a probe on rows, clipped as `kerastl.report.score` clips them."""
+    """(accuracy, cross-entropy) of a probe on rows, clipped as `kerastl.scoring.score` clips them."""
     p = fit.probabilities(x).astype(np.float64)
     if p.shape[1] == 1:
         p = np.concatenate([1.0 - p, p], axis=1)

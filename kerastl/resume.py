@@ -102,6 +102,11 @@ class RunState:
         self._lock: int | None = None
 
     @property
+    def logs_dir(self) -> Path:
+        """The run's TensorBoard logs while it trains (copied into the export at the end)."""
+        return self.folder / "logs"
+
+    @property
     def backup_dir(self) -> Path:
         return self.folder / "backup"
 
@@ -151,10 +156,11 @@ class RunState:
             os.ftruncate(self._lock, 0)
             os.write(self._lock, f"{os.getpid()}\n".encode())
             previous = self._check_config(config, restart)
-            if previous is None and self.backup_dir.exists():
+            if previous is None and (self.backup_dir.exists() or self.logs_dir.exists()):
                 if restart:
                     log.info("discarding the unfinished run in %s (restart)", self.folder)
-                shutil.rmtree(self.backup_dir)
+                shutil.rmtree(self.backup_dir, ignore_errors=True)
+                shutil.rmtree(self.logs_dir, ignore_errors=True)  # its curves are not this run's
             for stale in self.export_dir.parent.glob(f".{self.export_dir.name}-*"):  # a killed writer's
                 shutil.rmtree(stale, ignore_errors=True)
             self.resuming = previous is not None and self.has_progress()

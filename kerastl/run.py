@@ -24,23 +24,22 @@ import numpy as np
 import tensorflow as tf
 
 from kerastl.augment import build_augmenter, parse_augment
-from kerastl.batchnorm import recalibrate_batchnorm
 from kerastl.callbacks import NaNLoss
 from kerastl.classifier import TransferClassifier, seeded_classifier
-from kerastl.compile import compile_classifier, make_loss, make_optimizer
+from kerastl.compile import make_loss, make_optimizer
 from kerastl.config import RunConfig, TrainConfig, parse_features
-from kerastl.crossval import train_cross_validated
+from kerastl.crossval import cross_validate_run
 from kerastl.data import ImageData, load_data, merge_splits
 from kerastl.errors import KerastlError
 from kerastl.features import CachedFeatures, FeatureCache, cached_views, extract, model_fingerprint
 from kerastl.probe import (DEFAULT_DEPTH, MAX_ROWS, ProbeCurve, ProbeFit, block_columns, choose_c_cv,
                            choose_c_holdout, folds_of, probe_blocks)
 from kerastl.preflight import DEFAULT_EXPORT_ROOT, is_named, resolve_run_config
-from kerastl.report import score, split_scores
+from kerastl.scoring import describe_data, evaluate_split, predict_split, score
 from kerastl.resume import RunState, adopt_unfinished
-from kerastl.runfolder import write_run_folder
+from kerastl.runfolder import LOGS, write_run_folder
 from kerastl.storage import HeadStore, check_export_dir, disk_full_error
-from kerastl.train import TrainResult, epochs_for, resumable_fit, skip_epochs, train_classifier
+from kerastl.train import TrainResult, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -214,30 +213,42 @@ def _run(config: RunConfig, data, mode: str, pipelines: bool, verbose, model, ca
     model = phase1.model or model
     if phase1.features is None and not model.from_scratch and mode == "holdout":
         phase1.probe = _probe_pipelines(config, model, train, validation)
-    dc, tc = config.data, config.train
+    dc, tc, held = config.data, config.train, None
+    logs = None if save == "none" else state.logs_dir if state is not None else folder / LOGS
     if mode == "cv":
-        history, metrics = _cross_validated(config, data, model, phase1, callbacks, verbose,
-                                            state.backup_dir if state is not None else None)
+        history, metrics = cross_validate_run(
+            config, data, model, phase1.features[1] if phase1.features else None, phase1.views, phase1.probe,
+            phase1.folds, phase1.depth, callbacks, verbose, state.backup_dir if state is not None else None, logs)
     else:
         calibration = data.train.sample() if model.from_scratch and not pipelines else None  # un-augmented
         history = train_classifier(
             model, train, validation, tc, calibration_images=calibration, features=phase1.features,
             batch_size=dc.batch_size, seed=dc.seed, callbacks=callbacks, verbose=verbose, phase1=phase1.start,
             after_phase1=lambda history: phase1.store(heads, model, history), head_start=phase1.probe,
-            unfreeze_blocks=phase1.depth, backup_dir=state.backup_dir if state is not None else None,
+            unfreeze_blocks=phase1.depth, backup_dir=state.backup_dir if state is not None else None, log_dir=logs,
         )
         if phase1.features is not None and history.phase2 is None:  # the head's own view: no backbone pass
-            metrics = _head_scores(model, phase1.features[1])
+            predicted = _head_predictions(model, phase1.features[1])
         else:
-            metrics = split_scores(model, validation, "val_")
+            predicted = predict_split(model, validation)
+        metrics = score(*predicted, "val_")
+        held = ("validation", data.validation, predicted) if not pipelines else None
     if not pipelines and data.test is not None:
-        metrics.update(split_scores(model, data.test.batches(dc.batch_size, cache_limit_mb=0), "test_"))
-    log.info("metrics: %s", metrics)
+        predicted = predict_split(model, data.test.batches(dc.batch_size, cache_limit_mb=0))
+        metrics.update(score(*predicted, "test_"))
+        held = ("test", data.test, predicted)
+    log.debug("metrics: %s", metrics)
+    evaluation = wrong = None
+    if save == "export" and held is not None:  # the held-out split's full evaluation, for the report
+        name, split, (probabilities, labels) = held
+        evaluation, wrong = evaluate_split(probabilities, labels, split, data.class_names, name)
     config = _with_choices(config, model, phase1)
     class_names = None if pipelines else data.class_names
     if save != "none":
         write_run_folder(folder, model, class_names, config, history, metrics, export=save == "export",
-                         backbone_digest=phase1.backbone_digest, probe=phase1.curve)
+                         backbone_digest=phase1.backbone_digest, probe=phase1.curve, logs=logs,
+                         evaluation=evaluation, wrong_images=wrong,
+                         data=describe_data(data, config, mode) if save == "export" else None)
     return RunResult(model, history, class_names, metrics, folder if save != "none" else None, config,
                      reused_head=phase1.start is not None, probe=phase1.curve)
 
@@ -360,35 +371,6 @@ def _probe_pipelines(config: RunConfig, model: TransferClassifier, train: tf.dat
     return choose_c_holdout(x[None], y, xv, yv, model.num_classes, model.binary, config.data.seed)
 
 
-def _cross_validated(config: RunConfig, data: ImageData, model: TransferClassifier, phase1: Phase1,
-                     callbacks, verbose, backup_dir: Path | None) -> tuple[TrainResult, dict[str, float]]:
-    """Small data: both phases on every labelled image, choices by cross-validation (`kerastl.crossval`).
-
-    Without cached features (from scratch, or the cache off) there is nothing cheap to
-    cross-validate: the model trains on every image for the step budget, with no estimate.
-    """
-    dc, tc = config.data, config.train
-    if phase1.features is None:
-        log.warning("%d labelled images and no cached features: training on all of them for at least %d steps, "
-                    "with no validation estimate", data.train.count, tc.min_steps)
-        if model.from_scratch:
-            model.backbone.trainable = True
-        compile_classifier(model, tc)
-        epochs = epochs_for(tc.epochs, tc.min_steps, data.train.count, dc.batch_size)
-        batches = data.train.batches(dc.batch_size, True, build_augmenter(dc.augment, seed=dc.seed), dc.seed,
-                                     dc.cache_limit_mb)
-        history = resumable_fit(model, lambda first: skip_epochs(batches, first), None, epochs, None,
-                                list(callbacks or []), verbose, backup_dir / "phase1" if backup_dir else None)
-        if model.from_scratch:
-            recalibrate_batchnorm(model, data.train.sample(), chunk_size=dc.batch_size)
-        return TrainResult(history), {}
-    images, labels = data.train.arrays()
-    if not np.array_equal(labels, phase1.features[1].labels):
-        raise KerastlError("the cached features are not in the images' order; clear the feature cache")
-    return train_cross_validated(model, images, labels, phase1.views, phase1.probe, phase1.folds, tc, dc,
-                                 phase1.depth, callbacks, verbose, backup_dir)
-
-
 def _stored_phase1(heads: HeadStore, key: str, model: TransferClassifier) -> keras.callbacks.History | None:
     """Loads a stored phase-1 head into `model`; returns that phase's history, or None when there is none."""
     stored = heads.load(key)
@@ -399,8 +381,8 @@ def _stored_phase1(heads: HeadStore, key: str, model: TransferClassifier) -> ker
     return TrainResult.from_dict({"phase1": stored["phase1"]}).phase1
 
 
-def _head_scores(model: TransferClassifier, validation: CachedFeatures) -> dict[str, float]:
+def _head_predictions(model: TransferClassifier, validation: CachedFeatures) -> tuple[np.ndarray, np.ndarray]:
     # one eager call on a few thousand feature rows: no predict function to trace
     probabilities = keras.ops.convert_to_numpy(
         model.head_model()(np.asarray(validation.features[0]), training=False))
-    return score(probabilities, validation.labels, "val_")
+    return probabilities, validation.labels

@@ -6,12 +6,20 @@ An exported run folder (`kerastl train`, a search's best model) holds:
 - `model.keras`, the `TransferClassifier` (loads with `safe_mode=True`);
 - `backbone.weights.h5`, a pretrained start for a later run (`--weights FILE`);
 - `config.json` (the resolved `RunConfig`), `history.json`, `metrics.json`;
-- `metadata.json`: the kerastl version and folder format that wrote it.
+- `metadata.json`: the kerastl version and folder format that wrote it;
+- `logs/`: TensorBoard logs of both phases (`tensorboard --logdir FOLDER`);
+- `data.json` (sources, images per class per split, warnings) and `evaluation.json`
+  (`kerastl.evaluation`: the held-out test split's, else the validation split's; none
+  when the run cross-validated);
+- `plots/` (curves, confusion matrix, reliability diagram, class counts, the most
+  confidently wrong images), `report.html` and `MODEL_CARD.md`, drawn from those files
+  (`kerastl report FOLDER` redraws them).
 
 A weights-only run folder (each search trial) holds the same files but, instead
 of the SavedModel, `model.keras` and `backbone.weights.h5`, only the weights: the
 head's alone (`head.weights.h5`) when the backbone never trained, so that a trial
-on a frozen ResNet costs kilobytes, not a copy of ResNet.
+on a frozen ResNet costs kilobytes, not a copy of ResNet. It has no evaluation,
+plots, report or model card; its TensorBoard logs are written in place.
 """
 
 from __future__ import annotations
@@ -19,18 +27,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import keras
+import numpy as np
 
 from kerastl.classifier import TransferClassifier, seeded_classifier
 from kerastl.config import RunConfig
 from kerastl.errors import KerastlError
+from kerastl.evaluation import Evaluation
 from kerastl.export import CONFIG_FILE, export_saved_model, read_labels, write_labels
 from kerastl.features import weights_digest
+from kerastl.htmlreport import write_run_files
+from kerastl.plots import plot_wrong
 from kerastl.probe import ProbeCurve
-from kerastl.report import plot_probe_curve
 from kerastl.storage import HEAD_WEIGHTS, disk_full_error, staged_folder
 from kerastl.train import TrainResult
 from kerastl.version import FOLDER_FORMAT, __version__
@@ -44,7 +56,11 @@ MODEL_FILE = "model.keras"
 BACKBONE_WEIGHTS = "backbone.weights.h5"
 MODEL_WEIGHTS = "model.weights.h5"
 PROBE_FILE = "probe.json"  # the probe curve that features="auto" chose from
-PROBE_PLOT = "probe.png"
+EVALUATION_FILE = "evaluation.json"
+DATA_FILE = "data.json"
+LOGS = "logs"
+PLOTS = "plots"
+WRONG_PLOT = "wrong.png"
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -63,6 +79,10 @@ def write_run_folder(
     extra: dict[str, Any] | None = None,
     backbone_digest: str | None = None,
     probe: ProbeCurve | None = None,
+    logs: str | os.PathLike | None = None,
+    evaluation: Evaluation | None = None,
+    wrong_images: np.ndarray | None = None,
+    data: dict[str, Any] | None = None,
 ) -> Path:
     """Writes a run folder (see the module docstring); the only writer of one.
 
@@ -82,18 +102,23 @@ def write_run_folder(
         export: the SavedModel, `model.keras` and `backbone.weights.h5`; else weights only.
         extra: more JSON files to write, name -> value (a search's `tune.json`).
         backbone_digest: `weights_digest(model.backbone)` when the caller has it already.
-        probe: the probe curve the run chose its blocks from: `probe.json` and `probe.png`.
+        probe: the probe curve the run chose its blocks from: `probe.json` (an export draws `probe.png`).
+        logs: the run's TensorBoard logs, copied in as `logs/` (unless already inside `folder`).
+        evaluation: the held-out evaluation (`evaluation.json`), with `wrong_images`, the
+            images of its `most_wrong` predictions (`plots/wrong.png`).
+        data: `data.json`, from `kerastl.scoring.describe_data`.
     """
     folder = Path(folder)
     try:  # an export is swapped in whole; a trial's folder holds KerasTuner's files too: files move in
         with staged_folder(folder, "replace" if export else "merge") as staging:
             _write_files(staging, model, class_names, config, history, metrics, export, extra, backbone_digest,
                          probe)
+            _write_report_files(staging, folder, logs, evaluation, wrong_images, data, export)
     except Exception as error:
         if isinstance(error, OSError) or "No space left on device" in str(error):  # TensorFlow's own writes too
             raise disk_full_error(error, f"the run folder {folder}") from None
         raise
-    log.info("wrote %s", folder)
+    log.debug("wrote %s", folder)
     return folder
 
 
@@ -118,9 +143,30 @@ def _write_files(folder: Path, model, class_names, config, history, metrics, exp
     write_json(folder / METADATA_FILE, metadata)
     for name, value in (extra or {}).items():
         write_json(folder / name, value)
-    if probe is not None:
+    if probe is not None:  # its plot, probe.png, is drawn from it with the others
         write_json(folder / PROBE_FILE, probe.to_dict())
-        plot_probe_curve(probe.accuracy, probe.all_accuracy, probe.chosen, probe.folds, folder / PROBE_PLOT)
+
+
+def _write_report_files(staging: Path, folder: Path, logs: str | os.PathLike | None, evaluation: Evaluation | None,
+                        wrong_images: np.ndarray | None, data: dict | None, export: bool) -> None:
+    """The TensorBoard logs; for an export, the evaluation, plots, `report.html` and `MODEL_CARD.md`."""
+    if logs is not None and Path(logs).is_dir() and Path(folder).resolve() not in Path(logs).resolve().parents:
+        shutil.copytree(logs, staging / LOGS)
+    if not export:
+        return
+    if data is not None:
+        write_json(staging / DATA_FILE, data)
+    if evaluation is not None:
+        evaluation.save(staging / EVALUATION_FILE)
+        (staging / PLOTS).mkdir(exist_ok=True)
+        plot_wrong(wrong_images, evaluation.most_wrong, staging / PLOTS / WRONG_PLOT)
+    try:
+        write_run_files(staging, location=folder)
+    except OSError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a drawing problem must not lose a trained model
+        log.warning("the model is exported, but its report could not be drawn (%s); `kerastl report %s` tries "
+                    "again", error, folder)
 
 
 def read_config(folder: str | os.PathLike) -> RunConfig:

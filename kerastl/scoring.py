@@ -1,4 +1,5 @@
-"""Evaluation: class probabilities -> the scores kerastl reports and searches on; and plots.
+"""Scoring: a model's class probabilities -> the scores kerastl reports and searches on, and the
+full evaluation (`kerastl.evaluation`) of a held-out split or of any data source.
 
 One vocabulary everywhere: Keras's `val_` names for the validation split
 (`val_loss`, `val_accuracy`, `val_macro_f1`, `val_auc`), `test_` for the test split
@@ -7,13 +8,28 @@ and `cv_` for a cross-validated estimate (see `kerastl.crossval`).
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+import os
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
-from matplotlib.figure import Figure
 from sklearn.metrics import f1_score, roc_auc_score
+
+from kerastl.config import DataConfig, RunConfig
+from kerastl.data import ImageData, Split, load_data, merge_splits
+from kerastl.errors import KerastlError
+from kerastl.evaluation import Evaluation, as_probabilities, cross_entropy, data_warnings, evaluate_predictions
+from kerastl.export import CONFIG_FILE, load_export, read_labels
+from kerastl.preflight import BUILT_IN_SOURCES
+from kerastl.runfolder import load_model, read_config
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZE = 224  # a bare export (no config.json) resizes whatever it is given: any size works
 
 METRICS = ("loss", "accuracy", "macro_f1", "auc")
 
@@ -23,21 +39,18 @@ def score(probabilities: np.ndarray, labels: np.ndarray, prefix: str = "val_") -
 
     The loss is plain cross-entropy (no label smoothing), so runs with different
     smoothing compare fairly. The AUC is the mean one-vs-rest ROC AUC over the
-    classes present; macro F1 the unweighted mean F1 over classes.
+    classes present; macro F1 the unweighted mean F1 over the classes present, as
+    `kerastl.evaluation` reports it.
     """
-    p = np.asarray(probabilities, np.float64)
-    if p.shape[1] == 1:  # one sigmoid unit: P(class 1)
-        p = np.concatenate([1.0 - p, p], axis=1)
-    p = np.clip(p, 1e-7, 1.0)
-    p /= p.sum(axis=1, keepdims=True)
+    p = as_probabilities(probabilities)
     labels = np.asarray(labels).astype(int)
     predicted = p.argmax(axis=1)
     present = np.unique(labels)
     aucs = [roc_auc_score(labels == c, p[:, c]) for c in present] if len(present) > 1 else [np.nan]
     values = (
-        float(-np.mean(np.log(p[np.arange(len(labels)), labels]))),
+        cross_entropy(p, labels),
         float(np.mean(predicted == labels)),
-        float(f1_score(labels, predicted, average="macro", zero_division=0)),
+        float(f1_score(labels, predicted, labels=present, average="macro", zero_division=0)),
         float(np.mean(aucs)),
     )
     return {prefix + name: value for name, value in zip(METRICS, values)}
@@ -49,28 +62,111 @@ def predict_split(model: keras.Model, batches: tf.data.Dataset) -> tuple[np.ndar
     return probabilities, np.concatenate([labels.numpy() for _, labels in batches])
 
 
-def split_scores(model: keras.Model, batches: tf.data.Dataset, prefix: str) -> dict[str, float]:
-    """`score` of a model's predictions on batched (images, labels)."""
-    return score(*predict_split(model, batches), prefix)
+def evaluate_split(probabilities: np.ndarray, labels: np.ndarray, split: Split, class_names: list[str], name: str,
+                   top_k: int = 3) -> tuple[Evaluation, np.ndarray]:
+    """The evaluation of predictions on `split` (in its order), and the images of its most
+    confidently wrong predictions (uint8, in `most_wrong` order)."""
+    evaluation = evaluate_predictions(probabilities, labels, class_names, name, top_k=top_k)
+    return evaluation, images_at(split, [row["index"] for row in evaluation.most_wrong])
 
 
-def plot_probe_curve(accuracy: list[float], all_accuracy: float, chosen: list[int], folds: int,
-                     path: str | Path) -> Path:
-    """A PNG of the probe accuracy per block, all blocks as a line, and the blocks the head reads.
+def images_at(split: Split, indices: list[int]) -> np.ndarray:
+    """The split's images at `indices` (uint8 [n, size, size, 3]), in that order; reads the split once."""
+    wanted = {index: position for position, index in enumerate(indices)}
+    found: list[np.ndarray | None] = [None] * len(indices)
+    if wanted:
+        for index, (image, _) in enumerate(split.dataset):
+            if index in wanted:
+                found[wanted[index]] = image.numpy()
+            if index >= max(wanted):
+                break
+    size = split.image_size
+    return np.stack(found) if indices else np.zeros((0, size, size, 3), np.uint8)
 
-    Drawn on a `Figure` of its own (no pyplot state), so it runs headless anywhere.
+
+def describe_data(data: ImageData, config: RunConfig, mode: str) -> dict:
+    """What a run trained and was measured on, as `data.json` records it: sources, images per
+    class per split, the validation mode and warnings about small or imbalanced classes.
+    In "cv" mode the training split holds every labelled image."""
+    names, dc = data.class_names, config.data
+    splits = {"train": data.train, "validation": data.validation, "test": data.test}
+    counts = {name: split.class_counts(len(names)).tolist() for name, split in splits.items() if split is not None}
+    held = {"validation": (dc.validation_dir, dc.validation_split), "test": (dc.test_dir, dc.test_split)}
+    sources = {"train": dc.source}
+    for name, (folder, fraction) in held.items():
+        if name in counts:
+            cut = f"{fraction:g} of each class of {dc.source}, held out" if fraction else f"{dc.source}'s own set"
+            sources[name] = folder or cut
+    if mode == "cv":
+        sources["validation"] = f"{config.train.cv_folds}-fold cross-validation on the training images"
+    return {"sources": sources, "class_names": list(names), "counts": counts, "validation_mode": mode,
+            "warnings": data_warnings(counts, list(names)), "skipped_files": data.skipped}
+
+
+def evaluate_folder(model_dir: str | Path, source: str, batch_size: int = 64, top_k: int = 3,
+                    strict: bool = False) -> tuple[Evaluation, np.ndarray]:
+    """Evaluates an export or run folder on labelled images; returns the evaluation and the
+    images of its most confidently wrong predictions.
+
+    `source` is a class folder (one class or more), "digits", or CIFAR-10 (its test set).
+    Its classes must be some or all of the model's (`labels.txt`), matched by name. When it
+    is the source the model was trained on, only the run's held-out images are scored:
+    its test split, else its validation split, cut as the run cut them (never its
+    training images; a cross-validated run has none held out, and then every image is
+    scored with a warning, named so in the evaluation's `split`).
+
+    Example:
+    ```python
+    evaluation, wrong = evaluate_folder("saved_models/flowers", "flowers_2026/")
+    print(evaluation.format())
+    ```
     """
-    blocks = np.arange(1, len(accuracy) + 1)
-    figure = Figure(figsize=(max(5.0, 0.35 * len(blocks) + 2), 3.2), dpi=100)
-    axes = figure.subplots()
-    axes.plot(blocks, accuracy, marker="o", label="one block")
-    axes.axhline(all_accuracy, color="tab:green", linestyle="--", label="all blocks")
-    axes.scatter(chosen, [accuracy[b - 1] for b in chosen], s=120, facecolors="none", edgecolors="tab:red",
-                 label="read by the head", zorder=3)
-    axes.set_xlabel("block (the last is the backbone's output)")
-    axes.set_ylabel(f"{folds}-fold probe accuracy")
-    axes.set_xticks(blocks)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path)
-    return Path(path)
+    folder = Path(model_dir)
+    class_names = read_labels(folder)
+    config = read_config(folder) if (folder / CONFIG_FILE).is_file() else None
+    size = config.model.image_size if config is not None and config.model.image_size else DEFAULT_SIZE
+    if config is not None and _same_source(config.data.source, source):
+        split, name = _held_out_of_run(folder, config, source, size, strict)
+        data_names = class_names
+    else:
+        data = load_data(DataConfig(source=source, validation_split=0.0, strict=strict), size, min_classes=1)
+        split = data.test if data.test is not None else data.train
+        name, data_names = source + (" (its test set)" if data.test is not None else ""), data.class_names
+    unknown = [c for c in data_names if c not in class_names]
+    if unknown:
+        raise KerastlError(f"{source} has classes {unknown} that the model at {folder} does not know; its classes "
+                           f"(labels.txt) are {class_names}")
+    to_model = np.array([class_names.index(c) for c in data_names])
+    if (folder / "saved_model.pb").is_file():
+        predict = load_export(folder).predict
+    else:  # a weights-only run folder (a search trial's)
+        model = load_model(folder)
+        predict = lambda images: keras.ops.convert_to_numpy(model(images, training=False))  # noqa: E731
+    probabilities, labels = [], []
+    for images, batch_labels in split.batches(batch_size, cache_limit_mb=0):
+        probabilities.append(predict(images.numpy()))
+        labels.append(to_model[batch_labels.numpy()])
+    log.info("evaluated %s on %d images of %s", folder, split.count, name)
+    return evaluate_split(np.concatenate(probabilities), np.concatenate(labels), split, class_names, name, top_k)
+
+
+def _same_source(trained: str, source: str) -> bool:
+    """Whether two data sources are the same: the same name, or the same folder."""
+    if trained in BUILT_IN_SOURCES or source in BUILT_IN_SOURCES:
+        return trained == source
+    return bool(trained) and os.path.realpath(trained) == os.path.realpath(source)
+
+
+def _held_out_of_run(folder: Path, config: RunConfig, source: str, size: int, strict: bool) -> tuple[Split, str]:
+    """The run's own held-out split of its training source (cut with its seed and fractions)."""
+    data = load_data(dataclasses.replace(config.data, strict=strict), size)
+    recorded = folder / "data.json"
+    mode = json.loads(recorded.read_text()).get("validation_mode") if recorded.is_file() else config.train.validation
+    if data.test is not None:
+        return data.test, f"{source} (the run's held-out test split)"
+    if mode != "cv" and data.validation is not None:
+        return data.validation, f"{source} (the run's validation split)"
+    log.warning("%s trained on every image of %s (cross-validated, no test split): scoring them all, so these "
+                "numbers are not held out", folder, source)
+    merged = data.train if data.validation is None else merge_splits(data.train, data.validation)
+    return merged, f"{source} (every image, the training images included: not held out)"

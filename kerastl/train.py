@@ -89,6 +89,13 @@ def start_head(model: TransferClassifier, fit: ProbeFit) -> None:
         model.output_dense.set_weights([fit.kernel, fit.bias])
 
 
+def tensorboard_logs(log_dir: str | Path | None, phase: str) -> list[keras.callbacks.Callback]:
+    """Keras's TensorBoard callback logging one phase into `log_dir/phase` (none without a `log_dir`)."""
+    if log_dir is None:
+        return []
+    return [keras.callbacks.TensorBoard(str(Path(log_dir) / phase), write_graph=False)]
+
+
 def first_images(batches: tf.data.Dataset, count: int = 512) -> tf.Tensor:
     """Up to `count` images from a dataset of image or (image, label) batches."""
     gathered, total = [], 0
@@ -309,6 +316,7 @@ def train_classifier(
     head_start: ProbeFit | None = None,
     unfreeze_blocks: int | None = None,
     backup_dir: str | Path | None = None,
+    log_dir: str | Path | None = None,
 ) -> TrainResult:
     """Trains `model` in two phases (one when it trains from scratch).
 
@@ -336,12 +344,13 @@ def train_classifier(
         backup_dir: where both phases keep a snapshot per epoch and phase 1 its end
             result: a run killed and started again with the same folder resumes from
             the last completed epoch, in the phase it was in.
+        log_dir: TensorBoard logs, `phase1/` and `phase2/` (phase 2's epochs number on from phase 1's).
 
     Raises:
         kerastl.callbacks.NaNLoss: the loss became NaN or infinite (the snapshots are kept).
     """
     config.validate()
-    extra = list(callbacks or [])
+    extra = [*(callbacks or []), *tensorboard_logs(log_dir, "phase1")]
     backup = Path(backup_dir) if backup_dir is not None else None
     scratch = model.from_scratch
     if scratch:
@@ -384,6 +393,7 @@ def train_classifier(
     if not scratch:
         best = min(phase1.history["val_loss"] + phase1.history.get(START_LOSS, []))
         result.phase2 = fine_tune(model, train_data, validation_data, config, best, len(phase1.epoch),
-                                  callbacks=extra, verbose=verbose, unfreeze_blocks=unfreeze_blocks,
+                                  callbacks=[*(callbacks or []), *tensorboard_logs(log_dir, "phase2")],
+                                  verbose=verbose, unfreeze_blocks=unfreeze_blocks,
                                   snapshots=backup / "phase2" if backup is not None else None, skipped=skipped)
     return result

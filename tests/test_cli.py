@@ -27,7 +27,7 @@ def test_train_then_predict(image_folder, tmp_path, capsys):
                  "--batch-size", "8", "--no-cache", "--cache-views", "3"])
     assert code == 0
     out = capsys.readouterr().out
-    assert f"exported to {export}" in out and "val_accuracy" in out
+    assert f"wrote {export}" in out and "val_accuracy" in out
     saved = RunConfig.from_json(export / "config.json")
     assert saved.train.learning_rate == 0.01  # from the config file
     assert saved.train.epochs == 2 and saved.data.batch_size == 8  # flags override it

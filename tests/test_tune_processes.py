@@ -42,6 +42,7 @@ def _started(log: str) -> list[str]:
     return re.findall(r"^trial (\d+): ", log, flags=re.M)
 
 
+@pytest.mark.slow  # about 45 s: processes killed and restarted; CI runs it
 def test_a_search_killed_mid_trial_resumes_without_rerunning_completed_trials(tmp_path):
     project = tmp_path / "p"
     first = _tune(tmp_path, "--max-trials", "4", "--epochs", "12", "--patience", "12")
@@ -80,6 +81,7 @@ def test_a_search_killed_mid_trial_resumes_without_rerunning_completed_trials(tm
     assert (tmp_path / "export" / "saved_model.pb").exists()
 
 
+@pytest.mark.slow  # about 35 s: a chief and two worker processes; CI runs it
 def test_a_chief_and_two_workers_run_every_trial_once_and_all_end(tmp_path):
     search = _tune(tmp_path, "--max-trials", "4", "--epochs", "3", "--workers", "2", "--isolate", "always")
     out, err = search.communicate(timeout=400)
@@ -92,4 +94,4 @@ def test_a_chief_and_two_workers_run_every_trial_once_and_all_end(tmp_path):
         assert (tmp_path / "p" / f"trial_{trial}" / "trial.log").exists()
     trials = json.loads((tmp_path / "p" / "trials.json").read_text())
     assert [t["status"] for t in trials] == ["COMPLETED"] * 4
-    assert (tmp_path / "export" / "saved_model.pb").exists() and "exported to" in out
+    assert (tmp_path / "export" / "saved_model.pb").exists() and f"wrote {tmp_path / 'export'}" in out

@@ -11,7 +11,7 @@ import tensorflow as tf
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from kerastl.errors import KerastlError
 from kerastl.export import load_export
-from kerastl.report import score
+from kerastl.scoring import score
 from kerastl.runfolder import load_model
 from kerastl.tune.config import TuneConfig
 from kerastl.tune.hypermodel import TransferHyperModel

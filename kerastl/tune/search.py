@@ -26,10 +26,10 @@ from kerastl.config import RunConfig
 from kerastl.data import ImageData, load_data
 from kerastl.devices import list_gpus, setup_devices
 from kerastl.errors import KerastlError
-from kerastl.report import split_scores
+from kerastl.scoring import describe_data, evaluate_split, predict_split, score
 from kerastl.run import resolve_config
-from kerastl.runfolder import (HISTORY_FILE, METRICS_FILE, load_model, read_config, read_json_file,
-                               write_run_folder)
+from kerastl.runfolder import (HISTORY_FILE, LOGS, METRICS_FILE, PROBE_FILE, load_model, read_config,
+                               read_json_file, write_run_folder)
 from kerastl.storage import check_export_dir
 from kerastl.train import TrainResult
 from kerastl.tune.config import TuneConfig
@@ -188,7 +188,8 @@ def run_search(
 
 def export_best(tuner: TransferTuner, trial_id: str, base: RunConfig, tune: TuneConfig,
                 data: ImageData | None) -> tuple[TransferClassifier, dict[str, float]]:
-    """Writes the best trial's own model as an exported run folder, scored on the test split if there is one."""
+    """Writes the best trial's own model as an exported run folder, scored on the test split if there is one
+    and evaluated (the report's `evaluation.json`) on it, or else on the validation split."""
     trial_dir = Path(tuner.get_trial_dir(trial_id))
     config = read_config(trial_dir)
     config.name, config.export_dir = base.name, base.export_dir
@@ -198,9 +199,16 @@ def export_best(tuner: TransferTuner, trial_id: str, base: RunConfig, tune: Tune
     elif data is None:
         data = load_data(config.data, config.model.image_size)
     metrics = read_json_file(trial_dir, METRICS_FILE)
+    name, held = ("test", data.test) if data.test is not None else ("validation", data.validation)
+    probabilities, labels = predict_split(model, held.batches(config.data.batch_size, cache_limit_mb=0))
     if data.test is not None:
-        metrics.update(split_scores(model, data.test.batches(config.data.batch_size, cache_limit_mb=0), "test_"))
+        metrics.update(score(probabilities, labels, "test_"))
+    evaluation, wrong = evaluate_split(probabilities, labels, held, data.class_names, name)
     history = TrainResult.from_dict(read_json_file(trial_dir, HISTORY_FILE))
-    write_run_folder(config.export_dir, model, data.class_names, config, history, metrics,
-                     extra={TUNE_FILE: {"tune": tune.to_dict(), "best_trial": trial_id}})
+    extra = {TUNE_FILE: {"tune": tune.to_dict(), "best_trial": trial_id}}
+    if (trial_dir / PROBE_FILE).is_file():  # the probe curve the trial chose from: its plot is drawn from it
+        extra[PROBE_FILE] = read_json_file(trial_dir, PROBE_FILE)
+    write_run_folder(config.export_dir, model, data.class_names, config, history, metrics, extra=extra,
+                     logs=trial_dir / LOGS,
+                     evaluation=evaluation, wrong_images=wrong, data=describe_data(data, config, "holdout"))
     return model, metrics

@@ -1,0 +1,56 @@
+"""What the reports cost: a run with and without its evaluation, plots, report and model card.
+
+Trains one small run on digits (simple_cnn from scratch at 16 px, held-out test split),
+then times, in this process, redrawing its plots, `report.html` and `MODEL_CARD.md` (what
+a run adds after its evaluation; `kerastl report`'s work), and `kerastl evaluate` on every
+digit through the SavedModel. It prints each time and its share of the training run's
+own time (which includes writing them once).
+
+    python scripts/bench_reports.py [--size 16] [--epochs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=16, help="image size (16)")
+    parser.add_argument("--epochs", type=int, default=5, help="phase-1 epochs (5)")
+    args = parser.parse_args()
+
+    from kerastl.quiet import import_tensorflow
+
+    import_tensorflow()
+    from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from kerastl.htmlreport import write_report
+    from kerastl.run import run_training
+    from kerastl.scoring import evaluate_folder
+
+    folder = Path(tempfile.mkdtemp(prefix="kerastl-bench-reports-")) / "run"
+    config = RunConfig(DataConfig("digits", test_split=0.2, augment="none"),
+                       ModelConfig("simple_cnn", weights=None, image_size=args.size),
+                       TrainConfig(epochs=args.epochs, min_steps=0, validation="holdout"), export_dir=str(folder))
+    start = time.perf_counter()
+    run_training(config, verbose=0)
+    run_seconds = time.perf_counter() - start
+
+    rows = []
+    start = time.perf_counter()
+    write_report(folder)
+    rows.append(("plots, report.html and MODEL_CARD.md (kerastl report)", time.perf_counter() - start))
+    start = time.perf_counter()
+    evaluation, _ = evaluate_folder(folder, "digits")
+    rows.append((f"kerastl evaluate on {evaluation.count} digits (SavedModel)", time.perf_counter() - start))
+
+    print(f"training run (both phases, export, evaluation and reports included): {run_seconds:.2f} s")
+    for name, seconds in rows:
+        print(f"{name}: {seconds:.2f} s ({seconds / run_seconds:.1%} of the run)")
+
+
+if __name__ == "__main__":
+    main()
