@@ -193,9 +193,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.plots:
         if os.path.exists(args.plots) and not os.path.isdir(args.plots):
             raise KerastlError(f"--plots {args.plots} is a file, not a folder")
-        check_parent(os.path.join(args.plots, "confusion.png") if os.path.isdir(args.plots) else args.plots)
+        check_parent(os.path.join(args.plots, "x") if os.path.isdir(args.plots) else args.plots)
     import_tensorflow(args.verbose)
-    from kerastl.plots import plot_confusion, plot_reliability, plot_wrong
+    from kerastl.plots import PLOT_FILES, plot_confusion, plot_reliability, plot_wrong
     from kerastl.scoring import evaluate_folder
 
     evaluation, wrong = evaluate_folder(args.model, args.data, args.batch_size, args.top_k)
@@ -206,12 +206,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         written.append(args.json)
     if args.plots:
         os.makedirs(args.plots, exist_ok=True)
-        for name, draw in (("confusion.png", lambda p: plot_confusion(evaluation.confusion_matrix,
-                                                                      evaluation.class_names, p)),
-                           ("reliability.png", lambda p: plot_reliability(evaluation.reliability, evaluation.ece, p)),
-                           ("wrong.png", lambda p: plot_wrong(wrong, evaluation.most_wrong, p))):
-            draw(os.path.join(args.plots, name))
-            written.append(os.path.join(args.plots, name))
+        drawings = {"confusion": lambda p: plot_confusion(evaluation.confusion_matrix, evaluation.class_names, p),
+                    "reliability": lambda p: plot_reliability(evaluation.reliability, evaluation.ece, p),
+                    "wrong": lambda p: plot_wrong(wrong, evaluation.most_wrong, p)}
+        for name, draw in drawings.items():
+            written.append(str(draw(os.path.join(args.plots, os.path.basename(PLOT_FILES[name])))))
     if written:
         print("wrote " + ", ".join(written))
     return 0

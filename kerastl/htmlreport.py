@@ -1,7 +1,7 @@
 """Self-contained HTML reports of a run folder or a search project, built only from their files.
 
 - `write_run_report(folder, location=None)`: `report.html` in a run folder (`config.json` and
-  `metrics.json` required; every other file optional, see `kerastl.modelcard`), in sections
+  `metrics.json` required; every other file optional, see `kerastl.runfacts`), in sections
   `data`, `model`, `training`, `metrics`, `mistakes` and `usage`, each a `<section id=...>`.
   `location` is the folder's final path when it is written in a staging folder first.
 - `write_search_report(project_dir)`: `report.html` in a search project folder
@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from kerastl import plots
-from kerastl.config import OBJECTIVES
+from kerastl.config import OBJECTIVES, read_json
 from kerastl.errors import KerastlError
-from kerastl.modelcard import (NOT_RECORDED, RunFiles, Table, counts_table, data_sources, limitations, metric_rows,
-                               model_facts, number, per_class_table, phases, read_run, recorded_warnings, usage_snippet,
-                               validation_mode, weak_classes_text, write_model_card)
+from kerastl.modelcard import write_model_card
+from kerastl.runfacts import (NOT_RECORDED, RunFiles, Table, counts_table, data_sources, limitations, metric_rows,
+                              model_facts, number, per_class_table, phases, read_run, recorded_warnings, usage_snippet,
+                              validation_mode, weak_classes_text)
 from kerastl.version import __version__
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def _data_section(run: RunFiles) -> str:
     return _section("data", "Data", [
         _facts([*data_sources(run), ("validation mode", validation_mode(run))]),
         _table(counts, footer=1) if counts else f'<p class="note">Images per class: {NOT_RECORDED}.</p>',
-        _figure(_png(run.folder / "plots" / "class_counts.png"), "images per class"),
+        _figure(_png(plots.plot_path(run.folder, "class_counts")), "images per class"),
         ("<h3>Warnings</h3>" + _list(warnings, "warning")) if warnings else '<p class="note">No data warnings.</p>'])
 
 
@@ -196,8 +197,8 @@ def _training_section(run: RunFiles) -> str:
     chosen = ", ".join(map(str, probe.get("chosen") or [])) or NOT_RECORDED
     return _section("training", "Training", [
         _facts(phases(run)),
-        _figure(_png(run.folder / "plots" / "curves.png"), "training curves", "loss and accuracy per epoch, by phase"),
-        _figure(_png(run.folder / "probe.png"), "probe curve",
+        _figure(_png(plots.plot_path(run.folder, "curves")), "training curves", "loss and accuracy per epoch, by phase"),
+        _figure(_png(plots.plot_path(run.folder, "probe")), "probe curve",
                 f"linear-probe accuracy per block ({probe.get('folds', '?')}-fold); the head reads block(s) {chosen}"),
         "" if run.history else f'<p class="note">Training history: {NOT_RECORDED}.</p>'])
 
@@ -215,15 +216,15 @@ def _metrics_section(run: RunFiles) -> str:
         else '<p class="note">No metrics recorded.</p>',
         per_class,
         f"<p>Known weak classes: {escape(weak_classes_text(run))}</p>",
-        _figure(_png(run.folder / "plots" / "confusion.png"), "confusion matrix",
+        _figure(_png(plots.plot_path(run.folder, "confusion")), "confusion matrix",
                 "rows: true class; columns: predicted"),
-        _figure(_png(run.folder / "plots" / "reliability.png"), "reliability diagram",
+        _figure(_png(plots.plot_path(run.folder, "reliability")), "reliability diagram",
                 f"confidence against accuracy; expected calibration error {number(evaluation.get('ece'))}")])
 
 
 def _mistakes_section(run: RunFiles) -> str:
     wrong = (run.evaluation or {}).get("most_wrong") or []
-    picture = _png(run.folder / "plots" / "wrong.png")
+    picture = _png(plots.plot_path(run.folder, "wrong"))
     if picture:
         why = ""
     elif run.evaluation is None:
@@ -263,13 +264,6 @@ def write_run_report(folder: str | Path, location: str | Path | None = None) -> 
     return path
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise KerastlError(f"cannot read {path}: {error}") from None
-
-
 def _ranked(rows: list[dict], direction: str) -> list[dict]:
     """Best first and unscored last; a stable sort, so trials.json's own tie order stays."""
     sign = 1 if direction == "min" else -1
@@ -305,8 +299,8 @@ def _trial_table(rows: list[dict], objective: str) -> str:
 def write_search_report(project_dir: str | Path) -> Path:
     """Writes `report.html` in a search project folder, from search.json and trials.json; returns its path."""
     project = Path(project_dir)
-    search = _read_json(project / "search.json") if (project / "search.json").is_file() else {}
-    rows = _read_json(project / "trials.json") if (project / "trials.json").is_file() else []
+    search = read_json(project / "search.json", "the search file") if (project / "search.json").is_file() else {}
+    rows = read_json(project / "trials.json", "the trial table") if (project / "trials.json").is_file() else []
     if not isinstance(rows, list):
         raise KerastlError(f"{project / 'trials.json'} is not a list of trials; was it damaged?")
     tune, run = search.get("tune") or {}, search.get("run") or {}

@@ -9,7 +9,6 @@ wide at 100 dpi, growing with the number of classes up to that cap.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -20,10 +19,21 @@ from matplotlib.figure import Figure
 
 from kerastl.config import OBJECTIVES
 from kerastl.errors import KerastlError
+from kerastl.runfacts import read_optional_json
 
 log = logging.getLogger(__name__)
 
 Target = str | Path | BinaryIO
+# where a run folder keeps each plot (every reader and writer of them names them from here)
+PLOT_FILES = {"curves": "plots/curves.png", "class_counts": "plots/class_counts.png",
+              "confusion": "plots/confusion.png", "reliability": "plots/reliability.png", "wrong": "plots/wrong.png",
+              "probe": "probe.png"}
+
+
+def plot_path(folder: str | Path, name: str) -> Path:
+    """Where the run folder `folder` keeps the plot `name` (a key of `PLOT_FILES`)."""
+    return Path(folder) / PLOT_FILES[name]
+
 DPI = 100
 MIN_INCHES, MAX_INCHES = 5.0, 14.0
 CELL_NUMBERS_MAX = 20  # the confusion matrix writes its numbers in the cells up to this many classes
@@ -292,31 +302,21 @@ def draw_run_plots(folder: str | Path) -> list[Path]:
     (`evaluation.json`), and `probe.png` (`probe.json`). A file that is missing is skipped;
     `plots/wrong.png` needs the images, so only a run draws it. Returns the files drawn."""
     folder = Path(folder)
-    plots = folder / "plots"
-    plots.mkdir(exist_ok=True)
+    plot_path(folder, "curves").parent.mkdir(exist_ok=True)
     drawn = []
 
-    def read(name: str) -> dict | None:  # missing or damaged: that plot is left out, with a warning
-        path = folder / name
-        try:
-            value = json.loads(path.read_text()) if path.is_file() else None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            log.warning("not drawing from %s: %s", path, error)
-            return None
-        return value if isinstance(value, dict) else None
-
-    history, data, evaluation, probe = (read(name) for name in ("history.json", "data.json", "evaluation.json",
-                                                                "probe.json"))
+    history, data, evaluation, probe = (read_optional_json(folder / name) for name in (
+        "history.json", "data.json", "evaluation.json", "probe.json"))  # missing or damaged: that plot is left out
     if history is not None:
-        drawn.append(plot_curves(history, plots / "curves.png"))
+        drawn.append(plot_curves(history, plot_path(folder, "curves")))
     if data is not None and data.get("counts"):
-        drawn.append(plot_class_counts(data["counts"], data["class_names"], plots / "class_counts.png"))
+        drawn.append(plot_class_counts(data["counts"], data["class_names"], plot_path(folder, "class_counts")))
     if evaluation is not None:
         drawn.append(plot_confusion(evaluation["confusion_matrix"], evaluation["class_names"],
-                                    plots / "confusion.png"))
-        drawn.append(plot_reliability(evaluation["reliability"], evaluation["ece"], plots / "reliability.png"))
+                                    plot_path(folder, "confusion")))
+        drawn.append(plot_reliability(evaluation["reliability"], evaluation["ece"], plot_path(folder, "reliability")))
     if probe is not None:
         accuracy = [block["accuracy"] for block in probe["blocks"]]
         drawn.append(plot_probe_curve(accuracy, probe["all"]["accuracy"], probe["chosen"], probe["folds"],
-                                      folder / "probe.png"))
+                                      plot_path(folder, "probe")))
     return drawn

@@ -41,7 +41,7 @@ from kerastl.evaluation import Evaluation
 from kerastl.export import CONFIG_FILE, export_saved_model, read_labels, write_labels
 from kerastl.features import weights_digest
 from kerastl.htmlreport import write_run_files
-from kerastl.plots import plot_wrong
+from kerastl.plots import plot_path, plot_wrong
 from kerastl.probe import ProbeCurve
 from kerastl.storage import HEAD_WEIGHTS, disk_full_error, staged_folder
 from kerastl.train import TrainResult
@@ -59,8 +59,6 @@ PROBE_FILE = "probe.json"  # the probe curve that features="auto" chose from
 EVALUATION_FILE = "evaluation.json"
 DATA_FILE = "data.json"
 LOGS = "logs"
-PLOTS = "plots"
-WRONG_PLOT = "wrong.png"
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -158,8 +156,8 @@ def _write_report_files(staging: Path, folder: Path, logs: str | os.PathLike | N
         write_json(staging / DATA_FILE, data)
     if evaluation is not None:
         evaluation.save(staging / EVALUATION_FILE)
-        (staging / PLOTS).mkdir(exist_ok=True)
-        plot_wrong(wrong_images, evaluation.most_wrong, staging / PLOTS / WRONG_PLOT)
+        plot_path(staging, "wrong").parent.mkdir(exist_ok=True)
+        plot_wrong(wrong_images, evaluation.most_wrong, plot_path(staging, "wrong"))
     try:
         write_run_files(staging, location=folder)
     except OSError:

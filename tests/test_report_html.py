@@ -18,7 +18,8 @@ from kerastl import plots
 from kerastl.config import RunConfig
 from kerastl.errors import KerastlError
 from kerastl.htmlreport import RUN_SECTIONS, write_report, write_run_report, write_search_report
-from kerastl.modelcard import model_card, usage_snippet, write_model_card
+from kerastl.modelcard import model_card, write_model_card
+from kerastl.runfacts import usage_snippet
 from kerastl.probe import ProbeCurve
 from kerastl.tune.config import TuneConfig
 
