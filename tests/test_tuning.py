@@ -199,6 +199,7 @@ def test_memory_stays_flat_over_many_in_process_trials(tmp_path):
     assert max(memory[4:]) < settled * 1.10, memory
 
 
+@pytest.mark.slow  # about 24 s: two searches; CI runs it
 def test_bayesian_and_hyperband_tuners_run(tmp_path):
     for name, trials in (("bayesian", 3), ("hyperband", None)):
         tune = TuneConfig(tuner=name, max_trials=trials or 10, project_dir=str(tmp_path / name), space=HEAD_SPACE)
