@@ -58,8 +58,9 @@ def _short(name: str, width: int = 18) -> str:
     return name.replace("$", r"\$")
 
 
-def _save(figure: Figure, path: Target) -> Path | BinaryIO:
-    figure.tight_layout()
+def _save(figure: Figure, path: Target, tight: bool = True) -> Path | BinaryIO:
+    if tight:  # (a grid of images places its axes itself: tight_layout would cost most of its time)
+        figure.tight_layout()
     figure.savefig(path, format="png")
     log.debug("wrote a plot to %s", path)
     return path if hasattr(path, "write") else Path(path)
@@ -182,14 +183,16 @@ def plot_wrong(images, rows: list[dict], path: Target, columns: int = 4) -> Path
     columns = max(1, min(columns, len(rows)))
     lines = math.ceil(len(rows) / columns)
     figure = Figure(figsize=(_inches(2.4 * columns), _inches(2.6 * lines, 3.0)), dpi=DPI)
-    grid = np.atleast_1d(figure.subplots(lines, columns, squeeze=False)).reshape(-1)
+    grid = np.atleast_1d(figure.subplots(lines, columns, squeeze=False, gridspec_kw=dict(
+        left=0.02, right=0.98, bottom=0.02, top=1 - 0.45 / figure.get_figheight(), wspace=0.08,
+        hspace=0.9 / 2.6))).reshape(-1)
     for axes, image, row in zip(grid, images, rows):
         axes.imshow(np.asarray(image, dtype=np.uint8))
         axes.set_title(f"true: {_short(row['true'])}\npred: {_short(row['predicted'])} ({row['confidence']:.2f})",
                        fontsize=9)
     for axes in grid:
         axes.set_axis_off()
-    return _save(figure, path)
+    return _save(figure, path, tight=False)
 
 
 def plot_class_counts(counts: dict[str, list[int]], class_names: list[str], path: Target) -> Path | BinaryIO:

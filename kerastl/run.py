@@ -248,7 +248,8 @@ def _run(config: RunConfig, data, mode: str, pipelines: bool, verbose, model, ca
         write_run_folder(folder, model, class_names, config, history, metrics, export=save == "export",
                          backbone_digest=phase1.backbone_digest, probe=phase1.curve, logs=logs,
                          evaluation=evaluation, wrong_images=wrong,
-                         data=describe_data(data, config, mode) if save == "export" else None)
+                         data=describe_data(data, config, mode, int(metrics.get("cv_folds", 0)) or None)
+                         if save == "export" else None)
     return RunResult(model, history, class_names, metrics, folder if save != "none" else None, config,
                      reused_head=phase1.start is not None, probe=phase1.curve)
 

@@ -235,9 +235,10 @@ def phases(run: RunFiles) -> list[tuple[str, str]]:
     rate, ratio = train.get("learning_rate"), train.get("fine_tune_lr_ratio")
     fine_rate = rate * ratio if rate is not None and ratio is not None else None
     scratch = run.model.get("from_scratch") or run.model.get("weights", "") is None
-    second = _ran(run, "phase2")
-    out = [("phase 1", f"{'every layer, from scratch' if scratch else 'the head on the frozen backbone'}: "
-                       f"{_ran(run, 'phase1')}, learning rate {NOT_RECORDED if rate is None else f'{rate:g}'}"),
+    first, second = _ran(run, "phase1"), _ran(run, "phase2")
+    closed_form = first is not None and first.startswith("a linear probe")  # no optimizer steps: no learning rate
+    out = [("phase 1", f"{'every layer, from scratch' if scratch else 'the head on the frozen backbone'}: {first}"
+                       + ("" if closed_form else f", learning rate {NOT_RECORDED if rate is None else f'{rate:g}'}")),
            ("phase 2", "did not run (no fine-tuning)" if second is None else f"fine-tuning {unfreeze_text(run)}: "
                        f"{second}, learning rate {NOT_RECORDED if fine_rate is None else f'{fine_rate:g}'}")]
     folds = run.metrics.get("cv_folds") or train.get("cv_folds")

@@ -84,21 +84,22 @@ def images_at(split: Split, indices: list[int]) -> np.ndarray:
     return np.stack(found) if indices else np.zeros((0, size, size, 3), np.uint8)
 
 
-def describe_data(data: ImageData, config: RunConfig, mode: str) -> dict:
+def describe_data(data: ImageData, config: RunConfig, mode: str, folds: int | None = None) -> dict:
     """What a run trained and was measured on, as `data.json` records it: sources, images per
-    class per split, the validation mode and warnings about small or imbalanced classes.
-    In "cv" mode the training split holds every labelled image."""
+    class per split, the validation mode (with the `folds` cross-validation used) and warnings
+    about small or imbalanced classes. In "cv" mode the training split holds every labelled image."""
     names, dc = data.class_names, config.data
     splits = {"train": data.train, "validation": data.validation, "test": data.test}
     counts = {name: split.class_counts(len(names)).tolist() for name, split in splits.items() if split is not None}
+    source = dc.source or "the in-memory data"  # the Python API's arrays or ImageData
     held = {"validation": (dc.validation_dir, dc.validation_split), "test": (dc.test_dir, dc.test_split)}
-    sources = {"train": dc.source}
+    sources = {"train": dc.source or "in-memory images (the Python API)"}
     for name, (folder, fraction) in held.items():
         if name in counts:
-            cut = f"{fraction:g} of each class of {dc.source}, held out" if fraction else f"{dc.source}'s own set"
+            cut = f"{fraction:g} of each class of {source}, held out" if fraction else f"{name} images of {source}"
             sources[name] = folder or cut
     if mode == "cv":
-        sources["validation"] = f"{config.train.cv_folds}-fold cross-validation on the training images"
+        sources["validation"] = f"{folds or config.train.cv_folds}-fold cross-validation on the training images"
     return {"sources": sources, "class_names": list(names), "counts": counts, "validation_mode": mode,
             "warnings": data_warnings(counts, list(names)), "skipped_files": data.skipped}
 

@@ -202,6 +202,7 @@ def test_a_search_reports_each_trial_and_writes_hparams_and_a_project_report(tmp
     project = tmp_path / "project"
     config = tmp_path / "search.toml"
     config.write_text(TOML.replace("max_trials = 4", "max_trials = 2").replace('objective = "val_loss"', "")
+                      .replace('weights = "none"', 'weights = "none"\nfrom_scratch = false')  # head-only trials
                       + f'project_dir = "{project}"\nspace = {{ dropout = [0.0, 0.3] }}\n')
     code = main(["tune", "--config", str(config), "--export", str(tmp_path / "best"), "--fine-tune-epochs", "0",
                  "--features", "last", "--min-steps", "0", "--cache-dir", str(tmp_path / "cache"), "-q"])
@@ -230,3 +231,18 @@ def test_a_cross_validated_run_logs_its_curves_for_tensorboard(tmp_path, image_f
     assert {"epoch_loss", "epoch_accuracy"} <= event_tags(tmp_path / "cv" / "logs" / "phase1")
     assert not (tmp_path / "cv" / "evaluation.json").exists()  # no held-out images to evaluate
     assert "none were held out" in (tmp_path / "cv" / "MODEL_CARD.md").read_text()
+
+
+def test_data_json_names_in_memory_sources_and_the_folds_used():
+    from kerastl.data import from_arrays
+    from kerastl.scoring import describe_data
+
+    x, y = np.zeros((20, 8, 8, 3), np.uint8), np.repeat([0, 1], 10)
+    data = from_arrays(x, y, 8, ["a", "b"], validation_split=0.2, test=(x[:4], np.array([0, 1, 0, 1])))
+    sources = describe_data(data, RunConfig(), "holdout")["sources"]
+    assert sources == {"train": "in-memory images (the Python API)",
+                       "validation": "0.2 of each class of the in-memory data, held out",
+                       "test": "test images of the in-memory data"}
+    described = describe_data(data, RunConfig(), "cv", folds=3)
+    assert described["sources"]["validation"] == "3-fold cross-validation on the training images"
+    assert described["counts"]["test"] == [2, 2] and described["skipped_files"] == 0
