@@ -85,6 +85,7 @@ def test_recalibration_makes_inference_match_training_statistics():
     assert [layer.momentum for layer in norms] == momenta  # restored after calibrating
 
 
+@pytest.mark.slow  # about 25 s; CI runs it
 def test_from_scratch_training_learns_and_evaluates_correctly():
     data = digits(size=32)
     model = build_classifier(ModelConfig("mobilenet_v2", weights=None, image_size=32), 3)

@@ -253,6 +253,7 @@ def test_devices_fall_back_to_the_cpu_and_pin_one_gpu_per_worker():
     assert worker_environments(2, gpus=0, cpu_count=4) == [{"CUDA_VISIBLE_DEVICES": "", "KERASTL_THREADS": "2"}] * 2
 
 
+@pytest.mark.slow  # about 22 s: three searches; CI runs it
 def test_a_project_folder_resumes_only_its_own_search(tmp_path):
     config = base_config(tmp_path)
     project = str(tmp_path / "p")
