@@ -20,6 +20,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from kerastl.config import normalize_weights
 from kerastl.errors import KerastlError
 
 if TYPE_CHECKING:
@@ -166,11 +167,6 @@ def resolve_size(spec: BackboneSpec, image_size: int | None) -> int:
             f"image size {size} is too small for {spec.name}: it needs at least {spec.min_size}"
         )
     return size
-
-
-def normalize_weights(weights: str | None) -> str | None:
-    """None for "none" (any case) or an empty string; other values unchanged."""
-    return None if weights is None or weights.strip().lower() in ("none", "") else weights
 
 
 def check_weights(spec: BackboneSpec, weights: str | None) -> None:

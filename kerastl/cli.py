@@ -18,9 +18,9 @@ from typing import Sequence
 
 import numpy as np
 
-from kerastl.backbones import REGISTRY, check_weights, get_spec, list_backbones, normalize_weights, resolve_size
+from kerastl.backbones import REGISTRY, check_weights, get_spec, list_backbones, resolve_size
 from kerastl.arguments import build_parser
-from kerastl.config import SETTINGS, DataConfig, ModelConfig, RunConfig, read_config_file
+from kerastl.config import SETTINGS, DataConfig, ModelConfig, RunConfig, normalize_weights, read_config_file
 from kerastl.errors import KerastlError
 from kerastl.imagefiles import check_data
 from kerastl.preflight import check_data_source, check_run, check_search

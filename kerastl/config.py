@@ -54,6 +54,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def normalize_weights(weights: str | None) -> str | None:
+    """None for "none" (any case) or an empty string; other values unchanged."""
+    return None if weights is None or weights.strip().lower() in ("none", "") else weights
+
+
 class JsonConfig:
     """`to_dict`/`from_dict` for flat dataclasses; unknown keys are an error, not ignored."""
 
@@ -140,8 +145,7 @@ class ModelConfig(JsonConfig):
     features: str = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.weights, str) and self.weights.strip().lower() in ("none", ""):
-            self.weights = None  # "none" in a config file (TOML has no null) or on the command line
+        self.weights = normalize_weights(self.weights)  # "none" in a config file (TOML has no null)
 
     @property
     def trains_from_scratch(self) -> bool:

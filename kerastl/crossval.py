@@ -215,14 +215,15 @@ def log_curves(log_dir: Path, result: TrainResult) -> None:
     as `log_dir/phaseN/cross-validated` (or `/train`): no Keras fit logs them, since they are
     averaged over folds or fitted in closed form. Tags are Keras's (`epoch_loss`, `epoch_accuracy`)."""
     for phase, history in (("phase1", result.phase1), ("phase2", result.phase2)):
-        if history is None:
-            continue
-        for key, values in history.history.items():
+        runs: dict[str, dict[str, list[float]]] = {}
+        for key, values in (history.history.items() if history is not None else ()):
             run, name = ("cross-validated", key[3:]) if key.startswith("cv_") else ("train", key)
-            if name not in ("loss", "accuracy"):
-                continue
+            if name in ("loss", "accuracy"):
+                runs.setdefault(run, {})[f"epoch_{name}"] = values
+        for run, curves in runs.items():  # one writer (one event file) per run folder
             writer = tf.summary.create_file_writer(str(log_dir / phase / run))
             with writer.as_default():
-                for step, value in enumerate(values):
-                    tf.summary.scalar(f"epoch_{name}", value, step=step)
+                for tag, values in curves.items():
+                    for step, value in enumerate(values):
+                        tf.summary.scalar(tag, value, step=step)
             writer.close()

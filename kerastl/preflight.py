@@ -14,8 +14,8 @@ import os
 import time
 from pathlib import Path
 
-from kerastl.backbones import check_weights, get_spec, normalize_weights, resolve_size
-from kerastl.config import DataConfig, RunConfig
+from kerastl.backbones import check_weights, get_spec, resolve_size
+from kerastl.config import DataConfig, RunConfig, normalize_weights
 from kerastl.errors import KerastlError
 from kerastl.imagefiles import list_class_folder
 from kerastl.resume import RunState, adopt_unfinished

@@ -31,6 +31,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
+from kerastl.evaluation import as_probabilities, cross_entropy
+
 log = logging.getLogger(__name__)
 
 C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -130,13 +132,9 @@ def probe_path(x: np.ndarray, y: np.ndarray, cs, num_classes: int, binary: bool 
 
 
 def _scores(fit: ProbeFit, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(accuracy, cross-entropy) of a probe on rows, clipped as `kerastl.scoring.score` clips them."""
-    p = fit.probabilities(x).astype(np.float64)
-    if p.shape[1] == 1:
-        p = np.concatenate([1.0 - p, p], axis=1)
-    p = np.clip(p, 1e-7, 1.0)
-    p /= p.sum(axis=1, keepdims=True)
-    return float(np.mean(p.argmax(axis=1) == y)), float(-np.mean(np.log(p[np.arange(len(y)), y])))
+    """(accuracy, cross-entropy) of a probe on rows, as `kerastl.scoring.score` computes them."""
+    p = as_probabilities(fit.probabilities(x))
+    return float(np.mean(p.argmax(axis=1) == y)), cross_entropy(p, y)
 
 
 def folds_of(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

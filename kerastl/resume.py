@@ -31,7 +31,7 @@ from pathlib import Path
 
 from kerastl.config import RunConfig
 from kerastl.errors import KerastlError
-from kerastl.storage import replace_file
+from kerastl.storage import remove_stale_writes, replace_file
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +161,7 @@ class RunState:
                     log.info("discarding the unfinished run in %s (restart)", self.folder)
                 shutil.rmtree(self.backup_dir, ignore_errors=True)
                 shutil.rmtree(self.logs_dir, ignore_errors=True)  # its curves are not this run's
-            for stale in self.export_dir.parent.glob(f".{self.export_dir.name}-*"):  # a killed writer's
-                shutil.rmtree(stale, ignore_errors=True)
+            remove_stale_writes(self.export_dir)
             self.resuming = previous is not None and self.has_progress()
             if previous is None:
                 self._write({"digest": run_digest(config), "named": named, "config": config.to_dict()})

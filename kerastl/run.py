@@ -230,11 +230,11 @@ def _run(config: RunConfig, data, mode: str, pipelines: bool, verbose, model, ca
         if phase1.features is not None and history.phase2 is None:  # the head's own view: no backbone pass
             predicted = _head_predictions(model, phase1.features[1])
         else:
-            predicted = predict_split(model, validation)
+            predicted = predict_split(model, validation, None if pipelines else data.validation.labels)
         metrics = score(*predicted, "val_")
         held = ("validation", data.validation, predicted) if not pipelines else None
     if not pipelines and data.test is not None:
-        predicted = predict_split(model, data.test.batches(dc.batch_size, cache_limit_mb=0))
+        predicted = predict_split(model, data.test.batches(dc.batch_size, cache_limit_mb=0), data.test.labels)
         metrics.update(score(*predicted, "test_"))
         held = ("test", data.test, predicted)
     log.debug("metrics: %s", metrics)

@@ -9,7 +9,6 @@ and `cv_` for a cross-validated estimate (see `kerastl.crossval`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
@@ -25,7 +24,8 @@ from kerastl.errors import KerastlError
 from kerastl.evaluation import Evaluation, as_probabilities, cross_entropy, data_warnings, evaluate_predictions
 from kerastl.export import CONFIG_FILE, load_export, read_labels
 from kerastl.preflight import BUILT_IN_SOURCES
-from kerastl.runfolder import load_model, read_config
+from kerastl.runfacts import read_optional_json
+from kerastl.runfolder import DATA_FILE, load_model, read_config
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,14 @@ def score(probabilities: np.ndarray, labels: np.ndarray, prefix: str = "val_") -
     return {prefix + name: value for name, value in zip(METRICS, values)}
 
 
-def predict_split(model: keras.Model, batches: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and labels of batched (images, labels), in order (`batches` must not shuffle)."""
+def predict_split(model: keras.Model, batches: tf.data.Dataset,
+                  labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and labels of batched (images, labels), in order (`batches` must not shuffle).
+    Pass the split's `labels` when they are known: the images are then read once, not twice."""
     probabilities = model.predict(batches.map(lambda images, labels: images), verbose=0)
-    return probabilities, np.concatenate([labels.numpy() for _, labels in batches])
+    if labels is None:
+        labels = np.concatenate([batch_labels.numpy() for _, batch_labels in batches])
+    return probabilities, np.asarray(labels)
 
 
 def evaluate_split(probabilities: np.ndarray, labels: np.ndarray, split: Split, class_names: list[str], name: str,
@@ -161,8 +165,7 @@ def _same_source(trained: str, source: str) -> bool:
 def _held_out_of_run(folder: Path, config: RunConfig, source: str, size: int, strict: bool) -> tuple[Split, str]:
     """The run's own held-out split of its training source (cut with its seed and fractions)."""
     data = load_data(dataclasses.replace(config.data, strict=strict), size)
-    recorded = folder / "data.json"
-    mode = json.loads(recorded.read_text()).get("validation_mode") if recorded.is_file() else config.train.validation
+    mode = (read_optional_json(folder / DATA_FILE) or {}).get("validation_mode", config.train.validation)
     if data.test is not None:
         return data.test, f"{source} (the run's held-out test split)"
     if mode != "cv" and data.validation is not None:

@@ -27,6 +27,15 @@ if TYPE_CHECKING:
     import keras
 
 HEAD_WEIGHTS = "head.weights.h5"
+WRITING, OLD = "-writing-", "-old-"  # `.NAME-writing-*`: a folder being written; `.NAME-old-*`: one being replaced
+
+
+def remove_stale_writes(target: Path) -> None:
+    """Removes what a killed writer of `target` left beside it (only `target`'s own, never a
+    sibling's such as `.NAME-2-writing-*`); call it only while no other process writes `target`."""
+    for marker in (WRITING, OLD):
+        for stale in target.parent.glob(f".{target.name}{marker}*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -40,7 +49,7 @@ def file_digest(path: str | os.PathLike) -> str:
 
 @contextlib.contextmanager
 def staged_folder(target: Path, mode: str = "keep") -> Iterator[Path]:
-    """A fresh folder beside `target` (`.NAME-*`) to write into, moved to `target` at the end.
+    """A fresh folder beside `target` (`.NAME-writing-*`) to write into, moved to `target` at the end.
 
     Readers never see a half-written folder, and a failed write leaves nothing behind.
     When `target` exists by then, `mode` says what happens: "keep" keeps it (another
@@ -48,7 +57,7 @@ def staged_folder(target: Path, mode: str = "keep") -> Iterator[Path]:
     folder in (`publish_folder`), "merge" moves each new file into it by rename.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{WRITING}", dir=target.parent))
     try:
         yield staging
         if mode == "replace":
@@ -149,7 +158,7 @@ def publish_folder(staging: Path, target: Path) -> None:
     if _exchange(staging, target):
         shutil.rmtree(staging, ignore_errors=True)  # it now holds the old folder
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}{OLD}", dir=target.parent))
     os.replace(target, aside / target.name)
     os.replace(staging, target)
     shutil.rmtree(aside, ignore_errors=True)

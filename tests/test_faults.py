@@ -624,3 +624,16 @@ def test_a_killed_train_resumes_and_ends_with_the_uninterrupted_weights(tmp_path
     assert not (tmp_path / "killed.partial").exists()
     for a, b in zip(_weights(tmp_path / "whole"), _weights(target)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_a_run_cleans_up_only_its_own_killed_writes_not_a_siblings(tmp_path):
+    from kerastl.storage import remove_stale_writes, staged_folder
+
+    with staged_folder(tmp_path / "run-2") as sibling:  # another export, being written right now
+        (tmp_path / ".run-writing-abc").mkdir()  # left by a killed writer of "run"
+        (tmp_path / ".run-old-def").mkdir()
+        remove_stale_writes(tmp_path / "run")
+        assert sibling.is_dir()
+        (sibling / "f").write_text("x")
+    assert not (tmp_path / ".run-writing-abc").exists() and not (tmp_path / ".run-old-def").exists()
+    assert (tmp_path / "run-2" / "f").read_text() == "x"

@@ -200,7 +200,7 @@ def export_best(tuner: TransferTuner, trial_id: str, base: RunConfig, tune: Tune
         data = load_data(config.data, config.model.image_size)
     metrics = read_json_file(trial_dir, METRICS_FILE)
     name, held = ("test", data.test) if data.test is not None else ("validation", data.validation)
-    probabilities, labels = predict_split(model, held.batches(config.data.batch_size, cache_limit_mb=0))
+    probabilities, labels = predict_split(model, held.batches(config.data.batch_size, cache_limit_mb=0), held.labels)
     if data.test is not None:
         metrics.update(score(probabilities, labels, "test_"))
     evaluation, wrong = evaluate_split(probabilities, labels, held, data.class_names, name)

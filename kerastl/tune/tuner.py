@@ -125,10 +125,12 @@ def write_hparams(log_dir: Path, values: dict, metrics: dict[str, float], trial_
     """A trial's settings and final scores for TensorBoard's HParams dashboard, beside its phases'
     logs, so that `tensorboard --logdir PROJECT` compares the trials."""
     shown = {k: v for k, v in shown_values(values).items() if isinstance(v, (bool, int, float, str))}
-    with tf.summary.create_file_writer(str(log_dir)).as_default():
+    writer = tf.summary.create_file_writer(str(log_dir))
+    with writer.as_default():
         hparams_api.hparams(shown, trial_id=trial_id)
         for name, value in metrics.items():
             tf.summary.scalar(name, value, step=0)
+    writer.close()
 
 
 def fresh_session() -> None:
