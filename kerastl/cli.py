@@ -32,8 +32,14 @@ from kerastl.tune.config import TuneConfig
 # so that `--help` and bad flags answer before TensorFlow loads.
 
 
-def _run_config(args: argparse.Namespace):
-    config = RunConfig.from_file(args.config) if args.config else RunConfig()
+def _config_file(args: argparse.Namespace) -> dict:
+    """The `--config` file's values (JSON or TOML), read once; {} without one."""
+    return read_config_file(args.config) if args.config else {}
+
+
+def _run_config(args: argparse.Namespace, values: dict) -> RunConfig:
+    """The config file's run settings (`values`), with the flags given overriding them."""
+    config = RunConfig.from_dict(values)
     for dest, (section, field) in SETTINGS.items():  # a flag left out keeps the config file's value
         value = getattr(args, dest)
         if value is None:
@@ -43,7 +49,7 @@ def _run_config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    config = _run_config(args)
+    config = _run_config(args, _config_file(args))
     check_run(config, args.overwrite, args.restart)
     import_tensorflow(args.verbose)
     from kerastl.run import run_training
@@ -93,11 +99,12 @@ def print_metrics(metrics: dict[str, float]) -> None:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    config = _run_config(args)
+    values = _config_file(args)
+    config = _run_config(args, values)
     check_search(config, args.overwrite)
-    tune = _tune_config(args)
+    tune = _tune_config(args, values)
     import_tensorflow(args.verbose)
-    from kerastl.htmlreport import write_report
+    from kerastl.htmlreport import REPORT_FILE
     from kerastl.tune.search import run_search
     from kerastl.tune.space import DEFAULT_SPACE, load_space, parse_setting
     from kerastl.tune.tables import format_table
@@ -113,8 +120,7 @@ def _tune(args: argparse.Namespace) -> int:
     for key, value in sorted(result.metrics.items()):
         print(f"{key}: {value:.4f}")
     print(f"best trial {result.trials[0]['trial']}")
-    report = write_report(tune.project_dir)
-    print(f"wrote {tune.project_dir}: trials.csv, trials.json, {report.name} (the trial table and the objective "
+    print(f"wrote {tune.project_dir}: trials.csv, trials.json, {REPORT_FILE} (the trial table and the objective "
           f"against each setting); tensorboard --logdir {tune.project_dir} compares the trials")
     print_files(result.export_dir)
     return 0
@@ -124,10 +130,9 @@ TUNE_FLAGS = ("tuner", "objective", "max_trials", "project_dir", "workers", "iso
               "max_failures")
 
 
-def _tune_config(args: argparse.Namespace) -> TuneConfig:
+def _tune_config(args: argparse.Namespace, values: dict) -> TuneConfig:
     """The config file's `tune` table, if any, with the search flags given overriding it. (A 0.1
     search export's config.json holds its search's `tune` too, beside `best_trial`: not adopted.)"""
-    values = read_config_file(args.config) if args.config else {}
     tune = TuneConfig.from_dict(values.get("tune", {}) if "best_trial" not in values else {})
     for name in TUNE_FLAGS:
         if getattr(args, name) is not None:

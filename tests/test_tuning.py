@@ -100,6 +100,8 @@ def test_head_search_extracts_features_once_and_exports_the_best_trial(tmp_path)
     for folder in (tmp_path / "project", tmp_path / "export"):
         assert len(json.loads((folder / "trials.json").read_text())) == 4
         assert len((folder / "trials.csv").read_text().splitlines()) == 5
+    report = (tmp_path / "project" / "report.html").read_text()  # run_search writes the project's report
+    assert 'id="trials"' in report and report.count("<tr") >= 1 + 4  # a header and the four trials
     # the export is the best trial's own model: it scores what the table says on the validation images
     from kerastl.data import load_data
 

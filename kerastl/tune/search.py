@@ -26,6 +26,7 @@ from kerastl.config import RunConfig
 from kerastl.data import ImageData, load_data
 from kerastl.devices import list_gpus, setup_devices
 from kerastl.errors import KerastlError
+from kerastl.htmlreport import write_search_report
 from kerastl.scoring import describe_data, evaluate_split, predict_split, score
 from kerastl.run import resolve_config
 from kerastl.runfolder import (HISTORY_FILE, LOGS, METRICS_FILE, PROBE_FILE, load_model, read_config,
@@ -135,7 +136,8 @@ def run_search(
     restart: bool = False,
     verbose: int | str = 0,
 ) -> SearchResult:
-    """Searches, then exports the best trial's model with the trial tables beside it.
+    """Searches, then exports the best trial's model with the trial tables beside it; the project
+    folder gets the tables and `report.html` (`kerastl.htmlreport.write_search_report`).
 
     Args:
         config: the run every trial starts from (data, backbone, training settings).
@@ -176,6 +178,7 @@ def run_search(
         tuner = search_here(base, tune, data, verbose)
     rows = trial_table(tuner)
     write_tables(rows, project)
+    write_search_report(project)  # the trial table and the objective against each setting
     done = [row for row in rows if row["status"] == "COMPLETED"]
     if not done:
         raise KerastlError(f"no trial completed; see {project / 'trials.csv'} and the trial logs")
