@@ -1,7 +1,9 @@
 """Image sources -> `tf.data` pipelines.
 
-Sources: a folder with one subfolder per class, numpy arrays, CIFAR-10 and
-scikit-learn's bundled digits. Every source becomes an `ImageData`: class names
+Sources: a folder with one subfolder per class, a CSV label table (read by
+`kerastl.preflight.read_label_table`; `kerastl.sources` adds DataFrames and
+`tf.data` datasets), numpy arrays, CIFAR-10 and scikit-learn's bundled digits.
+Every source becomes an `ImageData`: class names
 plus unbatched splits of (uint8 image resized to the backbone's size, int label).
 `Split.batches` turns a split into a pipeline: parallel decode and resize, cache
 (before augmentation, so augmented images differ every epoch), shuffle, batch,
@@ -14,9 +16,9 @@ import hashlib
 import logging
 import os
 import pickle
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import keras
 import numpy as np
@@ -26,7 +28,7 @@ from sklearn.datasets import load_digits as sklearn_digits
 from kerastl import imagefiles
 from kerastl.config import DataConfig
 from kerastl.errors import KerastlError
-from kerastl.preflight import is_cifar10_folder
+from kerastl.preflight import LabelTable, is_cifar10_folder, is_csv, label_table_of
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +70,20 @@ class Split:
         augmenter: keras.Model | None = None,
         seed: int | None = None,
         cache_limit_mb: int = 2048,
+        resample: Callable[[tf.data.Dataset], tf.data.Dataset] | None = None,
     ) -> tf.data.Dataset:
-        """A batched float32 0-255 pipeline; shuffled and augmented when `training`."""
+        """A batched float32 0-255 pipeline; shuffled and augmented when `training`.
+
+        `resample` maps the cached dataset of single images to the images an epoch draws
+        (rebalanced sampling, see `kerastl.pipelines`)."""
         ds = self.dataset
         megabytes = self.count * self.image_size**2 * 3 / 2**20
         if megabytes <= cache_limit_mb:
             ds = ds.cache()
         else:
             log.debug("not caching %d images (%.0f MB > cache limit %d MB)", self.count, megabytes, cache_limit_mb)
+        if resample is not None:
+            ds = resample(ds)
         if training:
             # a shuffle buffer holds its images decoded: no more than the memory budget (or 1024 images)
             limit = max(int(cache_limit_mb * 2**20 // (self.image_size**2 * 3)), 1024)
@@ -120,6 +128,8 @@ class ImageData:
     validation: Split | None = None
     test: Split | None = None
     skipped: int = 0  # files of the class folders left out: they cannot be used as images
+    # where a split came from when the split fractions did not cut it (a CSV's split column, a given dataset)
+    origins: dict[str, str] = field(default_factory=dict)
 
 
 def to_model_input(images: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -254,20 +264,57 @@ def from_folder(
                     f"{name} folder {folder} has classes {listings[-1].class_names}, expected {classes}")
     listings = _usable_files(listings, strict, min_classes)
     skipped = sum(len(listing.skipped) for listing in listings)
-    paths, labels = listings[0].paths, listings[0].labels
-    train, val, test = stratified_split(
-        np.asarray(labels), 0.0 if validation_dir else validation_split, 0.0 if test_dir else test_split, seed
+    others = iter((listing.paths, listing.labels) for listing in listings[1:])
+    validation, test = (next(others) if folder else None for folder in (validation_dir, test_dir))
+    return _from_files(classes, listings[0].paths, listings[0].labels, image_size, validation_split, test_split,
+                       seed, validation, test, skipped)
+
+
+Files = tuple[list[str], list[int]]  # image files and their labels
+
+
+def _from_files(class_names: list[str], paths: list[str], labels: list[int], image_size: int,
+                validation_split: float, test_split: float, seed: int, validation: Files | None = None,
+                test: Files | None = None, skipped: int = 0) -> ImageData:
+    """`ImageData` of checked image files: given `validation`/`test` (paths, labels), or those splits
+    cut from each class by the fractions (as `from_arrays` does for arrays)."""
+    train, val, tst = stratified_split(
+        np.asarray(labels), 0.0 if validation else validation_split, 0.0 if test else test_split, seed
     )
     pick = lambda idx: ([paths[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
-    splits = {"train": _file_split(*pick(train), image_size)}
-    others = iter(listings[1:])
-    for name, folder, idx in (("validation", validation_dir, val), ("test", test_dir, test)):
-        if folder:
-            other = next(others)
-            splits[name] = _file_split(other.paths, other.labels, image_size)
-        elif len(idx):
-            splits[name] = _file_split(*pick(idx), image_size)
-    return ImageData(classes, splits["train"], splits.get("validation"), splits.get("test"), skipped)
+    data = ImageData(class_names, _file_split(*pick(train), image_size), skipped=skipped)
+    for name, files, index in (("validation", validation, val), ("test", test, tst)):
+        if files is not None:
+            setattr(data, name, _file_split(*files, image_size))
+        elif len(index):
+            setattr(data, name, _file_split(*pick(index), image_size))
+    return data
+
+
+def from_table(table: LabelTable, image_size: int | HasImageSize, validation_split: float = 0.2,
+               test_split: float = 0.0, seed: int = 42, strict: bool = False, min_classes: int = 2) -> ImageData:
+    """Reads the files of a label table (`kerastl.preflight.read_label_table`; `kerastl.sources.from_csv`
+    is the friendlier call). Every file is decoded once up front, as `from_folder` does: rows whose
+    file cannot be used are left out with one warning (with `strict` they raise). A split column
+    puts each row in the split it names; a split with no rows is cut from the training rows of
+    each class by its fraction, as without a split column."""
+    image_size = image_size_of(image_size)
+    table, findings = table.usable(_decode_in_tensorflow)
+    skipped = [finding for finding in findings if finding.action == imagefiles.SKIPPED]
+    if skipped:
+        problem = f"{len(skipped)} files of {table.name} cannot be used as images: {imagefiles.describe(skipped, 20)}"
+        if strict:
+            raise KerastlError(f"{problem}; fix or remove their rows, or turn strict off to skip them")
+        log.warning("skipped %s", problem)
+    errors = table.errors(min_classes)
+    if errors:
+        raise KerastlError(errors[0])
+    data = _from_files(table.class_names, *table.files("train"), image_size, validation_split, test_split, seed,
+                       table.files("validation"), table.files("test"), len(skipped))
+    if table.splits is not None:
+        data.origins = {name: f"the rows of {table.name} whose split is {name}"
+                        for name in ("train", "validation", "test") if table.files(name) is not None}
+    return data
 
 
 def split_of_arrays(x: np.ndarray, y: np.ndarray, image_size: int) -> Split:
@@ -367,12 +414,12 @@ def load_cifar10(path: str | None = None) -> tuple[tuple[np.ndarray, np.ndarray]
 
 
 def load_data(config: DataConfig, image_size: int | HasImageSize, min_classes: int = 2) -> ImageData:
-    """Dispatches on `config.source`: "digits", "cifar10", a CIFAR-10 folder or a class folder
-    (of at least `min_classes` classes)."""
+    """Dispatches on `config.source`: "digits", "cifar10", a CIFAR-10 folder, a CSV label table
+    (a name ending in .csv, see `from_table`) or a class folder (of at least `min_classes` classes)."""
     config.validate()
     image_size = image_size_of(image_size)
     if not config.source:
-        raise KerastlError("no data source given: pass a class folder, cifar10 or digits")
+        raise KerastlError("no data source given: pass a class folder, a CSV file, cifar10 or digits")
     split = dict(validation_split=config.validation_split, seed=config.seed)
     if config.source == "digits":
         x, y, names = load_digits()
@@ -381,6 +428,9 @@ def load_data(config: DataConfig, image_size: int | HasImageSize, min_classes: i
         path = None if config.source == "cifar10" else config.source
         (x, y), test, names = load_cifar10(path)
         return from_arrays(x, y, image_size, names, test=test, **split)
+    if is_csv(config.source):
+        return from_table(label_table_of(config), image_size, test_split=config.test_split,
+                          strict=config.strict, min_classes=min_classes, **split)
     return from_folder(
         config.source, image_size, test_split=config.test_split,
         validation_dir=config.validation_dir, test_dir=config.test_dir, strict=config.strict,

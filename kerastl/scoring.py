@@ -1,5 +1,6 @@
 """Scoring: a model's class probabilities -> the scores kerastl reports and searches on, and the
-full evaluation (`kerastl.evaluation`) of a held-out split or of any data source.
+full evaluation (`kerastl.evaluation`) of a held-out split, of any data source
+(`evaluate_folder`) or of data in memory (`evaluate_data`).
 
 One vocabulary everywhere: Keras's `val_` names for the validation split
 (`val_loss`, `val_accuracy`, `val_macro_f1`, `val_auc`), `test_` for the test split
@@ -23,9 +24,11 @@ from kerastl.data import ImageData, Split, load_data, merge_splits
 from kerastl.errors import KerastlError
 from kerastl.evaluation import Evaluation, as_probabilities, cross_entropy, data_warnings, evaluate_predictions
 from kerastl.export import CONFIG_FILE, load_export, read_labels
+from kerastl.plots import PLOT_FILES, plot_confusion, plot_reliability, plot_wrong
 from kerastl.preflight import BUILT_IN_SOURCES
 from kerastl.runfacts import read_optional_json
 from kerastl.runfolder import DATA_FILE, load_model, read_config
+from kerastl.sources import from_dataset
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +63,9 @@ def predict_split(model: keras.Model, batches: tf.data.Dataset,
                   labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities and labels of batched (images, labels), in order (`batches` must not shuffle).
     Pass the split's `labels` when they are known: the images are then read once, not twice."""
-    probabilities = model.predict(batches.map(lambda images, labels: images), verbose=0)
-    if labels is None:
-        labels = np.concatenate([batch_labels.numpy() for _, batch_labels in batches])
+    probabilities = model.predict(batches.map(lambda images, *labels_and_weights: images), verbose=0)
+    if labels is None:  # (images, labels) or (images, labels, sample weights) batches
+        labels = np.concatenate([batch[1].numpy() for batch in batches])
     return probabilities, np.asarray(labels)
 
 
@@ -97,11 +100,11 @@ def describe_data(data: ImageData, config: RunConfig, mode: str, folds: int | No
     counts = {name: split.class_counts(len(names)).tolist() for name, split in splits.items() if split is not None}
     source = dc.source or "the in-memory data"  # the Python API's arrays or ImageData
     held = {"validation": (dc.validation_dir, dc.validation_split), "test": (dc.test_dir, dc.test_split)}
-    sources = {"train": dc.source or "in-memory images (the Python API)"}
+    sources = {"train": data.origins.get("train") or dc.source or "in-memory images (the Python API)"}
     for name, (folder, fraction) in held.items():
         if name in counts:
             cut = f"{fraction:g} of each class of {source}, held out" if fraction else f"{name} images of {source}"
-            sources[name] = folder or cut
+            sources[name] = data.origins.get(name) or folder or cut
     if mode == "cv":
         sources["validation"] = f"{folds or config.train.cv_folds}-fold cross-validation on the training images"
     return {"sources": sources, "class_names": list(names), "counts": counts, "validation_mode": mode,
@@ -113,7 +116,8 @@ def evaluate_folder(model_dir: str | Path, source: str, batch_size: int = 64, to
     """Evaluates an export or run folder on labelled images; returns the evaluation and the
     images of its most confidently wrong predictions.
 
-    `source` is a class folder (one class or more), "digits", or CIFAR-10 (its test set).
+    `source` is a class folder (one class or more), a CSV label table (its test rows when its
+    split column names some), "digits", or CIFAR-10 (its test set).
     Its classes must be some or all of the model's (`labels.txt`), matched by name. When it
     is the source the model was trained on, only the run's held-out images are scored:
     its test split, else its validation split, cut as the run cut them (never its
@@ -128,15 +132,77 @@ def evaluate_folder(model_dir: str | Path, source: str, batch_size: int = 64, to
     """
     folder = Path(model_dir)
     class_names = read_labels(folder)
-    config = read_config(folder) if (folder / CONFIG_FILE).is_file() else None
-    size = config.model.image_size if config is not None and config.model.image_size else DEFAULT_SIZE
+    config, size = _config_and_size(folder)
     if config is not None and _same_source(config.data.source, source):
         split, name = _held_out_of_run(folder, config, source, size, strict)
         data_names = class_names
     else:
         data = load_data(DataConfig(source=source, validation_split=0.0, strict=strict), size, min_classes=1)
-        split = data.test if data.test is not None else data.train
-        name, data_names = source + (" (its test set)" if data.test is not None else ""), data.class_names
+        split, data_names = _scored_split(data), data.class_names
+        name = source + (" (its test set)" if data.test is not None else "")
+    return _predict_and_evaluate(folder, class_names, split, data_names, name, source, batch_size, top_k)
+
+
+def evaluate_data(model_dir: str | Path, data: ImageData | Split | tf.data.Dataset, batch_size: int = 64,
+                  top_k: int = 3, plots_dir: str | Path | None = None) -> Evaluation:
+    """Evaluates an export or run folder on labelled images in memory, as `evaluate_folder` does a source.
+
+    `data` is an `ImageData` (its test split if it has one, else all its images; its classes
+    must be some or all of the model's, matched by name), a `Split` (labels in the model's
+    class order) or a `tf.data.Dataset` of (image, label) pairs or batches of them, labels
+    indexing the model's classes (`labels.txt`; read with `kerastl.sources.from_dataset`).
+    With `plots_dir`, the confusion matrix, reliability diagram and most confidently
+    wrong images are drawn there.
+
+    Example:
+    ```python
+    evaluation = evaluate_data("saved_models/flowers", test_ds, plots_dir="eval_plots")
+    print(evaluation.format())
+    ```
+    """
+    folder = Path(model_dir)
+    class_names = read_labels(folder)
+    if isinstance(data, tf.data.Dataset):
+        data = from_dataset(data, class_names, _config_and_size(folder)[1], validation_split=0.0)
+    if isinstance(data, Split):
+        split, data_names, name = data, class_names, "the given split"
+    else:
+        split, data_names = _scored_split(data), data.class_names
+        name = "the given data" + (" (its test split)" if data.test is not None else "")
+    evaluation, wrong = _predict_and_evaluate(folder, class_names, split, data_names, name, "the given data",
+                                              batch_size, top_k)
+    if plots_dir is not None:
+        draw_evaluation(evaluation, wrong, plots_dir)
+    return evaluation
+
+
+def draw_evaluation(evaluation: Evaluation, wrong: np.ndarray, plots_dir: str | Path) -> list[Path]:
+    """The evaluation's confusion matrix, reliability diagram and most confidently wrong images (PNG
+    files named as in a run folder's plots), drawn in `plots_dir`."""
+    os.makedirs(plots_dir, exist_ok=True)
+    drawings = {"confusion": lambda p: plot_confusion(evaluation.confusion_matrix, evaluation.class_names, p),
+                "reliability": lambda p: plot_reliability(evaluation.reliability, evaluation.ece, p),
+                "wrong": lambda p: plot_wrong(wrong, evaluation.most_wrong, p)}
+    return [Path(draw(Path(plots_dir) / Path(PLOT_FILES[name]).name)) for name, draw in drawings.items()]
+
+
+def _config_and_size(folder: Path) -> tuple[RunConfig | None, int]:
+    """The run config of an export or run folder (None for a bare export) and the image size it reads."""
+    config = read_config(folder) if (folder / CONFIG_FILE).is_file() else None
+    return config, config.model.image_size if config is not None and config.model.image_size else DEFAULT_SIZE
+
+
+def _scored_split(data: ImageData) -> Split:
+    """What evaluating a source scores: its test split, else every image it has."""
+    if data.test is not None:
+        return data.test
+    return data.train if data.validation is None else merge_splits(data.train, data.validation)
+
+
+def _predict_and_evaluate(folder: Path, class_names: list[str], split: Split, data_names: list[str], name: str,
+                          source: str, batch_size: int, top_k: int) -> tuple[Evaluation, np.ndarray]:
+    """Scores the model in `folder` on `split`, whose labels index `data_names` (some or all of the
+    model's `class_names`); returns the evaluation and the most confidently wrong images."""
     unknown = [c for c in data_names if c not in class_names]
     if unknown:
         raise KerastlError(f"{source} has classes {unknown} that the model at {folder} does not know; its classes "
