@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 
-from kerastl.config import VALIDATION_MODES, parse_features
+from kerastl.config import (IMBALANCE_RATIO, LOSSES, SAMPLING, SCHEDULES, VALIDATION_MODES, parse_class_weight,
+                            parse_features)
 from kerastl.errors import KerastlError
 from kerastl.quiet import NATIVE_LOG_VARIABLE
-from kerastl.tune.config import ISOLATION, OBJECTIVES, SPACE_FIELDS, TUNERS
+from kerastl.tune.config import AUTO_OBJECTIVE, ISOLATION, OBJECTIVES, SPACE_FIELDS, TUNERS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,6 +47,14 @@ def _number(valid, problem: str):
     return parse
 
 
+def _class_weight(text: str) -> str:
+    try:
+        parse_class_weight(text)
+    except KerastlError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def _features(text: str) -> str:
     try:
         parse_features(text)
@@ -64,13 +73,15 @@ _positive = _number(lambda v: v > 0, "not positive")
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data")
-    d.add_argument("--data", metavar="SRC", help="class folder, cifar10, a cifar-10-batches-py folder, or digits")
+    d.add_argument("--data", metavar="SRC", help="class folder, CSV file (path and label columns, optional split), "
+                   "cifar10, a cifar-10-batches-py folder, or digits")
     d.add_argument("--validation-dir", metavar="DIR", help="separate validation class folder")
     d.add_argument("--test-dir", metavar="DIR", help="separate test class folder")
     d.add_argument("--validation-split", type=_fraction, metavar="F", help="fraction held out per class (0.2)")
     d.add_argument("--test-split", type=_fraction, metavar="F", help="fraction held out for testing (0)")
     d.add_argument("--batch-size", type=_count(1), metavar="N", help="batch size (32)")
-    d.add_argument("--augment", metavar="PRESET", help="none, light, standard, strong, or e.g. flip,rotate:0.2")
+    d.add_argument("--augment", metavar="PRESET", help="none, light, standard, strong, randaugment, augmix, mixup, "
+                   "cutmix, or layers such as flip,rotate:0.2,mixup:0.2 (light)")
     d.add_argument("--seed", type=int, metavar="N", help="random seed for splits, shuffling, augmentation (42)")
     d.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
                    help="fail before training if any file cannot be read as an image (off: skip it, with a warning)")
@@ -83,6 +94,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--pooling", choices=("avg", "max"), help="global pooling of the feature map (avg)")
     m.add_argument("--binary", action=argparse.BooleanOptionalAction, default=None,
                    help="one sigmoid unit for two classes instead of a softmax")
+    m.add_argument("--l2", type=_number(lambda v: v >= 0, "negative"), metavar="W",
+                   help="L2 penalty on the head's Dense kernels (0)")
+    m.add_argument("--max-norm", type=_number(lambda v: v >= 0, "negative"), metavar="N",
+                   help="max-norm constraint on the head's Dense kernels; 0 for none (0)")
     m.add_argument("--features", type=_features, metavar="SPEC",
                    help="what the head reads: last (the backbone's output), all (every block), block numbers "
                    "such as 3,7, or auto (linear probes choose) (auto)")
@@ -96,13 +111,29 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="backbone blocks phase 2 trains, or auto: read off the probe curve (auto)")
     t.add_argument("--unfreeze-from", metavar="LAYER", help="or: train phase 2 from this backbone layer on")
     t.add_argument("--optimizer", metavar="NAME", help="Keras optimizer name (adam)")
-    t.add_argument("--loss", metavar="NAME", help="Keras loss name; auto picks cross-entropy (auto)")
+    t.add_argument("--loss", choices=tuple(LOSSES), metavar="NAME",
+                   help="; ".join(f"{name}: {what}" for name, what in LOSSES.items()) + " (auto)")
     t.add_argument("--learning-rate", type=_positive, metavar="LR", help="phase-1 learning rate (0.001)")
     t.add_argument("--fine-tune-lr-ratio", type=_positive, metavar="R", help="phase-2 LR as a fraction (0.1)")
     t.add_argument("--label-smoothing", type=_fraction, metavar="F", help="cross-entropy label smoothing (0)")
     t.add_argument("--weight-decay", type=_number(lambda v: v >= 0, "negative"), metavar="W",
                    help="decoupled weight decay (0)")
     t.add_argument("--patience", type=_count(0), metavar="N", help="EarlyStopping patience in epochs (5)")
+    t.add_argument("--class-weight", type=_class_weight, metavar="W",
+                   help="none; auto (n / (k * count) per class); or by hand, cat=2,dog=1 or 2,1 in class order "
+                   "(none)")
+    t.add_argument("--sampling", choices=SAMPLING,
+                   help="shuffle: every image once per epoch; balanced: classes drawn equally often (shuffle)")
+    t.add_argument("--schedule", choices=SCHEDULES, help="phase-1 learning-rate schedule: constant, cosine "
+                   "(with warmup) or plateau (ReduceLROnPlateau) (constant)")
+    t.add_argument("--fine-tune-schedule", choices=SCHEDULES, help="phase-2 learning-rate schedule (constant)")
+    t.add_argument("--warmup", type=_fraction, metavar="F", help="share of a cosine schedule's steps warming up "
+                   "(0.1)")
+    t.add_argument("--layer-decay", type=_number(lambda v: 0 < v <= 1, "not in (0, 1]"), metavar="D",
+                   help="discriminative rates in phase 2: each unfrozen block down learns D times the one "
+                   "above (1: one rate)")
+    t.add_argument("--gradual-unfreeze", action=argparse.BooleanOptionalAction, default=None,
+                   help="phase 2 opens the unfrozen blocks one at a time, the top first (off)")
     v = p.add_argument_group("validation")
     v.add_argument("--validation", choices=VALIDATION_MODES,
                    help="holdout: the validation split; cv: k-fold cross-validation on every labelled image; "
@@ -182,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(tune)
     s = tune.add_argument_group("search")
     s.add_argument("--tuner", choices=TUNERS, help="(random)")
-    s.add_argument("--objective", choices=tuple(OBJECTIVES),
-                   help="scored on the validation split; loss is minimised, the others maximised (val_accuracy)")
+    s.add_argument("--objective", choices=(AUTO_OBJECTIVE, *OBJECTIVES),
+                   help="scored on the validation split; loss is minimised, the others maximised; auto: "
+                   f"val_accuracy, or val_macro_f1 when classes are imbalanced beyond {IMBALANCE_RATIO:g}:1 (auto)")
     s.add_argument("--max-trials", type=_count(1), metavar="N", help="trials to run (10)")
     s.add_argument("--project-dir", metavar="DIR",
                    help="search state, trials and results; rerun to resume (tuning)")
@@ -205,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "or convert, and what happens to it",
                            description="Exit code 0: every file is usable; 1: some files will be skipped; 2: the "
                            "folder cannot train.")
-    check.add_argument("folder", metavar="DIR", help="a folder with one subfolder per class")
+    check.add_argument("folder", metavar="SRC", help="a folder with one subfolder per class, or a CSV file of "
+                       "path and label columns")
     demo = sub.add_parser("demo", help="offline demo: transfer from digits 0-4 to 5-9 vs training from scratch")
     demo.add_argument("--output", default="saved_models/demo", metavar="DIR", help="(saved_models/demo)")
     return parser

@@ -20,6 +20,7 @@ saves to `.keras` and loads with `safe_mode=True`.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from typing import Any
 
@@ -110,6 +111,8 @@ class TransferClassifier(keras.Model):
         pooling: "avg" or "max" global pooling of the feature map.
         dropout: dropout rate before the classifier.
         hidden_units: a Dense ReLU layer of this size before the classifier (0: none).
+        l2: L2 penalty on the head's Dense kernels (0: none).
+        max_norm: max-norm constraint on the head's Dense kernels (0: none).
         binary: one sigmoid unit instead of a softmax (two classes only).
         from_scratch: the backbone trains with BatchNorm learning its statistics;
             otherwise it always runs BatchNorm in inference mode.
@@ -137,6 +140,8 @@ class TransferClassifier(keras.Model):
         pooling: str = "avg",
         dropout: float = 0.2,
         hidden_units: int = 0,
+        l2: float = 0.0,
+        max_norm: float = 0.0,
         binary: bool = False,
         from_scratch: bool = False,
         feature_blocks: list[int] | None = None,
@@ -168,11 +173,13 @@ class TransferClassifier(keras.Model):
         # float32 whatever the policy: 1 / std of a near-constant feature overflows float16
         self.feature_norm = FeatureNormalization(dtype="float32", name="normalize") if normalize else None
         self.output_dropout = layers.Dropout(dropout, seed=seed, name="dropout")
-        self.hidden = (layers.Dense(hidden_units, activation="relu", kernel_initializer=init(1), name="hidden")
-                       if hidden_units else None)
+        penalties = {"kernel_regularizer": keras.regularizers.L2(l2) if l2 else None,
+                     "kernel_constraint": keras.constraints.MaxNorm(max_norm) if max_norm else None}
+        self.hidden = (layers.Dense(hidden_units, activation="relu", kernel_initializer=init(1), name="hidden",
+                                    **penalties) if hidden_units else None)
         units, activation = (1, "sigmoid") if binary else (num_classes, "softmax")
         self.output_dense = layers.Dense(units, activation=activation, dtype="float32",
-                                         kernel_initializer=init(2), name="probabilities")
+                                         kernel_initializer=init(2), name="probabilities", **penalties)
 
         # === Functional model ===
         inputs = keras.Input(shape=(None, None, 3), name="images")
@@ -190,6 +197,7 @@ class TransferClassifier(keras.Model):
         self.pooling = pooling
         self.dropout = dropout
         self.hidden_units = hidden_units
+        self.l2, self.max_norm = l2, max_norm
         self.binary = binary
         self.from_scratch = from_scratch
         self.normalize = normalize
@@ -328,6 +336,23 @@ class TransferClassifier(keras.Model):
         log.info("unfroze %d weighted layers of %s from %s on", count, self.backbone.name, names[start])
         return count
 
+    def trainable_blocks(self) -> list[list[keras.Variable]]:
+        """The backbone's trainable variables grouped by block, the top block first (empty when frozen).
+
+        Blocks are the registry's boundaries (or the numbered blocks up to the deepest the
+        head reads, as `unfreeze` counts them); layers after the last boundary count with it.
+        """
+        if not self.backbone.trainable:
+            return []
+        last_blocks = self.from_scratch or self.feature_blocks == [self.block_count()]
+        ends = self.block_boundaries() if last_blocks else self._block_layers()
+        groups: dict[int, list[keras.Variable]] = {}
+        for index, layer in enumerate(self.backbone.layers):
+            if layer.trainable and layer.trainable_weights:
+                block = min(bisect.bisect_left(ends, index), len(ends) - 1)
+                groups.setdefault(block, []).extend(layer.trainable_weights)
+        return [groups[block] for block in sorted(groups, reverse=True)]
+
     def batchnorm_layers(self) -> list[layers.BatchNormalization]:
         """The backbone's BatchNormalization layers."""
         return [layer for layer in self.backbone.layers if isinstance(layer, layers.BatchNormalization)]
@@ -345,6 +370,8 @@ class TransferClassifier(keras.Model):
             "pooling": self.pooling,
             "dropout": self.dropout,
             "hidden_units": self.hidden_units,
+            "l2": self.l2,
+            "max_norm": self.max_norm,
             "binary": self.binary,
             "from_scratch": self.from_scratch,
             "feature_blocks": self.feature_blocks,
@@ -390,6 +417,7 @@ def build_classifier(config: ModelConfig, num_classes: int, seed: int | None = N
     return TransferClassifier(
         backbone, spec.name, num_classes, size,
         pooling=config.pooling, dropout=config.dropout, hidden_units=config.hidden_units, binary=config.binary,
+        l2=config.l2, max_norm=config.max_norm,
         from_scratch=scratch, feature_blocks=None if scratch else feature_blocks,
         normalize=not scratch if normalize is None else normalize, seed=seed,
     )

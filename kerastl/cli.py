@@ -23,7 +23,7 @@ from kerastl.arguments import build_parser
 from kerastl.config import SETTINGS, DataConfig, ModelConfig, RunConfig, normalize_weights, read_config_file
 from kerastl.errors import KerastlError
 from kerastl.imagefiles import check_data
-from kerastl.preflight import check_data_source, check_run, check_search
+from kerastl.preflight import check_data_source, check_run, check_search, check_table, is_csv
 from kerastl.quiet import import_tensorflow
 from kerastl.storage import check_parent, replace_file
 from kerastl.tune.config import TuneConfig
@@ -116,7 +116,7 @@ def _tune(args: argparse.Namespace) -> int:
     if result.model is None:
         print(f"worker {os.environ.get('KERASTUNER_TUNER_ID')} finished; the chief reports and exports")
         return 0
-    print(format_table(result.trials, tune.objective))
+    print(format_table(result.trials, result.objective))
     for key, value in sorted(result.metrics.items()):
         print(f"{key}: {value:.4f}")
     print(f"best trial {result.trials[0]['trial']}")
@@ -200,8 +200,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise KerastlError(f"--plots {args.plots} is a file, not a folder")
         check_parent(os.path.join(args.plots, "x") if os.path.isdir(args.plots) else args.plots)
     import_tensorflow(args.verbose)
-    from kerastl.plots import PLOT_FILES, plot_confusion, plot_reliability, plot_wrong
-    from kerastl.scoring import evaluate_folder
+    from kerastl.scoring import draw_evaluation, evaluate_folder
 
     evaluation, wrong = evaluate_folder(args.model, args.data, args.batch_size, args.top_k)
     print(evaluation.format())
@@ -210,12 +209,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         evaluation.save(args.json)
         written.append(args.json)
     if args.plots:
-        os.makedirs(args.plots, exist_ok=True)
-        drawings = {"confusion": lambda p: plot_confusion(evaluation.confusion_matrix, evaluation.class_names, p),
-                    "reliability": lambda p: plot_reliability(evaluation.reliability, evaluation.ece, p),
-                    "wrong": lambda p: plot_wrong(wrong, evaluation.most_wrong, p)}
-        for name, draw in drawings.items():
-            written.append(str(draw(os.path.join(args.plots, os.path.basename(PLOT_FILES[name])))))
+        written.extend(str(path) for path in draw_evaluation(evaluation, wrong, args.plots))
     if written:
         print("wrote " + ", ".join(written))
     return 0
@@ -242,7 +236,7 @@ def _backbones(args: argparse.Namespace) -> int:
 
 
 def _check_data(args: argparse.Namespace) -> int:
-    report = check_data(args.folder)
+    report = check_table(args.folder) if is_csv(args.folder) else check_data(args.folder)
     print(report.format())
     return report.exit_code  # 0: every file is usable, 1: some will be skipped, 2: the folder cannot train
 

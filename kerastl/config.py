@@ -79,7 +79,8 @@ class DataConfig(JsonConfig):
     """Where images come from and how they are batched.
 
     Attributes:
-        source: a folder with one subfolder per class, an extracted
+        source: a folder with one subfolder per class, a CSV file of path and label
+            columns (an optional split column; see `kerastl.sources.from_csv`), an extracted
             `cifar-10-batches-py` folder, "cifar10" (downloaded) or "digits".
         validation_dir: a separate validation folder; otherwise `validation_split`
             of each class is held out.
@@ -126,6 +127,9 @@ class ModelConfig(JsonConfig):
         from_scratch: train every layer from the start, BatchNorm learning its
             statistics; None means "when weights is None".
         binary: one sigmoid unit instead of a softmax (two classes only).
+        l2: L2 penalty on the head's Dense kernels (0 is none).
+        max_norm: a max-norm constraint on the head's Dense kernels: each unit's incoming
+            weight vector is rescaled to at most this norm after every step (0 is none).
         features: where the head reads the backbone: "last" (its output), "all"
             (every block's pooled output, concatenated), block numbers "3,7"
             (1 is the first block, `kerastl backbones --blocks NAME` lists them;
@@ -143,6 +147,8 @@ class ModelConfig(JsonConfig):
     binary: bool = False
     from_scratch: bool | None = None
     features: str = "auto"
+    l2: float = 0.0
+    max_norm: float = 0.0
 
     def __post_init__(self) -> None:
         self.weights = normalize_weights(self.weights)  # "none" in a config file (TOML has no null)
@@ -158,6 +164,8 @@ class ModelConfig(JsonConfig):
             raise KerastlError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.hidden_units < 0:
             raise KerastlError(f"hidden_units must be 0 or more, got {self.hidden_units}")
+        if self.l2 < 0 or self.max_norm < 0:
+            raise KerastlError(f"l2 and max_norm must be 0 or more, got {self.l2} and {self.max_norm}")
         parse_features(self.features)
 
 
@@ -192,8 +200,23 @@ class TrainConfig(JsonConfig):
             "auto": chosen from the probe curve (the blocks after the best-reading one).
         unfreeze_from: alternatively, the layer name from which phase 2 trains.
         optimizer: a Keras optimizer name ("adam", "sgd", "adamw", ...).
-        loss: a Keras loss name; "auto" is sparse categorical cross-entropy, or
+        loss: one of `LOSSES` (`kerastl train --help` lists them); "auto" is sparse
+            categorical cross-entropy (categorical when labels are mixed or smoothed), or
             binary cross-entropy for a one-unit sigmoid model.
+        class_weight: "none", "auto" (n / (k * count_c) for k classes, n images), or weights
+            by hand: "cat=2,dog=1" (by class name) or "2,1" (in class order).
+        sampling: "shuffle" (every image once per epoch) or "balanced" (each batch draws
+            the classes equally often, rare classes' images repeating).
+        schedule: phase 1's learning-rate schedule, one of `SCHEDULES`: "constant",
+            "cosine" (cosine decay to 0 over the phase's step budget after a linear warmup
+            of `warmup` of it) or "plateau" (Keras's ReduceLROnPlateau on validation loss).
+        fine_tune_schedule: phase 2's schedule, the same choices.
+        warmup: the share of a cosine schedule's steps spent warming up from 0.
+        layer_decay: discriminative learning rates in phase 2: the top unfrozen block
+            learns at `layer_decay` times the head's rate, the next at its square, and
+            so on (1 is one rate for all).
+        gradual_unfreeze: phase 2 opens the unfrozen blocks one at a time, the top block
+            first, an equal share of the phase's epochs apart (ULMFiT's gradual unfreezing).
         fine_tune_lr_ratio: phase-2 learning rate as a fraction of `learning_rate`.
         label_smoothing: cross-entropy label smoothing (0 is none).
         weight_decay: decoupled weight decay of the optimizer (0 is none).
@@ -223,6 +246,13 @@ class TrainConfig(JsonConfig):
     fine_tune_lr_ratio: float = 0.1
     label_smoothing: float = 0.0
     weight_decay: float = 0.0
+    class_weight: str = "none"
+    sampling: str = "shuffle"
+    schedule: str = "constant"
+    fine_tune_schedule: str = "constant"
+    warmup: float = 0.1
+    layer_decay: float = 1.0
+    gradual_unfreeze: bool = False
     patience: int = 5
     feature_cache: bool = True
     cache_views: int = 4
@@ -252,6 +282,18 @@ class TrainConfig(JsonConfig):
             raise KerastlError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.weight_decay < 0:
             raise KerastlError(f"weight_decay must be 0 or more, got {self.weight_decay}")
+        if self.loss not in LOSSES:
+            raise KerastlError(f"unknown loss {self.loss!r}; losses: {', '.join(LOSSES)}")
+        for name in ("schedule", "fine_tune_schedule"):
+            if getattr(self, name) not in SCHEDULES:
+                raise KerastlError(f"{name} must be one of {', '.join(SCHEDULES)}, got {getattr(self, name)!r}")
+        if self.sampling not in SAMPLING:
+            raise KerastlError(f"sampling must be one of {', '.join(SAMPLING)}, got {self.sampling!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise KerastlError(f"warmup must be in [0, 1), got {self.warmup}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise KerastlError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        parse_class_weight(self.class_weight)
 
     @property
     def wants_fine_tuning(self) -> bool:
@@ -261,6 +303,43 @@ class TrainConfig(JsonConfig):
 
 
 VALIDATION_MODES = ("auto", "holdout", "cv")
+
+# loss name -> what it is (the losses themselves are built by `kerastl.losses`)
+LOSSES = {
+    "auto": "cross-entropy: sparse categorical, or binary for a one-unit sigmoid model",
+    "sparse_categorical_crossentropy": "Keras's cross-entropy on integer labels",
+    "categorical_crossentropy": "cross-entropy on one-hot or mixed labels (integer labels are one-hot encoded)",
+    "focal": "categorical focal loss (Keras's, gamma 2, alpha 0.25): down-weights easy examples",
+    "binary_crossentropy": "sigmoid cross-entropy, for a binary (one-unit) model",
+    "binary_focal": "binary focal loss (Keras's, gamma 2), for a binary (one-unit) model",
+}
+SCHEDULES = ("constant", "cosine", "plateau")
+SAMPLING = ("shuffle", "balanced")
+CLASS_WEIGHT_MODES = ("none", "auto")
+# classes count as imbalanced when the largest has more than this many times the smallest's images:
+# data.json warns, and a search's default objective becomes val_macro_f1
+IMBALANCE_RATIO = 3.0
+
+
+def parse_class_weight(text: str) -> str | dict[str, float] | list[float]:
+    """ "none", "auto", {class name: weight} from "cat=2,dog=1", or [weights] in class order from "2,1"."""
+    text = str(text).strip()
+    if text.lower() in CLASS_WEIGHT_MODES:
+        return text.lower()
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        if parts and all("=" in part for part in parts):
+            weights: dict[str, float] | list[float] = {
+                name.strip(): float(value) for name, value in (part.rsplit("=", 1) for part in parts)}
+            values = list(weights.values())
+        else:
+            weights = values = [float(part) for part in parts]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0 or max(values) == 0:
+        raise KerastlError(f"class_weight must be none, auto, weights by class such as cat=2,dog=1 or in class "
+                           f"order such as 2,1 (0 or more, not all 0); got {text!r}")
+    return weights
 
 # the scores a search may optimise, and their direction (the search wing and the reports read it)
 OBJECTIVES = {"val_accuracy": "max", "val_loss": "min", "val_macro_f1": "max", "val_auc": "max"}
@@ -349,6 +428,15 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
     "fine_tune_lr_ratio": ("train", "fine_tune_lr_ratio"),
     "label_smoothing": ("train", "label_smoothing"),
     "weight_decay": ("train", "weight_decay"),
+    "class_weight": ("train", "class_weight"),
+    "sampling": ("train", "sampling"),
+    "schedule": ("train", "schedule"),
+    "fine_tune_schedule": ("train", "fine_tune_schedule"),
+    "warmup": ("train", "warmup"),
+    "layer_decay": ("train", "layer_decay"),
+    "gradual_unfreeze": ("train", "gradual_unfreeze"),
+    "l2": ("model", "l2"),
+    "max_norm": ("model", "max_norm"),
     "patience": ("train", "patience"),
     "feature_cache": ("train", "feature_cache"),
     "cache_views": ("train", "cache_views"),

@@ -30,7 +30,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerastl.augment import build_augmenter
 from kerastl.callbacks import StopOnNaN
 from kerastl.classifier import TransferClassifier
 from kerastl.compile import compile_classifier
@@ -39,10 +38,11 @@ from kerastl.config import DataConfig, RunConfig, TrainConfig
 from kerastl.data import ImageData, split_of_arrays
 from kerastl.errors import KerastlError
 from kerastl.features import CachedFeatures
+from kerastl.pipelines import is_mixed, training_batches, weighted
 from kerastl.probe import ProbeFit, fit_probe, rows_of
 from kerastl.storage import replace_file
-from kerastl.train import (HEAD_STEPS_PER_EXECUTION, TrainResult, epochs_for, feature_batches, resumable_fit,
-                           skip_epochs, start_head, tensorboard_logs, unfreeze_top)
+from kerastl.train import (HEAD_STEPS_PER_EXECUTION, TrainResult, compile_fine_tuning, epochs_for, feature_batches,
+                           resumable_fit, scaled_patience, skip_epochs, start_head, tensorboard_logs, unfreeze_top)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ def train_cross_validated(
     callbacks: list[keras.callbacks.Callback] | None = None,
     verbose: int | str = "auto",
     backup_dir: Path | None = None,
+    class_weights: np.ndarray | None = None,
 ) -> tuple[TrainResult, dict[str, float]]:
     """Both phases on every labelled image, each choice made by cross-validation.
 
@@ -98,6 +99,7 @@ def train_cross_validated(
         unfreeze_blocks: phase 2's depth when `config.unfreeze_blocks` is "auto".
         backup_dir: where each finished fold's curve and the final fit's epoch
             snapshots are kept, so a killed run resumes at the next fold or epoch.
+        class_weights: each class's weight (see `kerastl.pipelines`), in every fit and fold score.
 
     Returns:
         The phases' histories and the cross-validated estimate (`cv_*` metrics).
@@ -108,9 +110,11 @@ def train_cross_validated(
     phase1 = history_of({key: [value] for key, value in estimate.items()} or {"cv_loss": [float("nan")]})
     if model.hidden is not None:  # no closed form: a fixed budget of steps from the standardised start
         head = model.head_model()
-        compile_classifier(head, config, steps_per_execution=HEAD_STEPS_PER_EXECUTION)
         epochs = epochs_for(config.epochs, config.min_steps, len(labels), data.batch_size)
-        phase1 = head.fit(feature_batches(CachedFeatures(views, labels), data.batch_size, True, data.seed),
+        compile_classifier(head, config, steps_per_execution=HEAD_STEPS_PER_EXECUTION, schedule=config.schedule,
+                           steps=epochs * -(-len(labels) // data.batch_size))
+        phase1 = head.fit(feature_batches(CachedFeatures(views, labels), data.batch_size, True, data.seed,
+                                          weights=class_weights, balanced=config.sampling == "balanced"),
                           epochs=epochs, callbacks=[StopOnNaN()], verbose=verbose)
         log.info("a hidden layer has no cross-validated estimate and is not fine-tuned on small data")
         return TrainResult(phase1), {}
@@ -120,11 +124,15 @@ def train_cross_validated(
             log.info("too few images per class to cross-validate: no fine-tuning")
         model.freeze_backbone()
         return result, estimate
-    rate = config.learning_rate * config.fine_tune_lr_ratio
     start = model.get_weights()
-    augmenter = build_augmenter(data.augment, seed=data.seed)
     smallest = min(len(train) for train, _ in folds)  # one epoch count for every fold: curves of one length
     epochs = epochs_for(config.fine_tune_epochs, config.fine_tune_min_steps, smallest, data.batch_size)
+    patience = scaled_patience(config.patience, config.fine_tune_epochs, epochs)
+
+    def pipeline(rows: np.ndarray) -> tf.data.Dataset:
+        return training_batches(split_of_arrays(images[rows], labels[rows], model.image_size), data, config,
+                                num_classes, model.binary, class_weights)
+
     curves = []
     for number, (train, held) in enumerate(folds, start=1):
         kept = _kept_fold(backup_dir, number)
@@ -133,13 +141,13 @@ def train_cross_validated(
             continue
         model.set_weights(start)
         x, y = rows_of(views, labels, train, data.seed)  # the fold's own probe: its held-out images stay unseen
-        start_head(model, fit_probe(x, y, probe.c, num_classes, model.binary))
-        compile_classifier(model, config, rate)  # a fresh optimizer for every fold
-        batches = split_of_arrays(images[train], labels[train], model.image_size).batches(
-            data.batch_size, True, augmenter, data.seed, data.cache_limit_mb)
-        held_out = split_of_arrays(images[held], labels[held], model.image_size).batches(data.batch_size)
+        start_head(model, fit_probe(x, y, probe.c, num_classes, model.binary, class_weight=class_weights))
+        batches = pipeline(train)
+        extra = compile_fine_tuning(model, config, batches, epochs, patience)  # a fresh optimizer for every fold
+        held_out = weighted(split_of_arrays(images[held], labels[held], model.image_size).batches(data.batch_size),
+                            class_weights)
         before = model.evaluate(held_out, verbose=0, return_dict=True)
-        history = model.fit(batches, validation_data=held_out, epochs=epochs, callbacks=[StopOnNaN()],
+        history = model.fit(batches, validation_data=held_out, epochs=epochs, callbacks=[StopOnNaN(), *extra],
                             shuffle=False, verbose=0)
         curves.append(([before["loss"], *history.history["val_loss"]],
                        [before["accuracy"], *history.history["val_accuracy"]]))
@@ -158,11 +166,10 @@ def train_cross_validated(
         return result, estimate
     log.info("fine-tuning for %d epochs lowers the cross-validated loss %.4f -> %.4f", best, losses[0],
              losses[best])
-    compile_classifier(model, config, rate)
-    everything = split_of_arrays(images, labels, model.image_size).batches(
-        data.batch_size, True, augmenter, data.seed, data.cache_limit_mb)
-    resumable_fit(model, lambda first: skip_epochs(everything, first), None, best, None, list(callbacks or []),
-                  verbose, backup_dir / "phase2" if backup_dir is not None else None)
+    everything = pipeline(np.arange(len(labels)))
+    extra = compile_fine_tuning(model, config, everything, best, patience, validated=False)
+    resumable_fit(model, lambda first: skip_epochs(everything, first), None, best, None,
+                  [*(callbacks or []), *extra], verbose, backup_dir / "phase2" if backup_dir is not None else None)
     model.freeze_backbone()
     estimate.update(cv_loss=float(losses[best]), cv_accuracy=float(accuracies[:, best].mean()),
                     cv_accuracy_std=float(accuracies[:, best].std()), cv_fine_tune_epochs=float(best))
@@ -172,13 +179,14 @@ def train_cross_validated(
 def cross_validate_run(config: RunConfig, data: ImageData, model: TransferClassifier, features: CachedFeatures | None,
                        views: np.ndarray | None, probe: ProbeFit | None, folds: list[tuple[np.ndarray, np.ndarray]],
                        depth: int | None, callbacks: list[keras.callbacks.Callback] | None, verbose: int | str,
-                       backup_dir: Path | None, log_dir: Path | None = None) -> tuple[TrainResult, dict[str, float]]:
+                       backup_dir: Path | None, log_dir: Path | None = None,
+                       class_weights: np.ndarray | None = None) -> tuple[TrainResult, dict[str, float]]:
     """A run on small data: both phases on every labelled image, choices by cross-validation.
 
     `features` are the plain cached features of every image (None without a cache),
     `views` every cached view, `probe` the probe fitted on them, `folds` the folds and
     `depth` the fine-tuning depth the probe curve chose. `log_dir`: TensorBoard logs of the
-    training that runs on every image.
+    training that runs on every image. `class_weights`: each class's weight (see `kerastl.pipelines`).
 
     Without cached features (from scratch, or the cache off) there is nothing cheap to
     cross-validate: the model trains on every image for the step budget, with no estimate.
@@ -189,10 +197,10 @@ def cross_validate_run(config: RunConfig, data: ImageData, model: TransferClassi
                     "with no validation estimate", data.train.count, tc.min_steps)
         if model.from_scratch:
             model.backbone.trainable = True
-        compile_classifier(model, tc)
         epochs = epochs_for(tc.epochs, tc.min_steps, data.train.count, dc.batch_size)
-        batches = data.train.batches(dc.batch_size, True, build_augmenter(dc.augment, seed=dc.seed), dc.seed,
-                                     dc.cache_limit_mb)
+        batches = training_batches(data.train, dc, tc, len(data.class_names), model.binary, class_weights)
+        compile_classifier(model, tc, schedule=tc.schedule, steps=epochs * int(batches.cardinality()),
+                           mixed=is_mixed(batches))
         history = resumable_fit(model, lambda first: skip_epochs(batches, first), None, epochs, None,
                                 [*(callbacks or []), *tensorboard_logs(log_dir, "phase1")], verbose,
                                 backup_dir / "phase1" if backup_dir else None)
@@ -204,7 +212,7 @@ def cross_validate_run(config: RunConfig, data: ImageData, model: TransferClassi
         raise KerastlError("the cached features are not in the images' order; clear the feature cache")
     result, estimate = train_cross_validated(model, images, labels, views, probe, folds, tc, dc, depth,
                                              [*(callbacks or []), *tensorboard_logs(log_dir, "phase2")], verbose,
-                                             backup_dir)
+                                             backup_dir, class_weights)
     if log_dir is not None:
         log_curves(Path(log_dir), result)
     return result, estimate

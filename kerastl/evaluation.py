@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from kerastl.config import IMBALANCE_RATIO
 from kerastl.errors import KerastlError
 from kerastl.storage import replace_file
 
@@ -49,7 +50,7 @@ MAX_WEAK = 5
 NAME_WIDTH = 24  # class names longer than this are shortened in `Evaluation.format`
 MATRIX_MAX_CLASSES = 20  # more classes than this: `format` lists the top confusions, not the matrix
 SMALL_CLASS = 10  # `data_warnings`: fewer training images than this in a class is a warning
-IMBALANCE = 3.0  # `data_warnings`: largest / smallest training count above this is a warning
+IMBALANCE = IMBALANCE_RATIO  # `data_warnings`: largest / smallest training count above this is a warning
 
 
 @dataclass

@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerastl.augment import build_augmenter, parse_augment
+from kerastl.augment import build_augmenter
 from kerastl.classifier import TransferClassifier, build_classifier
 from kerastl.config import ModelConfig
 from kerastl.data import ImageData, Split
@@ -63,6 +63,14 @@ def layer_features_model(model: TransferClassifier, layers: Sequence[str]) -> ke
     return keras.Model(inputs, pooled, name="layer_features")
 
 
+def class_indices(labels: np.ndarray) -> np.ndarray:
+    """Integer labels as they are; mixed labels (MixUp, CutMix) as their largest share's class."""
+    if np.issubdtype(labels.dtype, np.integer):
+        return labels
+    rows = labels.reshape(len(labels), -1)
+    return np.argmax(rows, axis=-1) if rows.shape[1] > 1 else (rows[:, 0] > 0.5).astype(np.int32)
+
+
 def extract(
     extractor: keras.Model,
     batches: tf.data.Dataset,
@@ -85,7 +93,7 @@ def extract(
     augmenter = build_augmenter(augment, seed=seed)
     bar = keras.utils.Progbar(steps, unit_name="batch") if progress else None
     outputs, labels, rows = [], [], 0
-    for step, (images, y) in enumerate(batches, start=1):
+    for step, (images, y, *_) in enumerate(batches, start=1):  # sample weights, if any, are not features
         if augmenter is not None:
             images = augmenter(images, training=True)
         batch = extractor.predict_on_batch(images)
@@ -96,7 +104,7 @@ def extract(
                 raise KerastlError(f"more images than the {len(out)} rows allocated for their features")
             out[rows : rows + len(batch)] = batch
         rows += len(batch)
-        labels.append(y.numpy())
+        labels.append(class_indices(y.numpy()))
         if bar is not None:
             bar.update(step)
     if rows == 0:
@@ -139,8 +147,9 @@ def npy_rows(path: Path, views: int, rows: int, dim: int) -> list[RowWriter]:
 
 
 def cached_views(augment: str, cache_views: int) -> int:
-    """How many augmented views of each training image the cache holds: 1 when nothing augments."""
-    return cache_views if parse_augment(augment) else 1
+    """How many augmented views of each training image the cache holds: 1 when nothing augments the
+    images themselves (MixUp and CutMix mix batches: phase 1 on cached features does not mix)."""
+    return cache_views if build_augmenter(augment) is not None else 1
 
 
 def weights_digest(model: keras.Model) -> str:

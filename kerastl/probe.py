@@ -112,17 +112,19 @@ def _dense_weights(model: LogisticRegression, num_classes: int, binary: bool) ->
 
 
 def fit_probe(x: np.ndarray, y: np.ndarray, c: float, num_classes: int, binary: bool = False,
-              standardizer: Standardizer | None = None) -> ProbeFit:
-    """Multinomial (or binary) logistic regression with L2 strength `c`, on standardised rows."""
-    return next(probe_path(x, y, [c], num_classes, binary, standardizer))
+              standardizer: Standardizer | None = None, class_weight: np.ndarray | None = None) -> ProbeFit:
+    """Multinomial (or binary) logistic regression with L2 strength `c`, on standardised rows;
+    `class_weight` weighs each class's rows (see `kerastl.pipelines.class_weights`)."""
+    return next(probe_path(x, y, [c], num_classes, binary, standardizer, class_weight))
 
 
 def probe_path(x: np.ndarray, y: np.ndarray, cs, num_classes: int, binary: bool = False,
-               standardizer: Standardizer | None = None):
+               standardizer: Standardizer | None = None, class_weight: np.ndarray | None = None):
     """Yields the probe for each C of `cs` in turn, each warm-started from the one before."""
     standardizer = standardizer or Standardizer.fit(x)
     rows = standardizer(x)
-    model = LogisticRegression(max_iter=1000, tol=1e-5, warm_start=True)
+    weights = None if class_weight is None else {int(c): float(class_weight[c]) for c in np.unique(y)}
+    model = LogisticRegression(max_iter=1000, tol=1e-5, warm_start=True, class_weight=weights)
     for c in cs:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -147,11 +149,11 @@ def folds_of(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray
 
 def choose_c_holdout(train: np.ndarray, train_labels: np.ndarray, validation: np.ndarray,
                      validation_labels: np.ndarray, num_classes: int, binary: bool = False,
-                     seed: int = 0) -> ProbeFit:
+                     seed: int = 0, class_weight: np.ndarray | None = None) -> ProbeFit:
     """The probe whose C gives the lowest validation loss; `train` is [views, n, dim], `validation` [n, dim]."""
     x, y = rows_of(train, train_labels, seed=seed)
     best = None
-    for fit in probe_path(x, y, C_GRID, num_classes, binary):
+    for fit in probe_path(x, y, C_GRID, num_classes, binary, class_weight=class_weight):
         accuracy, loss = _scores(fit, validation, validation_labels)
         if best is None or loss < best.estimate["val_loss"]:
             fit.estimate = {"val_loss": loss, "val_accuracy": accuracy}
@@ -162,17 +164,19 @@ def choose_c_holdout(train: np.ndarray, train_labels: np.ndarray, validation: np
 
 
 def choose_c_cv(views: np.ndarray, plain: np.ndarray, labels: np.ndarray, folds: list, num_classes: int,
-                binary: bool = False, seed: int = 0) -> ProbeFit:
+                binary: bool = False, seed: int = 0, class_weight: np.ndarray | None = None) -> ProbeFit:
     """C by k-fold cross-validation, then the probe refitted on every image.
 
     Args:
         views: training features [views, n, dim] (augmented views and the plain one).
         plain: un-augmented features [n, dim], which each fold is scored on.
         folds: from `folds_of`; none (too few images per class) fits C=1 without an estimate.
+        class_weight: each class's weight in the fits (None: all 1).
     """
     best_c, best = 1.0, None
     per_fold = [[_scores(fit, plain[held], labels[held])
-                 for fit in probe_path(*rows_of(views, labels, train, seed), C_GRID, num_classes, binary)]
+                 for fit in probe_path(*rows_of(views, labels, train, seed), C_GRID, num_classes, binary,
+                                       class_weight=class_weight)]
                 for train, held in folds]  # [fold][c] -> (accuracy, loss)
     for index, c in enumerate(C_GRID if folds else ()):
         accuracy, loss = np.array([fold[index] for fold in per_fold]).T
@@ -181,7 +185,7 @@ def choose_c_cv(views: np.ndarray, plain: np.ndarray, labels: np.ndarray, folds:
             best = {"cv_loss": float(loss.mean()), "cv_accuracy": float(accuracy.mean()),
                     "cv_accuracy_std": float(accuracy.std()), "cv_folds": float(len(folds))}
     x, y = rows_of(views, labels, seed=seed)
-    fit = fit_probe(x, y, best_c, num_classes, binary)
+    fit = fit_probe(x, y, best_c, num_classes, binary, class_weight=class_weight)
     fit.estimate = best or {}
     if best:
         log.info("probe: C=%g by %d-fold cross-validation, accuracy %.4f +- %.4f", best_c, len(folds),

@@ -23,10 +23,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerastl.augment import build_augmenter, parse_augment
+from kerastl.augment import mixes_labels, parse_augment
 from kerastl.callbacks import NaNLoss
 from kerastl.classifier import TransferClassifier, seeded_classifier
-from kerastl.compile import make_loss, make_optimizer
+from kerastl.compile import make_optimizer
+from kerastl.losses import make_loss
+from kerastl.pipelines import class_weights, training_batches, weighted
 from kerastl.config import RunConfig, TrainConfig, parse_features
 from kerastl.crossval import cross_validate_run
 from kerastl.data import ImageData, load_data, merge_splits
@@ -71,7 +73,7 @@ def resolve_config(config: RunConfig) -> RunConfig:
     config = resolve_run_config(config)
     parse_augment(config.data.augment)
     make_optimizer(config.train.optimizer, config.train.learning_rate, config.train.weight_decay)
-    make_loss(config.train.loss, config.model.binary, config.train.label_smoothing)
+    make_loss(config.train.loss, config.model.binary, config.train.label_smoothing, mixes_labels(config.data.augment))
     return config
 
 
@@ -81,8 +83,11 @@ def phase1_key(fingerprint: dict, data: ImageData, config: RunConfig, blocks: li
     parts = {
         "features": fingerprint, "blocks": blocks, "train": data.train.fingerprint,
         "validation": data.validation.fingerprint if data.validation is not None else None,
-        "head": [m.dropout, m.hidden_units, m.binary], "epochs": [t.epochs, t.min_steps], "batch_size": d.batch_size,
-        "optimizer": [t.optimizer, t.learning_rate, t.weight_decay, t.loss, t.label_smoothing, t.patience],
+        "head": [m.dropout, m.hidden_units, m.binary, m.l2, m.max_norm], "epochs": [t.epochs, t.min_steps],
+        "batch_size": d.batch_size,
+        "optimizer": [t.optimizer, t.learning_rate, t.weight_decay, t.loss, t.label_smoothing, t.patience,
+                      t.schedule, t.warmup],
+        "balance": [t.class_weight, t.sampling],
         "views": [cached_views(d.augment, t.cache_views), d.augment, d.seed],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
@@ -96,6 +101,7 @@ def _checked_data(config: RunConfig, data: ImageData | None) -> tuple[ImageData,
     elif data.train.image_size != size:
         raise KerastlError(f"the in-memory data is {data.train.image_size}x{data.train.image_size} but this run "
                            f"wants {size}x{size}: load it at the backbone's size, or give a data source")
+    class_weights(config.train.class_weight, data.train.class_counts(len(data.class_names)), data.class_names)
     mode = validation_mode(config.train, data)
     if mode == "cv":
         merged = data.train if data.validation is None else merge_splits(data.train, data.validation)
@@ -204,21 +210,28 @@ def _run(config: RunConfig, data, mode: str, pipelines: bool, verbose, model, ca
     folder = Path(config.export_dir)
     if pipelines:
         train, validation = data
+        weights = _pipeline_weights(config, model, train)
+        train, validation = weighted(train, weights), weighted(validation, weights)
     else:
         if state is not None:
             state.check_data(data.train.fingerprint)
-        train, validation = _image_pipelines(config, data) if mode == "holdout" else (None, None)
+        weights = class_weights(config.train.class_weight, data.train.class_counts(len(data.class_names)),
+                                data.class_names)
+        train, validation = _image_pipelines(config, data, weights) if mode == "holdout" else (None, None)
+    if weights is not None:
+        log.info("class weights: %s", ", ".join(f"{w:.3g}" for w in weights))
     model = model or seeded_classifier(config.model, len(data.class_names), config.data.seed)
-    phase1 = Phase1() if pipelines else _phase1(config, data, model, heads, verbose, mode)
+    phase1 = Phase1() if pipelines else _phase1(config, data, model, heads, verbose, mode, weights)
     model = phase1.model or model
     if phase1.features is None and not model.from_scratch and mode == "holdout":
-        phase1.probe = _probe_pipelines(config, model, train, validation)
+        phase1.probe = _probe_pipelines(config, model, train, validation, weights)
     dc, tc, held = config.data, config.train, None
     logs = None if save == "none" else state.logs_dir if state is not None else folder / LOGS
     if mode == "cv":
         history, metrics = cross_validate_run(
             config, data, model, phase1.features[1] if phase1.features else None, phase1.views, phase1.probe,
-            phase1.folds, phase1.depth, callbacks, verbose, state.backup_dir if state is not None else None, logs)
+            phase1.folds, phase1.depth, callbacks, verbose, state.backup_dir if state is not None else None, logs,
+            weights)
     else:
         calibration = data.train.sample() if model.from_scratch and not pipelines else None  # un-augmented
         history = train_classifier(
@@ -226,6 +239,7 @@ def _run(config: RunConfig, data, mode: str, pipelines: bool, verbose, model, ca
             batch_size=dc.batch_size, seed=dc.seed, callbacks=callbacks, verbose=verbose, phase1=phase1.start,
             after_phase1=lambda history: phase1.store(heads, model, history), head_start=phase1.probe,
             unfreeze_blocks=phase1.depth, backup_dir=state.backup_dir if state is not None else None, log_dir=logs,
+            class_weights=weights,
         )
         if phase1.features is not None and history.phase2 is None:  # the head's own view: no backbone pass
             predicted = _head_predictions(model, phase1.features[1])
@@ -265,8 +279,9 @@ def _with_choices(config: RunConfig, model: TransferClassifier, phase1: Phase1) 
     return config
 
 
-def _image_pipelines(config: RunConfig, data: ImageData) -> Pipelines:
-    """The augmented, shuffled training pipeline and the plain validation pipeline.
+def _image_pipelines(config: RunConfig, data: ImageData, weights: np.ndarray | None) -> Pipelines:
+    """The training pipeline (see `kerastl.pipelines.training_batches`) and the plain validation
+    pipeline, both weighted by the class `weights` (if any).
 
     Both share one budget of decoded images in memory, `cache_limit_mb`: the training
     images are cached when they fit it, the validation images when they fit what is left.
@@ -274,11 +289,23 @@ def _image_pipelines(config: RunConfig, data: ImageData) -> Pipelines:
     dc = config.data
     log.info("training %s on %d images of %d classes (%d validation)", config.model.backbone,
              data.train.count, len(data.class_names), data.validation.count)
-    augmenter = build_augmenter(dc.augment, seed=dc.seed)
     train_mb = data.train.count * data.train.image_size**2 * 3 / 2**20  # or its shuffle buffer: the limit
     left = max(dc.cache_limit_mb - train_mb, 0)
-    return (data.train.batches(dc.batch_size, True, augmenter, dc.seed, dc.cache_limit_mb),
-            data.validation.batches(dc.batch_size, cache_limit_mb=int(left)))
+    return (training_batches(data.train, dc, config.train, len(data.class_names), config.model.binary, weights),
+            weighted(data.validation.batches(dc.batch_size, cache_limit_mb=int(left)), weights))
+
+
+def _pipeline_weights(config: RunConfig, model: TransferClassifier, train: tf.data.Dataset) -> np.ndarray | None:
+    """Class weights for a user's (train, validation) pipelines: "auto" counts the labels of one
+    pass over the training pipeline; weights by class name need class names, which pipelines lack."""
+    spec = config.train.class_weight
+    if spec == "none":
+        return None
+    counts = np.zeros(model.num_classes, np.int64)
+    if spec == "auto":
+        for batch in train:
+            counts += np.bincount(np.asarray(batch[1]).reshape(-1).astype(np.int64), minlength=model.num_classes)
+    return class_weights(spec, counts)
 
 
 @dataclass
@@ -304,7 +331,7 @@ class Phase1:
 
 
 def _phase1(config: RunConfig, data: ImageData, model: TransferClassifier, heads: HeadStore | None,
-            verbose: int | str, mode: str) -> Phase1:
+            verbose: int | str, mode: str, weights: np.ndarray | None = None) -> Phase1:
     """Cached features (when the base is frozen and the cache is on), the blocks they come from,
     and the head's start: a stored head, or a linear probe fitted on them."""
     dc, tc = config.data, config.train
@@ -332,10 +359,10 @@ def _phase1(config: RunConfig, data: ImageData, model: TransferClassifier, heads
         phase1.views = train.features if views == 1 else np.concatenate([train.features, plain.features])
         phase1.folds = folds_of(plain.labels, tc.cv_folds, dc.seed)
         phase1.probe = choose_c_cv(phase1.views, plain.features[0], plain.labels, phase1.folds, classes, binary,
-                                   dc.seed)
+                                   dc.seed, weights)
     elif phase1.start is None:
         phase1.probe = choose_c_holdout(train.features, train.labels, plain.features[0], plain.labels, classes,
-                                        binary, dc.seed)
+                                        binary, dc.seed, weights)
     return phase1
 
 
@@ -362,14 +389,14 @@ def _probe_blocks(config: RunConfig, data: ImageData, model: TransferClassifier,
 
 
 def _probe_pipelines(config: RunConfig, model: TransferClassifier, train: tf.data.Dataset,
-                     validation: tf.data.Dataset) -> ProbeFit:
+                     validation: tf.data.Dataset, weights: np.ndarray | None = None) -> ProbeFit:
     """The convex start without cached features: one pass of the backbone over (a sample of)
     the training pipeline as it comes, augmented, and over the validation pipeline."""
     extractor = model.features_model()
     steps = math.ceil(MAX_ROWS / config.data.batch_size)
     x, y = extract(extractor, train.take(steps))
     xv, yv = extract(extractor, validation)
-    return choose_c_holdout(x[None], y, xv, yv, model.num_classes, model.binary, config.data.seed)
+    return choose_c_holdout(x[None], y, xv, yv, model.num_classes, model.binary, config.data.seed, weights)
 
 
 def _stored_phase1(heads: HeadStore, key: str, model: TransferClassifier) -> keras.callbacks.History | None:

@@ -32,7 +32,9 @@ from kerastl.classifier import TransferClassifier
 from kerastl.compile import compile_classifier
 from kerastl.config import TrainConfig
 from kerastl.features import CachedFeatures
+from kerastl.pipelines import balanced_order, is_mixed, weighted
 from kerastl.probe import DEFAULT_DEPTH, ProbeFit
+from kerastl.schedules import GradualUnfreezing, LayerRates, opening_epochs, plateau_callbacks
 from kerastl.storage import staged_folder
 
 log = logging.getLogger(__name__)
@@ -108,9 +110,13 @@ def first_images(batches: tf.data.Dataset, count: int = 512) -> tf.Tensor:
 
 
 def feature_batches(
-    cached: CachedFeatures, batch_size: int, training: bool = False, seed: int | None = None, first_epoch: int = 0
+    cached: CachedFeatures, batch_size: int, training: bool = False, seed: int | None = None, first_epoch: int = 0,
+    weights: np.ndarray | None = None, balanced: bool = False,
 ) -> tf.data.Dataset:
     """A pipeline over cached features; each iteration of it is one epoch.
+
+    `weights`: class weights, given to the loss as sample weights (see `kerastl.pipelines`);
+    `balanced`: when training, each epoch draws its rows by rebalanced sampling.
 
     One view in memory: the same cache -> shuffle -> batch structure and seed as
     the image pipeline, so batches come in the same order. Several views
@@ -120,17 +126,22 @@ def feature_batches(
     with the order that epoch has in an uninterrupted run.
     """
     in_memory = not isinstance(cached.features, np.memmap)
-    if in_memory and (not training or cached.views == 1):
+    balanced = balanced and training
+    if in_memory and (not training or cached.views == 1) and not balanced:
         ds = tf.data.Dataset.from_tensor_slices((np.asarray(cached.features[0]), cached.labels)).cache()
         if training:
             ds = ds.shuffle(max(len(cached.labels), 1), seed=seed, reshuffle_each_iteration=True)
-        return skip_epochs(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE), first_epoch)
+        return skip_epochs(weighted(ds.batch(batch_size), weights).prefetch(tf.data.AUTOTUNE), first_epoch)
     count, epochs_done = len(cached.labels), [first_epoch]
 
     def one_epoch():
         epoch = epochs_done[0]
         view = cached.features[epoch % cached.views] if training else cached.features[0]
-        order = np.random.default_rng([seed or 0, epoch]).permutation(count) if training else np.arange(count)
+        rng = np.random.default_rng([seed or 0, epoch])
+        if balanced:
+            order = balanced_order(cached.labels, rng)
+        else:
+            order = rng.permutation(count) if training else np.arange(count)
         epochs_done[0] += 1
         for start in range(0, count, batch_size):
             index = np.sort(order[start : start + batch_size])
@@ -139,7 +150,8 @@ def feature_batches(
     dim = cached.features.shape[-1]
     signature = (tf.TensorSpec((None, dim), tf.float32), tf.TensorSpec((None,), tf.int32))
     ds = tf.data.Dataset.from_generator(one_epoch, output_signature=signature)
-    return ds.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))  # Keras then knows the steps
+    ds = ds.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))  # Keras then knows the steps
+    return weighted(ds, weights)
 
 
 # Keras's fit makes two iterators per epoch of a dataset of known length: one when the epoch
@@ -204,23 +216,30 @@ def train_head(
     verbose: int | str = "auto",
     start_is_best: bool = False,
     snapshots: Path | None = None,
+    weights: np.ndarray | None = None,
 ) -> tuple[keras.callbacks.History, KeepBest]:
     """Phase 1 on cached (train, validation) features: trains `head` with KeepBest.
 
     At least `config.min_steps` steps (see `epochs_for`). With `start_is_best` (a
     convex start), the starting weights count as the best so far, at their validation
     loss as compiled (label smoothing included), recorded in the history as
-    `START_LOSS`. `snapshots`: resume from and save epoch snapshots there.
-    Returns the history and the KeepBest callback (its `best` is the best val_loss).
+    `START_LOSS`. `snapshots`: resume from and save epoch snapshots there. `weights`: class
+    weights, on training and validation rows alike (the loss that training lowers is the one
+    that chooses the epoch). Returns the history and the KeepBest callback (its `best` is the best val_loss).
     """
     epochs = epochs_for(config.epochs, config.min_steps, len(features[0].labels), batch_size)
     # head steps take microseconds: run many per call so Python overhead does not dominate
-    compile_classifier(head, config, steps_per_execution=HEAD_STEPS_PER_EXECUTION)
-    validation = feature_batches(features[1], batch_size)
+    compile_classifier(head, config, steps_per_execution=HEAD_STEPS_PER_EXECUTION, schedule=config.schedule,
+                       steps=epochs * math.ceil(len(features[0].labels) / batch_size))
+    validation = feature_batches(features[1], batch_size, weights=weights)
     initial = head.evaluate(validation, verbose=0, return_dict=True)["loss"] if start_is_best else None
-    stop = KeepBest(scaled_patience(config.patience, config.epochs, epochs), initial)
-    history = resumable_fit(head, lambda first: feature_batches(features[0], batch_size, True, seed, first),
-                            validation, epochs, stop, list(callbacks or []), verbose, snapshots)
+    patience = scaled_patience(config.patience, config.epochs, epochs)
+    stop = KeepBest(patience, initial)
+    balanced = config.sampling == "balanced"
+    history = resumable_fit(
+        head, lambda first: feature_batches(features[0], batch_size, True, seed, first, weights, balanced),
+        validation, epochs, stop, [*(callbacks or []), *plateau_callbacks(config.schedule, patience)], verbose,
+        snapshots)
     if initial is not None:
         history.history[START_LOSS] = [initial]
     return history, stop
@@ -249,11 +268,37 @@ def fine_tune(
     """
     if not unfreeze_top(model, config, unfreeze_blocks):
         return None
-    compile_classifier(model, config, config.learning_rate * config.fine_tune_lr_ratio)
     epochs = pipeline_epochs(config.fine_tune_epochs, config.fine_tune_min_steps, train_data)
-    stop = KeepBest(scaled_patience(config.patience, config.fine_tune_epochs, epochs), phase1_best)
+    patience = scaled_patience(config.patience, config.fine_tune_epochs, epochs)
+    extra = compile_fine_tuning(model, config, train_data, epochs, patience, initial_epoch)
+    stop = KeepBest(patience, phase1_best)
     return resumable_fit(model, lambda first: skip_epochs(train_data, skipped + first), validation_data,
-                         initial_epoch + epochs, stop, list(callbacks or []), verbose, snapshots, initial_epoch)
+                         initial_epoch + epochs, stop, [*(callbacks or []), *extra], verbose, snapshots,
+                         initial_epoch)
+
+
+def compile_fine_tuning(model: TransferClassifier, config: TrainConfig, train_data: tf.data.Dataset, epochs: int,
+                        patience: int, first_epoch: int = 0, validated: bool = True) -> list[keras.callbacks.Callback]:
+    """Compiles phase 2 (its rate, schedule, layer-wise rates, mixed labels) once the top is unfrozen.
+
+    Returns the callbacks the phase needs: gradual unfreezing from `first_epoch` on, and
+    `ReduceLROnPlateau` for a plateau schedule (when the phase is `validated`).
+    """
+    rates, extra = None, []
+    if config.layer_decay != 1.0 or config.gradual_unfreeze:
+        blocks = model.trainable_blocks()
+        opening = opening_epochs(len(blocks), epochs) if config.gradual_unfreeze else None
+        rates = LayerRates(blocks, config.layer_decay, opening)
+        if opening is not None:
+            extra.append(GradualUnfreezing(rates, first_epoch))
+        log.info("phase 2: %d blocks, rates %s of the head's%s", len(blocks),
+                 ", ".join(f"{rate:.3g}" for rate in rates.rates),
+                 f", opening at epochs {[first_epoch + e + 1 for e in opening]}" if opening else "")
+    steps = int(train_data.cardinality())
+    compile_classifier(model, config, config.learning_rate * config.fine_tune_lr_ratio,
+                       schedule=config.fine_tune_schedule, steps=epochs * steps if steps > 0 else None,
+                       layer_rates=rates, mixed=is_mixed(train_data))
+    return [*extra, *plateau_callbacks(config.fine_tune_schedule, patience, validated)]
 
 
 def unfreeze_top(model: TransferClassifier, config: TrainConfig, depth: int | None) -> bool:
@@ -317,6 +362,7 @@ def train_classifier(
     unfreeze_blocks: int | None = None,
     backup_dir: str | Path | None = None,
     log_dir: str | Path | None = None,
+    class_weights: np.ndarray | None = None,
 ) -> TrainResult:
     """Trains `model` in two phases (one when it trains from scratch).
 
@@ -345,6 +391,8 @@ def train_classifier(
             result: a run killed and started again with the same folder resumes from
             the last completed epoch, in the phase it was in.
         log_dir: TensorBoard logs, `phase1/` and `phase2/` (phase 2's epochs number on from phase 1's).
+        class_weights: each class's weight on cached features (image pipelines carry their own
+            sample weights, see `kerastl.pipelines.training_batches`).
 
     Raises:
         kerastl.callbacks.NaNLoss: the loss became NaN or infinite (the snapshots are kept).
@@ -372,16 +420,19 @@ def train_classifier(
     elif features is not None and not scratch:
         phase1, _ = train_head(model.head_model(), features, config, batch_size, seed, callbacks=extra,
                                verbose=verbose, start_is_best=probe_start and model.hidden is None,
-                               snapshots=snapshots)
+                               snapshots=snapshots, weights=class_weights)
         compile_classifier(model, config)  # as the plain path leaves it
     else:
-        compile_classifier(model, config)
+        epochs = pipeline_epochs(config.epochs, config.min_steps, train_data)
+        steps = int(train_data.cardinality())
+        compile_classifier(model, config, schedule=config.schedule, steps=epochs * steps if steps > 0 else None,
+                           mixed=is_mixed(train_data))
         if probe_start and model.hidden is None:  # the head is the probe: its loss, as compiled, is the best so far
             initial = model.evaluate(validation_data, verbose=0, return_dict=True)["loss"]
-        epochs = pipeline_epochs(config.epochs, config.min_steps, train_data)
-        stop = KeepBest(scaled_patience(config.patience, config.epochs, epochs), initial)
+        patience = scaled_patience(config.patience, config.epochs, epochs)
+        stop = KeepBest(patience, initial)
         phase1 = resumable_fit(model, lambda first: skip_epochs(train_data, first), validation_data, epochs, stop,
-                               extra, verbose, snapshots)
+                               [*extra, *plateau_callbacks(config.schedule, patience)], verbose, snapshots)
         drawn = len(phase1.epoch)
     if initial is not None:
         phase1.history[START_LOSS] = [initial]

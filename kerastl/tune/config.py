@@ -17,9 +17,11 @@ ISOLATION = ("auto", "always", "never")
 # the settings a search may vary, in declaration order -> (RunConfig section, field)
 SPACE_FIELDS = {name: SETTINGS[name] for name in (
     "backbone", "image_size", "features", "pooling", "dropout", "hidden_units", "optimizer", "learning_rate",
-    "label_smoothing",
+    "label_smoothing", "loss", "class_weight", "sampling", "schedule", "l2", "max_norm", "augment",
     "weight_decay", "batch_size", "epochs", "unfreeze_blocks", "fine_tune_lr_ratio", "fine_tune_epochs",
+    "fine_tune_schedule", "layer_decay", "gradual_unfreeze",
 )}
+AUTO_OBJECTIVE = "auto"  # val_accuracy, or val_macro_f1 when the classes are imbalanced (see IMBALANCE_RATIO)
 
 
 @dataclass
@@ -29,7 +31,9 @@ class TuneConfig(JsonConfig):
     Attributes:
         tuner: "random", "bayesian" or "hyperband".
         objective: one of `OBJECTIVES` (its direction is known), scored on the
-            validation split with the trial's best weights restored.
+            validation split with the trial's best weights restored; "auto" is
+            val_accuracy, or val_macro_f1 when the largest class has more than
+            `kerastl.config.IMBALANCE_RATIO` times the smallest's training images.
         max_trials: trials to run (for hyperband, set by `epochs` and its factor instead).
         project_dir: the search's folder: KerasTuner state, one folder per trial,
             saved phase-1 heads, results. Running again on it resumes.
@@ -44,7 +48,7 @@ class TuneConfig(JsonConfig):
     """
 
     tuner: str = "random"
-    objective: str = "val_accuracy"
+    objective: str = AUTO_OBJECTIVE
     max_trials: int = 10
     project_dir: str = "tuning"
     space: dict[str, Any] | None = None
@@ -57,8 +61,8 @@ class TuneConfig(JsonConfig):
     def validate(self) -> None:
         if self.tuner not in TUNERS:
             raise KerastlError(f"tuner must be one of {list(TUNERS)}, got {self.tuner!r}")
-        if self.objective not in OBJECTIVES:
-            raise KerastlError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective not in (AUTO_OBJECTIVE, *OBJECTIVES):
+            raise KerastlError(f"objective must be one of {[AUTO_OBJECTIVE, *OBJECTIVES]}, got {self.objective!r}")
         if self.isolate not in ISOLATION:
             raise KerastlError(f"isolate must be one of {list(ISOLATION)}, got {self.isolate!r}")
         for name in ("max_trials", "max_failures"):

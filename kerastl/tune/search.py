@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kerastl.classifier import TransferClassifier
-from kerastl.config import RunConfig
+from kerastl.config import IMBALANCE_RATIO, RunConfig
 from kerastl.data import ImageData, load_data
 from kerastl.devices import list_gpus, setup_devices
 from kerastl.errors import KerastlError
@@ -33,7 +33,7 @@ from kerastl.runfolder import (HISTORY_FILE, LOGS, METRICS_FILE, PROBE_FILE, loa
                                read_json_file, write_run_folder)
 from kerastl.storage import check_export_dir
 from kerastl.train import TrainResult
-from kerastl.tune.config import TuneConfig
+from kerastl.tune.config import AUTO_OBJECTIVE, TuneConfig
 from kerastl.tune.distribute import launch, serve_chief
 from kerastl.tune.space import DEFAULT_SPACE, check_space
 from kerastl.tune.tables import trial_table, write_tables
@@ -58,6 +58,7 @@ class SearchResult:
     model: TransferClassifier | None
     export_dir: Path | None
     metrics: dict[str, float]
+    objective: str = "val_accuracy"  # what the search optimised ("auto" resolved)
 
 
 def prepare(config: RunConfig, tune: TuneConfig) -> tuple[RunConfig, TuneConfig]:
@@ -69,6 +70,25 @@ def prepare(config: RunConfig, tune: TuneConfig) -> tuple[RunConfig, TuneConfig]
     base.name, base.export_dir = resolved.name, resolved.export_dir
     tune.space = check_space(DEFAULT_SPACE if tune.space is None else tune.space, base)
     return base, tune
+
+
+def choose_objective(base: RunConfig, tune: TuneConfig, data: ImageData | None) -> TuneConfig:
+    """`tune` with objective "auto" resolved: val_macro_f1 when the training classes are imbalanced
+    beyond `IMBALANCE_RATIO` (largest / smallest count), val_accuracy otherwise. Says which, and why."""
+    if tune.objective != AUTO_OBJECTIVE:
+        return tune
+    if data is None:
+        data = load_data(base.data, resolve_config(base).model.image_size)
+    counts = data.train.class_counts(len(data.class_names))
+    if data.validation is not None:
+        counts = counts + data.validation.class_counts(len(data.class_names))
+    ratio = counts.max() / max(counts.min(), 1)
+    tune = TuneConfig.from_dict({**tune.to_dict(), "objective": "val_accuracy"})
+    if ratio > IMBALANCE_RATIO:
+        tune.objective = "val_macro_f1"
+        log.warning("classes are imbalanced %.1f:1 (more than %g:1): the search maximises val_macro_f1, not "
+                    "val_accuracy (--objective chooses)", ratio, IMBALANCE_RATIO)
+    return tune
 
 
 def claim_project(project: Path, base: RunConfig, tune: TuneConfig, restart: bool) -> None:
@@ -156,6 +176,7 @@ def run_search(
     ```
     """
     base, tune = prepare(config, tune)
+    tune = choose_objective(base, tune, data)
     export_dir = Path(base.export_dir)
     check_export_dir(export_dir, overwrite)
     project = Path(tune.project_dir)
@@ -166,7 +187,7 @@ def run_search(
     role = os.environ.get("KERASTUNER_TUNER_ID", "") if "KERASTUNER_ORACLE_IP" in os.environ else ""
     if role and "chief" not in role:  # one worker of a search spread over machines: run trials, export nothing
         search_here(base, tune, data, verbose)
-        return SearchResult([], None, None, {})
+        return SearchResult([], None, None, {}, tune.objective)
     if role:  # the chief of a search spread over machines: serve the oracle, then report and export
         tuner = run_as_chief(base, tune)
     elif workers > 1:
@@ -186,7 +207,7 @@ def run_search(
     write_tables(rows, export_dir)
     log.info("best trial %s (%s %.4f) exported to %s", done[0]["trial"], tune.objective, done[0][tune.objective],
              export_dir)
-    return SearchResult(rows, model, export_dir, metrics)
+    return SearchResult(rows, model, export_dir, metrics, tune.objective)
 
 
 def export_best(tuner: TransferTuner, trial_id: str, base: RunConfig, tune: TuneConfig,

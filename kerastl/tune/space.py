@@ -28,7 +28,8 @@ from kerastl.tune.config import SPACE_FIELDS
 
 log = logging.getLogger(__name__)
 
-FINE_TUNE_SETTINGS = ("fine_tune_lr_ratio", "fine_tune_epochs")
+FINE_TUNE_SETTINGS = ("fine_tune_lr_ratio", "fine_tune_epochs", "fine_tune_schedule", "layer_decay",
+                      "gradual_unfreeze")
 
 DEFAULT_SPACE: dict[str, Any] = {
     "dropout": {"min": 0.0, "max": 0.5, "step": 0.1},
