@@ -1,33 +1,43 @@
 """Optimizers and compiling: the one place a classifier is compiled.
 
 Both phases, every cross-validation fold and every search trial compile through
-`compile_classifier`, so the optimizer, its schedule, the loss and the metrics are
+`compile_classifier` (phase 2 through `compile_fine_tuning`, which adds layer-wise rates
+and gradual unfreezing), so the optimizer, its schedule, the loss and the metrics are
 the same wherever a model trains. The losses live in `kerastl.losses`, the
 schedules and layer-wise rates in `kerastl.schedules`.
 """
 
 from __future__ import annotations
 
-import keras
+import logging
 
+import keras
+import tensorflow as tf
+
+from kerastl.classifier import TransferClassifier
 from kerastl.config import TrainConfig
 from kerastl.errors import KerastlError
 from kerastl.losses import LabelAccuracy, make_loss
-from kerastl.schedules import LayerRates, scheduled_rate
+from kerastl.pipelines import budget_steps, is_mixed
+from kerastl.schedules import GradualUnfreezing, LayerRates, opening_epochs, plateau_callbacks, scheduled_rate
+
+log = logging.getLogger(__name__)
 
 
 def make_optimizer(name: str, learning_rate, weight_decay: float = 0.0) -> keras.optimizers.Optimizer:
-    """A fresh Keras optimizer by name ("adam", "sgd", "adamw", ...), with decoupled weight decay.
+    """A fresh Keras optimizer by name ("adam", "sgd", "adamw", ...), with decoupled weight decay
+    (none when 0, AdamW included).
 
     `learning_rate` is a number or a Keras learning-rate schedule.
     """
-    values = {"learning_rate": learning_rate}
-    if weight_decay:
-        values["weight_decay"] = weight_decay
     try:
-        return keras.optimizers.get({"class_name": name, "config": values})
+        optimizer = keras.optimizers.get({"class_name": name, "config": {"learning_rate": learning_rate,
+                                                                         "weight_decay": float(weight_decay)}})
     except (ValueError, TypeError):
         raise KerastlError(f"unknown optimizer {name!r}; use a Keras optimizer name such as adam or sgd") from None
+    if not weight_decay:  # none, as the config says (AdamW's own default is 0.004)
+        optimizer.weight_decay = None
+    return optimizer
 
 
 def compile_classifier(
@@ -64,3 +74,26 @@ def compile_classifier(
         layer_rates.attach(optimizer, config.weight_decay)
     model.compile(optimizer=optimizer, loss=make_loss(config.loss, binary, config.label_smoothing, mixed),
                   metrics=[LabelAccuracy() if mixed else "accuracy"], steps_per_execution=steps_per_execution)
+
+
+def compile_fine_tuning(model: TransferClassifier, config: TrainConfig, train_data: tf.data.Dataset, epochs: int,
+                        patience: int, first_epoch: int = 0, validated: bool = True) -> list[keras.callbacks.Callback]:
+    """Compiles phase 2 (its rate, schedule, layer-wise rates, mixed labels) once the top is unfrozen.
+
+    Returns the callbacks the phase needs: gradual unfreezing from `first_epoch` on, and
+    `ReduceLROnPlateau` for a plateau schedule (when the phase is `validated`).
+    """
+    rates, extra = None, []
+    if config.layer_decay != 1.0 or config.gradual_unfreeze:
+        blocks = model.trainable_blocks()
+        opening = opening_epochs(len(blocks), epochs) if config.gradual_unfreeze else None
+        rates = LayerRates(blocks, config.layer_decay, opening)
+        if opening is not None:
+            extra.append(GradualUnfreezing(rates, first_epoch))
+        log.info("phase 2: %d blocks, rates %s of the head's%s", len(blocks),
+                 ", ".join(f"{rate:.3g}" for rate in rates.rates),
+                 f", opening at epochs {[first_epoch + e + 1 for e in opening]}" if opening else "")
+    compile_classifier(model, config, config.learning_rate * config.fine_tune_lr_ratio,
+                       schedule=config.fine_tune_schedule, steps=budget_steps(epochs, train_data),
+                       layer_rates=rates, mixed=is_mixed(train_data))
+    return [*extra, *plateau_callbacks(config.fine_tune_schedule, patience, validated)]

@@ -32,17 +32,17 @@ import tensorflow as tf
 
 from kerastl.callbacks import StopOnNaN
 from kerastl.classifier import TransferClassifier
-from kerastl.compile import compile_classifier
+from kerastl.compile import compile_classifier, compile_fine_tuning
 from kerastl.batchnorm import recalibrate_batchnorm
 from kerastl.config import DataConfig, RunConfig, TrainConfig
 from kerastl.data import ImageData, split_of_arrays
 from kerastl.errors import KerastlError
 from kerastl.features import CachedFeatures
-from kerastl.pipelines import is_mixed, training_batches, weighted
+from kerastl.pipelines import budget_steps, feature_batches, is_mixed, skip_epochs, training_batches, weighted
 from kerastl.probe import ProbeFit, fit_probe, rows_of
 from kerastl.storage import replace_file
-from kerastl.train import (HEAD_STEPS_PER_EXECUTION, TrainResult, compile_fine_tuning, epochs_for, feature_batches,
-                           resumable_fit, scaled_patience, skip_epochs, start_head, tensorboard_logs, unfreeze_top)
+from kerastl.train import (HEAD_STEPS_PER_EXECUTION, TrainResult, epochs_for, resumable_fit, scaled_patience,
+                           start_head, tensorboard_logs, unfreeze_top)
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,8 @@ def train_cross_validated(
     log.info("fine-tuning for %d epochs lowers the cross-validated loss %.4f -> %.4f", best, losses[0],
              losses[best])
     everything = pipeline(np.arange(len(labels)))
-    extra = compile_fine_tuning(model, config, everything, best, patience, validated=False)
+    # the folds' timetable (schedule, openings), stopped at the best epoch they found
+    extra = compile_fine_tuning(model, config, everything, epochs, patience, validated=False)
     resumable_fit(model, lambda first: skip_epochs(everything, first), None, best, None,
                   [*(callbacks or []), *extra], verbose, backup_dir / "phase2" if backup_dir is not None else None)
     model.freeze_backbone()
@@ -199,7 +200,7 @@ def cross_validate_run(config: RunConfig, data: ImageData, model: TransferClassi
             model.backbone.trainable = True
         epochs = epochs_for(tc.epochs, tc.min_steps, data.train.count, dc.batch_size)
         batches = training_batches(data.train, dc, tc, len(data.class_names), model.binary, class_weights)
-        compile_classifier(model, tc, schedule=tc.schedule, steps=epochs * int(batches.cardinality()),
+        compile_classifier(model, tc, schedule=tc.schedule, steps=budget_steps(epochs, batches),
                            mixed=is_mixed(batches))
         history = resumable_fit(model, lambda first: skip_epochs(batches, first), None, epochs, None,
                                 [*(callbacks or []), *tensorboard_logs(log_dir, "phase1")], verbose,

@@ -74,20 +74,21 @@ class Split:
     ) -> tf.data.Dataset:
         """A batched float32 0-255 pipeline; shuffled and augmented when `training`.
 
-        `resample` maps the cached dataset of single images to the images an epoch draws
-        (rebalanced sampling, see `kerastl.pipelines`)."""
+        `resample` (training only) maps the endless reshuffled stream of single images to
+        the draws an epoch takes the first `count` of (rebalanced sampling, see
+        `kerastl.pipelines`): one cache and one shuffle buffer, as without it."""
         ds = self.dataset
         megabytes = self.count * self.image_size**2 * 3 / 2**20
         if megabytes <= cache_limit_mb:
             ds = ds.cache()
         else:
             log.debug("not caching %d images (%.0f MB > cache limit %d MB)", self.count, megabytes, cache_limit_mb)
-        if resample is not None:
-            ds = resample(ds)
         if training:
             # a shuffle buffer holds its images decoded: no more than the memory budget (or 1024 images)
             limit = max(int(cache_limit_mb * 2**20 // (self.image_size**2 * 3)), 1024)
             ds = ds.shuffle(max(min(self.count, limit), 1), seed=seed, reshuffle_each_iteration=True)
+            if resample is not None:  # an epoch keeps its length, and Keras knows it
+                ds = resample(ds.repeat()).take(self.count).apply(tf.data.experimental.assert_cardinality(self.count))
         ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
         if training and augmenter is not None:
             ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=AUTOTUNE)
@@ -130,6 +131,11 @@ class ImageData:
     skipped: int = 0  # files of the class folders left out: they cannot be used as images
     # where a split came from when the split fractions did not cut it (a CSV's split column, a given dataset)
     origins: dict[str, str] = field(default_factory=dict)
+
+    def labelled_counts(self) -> np.ndarray:
+        """Labelled images per class: training plus validation (the test split left out)."""
+        counts = self.train.class_counts(len(self.class_names))
+        return counts if self.validation is None else counts + self.validation.class_counts(len(self.class_names))
 
 
 def to_model_input(images: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -309,6 +315,8 @@ def from_table(table: LabelTable, image_size: int | HasImageSize, validation_spl
     errors = table.errors(min_classes)
     if errors:
         raise KerastlError(errors[0])
+    if min_classes == 1 and table.files("train") is None:  # images to evaluate on, in other splits: all of them
+        table = replace(table, splits=None)
     data = _from_files(table.class_names, *table.files("train"), image_size, validation_split, test_split, seed,
                        table.files("validation"), table.files("test"), len(skipped))
     if table.splits is not None:
@@ -318,11 +326,20 @@ def from_table(table: LabelTable, image_size: int | HasImageSize, validation_spl
 
 
 def split_of_arrays(x: np.ndarray, y: np.ndarray, image_size: int) -> Split:
-    """A split of images (any size, resized to `image_size`) and integer labels."""
-    images = to_model_input(x, image_size).numpy()
-    labels = np.asarray(y, np.int32)
-    digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
-    return Split(tf.data.Dataset.from_tensor_slices((images, labels)), len(images), image_size, digest, labels)
+    """A split of images [n, h, w, 1 or 3] (any size, 0-255) and integer labels.
+
+    The arrays are kept as they are and each image is resized to `image_size` as the split
+    is read (then cached by `Split.batches` within its memory limit): resizing all at once
+    would hold every image at the backbone's size, in float32 (CIFAR-10 at 224x224: 30 GB).
+    """
+    images, labels = np.asarray(x), np.asarray(y, np.int32)
+    shape = f"{images.shape} {images.dtype.str} {image_size}".encode()
+    digest = hashlib.sha256(images.tobytes() + labels.tobytes() + shape).hexdigest()
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels))
+    if images.shape[1:] != (image_size, image_size, 3) or images.dtype != np.uint8:
+        dataset = dataset.map(lambda image, label: (to_model_input(image, image_size), label),
+                              num_parallel_calls=AUTOTUNE)
+    return Split(dataset, len(images), image_size, digest, labels)
 
 
 def from_arrays(
@@ -436,3 +453,4 @@ def load_data(config: DataConfig, image_size: int | HasImageSize, min_classes: i
         validation_dir=config.validation_dir, test_dir=config.test_dir, strict=config.strict,
         min_classes=min_classes, **split,
     )
+

@@ -5,21 +5,25 @@
   total weight; or weights by hand. They reach the loss as Keras sample weights,
   the third element of each batch, on images and on cached features alike.
 - Rebalanced sampling (`TrainConfig.sampling="balanced"`): an epoch keeps its length
-  and gives every class the same number of draws (to within one), in a random order;
-  each class's draws go through its images in a reshuffled order, rare ones repeating.
+  and draws the classes equally often, rare classes' images repeating. On images it is
+  rejection sampling of the reshuffled stream (each draw's class equally likely; one
+  cache, one shuffle buffer); on cached features every class gets the same number of
+  draws to within one.
 - MixUp and CutMix (`kerastl.augment.build_mixer`): integer labels are one-hot
   encoded and mixed with the images. A mixed example's weight is its label's mix of
   its classes' weights.
 
-`training_batches` builds a split's training pipeline with all of them; validation
-batches stay plain (integer labels, no weights), so validation loss is comparable
-between runs whatever the recipe.
+`training_batches` builds a split's training pipeline with all of them. Validation
+batches keep integer labels and get the same class weights (`weighted`), so the
+validation loss that chooses epochs is the loss being trained; scores stay unweighted.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -27,6 +31,7 @@ from kerastl.augment import build_augmenter, build_mixer
 from kerastl.config import DataConfig, TrainConfig, parse_class_weight
 from kerastl.data import Split
 from kerastl.errors import KerastlError
+from kerastl.features import CachedFeatures
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +69,11 @@ def sample_weights(labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
     or mixed binary labels [b, 1] (floats): the label's mix of its classes' weights."""
     if labels.dtype.is_integer:
         return tf.gather(weights, tf.reshape(labels, [-1]))
-    if labels.shape[-1] == 1 and weights.shape[0] == 2:  # a binary model's mixed label: its share of class 1
-        share = tf.reshape(labels, [-1])
-        return share * weights[1] + (1.0 - share) * weights[0]
+    if labels.shape.rank == 1 or labels.shape[-1] == 1:
+        if weights.shape[0] == 2:  # a binary model's label, mixed or not: its share of class 1
+            share = tf.cast(tf.reshape(labels, [-1]), tf.float32)
+            return share * weights[1] + (1.0 - share) * weights[0]
+        return tf.gather(weights, tf.cast(tf.reshape(labels, [-1]), tf.int32))  # class indices as floats
     return tf.linalg.matvec(tf.cast(labels, tf.float32), weights)
 
 
@@ -78,9 +85,10 @@ def weighted(batches: tf.data.Dataset, weights: np.ndarray | None) -> tf.data.Da
     return batches.map(lambda x, y: (x, y, sample_weights(y, constant)), num_parallel_calls=AUTOTUNE)
 
 
-def mixed(batches: tf.data.Dataset, mixer, num_classes: int, binary: bool) -> tf.data.Dataset:
+def mixed(batches: tf.data.Dataset, mixer: keras.layers.Layer, num_classes: int, binary: bool) -> tf.data.Dataset:
     """(x, integer y) batches -> MixUp/CutMix-mixed (x, y rows); a binary model's y is its class-1 share [b, 1]."""
 
+    @tf.autograph.experimental.do_not_convert  # straight-line code: nothing for AutoGraph to convert
     def mix(x, y):
         rows = tf.one_hot(tf.cast(tf.reshape(y, [-1]), tf.int32), num_classes)
         out = mixer({"images": x, "labels": rows}, training=True)
@@ -90,20 +98,19 @@ def mixed(batches: tf.data.Dataset, mixer, num_classes: int, binary: bool) -> tf
     return batches.map(mix, num_parallel_calls=AUTOTUNE)
 
 
-def balanced_sampler(labels: np.ndarray, seed: int | None):
-    """A `Split.batches` resampler: an epoch of len(labels) draws, the classes (among those with
-    images) drawn equally often in a random order, each class's images in a reshuffled order."""
-    labels = np.asarray(labels)
-    classes = [int(c) for c in np.unique(labels)]
-    count = len(labels)
+def balanced_sampler(counts: np.ndarray, seed: int | None) -> Callable[[tf.data.Dataset], tf.data.Dataset]:
+    """A `Split.batches` resampler: rejection sampling of the reshuffled stream of images, keeping an
+    image of class c with probability (smallest count) / count_c, so each kept image's class is
+    equally likely. It reads about n / (k * smallest count) images per draw (from the cache)."""
+    counts = np.asarray(counts, np.float64)
+    keep = tf.constant(np.where(counts > 0, counts[counts > 0].min() / np.maximum(counts, 1), 0.0), tf.float32)
 
-    def resample(dataset: tf.data.Dataset) -> tf.data.Dataset:
-        streams = [dataset.filter(lambda x, y, c=c: tf.equal(tf.cast(y, tf.int64), c))
-                   .shuffle(int((labels == c).sum()), seed=seed, reshuffle_each_iteration=True).repeat()
-                   for c in classes]
-        order = (tf.data.Dataset.range(count).map(lambda i: i % len(classes))
-                 .shuffle(count, seed=seed, reshuffle_each_iteration=True))
-        return tf.data.Dataset.choose_from_datasets(streams, order)
+    def resample(stream: tf.data.Dataset) -> tf.data.Dataset:
+        coins = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).map(
+            lambda r: tf.cast(r % 2**24, tf.float32) / 2**24)
+        kept = tf.data.Dataset.zip((stream, coins)).filter(
+            lambda element, coin: coin < tf.gather(keep, tf.cast(element[1], tf.int32)))
+        return kept.map(lambda element, coin: element)
 
     return resample
 
@@ -130,17 +137,77 @@ def training_batches(split: Split, data: DataConfig, train: TrainConfig, num_cla
 
     `weights` are the class weights (see `class_weights`); `cache_limit_mb` defaults to `data.cache_limit_mb`.
     """
-    labels = split.labels
-    resample = None
-    if train.sampling == "balanced":
-        labels = labels if labels is not None else np.array([int(y) for _, y in split.dataset])
-        resample = balanced_sampler(labels, data.seed)
+    resample = balanced_sampler(split.class_counts(num_classes), data.seed) if train.sampling == "balanced" else None
     batches = split.batches(data.batch_size, True, build_augmenter(data.augment, seed=data.seed), data.seed,
                             data.cache_limit_mb if cache_limit_mb is None else cache_limit_mb, resample=resample)
     mixer = build_mixer(data.augment, seed=data.seed)
     if mixer is not None:
         batches = mixed(batches, mixer, num_classes, binary)
     return weighted(batches, weights)
+
+
+def budget_steps(epochs: int, batches: tf.data.Dataset) -> int | None:
+    """A phase's optimizer steps, `epochs` of `batches`; None when the pipeline's length is unknown."""
+    steps = int(batches.cardinality())
+    return epochs * steps if steps > 0 else None
+
+
+def feature_batches(
+    cached: CachedFeatures, batch_size: int, training: bool = False, seed: int | None = None, first_epoch: int = 0,
+    weights: np.ndarray | None = None, balanced: bool = False,
+) -> tf.data.Dataset:
+    """A pipeline over cached features; each iteration of it is one epoch.
+
+    `weights`: class weights, given to the loss as sample weights (see `kerastl.pipelines`);
+    `balanced`: when training, each epoch draws its rows by rebalanced sampling.
+
+    One view in memory: the same cache -> shuffle -> batch structure and seed as
+    the image pipeline, so batches come in the same order. Several views
+    (augmentation on): the e-th iteration trains on view e % K, shuffled by a
+    generator seeded with (seed, e). Memory-mapped features are streamed batch by
+    batch, never read in whole. `first_epoch` starts at a later epoch (resuming)
+    with the order that epoch has in an uninterrupted run.
+    """
+    in_memory = not isinstance(cached.features, np.memmap)
+    balanced = balanced and training
+    if in_memory and (not training or cached.views == 1) and not balanced:
+        ds = tf.data.Dataset.from_tensor_slices((np.asarray(cached.features[0]), cached.labels)).cache()
+        if training:
+            ds = ds.shuffle(max(len(cached.labels), 1), seed=seed, reshuffle_each_iteration=True)
+        return skip_epochs(weighted(ds.batch(batch_size), weights).prefetch(tf.data.AUTOTUNE), first_epoch)
+    count, epochs_done = len(cached.labels), [first_epoch]
+
+    def one_epoch():
+        epoch = epochs_done[0]
+        view = cached.features[epoch % cached.views] if training else cached.features[0]
+        rng = np.random.default_rng([seed or 0, epoch])
+        if balanced:
+            order = balanced_order(cached.labels, rng)
+        else:
+            order = rng.permutation(count) if training else np.arange(count)
+        epochs_done[0] += 1
+        for start in range(0, count, batch_size):
+            index = np.sort(order[start : start + batch_size])
+            yield np.asarray(view[index]), cached.labels[index]
+
+    dim = cached.features.shape[-1]
+    signature = (tf.TensorSpec((None, dim), tf.float32), tf.TensorSpec((None,), tf.int32))
+    ds = tf.data.Dataset.from_generator(one_epoch, output_signature=signature)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))  # Keras then knows the steps
+    return weighted(ds, weights)
+
+
+# Keras's fit makes two iterators per epoch of a dataset of known length: one when the epoch
+# starts and one, left unused, when it ends (tests/test_faults.py pins the resumed order).
+ITERATORS_PER_EPOCH = 2
+
+
+def skip_epochs(batches: tf.data.Dataset, epochs: int) -> tf.data.Dataset:
+    """`batches` as `fit` leaves it after `epochs` epochs: a reshuffling pipeline draws its next
+    order whenever an iterator is made, so making (and dropping) those iterators reads no data."""
+    for _ in range(ITERATORS_PER_EPOCH * epochs):
+        iter(batches)
+    return batches
 
 
 def is_mixed(batches: tf.data.Dataset) -> bool:

@@ -145,6 +145,8 @@ class LabelTable:
         if len(self.class_names) < min_classes:
             return [f"{self.name} has {len(self.class_names)} class ({', '.join(self.class_names)}); "
                     "a classifier needs two or more"]
+        if min_classes == 1:  # images to evaluate on: any split will do
+            return []
         training = Counter(label for i, label in enumerate(self.labels)
                            if self.splits is None or self.splits[i] == "train")
         where = "rows" if self.splits is None else "training rows"

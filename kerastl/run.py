@@ -118,10 +118,7 @@ def validation_mode(config: TrainConfig, data: ImageData) -> str:
     fewer than `config.cv_below` labelled images (training plus validation)."""
     if config.validation != "auto":
         return config.validation
-    counts = data.train.class_counts(len(data.class_names))
-    if data.validation is not None:
-        counts = counts + data.validation.class_counts(len(data.class_names))
-    return "cv" if counts.min() < config.cv_below else "holdout"
+    return "cv" if data.labelled_counts().min() < config.cv_below else "holdout"
 
 
 def run_training(
@@ -304,7 +301,10 @@ def _pipeline_weights(config: RunConfig, model: TransferClassifier, train: tf.da
     counts = np.zeros(model.num_classes, np.int64)
     if spec == "auto":
         for batch in train:
-            counts += np.bincount(np.asarray(batch[1]).reshape(-1).astype(np.int64), minlength=model.num_classes)
+            labels = np.asarray(batch[1])
+            one_hot = labels.ndim == 2 and labels.shape[-1] == model.num_classes > 1
+            labels = labels.argmax(axis=-1) if one_hot else labels.reshape(-1)
+            counts += np.bincount(labels.astype(np.int64), minlength=model.num_classes)
     return class_weights(spec, counts)
 
 

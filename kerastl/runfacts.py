@@ -247,6 +247,12 @@ def phases(run: RunFiles) -> list[tuple[str, str]]:
                 f"{mode}: early stopping on the validation split's loss (patience {train.get('patience', '?')})"))
     out.append(("optimizer", f"{train.get('optimizer', NOT_RECORDED)}, loss {train.get('loss', NOT_RECORDED)}, "
                 f"label smoothing {train.get('label_smoothing', 0)}, weight decay {train.get('weight_decay', 0)}"))
+    model = run.model
+    out.append(("recipe", f"class weights {train.get('class_weight', 'none')}, sampling "
+                f"{train.get('sampling', 'shuffle')}, schedules {train.get('schedule', 'constant')} / "
+                f"{train.get('fine_tune_schedule', 'constant')}, layer decay {train.get('layer_decay', 1.0):g}, "
+                f"gradual unfreezing {'on' if train.get('gradual_unfreeze') else 'off'}, head L2 "
+                f"{model.get('l2', 0.0):g}, max-norm {model.get('max_norm', 0.0):g}"))
     data = run.config.get("data") or {}
     out.append(("batches", f"batch size {data.get('batch_size', NOT_RECORDED)}, augmentation "
                 f"{data.get('augment', NOT_RECORDED)}, seed {data.get('seed', NOT_RECORDED)}"))

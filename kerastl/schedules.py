@@ -54,7 +54,7 @@ def plateau_callbacks(name: str, patience: int, validated: bool = True) -> list[
     if name != "plateau":
         return []
     if not validated:
-        log.warning("a plateau schedule needs validation data, and this phase has none: constant learning rate")
+        log.info("a plateau schedule needs validation data, and this phase has none: constant learning rate")
         return []
     return [keras.callbacks.ReduceLROnPlateau("val_loss", factor=PLATEAU_FACTOR, patience=max(1, patience // 2),
                                               min_lr=1e-7)]
@@ -88,7 +88,7 @@ class LayerRates:
             opened += int(is_open)
         return opened
 
-    def scale_of(self, variable) -> tf.Variable | None:
+    def scale_of(self, variable: keras.Variable | tf.Variable) -> tf.Variable | None:
         """The multiplier of `variable`'s block (None: a head variable, at the full rate)."""
         depth = self.block_of.get(_key(variable))
         return None if depth is None else self.scales[depth]
@@ -115,16 +115,17 @@ class LayerRates:
         optimizer.update_step = types.MethodType(update_step, optimizer)
 
 
-def _key(variable) -> int:
+def _key(variable: keras.Variable | tf.Variable) -> int:
     """One variable's identity as the optimizer's step sees it: on TensorFlow, a Keras variable's
-    backend `tf.Variable` (its `value`) is what `update_step` is given."""
+    backend `tf.Variable` (its `value`) is what `update_step` is given (one device: kerastl uses no
+    `tf.distribute` strategy, whose mirrored variables are other objects)."""
     return id(variable.value) if isinstance(variable, keras.Variable) else id(variable)
 
 
 def opening_epochs(blocks: int, epochs: int) -> list[int]:
-    """Gradual unfreezing: the epoch each of `blocks` blocks opens at, top first, evenly over `epochs`."""
-    every = max(1, math.floor(epochs / max(blocks, 1)))
-    return [depth * every for depth in range(blocks)]
+    """Gradual unfreezing: the epoch each of `blocks` blocks opens at, top first, evenly over `epochs`
+    (the last by the phase's last epoch, several at once when there are more blocks than epochs)."""
+    return [math.floor(depth * epochs / blocks) for depth in range(blocks)]
 
 
 class GradualUnfreezing(keras.callbacks.Callback):

@@ -23,9 +23,12 @@ from typing import Any, Sequence
 import numpy as np
 import tensorflow as tf
 
-from kerastl.data import AUTOTUNE, HasImageSize, ImageData, from_arrays, from_table, image_size_of, to_model_input
+from kerastl import imagefiles
+from kerastl.config import DataConfig
+from kerastl.data import (AUTOTUNE, HasImageSize, ImageData, from_arrays, from_table, image_size_of, load_data,
+                          to_model_input)
 from kerastl.errors import KerastlError
-from kerastl.preflight import read_label_table
+from kerastl.preflight import is_cifar10_folder, is_csv, label_table_of, read_label_table
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +143,10 @@ def from_dataset(
     data = from_arrays(x, y, size, names, validation_split, test_split, seed, given.get("validation"),
                        given.get("test"))
     data.origins = {name: f"the {name} dataset given" for name in given}
+    batched = dataset.element_spec[0].shape.rank == 4  # data.json says which kerastl found, as the log does
+    data.origins["train"] = "a tf.data.Dataset of " + (
+        "batches (kerastl unbatched them and batches by batch_size)" if batched else
+        "single images (kerastl batches them by batch_size)")
     return data
 
 
@@ -194,3 +201,18 @@ def dataset_arrays(dataset: tf.data.Dataset, num_classes: int, image_size: int,
         log.warning("the %s's images are at most %g: kerastl reads pixel values 0-255, so multiply images "
                     "scaled to 0-1 by 255", name, peak)
     return np.concatenate(images), raw.astype(np.int32)
+
+
+def labelled_counts(config: DataConfig, data: ImageData | None = None) -> np.ndarray:
+    """Labelled images per class (training plus validation): of `data` when given, else of
+    `config.source`, counted from its listing or label table without decoding an image."""
+    if data is None and config.source not in ("digits", "cifar10") and not is_cifar10_folder(config.source):
+        if is_csv(config.source):
+            table = label_table_of(config)
+            rows = [i for i, split in enumerate(table.splits or ["train"] * len(table.labels)) if split != "test"]
+            return np.bincount(np.asarray(table.labels, np.int64)[rows], minlength=len(table.class_names))
+        counts = np.asarray(imagefiles.list_class_folder(config.source).counts())
+        if config.validation_dir:
+            counts = counts + np.asarray(imagefiles.list_class_folder(config.validation_dir).counts())
+        return counts
+    return (data if data is not None else load_data(config, 32)).labelled_counts()

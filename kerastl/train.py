@@ -29,12 +29,12 @@ import tensorflow as tf
 from kerastl.batchnorm import BatchNormCalibration
 from kerastl.callbacks import DAMAGED, EpochSnapshots, KeepBest, StopOnNaN, load_values, restore_snapshot, save_values
 from kerastl.classifier import TransferClassifier
-from kerastl.compile import compile_classifier
+from kerastl.compile import compile_classifier, compile_fine_tuning
 from kerastl.config import TrainConfig
 from kerastl.features import CachedFeatures
-from kerastl.pipelines import balanced_order, is_mixed, weighted
+from kerastl.pipelines import budget_steps, feature_batches, is_mixed, skip_epochs
 from kerastl.probe import DEFAULT_DEPTH, ProbeFit
-from kerastl.schedules import GradualUnfreezing, LayerRates, opening_epochs, plateau_callbacks
+from kerastl.schedules import plateau_callbacks
 from kerastl.storage import staged_folder
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,9 @@ def start_head(model: TransferClassifier, fit: ProbeFit) -> None:
     if model.feature_norm is not None:
         model.feature_norm.set_statistics(fit.standardizer.mean, fit.standardizer.scale)
     if model.hidden is None:
-        model.output_dense.set_weights([fit.kernel, fit.bias])
+        constraint = model.output_dense.kernel_constraint  # a max-norm head starts within its norm
+        kernel = fit.kernel if constraint is None else keras.ops.convert_to_numpy(constraint(fit.kernel))
+        model.output_dense.set_weights([kernel, fit.bias])
 
 
 def tensorboard_logs(log_dir: str | Path | None, phase: str) -> list[keras.callbacks.Callback]:
@@ -107,64 +109,6 @@ def first_images(batches: tf.data.Dataset, count: int = 512) -> tf.Tensor:
         if total >= count:
             break
     return tf.concat(gathered, axis=0)[:count]
-
-
-def feature_batches(
-    cached: CachedFeatures, batch_size: int, training: bool = False, seed: int | None = None, first_epoch: int = 0,
-    weights: np.ndarray | None = None, balanced: bool = False,
-) -> tf.data.Dataset:
-    """A pipeline over cached features; each iteration of it is one epoch.
-
-    `weights`: class weights, given to the loss as sample weights (see `kerastl.pipelines`);
-    `balanced`: when training, each epoch draws its rows by rebalanced sampling.
-
-    One view in memory: the same cache -> shuffle -> batch structure and seed as
-    the image pipeline, so batches come in the same order. Several views
-    (augmentation on): the e-th iteration trains on view e % K, shuffled by a
-    generator seeded with (seed, e). Memory-mapped features are streamed batch by
-    batch, never read in whole. `first_epoch` starts at a later epoch (resuming)
-    with the order that epoch has in an uninterrupted run.
-    """
-    in_memory = not isinstance(cached.features, np.memmap)
-    balanced = balanced and training
-    if in_memory and (not training or cached.views == 1) and not balanced:
-        ds = tf.data.Dataset.from_tensor_slices((np.asarray(cached.features[0]), cached.labels)).cache()
-        if training:
-            ds = ds.shuffle(max(len(cached.labels), 1), seed=seed, reshuffle_each_iteration=True)
-        return skip_epochs(weighted(ds.batch(batch_size), weights).prefetch(tf.data.AUTOTUNE), first_epoch)
-    count, epochs_done = len(cached.labels), [first_epoch]
-
-    def one_epoch():
-        epoch = epochs_done[0]
-        view = cached.features[epoch % cached.views] if training else cached.features[0]
-        rng = np.random.default_rng([seed or 0, epoch])
-        if balanced:
-            order = balanced_order(cached.labels, rng)
-        else:
-            order = rng.permutation(count) if training else np.arange(count)
-        epochs_done[0] += 1
-        for start in range(0, count, batch_size):
-            index = np.sort(order[start : start + batch_size])
-            yield np.asarray(view[index]), cached.labels[index]
-
-    dim = cached.features.shape[-1]
-    signature = (tf.TensorSpec((None, dim), tf.float32), tf.TensorSpec((None,), tf.int32))
-    ds = tf.data.Dataset.from_generator(one_epoch, output_signature=signature)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))  # Keras then knows the steps
-    return weighted(ds, weights)
-
-
-# Keras's fit makes two iterators per epoch of a dataset of known length: one when the epoch
-# starts and one, left unused, when it ends (tests/test_faults.py pins the resumed order).
-ITERATORS_PER_EPOCH = 2
-
-
-def skip_epochs(batches: tf.data.Dataset, epochs: int) -> tf.data.Dataset:
-    """`batches` as `fit` leaves it after `epochs` epochs: a reshuffling pipeline draws its next
-    order whenever an iterator is made, so making (and dropping) those iterators reads no data."""
-    for _ in range(ITERATORS_PER_EPOCH * epochs):
-        iter(batches)
-    return batches
 
 
 def resumable_fit(
@@ -275,30 +219,6 @@ def fine_tune(
     return resumable_fit(model, lambda first: skip_epochs(train_data, skipped + first), validation_data,
                          initial_epoch + epochs, stop, [*(callbacks or []), *extra], verbose, snapshots,
                          initial_epoch)
-
-
-def compile_fine_tuning(model: TransferClassifier, config: TrainConfig, train_data: tf.data.Dataset, epochs: int,
-                        patience: int, first_epoch: int = 0, validated: bool = True) -> list[keras.callbacks.Callback]:
-    """Compiles phase 2 (its rate, schedule, layer-wise rates, mixed labels) once the top is unfrozen.
-
-    Returns the callbacks the phase needs: gradual unfreezing from `first_epoch` on, and
-    `ReduceLROnPlateau` for a plateau schedule (when the phase is `validated`).
-    """
-    rates, extra = None, []
-    if config.layer_decay != 1.0 or config.gradual_unfreeze:
-        blocks = model.trainable_blocks()
-        opening = opening_epochs(len(blocks), epochs) if config.gradual_unfreeze else None
-        rates = LayerRates(blocks, config.layer_decay, opening)
-        if opening is not None:
-            extra.append(GradualUnfreezing(rates, first_epoch))
-        log.info("phase 2: %d blocks, rates %s of the head's%s", len(blocks),
-                 ", ".join(f"{rate:.3g}" for rate in rates.rates),
-                 f", opening at epochs {[first_epoch + e + 1 for e in opening]}" if opening else "")
-    steps = int(train_data.cardinality())
-    compile_classifier(model, config, config.learning_rate * config.fine_tune_lr_ratio,
-                       schedule=config.fine_tune_schedule, steps=epochs * steps if steps > 0 else None,
-                       layer_rates=rates, mixed=is_mixed(train_data))
-    return [*extra, *plateau_callbacks(config.fine_tune_schedule, patience, validated)]
 
 
 def unfreeze_top(model: TransferClassifier, config: TrainConfig, depth: int | None) -> bool:
@@ -424,8 +344,7 @@ def train_classifier(
         compile_classifier(model, config)  # as the plain path leaves it
     else:
         epochs = pipeline_epochs(config.epochs, config.min_steps, train_data)
-        steps = int(train_data.cardinality())
-        compile_classifier(model, config, schedule=config.schedule, steps=epochs * steps if steps > 0 else None,
+        compile_classifier(model, config, schedule=config.schedule, steps=budget_steps(epochs, train_data),
                            mixed=is_mixed(train_data))
         if probe_start and model.hidden is None:  # the head is the probe: its loss, as compiled, is the best so far
             initial = model.evaluate(validation_data, verbose=0, return_dict=True)["loss"]

@@ -14,7 +14,8 @@ from kerastl.data import from_arrays, load_digits
 from kerastl.classifier import build_classifier
 from kerastl.features import CachedFeatures, FeatureCache, cache_key
 from kerastl.run import run_training
-from kerastl.train import feature_batches, train_classifier
+from kerastl.pipelines import feature_batches
+from kerastl.train import train_classifier
 
 
 def digits(count=180, size=32):

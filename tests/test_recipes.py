@@ -18,7 +18,8 @@ from kerastl.features import CachedFeatures
 from kerastl.losses import OneHotCrossentropy, make_loss
 from kerastl.pipelines import balanced_order, class_weights, mixed, training_batches, weighted
 from kerastl.schedules import scheduled_rate
-from kerastl.train import compile_fine_tuning, feature_batches
+from kerastl.compile import compile_fine_tuning
+from kerastl.pipelines import feature_batches
 
 Y = np.array([0, 2, 1, 2])
 P = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3], [0.5, 0.25, 0.25]], np.float32)
@@ -110,9 +111,11 @@ def test_rebalanced_sampling_draws_the_classes_equally_often_on_features_and_ima
     images = np.zeros((50, 16, 16, 3), np.uint8)
     batches = training_batches(split_of_arrays(images, labels, 16), DataConfig(augment="none", batch_size=10),
                                TrainConfig(sampling="balanced"), 3, False)
-    epochs = [np.concatenate([y.numpy() for _, y in batches]) for _ in range(8)]
+    epochs = [np.concatenate([y.numpy() for _, y in batches]) for _ in range(16)]
     assert all(len(epoch) == 50 for epoch in epochs)  # an epoch keeps its length
-    assert all(sorted(np.bincount(epoch)) == [16, 17, 17] for epoch in epochs)
+    assert int(batches.cardinality()) == 5  # and Keras knows it: fit runs every epoch to its end
+    share = np.bincount(np.concatenate(epochs), minlength=3) / 800  # each draw's class equally likely
+    assert np.allclose(share, 1 / 3, atol=0.06), share  # 3.5 standard deviations; without: 0.8, 0.12, 0.08
     assert not np.array_equal(epochs[0], epochs[1])  # redrawn every epoch
 
 
@@ -174,7 +177,9 @@ def test_gradual_unfreezing_opens_the_top_block_first_then_the_next():
     model.unfreeze(2)
     seen = [_blocks_of(model)]
     recorder = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(_blocks_of(model)))
-    extra = compile_fine_tuning(model, TrainConfig(gradual_unfreeze=True), batches, 4, 5)
+    # AdamW with decoupled weight decay: a closed block is not decayed either
+    extra = compile_fine_tuning(model, TrainConfig(gradual_unfreeze=True, optimizer="adamw", weight_decay=0.01),
+                                batches, 4, 5)
     model.fit(batches, epochs=4, callbacks=[*extra, recorder], verbose=0)
 
     def moved(block, epoch):  # did any weight of `block` change during `epoch`?
@@ -231,6 +236,7 @@ def test_l2_and_max_norm_reach_the_head_and_survive_saving(tmp_path):
     assert again.l2 == 0.01 and again.max_norm == 0.5 and len(again.losses) == 2
 
 
+@pytest.mark.filterwarnings("error:Your input ran out of data")  # every epoch runs to its end
 def test_a_run_with_every_recipe_trains_in_both_validation_modes(image_folder, tmp_path):
     from kerastl.run import run_training
     for validation in ("cv", "holdout"):
@@ -240,10 +246,14 @@ def test_a_run_with_every_recipe_trains_in_both_validation_modes(image_folder, t
                                        unfreeze_blocks=2, class_weight="blue=2", sampling="balanced",
                                        schedule="cosine", fine_tune_schedule="plateau", layer_decay=0.5,
                                        gradual_unfreeze=True, loss="focal", validation=validation,
-                                       cache_dir=str(tmp_path / "cache"), cv_folds=2))
-        result = run_training(config, save="none", verbose=0)
+                                       cache_dir=str(tmp_path / "cache"), cv_folds=2),
+                           export_dir=str(tmp_path / validation))
+        result = run_training(config, verbose=0)
         assert result.class_names == ["blue", "green", "red"]
         assert 0.0 <= result.metrics.get("val_accuracy", result.metrics.get("cv_accuracy", 0.0)) <= 1.0
+        card = (tmp_path / validation / "MODEL_CARD.md").read_text()  # the card says how it was trained
+        assert "loss focal" in card and "class weights blue=2, sampling balanced, schedules cosine / plateau, " \
+            "layer decay 0.5, gradual unfreezing on, head L2 0.0001" in card
 
 
 def test_layer_rates_and_gradual_unfreezing_are_searchable(tmp_path):
@@ -275,3 +285,55 @@ def test_the_search_objective_becomes_macro_f1_when_classes_are_imbalanced(tmp_p
         assert choose_objective(base, TuneConfig(), imbalanced).objective == "val_macro_f1"
     assert "imbalanced 4.0:1 (more than 3:1): the search maximises val_macro_f1" in caplog.text
     assert choose_objective(base, TuneConfig(objective="val_loss"), imbalanced).objective == "val_loss"
+
+
+def test_gradual_openings_spread_over_the_phase_and_the_last_opens_by_its_last_epoch():
+    from kerastl.schedules import opening_epochs
+    assert opening_epochs(2, 4) == [0, 2]
+    assert opening_epochs(3, 10) == [0, 3, 6]
+    assert opening_epochs(4, 2) == [0, 0, 1, 1]  # more blocks than epochs: several open at once
+
+
+def test_sample_weights_read_class_indices_given_as_floats_and_binary_shares():
+    from kerastl.pipelines import sample_weights
+    weights = tf.constant([1.0, 2.0, 4.0])
+    assert sample_weights(tf.constant([2.0, 0.0]), weights).numpy().tolist() == [4.0, 1.0]
+    binary = tf.constant([1.0, 3.0])
+    assert sample_weights(tf.constant([[1.0], [0.25]]), binary).numpy().tolist() == [3.0, 1.5]
+
+
+def test_a_search_refuses_a_loss_that_cannot_take_the_labels_another_setting_gives(tmp_path):
+    from kerastl.tune.space import check_space
+    from test_tuning import base_config
+    with pytest.raises(KerastlError, match="cannot go together: sparse_categorical_crossentropy takes integer"):
+        check_space({"loss": ["sparse_categorical_crossentropy", "focal"], "label_smoothing": [0.0, 0.1]},
+                    base_config(tmp_path))
+    check_space({"loss": ["auto", "focal"], "label_smoothing": [0.0, 0.1], "augment": ["none", "mixup"]},
+                base_config(tmp_path))
+
+
+def test_a_resumed_search_keeps_the_objective_it_started_with(tmp_path):
+    import json
+    from kerastl.tune.config import TuneConfig
+    from kerastl.tune.search import SEARCH_FILE, choose_objective
+    from test_tuning import base_config
+    x, y, names = load_digits((0, 1))
+    keep = np.concatenate([np.flatnonzero(y == 0)[:80], np.flatnonzero(y == 1)[:20]])
+    imbalanced = from_arrays(x[keep], y[keep], 16, names)
+    tune = TuneConfig(project_dir=str(tmp_path / "project"))
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / SEARCH_FILE).write_text(json.dumps({"tune": {"objective": "val_accuracy"}}))
+    assert choose_objective(base_config(tmp_path), tune, imbalanced).objective == "val_accuracy"
+    assert choose_objective(base_config(tmp_path), tune, imbalanced, restart=True).objective == "val_macro_f1"
+
+
+def test_labelled_counts_read_a_folder_or_a_table_without_decoding_images(image_folder, tmp_path, monkeypatch):
+    import pandas as pd
+    from kerastl import sources
+    monkeypatch.setattr(sources, "load_data", None)  # nothing is loaded, let alone decoded
+    assert sources.labelled_counts(DataConfig(str(image_folder))).tolist() == [8, 8, 8]
+    blue, red = sorted((image_folder / "blue").iterdir()), sorted((image_folder / "red").iterdir())
+    rows = [(path.relative_to(tmp_path).as_posix(), "blue", "train") for path in blue[:4]] + [
+        (red[0].relative_to(tmp_path).as_posix(), "red", "test")]
+    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(tmp_path / "t.csv", index=False)
+    assert sources.labelled_counts(DataConfig(str(tmp_path / "t.csv"))).tolist() == [4, 0]  # test rows left out

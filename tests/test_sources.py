@@ -161,6 +161,13 @@ def test_train_reads_a_csv_file_and_records_its_splits(csv_run, capsys, fails_cl
     # evaluating on the training table scores the run's own test rows
     assert main(["evaluate", "--model", str(root / "export"), "--data", csv, "--json", str(root / "e.json")]) == 0
     assert json.loads((root / "e.json").read_text())["count"] == 6
+    # a table of test rows only, of one class, is images to evaluate on: all of them
+    frame = pd.read_csv(csv)
+    only_test = frame[frame["label"] == "red"].assign(split="test")
+    write_csv(root / "red-test.csv", only_test.values.tolist(), ("path", "label", "split"))
+    assert main(["evaluate", "--model", str(root / "export"), "--data", str(root / "red-test.csv"), "--json",
+                 str(root / "red.json")]) == 0
+    assert json.loads((root / "red.json").read_text())["count"] == len(only_test) == 10
 
 
 def test_evaluate_data_on_a_dataset_equals_evaluate_folder_on_its_files(csv_run, tmp_path):

@@ -17,7 +17,7 @@ ISOLATION = ("auto", "always", "never")
 # the settings a search may vary, in declaration order -> (RunConfig section, field)
 SPACE_FIELDS = {name: SETTINGS[name] for name in (
     "backbone", "image_size", "features", "pooling", "dropout", "hidden_units", "optimizer", "learning_rate",
-    "label_smoothing", "loss", "class_weight", "sampling", "schedule", "l2", "max_norm", "augment",
+    "label_smoothing", "loss", "class_weight", "sampling", "schedule", "warmup", "l2", "max_norm", "augment",
     "weight_decay", "batch_size", "epochs", "unfreeze_blocks", "fine_tune_lr_ratio", "fine_tune_epochs",
     "fine_tune_schedule", "layer_decay", "gradual_unfreeze",
 )}

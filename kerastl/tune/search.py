@@ -21,6 +21,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from kerastl.classifier import TransferClassifier
 from kerastl.config import IMBALANCE_RATIO, RunConfig
 from kerastl.data import ImageData, load_data
@@ -29,6 +31,7 @@ from kerastl.errors import KerastlError
 from kerastl.htmlreport import write_search_report
 from kerastl.scoring import describe_data, evaluate_split, predict_split, score
 from kerastl.run import resolve_config
+from kerastl.sources import labelled_counts
 from kerastl.runfolder import (HISTORY_FILE, LOGS, METRICS_FILE, PROBE_FILE, load_model, read_config,
                                read_json_file, write_run_folder)
 from kerastl.storage import check_export_dir
@@ -72,16 +75,18 @@ def prepare(config: RunConfig, tune: TuneConfig) -> tuple[RunConfig, TuneConfig]
     return base, tune
 
 
-def choose_objective(base: RunConfig, tune: TuneConfig, data: ImageData | None) -> TuneConfig:
-    """`tune` with objective "auto" resolved: val_macro_f1 when the training classes are imbalanced
-    beyond `IMBALANCE_RATIO` (largest / smallest count), val_accuracy otherwise. Says which, and why."""
+def choose_objective(base: RunConfig, tune: TuneConfig, data: ImageData | None, restart: bool = False) -> TuneConfig:
+    """`tune` with objective "auto" resolved: val_macro_f1 when the labelled classes are imbalanced
+    beyond `IMBALANCE_RATIO` (largest / smallest count), val_accuracy otherwise. Says which, and why.
+    A search being resumed keeps the objective its project recorded."""
     if tune.objective != AUTO_OBJECTIVE:
         return tune
-    if data is None:
-        data = load_data(base.data, resolve_config(base).model.image_size)
-    counts = data.train.class_counts(len(data.class_names))
-    if data.validation is not None:
-        counts = counts + data.validation.class_counts(len(data.class_names))
+    recorded = Path(tune.project_dir) / SEARCH_FILE
+    if recorded.is_file() and not restart:  # resuming: the objective the search started with, whatever the data is now
+        objective = json.loads(recorded.read_text())["tune"]["objective"]
+        log.info("resuming a search that maximises %s", objective)
+        return TuneConfig.from_dict({**tune.to_dict(), "objective": objective})
+    counts = np.asarray(labelled_counts(base.data, data))
     ratio = counts.max() / max(counts.min(), 1)
     tune = TuneConfig.from_dict({**tune.to_dict(), "objective": "val_accuracy"})
     if ratio > IMBALANCE_RATIO:
@@ -99,6 +104,9 @@ def claim_project(project: Path, base: RunConfig, tune: TuneConfig, restart: boo
     record = {"run": base.to_dict(), "tune": tune.to_dict(), "format": PROJECT_FORMAT}
     if path.exists():
         previous = json.loads(path.read_text())
+        if previous.get("format") == PROJECT_FORMAT:  # settings added since are at their defaults
+            previous.update(run=RunConfig.from_dict(previous["run"]).to_dict(),
+                            tune=TuneConfig.from_dict(previous["tune"]).to_dict())
         if previous.get("format") != PROJECT_FORMAT:
             raise KerastlError(f"project folder {project} holds a search started by kerastl 0.1, which this version "
                                "cannot resume: finish it with kerastl 0.1, or start over with --restart "
@@ -176,7 +184,7 @@ def run_search(
     ```
     """
     base, tune = prepare(config, tune)
-    tune = choose_objective(base, tune, data)
+    tune = choose_objective(base, tune, data, restart)
     export_dir = Path(base.export_dir)
     check_export_dir(export_dir, overwrite)
     project = Path(tune.project_dir)

@@ -17,6 +17,7 @@ so a head-only trial carries no fine-tuning values.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from kerastl.tune.config import SPACE_FIELDS
 
 log = logging.getLogger(__name__)
 
+TOGETHER = ("loss", "label_smoothing", "augment")  # the loss must take the labels the other two give
 FINE_TUNE_SETTINGS = ("fine_tune_lr_ratio", "fine_tune_epochs", "fine_tune_schedule", "layer_decay",
                       "gradual_unfreeze")
 
@@ -118,6 +120,14 @@ def check_space(space: dict[str, Any], base: RunConfig) -> dict[str, Any]:
         for value in candidates(entry):
             resolve_config(apply_values({name: value}, base))
         checked[name] = entry
+    together = [name for name in TOGETHER if name in checked]  # settings valid alone may clash together
+    if len(together) > 1:
+        for values in itertools.product(*(candidates(checked[name]) for name in together)):
+            try:
+                resolve_config(apply_values(dict(zip(together, values)), base))
+            except KerastlError as error:
+                raise KerastlError(f"search settings {dict(zip(together, values))} cannot go together: {error}") \
+                    from None
     blocks = candidates(checked.get("unfreeze_blocks", base.train.unfreeze_blocks))
     epochs = candidates(checked.get("fine_tune_epochs", base.train.fine_tune_epochs))
     if max(blocks) == 0 or max(epochs) == 0:  # no trial fine-tunes: those settings would only repeat trials
