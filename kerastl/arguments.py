@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("folder", metavar="DIR", help="a run folder or a search's --project-dir")
     backbones = sub.add_parser("backbones", help="list the backbones in the registry")
     backbones.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'efficientnet*'")
+    backbones.add_argument("--blocks", action="store_true",
+                           help="also list each matching backbone's numbered blocks (what --features reads): the "
+                           "layer that ends each and its width (builds each backbone, untrained)")
     tune = sub.add_parser(
         "tune", help="search hyperparameters of both phases with KerasTuner and export the best model",
         description="Search head, optimizer and fine-tuning settings with KerasTuner. Head-only trials train on "

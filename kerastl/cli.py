@@ -232,6 +232,16 @@ def _backbones(args: argparse.Namespace) -> int:
         spec = REGISTRY[name]
         module = spec.preprocess_family
         print(f"{name:<22}{spec.default_size:>8}{spec.min_size:>6}  {'yes' if spec.imagenet else 'no':<9}{module}")
+    if args.blocks:
+        import_tensorflow(args.verbose)
+        from kerastl.classifier import build_classifier
+
+        for name in names:
+            model = build_classifier(ModelConfig(name, weights=None, from_scratch=False), 2)
+            blocks = list(range(1, model.block_count() + 1))
+            print(f"\n{name}: blocks for --features (the last is the backbone's output)")
+            for number, layer, width in zip(blocks, model.block_names(), model.block_widths(blocks)):
+                print(f"  {number:>3}  {layer:<40}{width:>6}")
     return 0
 
 

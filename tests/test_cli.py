@@ -16,6 +16,9 @@ def test_backbones_lists_the_registry(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines[1:]] == ["vgg16", "vgg19"]
     assert lines[1].split()[1:4] == ["224", "32", "yes"]
+    assert main(["backbones", "simple_cnn", "--blocks"]) == 0  # the block numbers --features reads
+    blocks = capsys.readouterr().out.split("the last is the backbone's output)")[1].split()
+    assert blocks == ["1", "block1_pool", "32", "2", "block2_pool", "64", "3", "block3_pool", "128"]
 
 
 def test_train_then_predict(image_folder, tmp_path, capsys):
