@@ -23,7 +23,7 @@ from kerastl.config import RunConfig
 from kerastl.errors import KerastlError
 from kerastl.runfolder import LOGS, load_model
 from kerastl.tune import internals
-from kerastl.tune.config import OBJECTIVES, TuneConfig
+from kerastl.tune.config import AUTO_OBJECTIVE, OBJECTIVES, TuneConfig
 from kerastl.tune.hypermodel import TransferHyperModel
 from kerastl.tune.tables import shown_values, trial_table, write_tables
 from kerastl.tune.trial import TrialContext, needs_process, run_in_process
@@ -32,7 +32,15 @@ log = logging.getLogger(__name__)
 
 
 def make_objective(name: str) -> keras_tuner.Objective:
-    """The KerasTuner objective with its direction (max for accuracy, F1 and AUC; min for loss)."""
+    """The KerasTuner objective with its direction (max for accuracy, F1 and AUC; min for loss).
+
+    "auto" is resolved from the class counts by `kerastl.tune.search.run_search`; a tuner made
+    without the data (the stock KerasTuner path) reads it as val_accuracy.
+    """
+    if name == AUTO_OBJECTIVE:
+        log.info("objective auto without the data's class counts: val_accuracy (run_search chooses val_macro_f1 "
+                 "for imbalanced classes)")
+        name = "val_accuracy"
     if name not in OBJECTIVES:
         raise KerastlError(f"objective must be one of {list(OBJECTIVES)}, got {name!r}")
     return keras_tuner.Objective(name, OBJECTIVES[name])
