@@ -137,6 +137,7 @@ def test_fit_on_augmented_views_runs_every_epoch_on_its_view(tmp_path):
     assert not [w for w in caught if "ran out of data" in str(w.message)]  # no epoch cut short
 
 
+@pytest.mark.slow  # 20-36 s on 2 cores: the default suite stays under 10 minutes
 def test_runs_use_the_cache_by_default_and_reuse_it(tmp_path, caplog):
     data = digits()
     config = RunConfig(

@@ -89,6 +89,7 @@ def test_objectives_have_their_direction_and_scores_match_sklearn():
     assert binary["val_accuracy"] == pytest.approx(2 / 3) and binary["val_auc"] == 1.0
 
 
+@pytest.mark.slow  # 20-36 s on 2 cores: the default suite stays under 10 minutes
 def test_head_search_extracts_features_once_and_exports_the_best_trial(tmp_path):
     config = base_config(tmp_path)
     tune = TuneConfig(max_trials=4, project_dir=str(tmp_path / "project"), space=HEAD_SPACE)
@@ -112,6 +113,7 @@ def test_head_search_extracts_features_once_and_exports_the_best_trial(tmp_path)
     assert accuracy == pytest.approx(result.trials[0]["val_accuracy"], abs=1e-9)
 
 
+@pytest.mark.slow  # 20-36 s on 2 cores: the default suite stays under 10 minutes
 def test_a_search_export_is_a_run_folder_that_train_reproduces(tmp_path, capsys):
     from kerastl.cli import main
     from kerastl.runfolder import load_model
@@ -334,6 +336,7 @@ def test_a_fresh_session_between_trials_keeps_mixed_precision():
         keras.config.set_dtype_policy("float32")
 
 
+@pytest.mark.slow  # 20-36 s on 2 cores: the default suite stays under 10 minutes
 def test_the_blocks_the_head_reads_are_a_searchable_setting(tmp_path):
     config = base_config(tmp_path)
     space = {"features": ["last", "all", "1,2"]}

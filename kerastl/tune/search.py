@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from kerastl.classifier import TransferClassifier
-from kerastl.config import IMBALANCE_RATIO, RunConfig
+from kerastl.config import IMBALANCE_RATIO, OBJECTIVES, RunConfig
 from kerastl.data import ImageData, load_data
 from kerastl.devices import list_gpus, setup_devices
 from kerastl.errors import KerastlError
@@ -82,9 +82,9 @@ def choose_objective(base: RunConfig, tune: TuneConfig, data: ImageData | None, 
     if tune.objective != AUTO_OBJECTIVE:
         return tune
     recorded = Path(tune.project_dir) / SEARCH_FILE
-    if recorded.is_file() and not restart:  # resuming: the objective the search started with, whatever the data is now
-        objective = json.loads(recorded.read_text())["tune"]["objective"]
-        log.info("resuming a search that maximises %s", objective)
+    objective = json.loads(recorded.read_text()).get("tune", {}).get("objective") if recorded.is_file() else None
+    if objective in OBJECTIVES and not restart:  # resuming: the objective it started with, whatever the data is now
+        log.info("resuming a search that optimises %s", objective)
         return TuneConfig.from_dict({**tune.to_dict(), "objective": objective})
     counts = np.asarray(labelled_counts(base.data, data))
     ratio = counts.max() / max(counts.min(), 1)
