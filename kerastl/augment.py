@@ -72,12 +72,17 @@ def parse_augment(spec: str) -> list[tuple[str, float]]:
     return pairs
 
 
+def image_layers(spec: str) -> list[tuple[str, float]]:
+    """The (name, factor) pairs of `spec` that augment images one by one (not MixUp or CutMix)."""
+    return [(name, factor) for name, factor in parse_augment(spec) if name in LAYERS]
+
+
 def build_augmenter(spec: str, seed: int | None = None) -> keras.Sequential | None:
     """A `keras.Sequential` of the random image layers of `spec` (not its mixer), or None when it has none.
 
     Images go in and come out as float32 0-255, batched [batch, height, width, 3].
     """
-    pairs = [(name, factor) for name, factor in parse_augment(spec) if name in LAYERS]
+    pairs = image_layers(spec)
     if not pairs:
         return None
     stack = [

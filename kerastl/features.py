@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerastl.augment import build_augmenter
+from kerastl.augment import build_augmenter, image_layers
 from kerastl.classifier import TransferClassifier, build_classifier
 from kerastl.config import ModelConfig
 from kerastl.data import ImageData, Split
@@ -149,7 +149,7 @@ def npy_rows(path: Path, views: int, rows: int, dim: int) -> list[RowWriter]:
 def cached_views(augment: str, cache_views: int) -> int:
     """How many augmented views of each training image the cache holds: 1 when nothing augments the
     images themselves (MixUp and CutMix mix batches: phase 1 on cached features does not mix)."""
-    return cache_views if build_augmenter(augment) is not None else 1
+    return cache_views if image_layers(augment) else 1
 
 
 def weights_digest(model: keras.Model) -> str:

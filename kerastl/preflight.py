@@ -154,11 +154,9 @@ class LabelTable:
                 if not training[label]]
 
 
-def _cell(value: Any) -> str:
-    """A table cell as stripped text; an empty or missing (NaN, None) cell is ""."""
-    import pandas as pd  # pandas only loads for a label table
-
-    return "" if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value).strip()
+def _texts(column: Any) -> list[str]:
+    """A table column's cells as stripped text; an empty or missing (NaN, None) cell is ""."""
+    return [str(value).strip() for value in column.astype(object).where(column.notna(), "")]
 
 
 def read_label_table(
@@ -218,7 +216,7 @@ def read_label_table(
     split_col = column(split_column, (SPLIT_COLUMN,), "split")
     if not len(frame):
         raise KerastlError(f"{name} has no rows")
-    cells = {col: [_cell(v) for v in frame[frame.columns[columns.index(col)]]] for col in (path_col, label_col)}
+    cells = {col: _texts(frame.iloc[:, columns.index(col)]) for col in (path_col, label_col)}
     for col in (path_col, label_col):
         empty = next((i for i, text in enumerate(cells[col]) if not text), None)
         if empty is not None:
@@ -234,7 +232,7 @@ def read_label_table(
                            f"{', '.join(names)}")
     splits = None
     if split_col is not None:
-        values = [_cell(v).lower() for v in frame[frame.columns[columns.index(split_col)]]]
+        values = [text.lower() for text in _texts(frame.iloc[:, columns.index(split_col)])]
         bad = next((i for i, value in enumerate(values) if value not in SPLIT_NAMES), None)
         if bad is not None:
             raise KerastlError(f"split {values[bad]!r} in row {row_of(bad)} of {name} is not train, validation "

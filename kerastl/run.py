@@ -93,24 +93,27 @@ def phase1_key(fingerprint: dict, data: ImageData, config: RunConfig, blocks: li
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _checked_data(config: RunConfig, data: ImageData | None) -> tuple[ImageData, str]:
-    """The data, and its validation mode; in "cv" mode training and validation images are merged."""
+def _checked_data(config: RunConfig, data: ImageData | None) -> tuple[ImageData, str, np.ndarray | None]:
+    """The data, its validation mode and its class weights (of the images that train); in "cv" mode
+    training and validation images are merged."""
     size = config.model.image_size
     if data is None:
         data = load_data(config.data, size)
     elif data.train.image_size != size:
         raise KerastlError(f"the in-memory data is {data.train.image_size}x{data.train.image_size} but this run "
                            f"wants {size}x{size}: load it at the backbone's size, or give a data source")
-    class_weights(config.train.class_weight, data.train.class_counts(len(data.class_names)), data.class_names)
     mode = validation_mode(config.train, data)
     if mode == "cv":
         merged = data.train if data.validation is None else merge_splits(data.train, data.validation)
-        log.info("cross-validating on all %d labelled images (fewer than %d in some class)", merged.count,
-                 config.train.cv_below)
-        return dataclasses.replace(data, train=merged, validation=None), mode
-    if data.validation is None:
+        data = dataclasses.replace(data, train=merged, validation=None)
+    elif data.validation is None:
         raise KerastlError("no validation data: set a validation split above 0 or a validation folder")
-    return data, mode
+    weights = class_weights(config.train.class_weight, data.train.class_counts(len(data.class_names)),
+                            data.class_names)
+    if mode == "cv":
+        log.info("cross-validating on all %d labelled images (fewer than %d in some class)", data.train.count,
+                 config.train.cv_below)
+    return data, mode, weights
 
 
 def validation_mode(config: TrainConfig, data: ImageData) -> str:
@@ -178,12 +181,12 @@ def run_training(
                            "save='none': pipelines carry no class names to build or export with")
     if save != "none":
         check_export_dir(folder, overwrite, create_parent=config_export_dir is None)
-    mode = "holdout" if pipelines else None
+    mode, weights = "holdout" if pipelines else None, None
     if not pipelines:  # read (and checked) before the folder is locked or anything is written
-        data, mode = _checked_data(config, data)
+        data, mode, weights = _checked_data(config, data)
     state = RunState(folder).acquire(config, named, restart) if save == "export" else None
     try:
-        result = _run(config, data, mode, pipelines, verbose, model, callbacks, heads, save, state)
+        result = _run(config, data, mode, weights, pipelines, verbose, model, callbacks, heads, save, state)
         if state is not None:
             state.finish()  # under the lock: no other run can have started in the folder meanwhile
     except NaNLoss as error:
@@ -201,9 +204,10 @@ def run_training(
     return result
 
 
-def _run(config: RunConfig, data, mode: str, pipelines: bool, verbose, model, callbacks, heads, save: str,
-         state: RunState | None) -> RunResult:
-    """`run_training` once its data is read and its folder checked (and, exporting, locked)."""
+def _run(config: RunConfig, data, mode: str, weights: np.ndarray | None, pipelines: bool, verbose, model, callbacks,
+         heads, save: str, state: RunState | None) -> RunResult:
+    """`run_training` once its data is read (with its class `weights`) and its folder checked (and,
+    exporting, locked)."""
     folder = Path(config.export_dir)
     if pipelines:
         train, validation = data
@@ -212,8 +216,6 @@ def _run(config: RunConfig, data, mode: str, pipelines: bool, verbose, model, ca
     else:
         if state is not None:
             state.check_data(data.train.fingerprint)
-        weights = class_weights(config.train.class_weight, data.train.class_counts(len(data.class_names)),
-                                data.class_names)
         train, validation = _image_pipelines(config, data, weights) if mode == "holdout" else (None, None)
     if weights is not None:
         log.info("class weights: %s", ", ".join(f"{w:.3g}" for w in weights))
