@@ -13,7 +13,7 @@ tested on every other image of 5-9. For each N it prints test accuracy and secon
   each for `SCRATCH_STEPS` optimizer steps (trained to convergence); the best of them;
 - phase 1: the defaults with features=last and no fine-tuning: kerastl's own linear
   head on the backbone's output, against
-- probes: scikit-learn LogisticRegression (C=1) on the frozen backbone's standardised
+- probes: scikit-learn LogisticRegressionCV (C by cross-validation) on the frozen backbone's standardised
   features of the same images: its output ("last"), and the best of every single block and
   all blocks concatenated ("best", chosen on the test set itself: a ceiling, not a method).
 
