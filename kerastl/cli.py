@@ -223,10 +223,16 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_BLOCK_LISTINGS = 3
+
+
 def _backbones(args: argparse.Namespace) -> int:
     names = list_backbones(args.pattern)
     if not names:
         raise KerastlError(f"no backbone matches {args.pattern!r}; `kerastl backbones` lists them all")
+    if args.blocks and len(names) > MAX_BLOCK_LISTINGS:  # each listing builds its backbone
+        raise KerastlError(f"--blocks builds each backbone it lists: name at most {MAX_BLOCK_LISTINGS} (the pattern "
+                           f"{args.pattern!r} matches {len(names)})")
     print(f"{'name':<22}{'default':>8}{'min':>6}  {'imagenet':<9}preprocessing")
     for name in names:
         spec = REGISTRY[name]

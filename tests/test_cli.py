@@ -93,6 +93,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, image_folder,
         (["predict", "--model", str(tmp_path), "x.png"], "not a kerastl export"),
         (["frobnicate"], "invalid choice"),
         (["backbones", "alexnet*"], "no backbone matches"),
+        (["backbones", "--blocks"], "--blocks builds each backbone it lists: name at most 3"),
     ]
     for argv, match in cases:
         fails_cleanly(argv, match)
