@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,7 +108,10 @@ def probe_accuracies(weights: str, data: ImageData, backbone: str = BACKBONE) ->
     accuracies, folds = {}, min(5, int(np.bincount(y).min()))
     for name, columns in readings.items():
         probe = make_pipeline(StandardScaler(), LogisticRegressionCV(cv=folds, max_iter=5000))
-        accuracies[name] = float(probe.fit(features[:, columns], y).score(test_features[:, columns], yt))
+        with warnings.catch_warnings():  # scikit-learn's notices of coming changes to its defaults
+            warnings.simplefilter("ignore", FutureWarning)
+            probe.fit(features[:, columns], y)
+        accuracies[name] = float(probe.score(test_features[:, columns], yt))
     best = max(accuracies, key=accuracies.get)
     return {"last": accuracies[f"block {count}"], "best": accuracies[best], "best_reading": best}
 

@@ -27,6 +27,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -81,7 +82,9 @@ def probe(weights: str, data) -> dict:
     features, test = (np.asarray(extractor.predict(a.astype(np.float32), verbose=0)) for a in (x, xt))
     fit = make_pipeline(StandardScaler(), LogisticRegressionCV(cv=min(5, int(np.bincount(y).min())),
                                                                class_weight="balanced", max_iter=5000))
-    predicted = fit.fit(features, y).predict(test)
+    with warnings.catch_warnings():  # scikit-learn's notices of coming changes to its defaults
+        warnings.simplefilter("ignore", FutureWarning)
+        predicted = fit.fit(features, y).predict(test)
     return {"test_accuracy": float(np.mean(predicted == yt)),
             "test_macro_f1": float(f1_score(yt, predicted, average="macro"))}
 
