@@ -1,5 +1,5 @@
 """`python -m kerastl ...` runs the `kerastl` command."""
 
-from kerastl.cli import entry_point
+from kerastl.cli.main import entry_point
 
 entry_point()

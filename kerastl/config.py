@@ -1,109 +1,66 @@
 """Configuration: one dataclass per concern, each round-tripping to JSON.
 
 A config file sets defaults, CLI flags override them, and the resolved config is
-written beside every model and run.
+written beside every model and run. Every field is a `kerastl.settings.setting`: its
+help, command-line kind, search order and whether it belongs to the machine rather than
+the experiment live beside its default, and the flags, the search space and the run
+digest are derived from them (`SETTINGS`).
+
+The head and fine-tuning phases are two `PhaseConfig`s of `TrainConfig`, and the
+validation settings one `ValidationConfig`. Their 0.2 names (`epochs`,
+`fine_tune_epochs`, `validation="cv"`, ...) are still accepted, as keywords, attributes
+and JSON keys: every `config.json` and `search.json` written by 0.1 and 0.2 still loads.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import json
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kerastl.choices import (
+    LOSSES,
+    SAMPLING,
+    SCHEDULES,
+    VALIDATION_MODES,
+    normalize_weights,
+    parse_class_weight,
+    parse_features,
+)
 from kerastl.errors import KerastlError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
-CONFIG_SUFFIXES = (".json", ".toml")
-
-
-def read_json(path: str | Path, what: str) -> Any:
-    """A JSON file's value; a missing or malformed file is a one-line `KerastlError` naming `what`."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise KerastlError(f"{what} {path} does not exist") from None
-    except json.JSONDecodeError as error:
-        raise KerastlError(f"{what} {path} is not valid JSON: {error}") from None
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A config file's values: JSON (`.json`) or TOML (`.toml`, tables `[data]`, `[model]`, `[train]`,
-    and `[tune]` for a search). TOML has no null: a key left out keeps its default, and
-    `weights = "none"` trains from scratch. A bad file is a one-line `KerastlError`."""
-    path = Path(path)
-    if path.suffix.lower() not in CONFIG_SUFFIXES:
-        raise KerastlError(f"config file {path} must end in .json or .toml")
-    if path.suffix.lower() == ".json":
-        values = read_json(path, "config file")
-    else:
-        try:
-            values = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise KerastlError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as error:
-            raise KerastlError(f"config file {path} is not valid TOML: {error}") from None
-    if not isinstance(values, dict):
-        raise KerastlError(f"config file {path} must hold an object of settings, not {type(values).__name__}")
-    return values
-
-
-def normalize_weights(weights: str | None) -> str | None:
-    """None for "none" (any case) or an empty string; other values unchanged."""
-    return None if weights is None or weights.strip().lower() in ("none", "") else weights
-
-
-class JsonConfig:
-    """`to_dict`/`from_dict` for flat dataclasses; unknown keys are an error, not ignored."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise KerastlError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(names)}")
-        return cls(**values)
+from kerastl.settings import (
+    JsonConfig,
+    Setting,
+    dict_at,
+    group,
+    read_config_file,
+    read_json,
+    setting,
+    settings_of,
+)
 
 
 @dataclass
 class DataConfig(JsonConfig):
-    """Where images come from and how they are batched.
+    """Where images come from and how they are batched (see `SETTINGS` for each field's meaning)."""
 
-    Attributes:
-        source: a folder with one subfolder per class, a CSV file of path and label
-            columns (an optional split column; see `kerastl.sources.from_csv`), an extracted
-            `cifar-10-batches-py` folder, "cifar10" (downloaded) or "digits".
-        validation_dir: a separate validation folder; otherwise `validation_split`
-            of each class is held out.
-        test_dir: a separate test folder; otherwise `test_split` of each class.
-        augment: a preset ("none", "light", "standard", "strong") or a comma list
-            of layer names, each optionally with a factor ("flip,rotate:0.2").
-        cache_limit_mb: the memory kerastl may hold data in, in MB: decoded training and
-            validation images are cached in memory while they fit it together, and
-            cached features larger than it are memory-mapped from disk, never read in.
-        strict: fail before training when any file in a class folder cannot be read
-            as an image; otherwise such files are skipped with one warning listing them.
-    """
-
-    source: str = ""
-    validation_dir: str | None = None
-    test_dir: str | None = None
-    validation_split: float = 0.2
-    test_split: float = 0.0
-    batch_size: int = 32
-    augment: str = "light"
-    seed: int = 42
-    cache_limit_mb: int = 2048
-    strict: bool = False
+    source: str = setting("", "class folder, CSV file (path and label columns, optional split), cifar10, a "
+                          "cifar-10-batches-py folder, or digits", name="data", metavar="SRC", shown="")
+    validation_dir: str | None = setting(None, "separate validation class folder", metavar="DIR")
+    test_dir: str | None = setting(None, "separate test class folder", metavar="DIR")
+    validation_split: float = setting(0.2, "fraction held out per class", kind="fraction", metavar="F")
+    test_split: float = setting(0.0, "fraction held out for testing", kind="fraction", metavar="F")
+    batch_size: int = setting(32, "batch size", kind="count:1", metavar="N", search=19)
+    augment: str = setting("light", "none, light, standard, strong, randaugment, augmix, mixup, cutmix, or layers "
+                           "such as flip,rotate:0.2,mixup:0.2", metavar="PRESET", search=17)
+    seed: int = setting(42, "random seed for splits, shuffling, augmentation", kind="int", metavar="N")
+    cache_limit_mb: int = setting(2048, "the memory kerastl may hold data in, in MB: decoded images are cached "
+                                  "while they fit it, larger cached features are memory-mapped", kind="count:0",
+                                  machine=True, hidden=True)
+    strict: bool = setting(False, "fail before training if any file cannot be read as an image (off: skip it, "
+                           "with a warning)", kind="bool", shown="")
 
     def validate(self) -> None:
         for name in ("validation_split", "test_split"):
@@ -118,37 +75,26 @@ class DataConfig(JsonConfig):
 
 @dataclass
 class ModelConfig(JsonConfig):
-    """The classifier: backbone plus head.
+    """The classifier: backbone plus head. `weights=None` trains from scratch; `from_scratch`
+    None means "when weights is None"; `features` says where the head reads the backbone
+    ("auto": linear probes choose, see `kerastl.features.probe`)."""
 
-    Attributes:
-        backbone: registry name (see `kerastl.list_backbones()`).
-        weights: "imagenet", None (train from scratch) or a weights file path.
-        image_size: square input size of the backbone; the registry default when None.
-        from_scratch: train every layer from the start, BatchNorm learning its
-            statistics; None means "when weights is None".
-        binary: one sigmoid unit instead of a softmax (two classes only).
-        l2: L2 penalty on the head's Dense kernels (0 is none).
-        max_norm: a max-norm constraint on the head's Dense kernels: each unit's incoming
-            weight vector is rescaled to at most this norm after every step (0 is none).
-        features: where the head reads the backbone: "last" (its output), "all"
-            (every block's pooled output, concatenated), block numbers "3,7"
-            (1 is the first block, `kerastl backbones --blocks NAME` lists them;
-            the backbone's output is the last number), or "auto": linear probes on
-            the cached features choose among the single blocks and "all", keeping
-            the last unless another reads clearly better (see `kerastl.probe`).
-    """
-
-    backbone: str = "mobilenet_v2"
-    weights: str | None = "imagenet"
-    image_size: int | None = None
-    pooling: str = "avg"
-    dropout: float = 0.2
-    hidden_units: int = 0
-    binary: bool = False
-    from_scratch: bool | None = None
-    features: str = "auto"
-    l2: float = 0.0
-    max_norm: float = 0.0
+    backbone: str = setting("mobilenet_v2", "registry name, see `kerastl backbones`", metavar="NAME", search=1)
+    weights: str | None = setting("imagenet", "imagenet, none (train from scratch) or a weights file", metavar="W")
+    image_size: int | None = setting(None, "input size", kind="count:1", metavar="N", shown="the backbone's default",
+                                     search=2)
+    pooling: str = setting("avg", "global pooling of the feature map", kind="choice", choices=("avg", "max"),
+                           search=4)
+    dropout: float = setting(0.2, "dropout before the classifier", kind="fraction", metavar="F", search=5)
+    hidden_units: int = setting(0, "Dense hidden layer size; 0 for none", kind="count:0", metavar="N", search=6)
+    binary: bool = setting(False, "one sigmoid unit for two classes instead of a softmax", kind="bool", shown="")
+    from_scratch: bool | None = setting(None, "train every layer from the start", kind="bool", hidden=True)
+    features: str = setting("auto", "what the head reads: last (the backbone's output), all (every block), block "
+                            "numbers such as 3,7, or auto (linear probes choose)", kind="features", metavar="SPEC",
+                            search=3)
+    l2: float = setting(0.0, "L2 penalty on the head's Dense kernels", kind="nonneg", metavar="W", search=15)
+    max_norm: float = setting(0.0, "max-norm constraint on the head's Dense kernels; 0 for none", kind="nonneg",
+                              metavar="N", search=16)
 
     def __post_init__(self) -> None:
         self.weights = normalize_weights(self.weights)  # "none" in a config file (TOML has no null)
@@ -169,97 +115,114 @@ class ModelConfig(JsonConfig):
         parse_features(self.features)
 
 
-FEATURE_MODES = ("last", "auto", "all")
+@dataclass
+class PhaseConfig(JsonConfig):
+    """One training phase: the head on a frozen base, or fine-tuning the top of the backbone.
+
+    Its budget is `epochs` and `min_steps` optimizer steps, whichever is more (epochs are
+    raised to reach the steps, and patience with them); `schedule` shapes its learning rate,
+    which is `lr_ratio` times `TrainConfig.learning_rate`.
+    """
+
+    epochs: int = setting(10, "epochs at the least", kind="count:0", metavar="N")
+    min_steps: int = setting(300, "optimizer steps at the least, however small the data", kind="count:0",
+                             metavar="N")
+    schedule: str = setting("constant", "learning-rate schedule: constant, cosine (with warmup) or plateau "
+                            "(ReduceLROnPlateau)", kind="choice", choices=SCHEDULES)
+    lr_ratio: float = setting(1.0, "learning rate as a fraction of --learning-rate", kind="positive", metavar="R")
 
 
-def parse_features(text: str) -> str | tuple[int, ...]:
-    """ "last", "auto" or "all", or a tuple of block numbers (1 or more, ascending) from "3,7"."""
-    text = str(text).strip().lower()
-    if text in FEATURE_MODES:
-        return text
-    try:
-        blocks = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
-    except ValueError:
-        blocks = ()
-    if not blocks or blocks[0] < 1:
-        raise KerastlError(f"features must be last, auto, all or block numbers from 1 such as 3,7; got {text!r}")
-    return blocks
+@dataclass
+class ValidationConfig(JsonConfig):
+    """How a run validates: "holdout" (the validation split), "cv" (k-fold cross-validation on every
+    labelled image, then training on them all), or "auto": cv when the smallest class has fewer than
+    `cv_below` labelled images (training plus validation), holdout otherwise."""
+
+    mode: str = setting("auto", "holdout: the validation split; cv: k-fold cross-validation on every labelled "
+                        "image; auto: cv when a class has fewer than --cv-below images", kind="choice",
+                        name="validation", choices=VALIDATION_MODES)
+    cv_below: int = setting(30, "images per class under which auto cross-validates", kind="count:0", metavar="N")
+    cv_folds: int = setting(5, "cross-validation folds", kind="count:2", metavar="K")
+
+
+def _head() -> PhaseConfig:
+    return PhaseConfig(epochs=10, min_steps=300)
+
+
+def _fine_tune() -> PhaseConfig:
+    return PhaseConfig(epochs=10, min_steps=100, lr_ratio=0.1)
 
 
 @dataclass
 class TrainConfig(JsonConfig):
-    """Two-phase training: frozen base, then fine-tuning the top blocks.
+    """Two-phase training: the head on a frozen base (`head`), then fine-tuning the top blocks
+    (`fine_tune`), validated as `validation` says. See `SETTINGS` for every field's meaning.
 
-    Attributes:
-        epochs: phase-1 epochs at the least (head only; the whole network when from scratch).
-        min_steps: phase 1 runs at least this many optimizer steps, however small the
-            data: epochs are raised to reach it (and patience with them).
-        fine_tune_epochs: phase-2 epochs at the least; 0 skips fine-tuning.
-        fine_tune_min_steps: phase 2 runs at least this many steps (epochs raised to reach it).
-        unfreeze_blocks: how many of the backbone's last blocks phase 2 trains, or
-            "auto": chosen from the probe curve (the blocks after the best-reading one).
-        unfreeze_from: alternatively, the layer name from which phase 2 trains.
-        optimizer: a Keras optimizer name ("adam", "sgd", "adamw", ...).
-        loss: one of `LOSSES` (`kerastl train --help` lists them); "auto" is sparse
-            categorical cross-entropy (categorical when labels are mixed or smoothed), or
-            binary cross-entropy for a one-unit sigmoid model.
-        class_weight: "none", "auto" (n / (k * count_c) for k classes, n images), or weights
-            by hand: "cat=2,dog=1" (by class name) or "2,1" (in class order).
-        sampling: "shuffle" (every image once per epoch) or "balanced" (each batch draws
-            the classes equally often, rare classes' images repeating).
-        schedule: phase 1's learning-rate schedule, one of `SCHEDULES`: "constant",
-            "cosine" (cosine decay to 0 over the phase's step budget after a linear warmup
-            of `warmup` of it) or "plateau" (Keras's ReduceLROnPlateau on validation loss).
-        fine_tune_schedule: phase 2's schedule, the same choices.
-        warmup: the share of a cosine schedule's steps spent warming up from 0.
-        layer_decay: discriminative learning rates in phase 2: the top unfrozen block
-            learns at `layer_decay` times the head's rate, the next at its square, and
-            so on (1 is one rate for all).
-        gradual_unfreeze: phase 2 opens the unfrozen blocks one at a time, the top block
-            first, an equal share of the phase's epochs apart (ULMFiT's gradual unfreezing).
-        fine_tune_lr_ratio: phase-2 learning rate as a fraction of `learning_rate`.
-        label_smoothing: cross-entropy label smoothing (0 is none).
-        weight_decay: decoupled weight decay of the optimizer (0 is none).
-        patience: EarlyStopping patience on validation loss, in epochs.
-        feature_cache: while the base is frozen, train the head on backbone features
-            computed once (see `kerastl.features`) instead of running the base every epoch.
-        cache_views: with augmentation on, how many augmented views of each image the
-            cache holds; epoch e trains on view e % cache_views.
-        cache_dir: where cached features live (default `kerastl.features.default_cache_dir()`).
-        validation: "holdout" (stop and choose on the validation split), "cv" (k-fold
-            cross-validation on every labelled image, then train on them all), or
-            "auto": cv when the smallest class has fewer than `cv_below` labelled
-            images (training plus validation), holdout otherwise.
-        cv_below: the per-class count under which "auto" cross-validates.
-        cv_folds: folds of the cross-validation (fewer when a class has fewer images).
+    The 0.2 names of the phases' and the validation's settings work as keywords and attributes:
+    `TrainConfig(epochs=5, fine_tune_epochs=0, validation="cv")`, `config.fine_tune_lr_ratio`.
     """
 
-    epochs: int = 10
-    min_steps: int = 300
-    fine_tune_epochs: int = 10
-    fine_tune_min_steps: int = 100
-    unfreeze_blocks: int | str = "auto"
-    unfreeze_from: str | None = None
-    optimizer: str = "adam"
-    loss: str = "auto"
-    learning_rate: float = 1e-3
-    fine_tune_lr_ratio: float = 0.1
-    label_smoothing: float = 0.0
-    weight_decay: float = 0.0
-    class_weight: str = "none"
-    sampling: str = "shuffle"
-    schedule: str = "constant"
-    fine_tune_schedule: str = "constant"
-    warmup: float = 0.1
-    layer_decay: float = 1.0
-    gradual_unfreeze: bool = False
-    patience: int = 5
-    feature_cache: bool = True
-    cache_views: int = 4
-    cache_dir: str | None = None
-    validation: str = "auto"
-    cv_below: int = 30
-    cv_folds: int = 5
+    head: PhaseConfig = group(PhaseConfig, _head, group="training", fields={
+        "epochs": {"help": "phase-1 epochs at the least, base frozen", "kind": "count:1", "search": 20},
+        "min_steps": {"help": "phase-1 optimizer steps at the least, however small the data"},
+        "schedule": {"help": "phase-1 learning-rate schedule: constant, cosine (with warmup) or plateau "
+                     "(ReduceLROnPlateau)", "search": 13},
+        "lr_ratio": {"hidden": True}})
+    fine_tune: PhaseConfig = group(PhaseConfig, _fine_tune, "fine_tune_", group="training", fields={
+        "epochs": {"help": "phase-2 epochs at the least; 0 skips", "search": 23},
+        "min_steps": {"help": "phase-2 steps at the least"},
+        "schedule": {"help": "phase-2 learning-rate schedule", "search": 24},
+        "lr_ratio": {"help": "phase-2 LR as a fraction", "search": 22}})
+    unfreeze_blocks: int | str = setting("auto", "backbone blocks phase 2 trains, or auto: read off the probe curve",
+                                         kind="blocks", metavar="K", search=21)
+    unfreeze_from: str | None = setting(None, "or: train phase 2 from this backbone layer on", metavar="LAYER")
+    optimizer: str = setting("adam", "Keras optimizer name", metavar="NAME", search=7)
+    loss: str = setting("auto", "; ".join(f"{name}: {what}" for name, what in LOSSES.items()), kind="choice",
+                        choices=tuple(LOSSES), metavar="NAME", search=10)
+    learning_rate: float = setting(1e-3, "phase-1 learning rate", kind="positive", metavar="LR", search=8)
+    label_smoothing: float = setting(0.0, "cross-entropy label smoothing", kind="fraction", metavar="F", search=9)
+    weight_decay: float = setting(0.0, "decoupled weight decay", kind="nonneg", metavar="W", search=18)
+    class_weight: str = setting("none", "none; auto (n / (k * count) per class); or by hand, cat=2,dog=1 or 2,1 in "
+                                "class order", kind="class_weight", metavar="W", search=11)
+    sampling: str = setting("shuffle", "shuffle: every image once per epoch; balanced: classes drawn equally often",
+                            kind="choice", choices=SAMPLING, search=12)
+    warmup: float = setting(0.1, "share of a cosine schedule's steps warming up", kind="fraction", metavar="F",
+                            search=14)
+    layer_decay: float = setting(1.0, "discriminative rates in phase 2: each unfrozen block down learns D times "
+                                 "the one above (1: one rate)", kind="decay", metavar="D", shown="", search=25)
+    gradual_unfreeze: bool = setting(False, "phase 2 opens the unfrozen blocks one at a time, the top first",
+                                     kind="bool", search=26)
+    patience: int = setting(5, "EarlyStopping patience in epochs", kind="count:0", metavar="N")
+    feature_cache: bool = setting(True, "train the head on cached backbone features while the base is frozen",
+                                  kind="bool", name="cache", group="feature cache")
+    cache_views: int = setting(4, "augmented views cached per image when augmenting; epoch e uses view e %% K",
+                               kind="count:1", metavar="K", group="feature cache")
+    cache_dir: str | None = setting(None, "feature cache folder", metavar="DIR", shown="~/.cache/kerastl",
+                                    machine=True, group="feature cache")
+    validation: ValidationConfig = group(ValidationConfig, ValidationConfig, group="validation")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "validation" and isinstance(value, str):  # 0.2: validation="cv"
+            value = ValidationConfig(value, *((self.validation.cv_below, self.validation.cv_folds)
+                                              if isinstance(getattr(self, "validation", None), ValidationConfig)
+                                              else ()))
+        elif name in _ALIASES:
+            part, field_name = _ALIASES[name]
+            setattr(getattr(self, part), field_name, value)
+            return
+        super().__setattr__(name, value)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Also reads 0.1 and 0.2 `train` sections, whose phase and validation settings were flat."""
+        values = dict(values)
+        legacy = {name: values.pop(name) for name in list(values) if name in _ALIASES}
+        if isinstance(values.get("validation"), str):
+            legacy["validation"] = values.pop("validation")
+        config = super().from_dict(values)
+        for name, value in legacy.items():
+            setattr(config, name, value)
+        return config
 
     def validate(self) -> None:
         if self.unfreeze_blocks != "auto" and not isinstance(self.unfreeze_blocks, int):
@@ -268,15 +231,15 @@ class TrainConfig(JsonConfig):
         for name in (*numbers, *(("unfreeze_blocks",) if self.unfreeze_blocks != "auto" else ())):
             if getattr(self, name) < 0:
                 raise KerastlError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if self.validation not in VALIDATION_MODES:
-            raise KerastlError(f"validation must be one of {list(VALIDATION_MODES)}, got {self.validation!r}")
+        if self.validation.mode not in VALIDATION_MODES:
+            raise KerastlError(f"validation must be one of {list(VALIDATION_MODES)}, got {self.validation.mode!r}")
         if self.cv_folds < 2:
             raise KerastlError(f"cv_folds must be at least 2, got {self.cv_folds}")
         if self.cache_views < 1:
             raise KerastlError(f"cache_views must be at least 1, got {self.cache_views}")
         if self.epochs < 1:
             raise KerastlError("epochs must be at least 1")
-        if self.learning_rate <= 0 or self.fine_tune_lr_ratio <= 0:
+        if self.learning_rate <= 0 or self.fine_tune_lr_ratio <= 0 or self.head.lr_ratio <= 0:
             raise KerastlError("learning_rate and fine_tune_lr_ratio must be positive")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise KerastlError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
@@ -299,53 +262,59 @@ class TrainConfig(JsonConfig):
     def wants_fine_tuning(self) -> bool:
         """Whether phase 2 has epochs and something to unfreeze (blocks or a layer name)."""
         blocks = self.unfreeze_blocks == "auto" or self.unfreeze_blocks > 0
-        return self.fine_tune_epochs > 0 and (blocks or bool(self.unfreeze_from))
+        return self.fine_tune.epochs > 0 and (blocks or bool(self.unfreeze_from))
 
 
-VALIDATION_MODES = ("auto", "holdout", "cv")
-
-# loss name -> what it is (the losses themselves are built by `kerastl.losses`)
-LOSSES = {
-    "auto": "cross-entropy: sparse categorical, or binary for a one-unit sigmoid model",
-    "sparse_categorical_crossentropy": "Keras's cross-entropy on integer labels",
-    "categorical_crossentropy": "cross-entropy on one-hot or mixed labels (integer labels are one-hot encoded)",
-    "focal": "categorical focal loss (Keras's, gamma 2, alpha 0.25): down-weights easy examples",
-    "binary_crossentropy": "sigmoid cross-entropy, for a binary (one-unit) model",
-    "binary_focal": "binary focal loss (Keras's, gamma 2), for a binary (one-unit) model",
-}
-SCHEDULES = ("constant", "cosine", "plateau")
-SAMPLING = ("shuffle", "balanced")
-CLASS_WEIGHT_MODES = ("none", "auto")
-# classes count as imbalanced when the largest has more than this many times the smallest's images:
-# data.json warns, and a search's default objective becomes val_macro_f1
-IMBALANCE_RATIO = 3.0
+# the 0.2 flat names of the phases' and the validation's settings -> (TrainConfig field, its field)
+_ALIASES = {"epochs": ("head", "epochs"), "min_steps": ("head", "min_steps"), "schedule": ("head", "schedule"),
+            "fine_tune_epochs": ("fine_tune", "epochs"), "fine_tune_min_steps": ("fine_tune", "min_steps"),
+            "fine_tune_schedule": ("fine_tune", "schedule"), "fine_tune_lr_ratio": ("fine_tune", "lr_ratio"),
+            "cv_below": ("validation", "cv_below"), "cv_folds": ("validation", "cv_folds")}
 
 
-def parse_class_weight(text: str) -> str | dict[str, float] | list[float]:
-    """ "none", "auto", {class name: weight} from "cat=2,dog=1", or [weights] in class order from "2,1"."""
-    text = str(text).strip()
-    if text.lower() in CLASS_WEIGHT_MODES:
-        return text.lower()
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    try:
-        if parts and all("=" in part for part in parts):
-            weights: dict[str, float] | list[float] = {
-                name.strip(): float(value) for name, value in (part.rsplit("=", 1) for part in parts)}
-            values = list(weights.values())
-        else:
-            weights = values = [float(part) for part in parts]
-    except ValueError:
-        values = []
-    if not values or min(values) < 0 or max(values) == 0:
-        raise KerastlError(f"class_weight must be none, auto, weights by class such as cat=2,dog=1 or in class "
-                           f"order such as 2,1 (0 or more, not all 0); got {text!r}")
-    return weights
+def flat_train(values: dict[str, Any]) -> dict[str, Any]:
+    """A `train` section (a dict, as `config.json` holds it) in the 0.2 layout, whatever wrote it:
+    the phases' and the validation's settings under their flat names (`fine_tune_epochs`,
+    `validation`, `cv_folds`). The head's `lr_ratio` is kept only when it is not 1 (0.2 had none)."""
+    values = dict(values)
+    for name, (part, field_name) in _ALIASES.items():
+        if isinstance(values.get(part), dict) and field_name in values[part]:
+            values[name] = values[part][field_name]
+    for part in ("head", "fine_tune"):
+        inner = values.pop(part, None)
+        if isinstance(inner, dict) and part == "head" and inner.get("lr_ratio", 1.0) != 1.0:
+            values["head_lr_ratio"] = inner["lr_ratio"]
+    if isinstance(values.get("validation"), dict):
+        values["validation"] = values["validation"].get("mode", "auto")
+    return values
 
-# the scores a search may optimise, and their direction (the search wing and the reports read it)
-OBJECTIVES = {"val_accuracy": "max", "val_loss": "min", "val_macro_f1": "max", "val_auc": "max"}
 
-# keys that kerastl 0.1 wrote into a search export's config.json; 0.2 keeps them in tune.json
-LEGACY_KEYS = ("tune", "best_trial")
+def _alias(part: str, name: str) -> property:
+    return property(lambda self: getattr(getattr(self, part), name),
+                    lambda self, value: setattr(getattr(self, part), name, value))
+
+
+for _name, (_part, _field) in _ALIASES.items():
+    setattr(TrainConfig, _name, _alias(_part, _field))
+_dataclass_init = TrainConfig.__init__
+
+
+def _init(self: TrainConfig, *args: Any, **kwargs: Any) -> None:
+    legacy = {name: kwargs.pop(name) for name in list(kwargs) if name in _ALIASES}
+    if isinstance(kwargs.get("validation"), str):
+        legacy["validation"] = kwargs.pop("validation")
+    _dataclass_init(self, *args, **kwargs)
+    for name, value in legacy.items():
+        setattr(self, name, value)
+
+
+_init.__signature__ = inspect.signature(_dataclass_init)  # type: ignore[attr-defined]
+TrainConfig.__init__ = _init  # type: ignore[method-assign]
+
+
+# keys that kerastl 0.1 wrote into a search export's config.json (0.2 keeps them in tune.json), and the
+# plan a run records there: what it chose, not a setting (the config alone reproduces the run)
+LEGACY_KEYS = ("tune", "best_trial", "plan")
 
 
 @dataclass
@@ -360,11 +329,11 @@ class RunConfig(JsonConfig):
         export_dir: where the run's SavedModel and files go.
     """
 
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    name: str = ""
-    export_dir: str | None = None
+    data: DataConfig = group(DataConfig, DataConfig, group="data")
+    model: ModelConfig = group(ModelConfig, ModelConfig, group="model")
+    train: TrainConfig = group(TrainConfig, TrainConfig, group="training")
+    name: str = setting("", "run name", shown="backbone-date-time")
+    export_dir: str | None = setting(None, "output folder", name="export", metavar="DIR", shown="saved_models/NAME")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
@@ -382,8 +351,18 @@ class RunConfig(JsonConfig):
         self.model.validate()
         self.train.validate()
 
+    def experiment_dict(self) -> dict[str, Any]:
+        """`to_dict` without the machine's settings (cache folder, memory budget): what `config.json`
+        records and the run digest covers, so another machine's folders are not carried along."""
+        values = self.to_dict()
+        for item in SETTINGS.values():
+            if item.machine:
+                inner, key = dict_at(values, item)
+                inner.pop(key, None)
+        return values
+
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        Path(path).write_text(json.dumps(self.experiment_dict(), indent=2) + "\n")
 
     @classmethod
     def from_json(cls, path: str | Path) -> RunConfig:
@@ -396,54 +375,6 @@ class RunConfig(JsonConfig):
         return cls.from_dict(read_config_file(path))
 
 
-# setting name -> (RunConfig section, or None for the run itself, field): the one table that
-# the command line's flags and the search space's settings name the config by
-SETTINGS: dict[str, tuple[str | None, str]] = {
-    "data": ("data", "source"),
-    "validation_dir": ("data", "validation_dir"),
-    "test_dir": ("data", "test_dir"),
-    "validation_split": ("data", "validation_split"),
-    "test_split": ("data", "test_split"),
-    "batch_size": ("data", "batch_size"),
-    "augment": ("data", "augment"),
-    "seed": ("data", "seed"),
-    "strict": ("data", "strict"),
-    "backbone": ("model", "backbone"),
-    "weights": ("model", "weights"),
-    "image_size": ("model", "image_size"),
-    "dropout": ("model", "dropout"),
-    "hidden_units": ("model", "hidden_units"),
-    "pooling": ("model", "pooling"),
-    "binary": ("model", "binary"),
-    "features": ("model", "features"),
-    "epochs": ("train", "epochs"),
-    "min_steps": ("train", "min_steps"),
-    "fine_tune_epochs": ("train", "fine_tune_epochs"),
-    "fine_tune_min_steps": ("train", "fine_tune_min_steps"),
-    "unfreeze_blocks": ("train", "unfreeze_blocks"),
-    "unfreeze_from": ("train", "unfreeze_from"),
-    "optimizer": ("train", "optimizer"),
-    "loss": ("train", "loss"),
-    "learning_rate": ("train", "learning_rate"),
-    "fine_tune_lr_ratio": ("train", "fine_tune_lr_ratio"),
-    "label_smoothing": ("train", "label_smoothing"),
-    "weight_decay": ("train", "weight_decay"),
-    "class_weight": ("train", "class_weight"),
-    "sampling": ("train", "sampling"),
-    "schedule": ("train", "schedule"),
-    "fine_tune_schedule": ("train", "fine_tune_schedule"),
-    "warmup": ("train", "warmup"),
-    "layer_decay": ("train", "layer_decay"),
-    "gradual_unfreeze": ("train", "gradual_unfreeze"),
-    "l2": ("model", "l2"),
-    "max_norm": ("model", "max_norm"),
-    "patience": ("train", "patience"),
-    "feature_cache": ("train", "feature_cache"),
-    "cache_views": ("train", "cache_views"),
-    "cache_dir": ("train", "cache_dir"),
-    "validation": ("train", "validation"),
-    "cv_below": ("train", "cv_below"),
-    "cv_folds": ("train", "cv_folds"),
-    "name": (None, "name"),
-    "export": (None, "export_dir"),
-}
+# setting name -> `Setting`: the one table that the command line's flags, the search space's names
+# and the run digest read (derived from the fields above, see `kerastl.settings`)
+SETTINGS: dict[str, Setting] = settings_of(RunConfig)

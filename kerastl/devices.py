@@ -1,7 +1,7 @@
 """Devices: find GPUs, turn on memory growth, pick the device, mixed precision, CPU threads.
 
 On a CPU-only machine the same code runs on the CPU. Mixed precision is for GPUs;
-the classifier's softmax stays float32 either way (see `kerastl.classifier`).
+the classifier's softmax stays float32 either way (see `kerastl.models.classifier`).
 How a search spreads its workers over GPUs is `kerastl.tune.distribute`'s business.
 """
 

@@ -168,7 +168,7 @@ class HeadStore:
     """Trained phase-1 heads under `directory/<key>/`: `head.weights.h5` and `meta.json`.
 
     A run given a store looks its phase-1 head up by a key that covers the features
-    and every phase-1 setting (see `kerastl.run.phase1_key`); a hit skips phase 1.
+    and every phase-1 setting (see `kerastl.runs.plan.head_key`); a hit skips phase 1.
     A search keeps one store in its project folder, shared by every trial and worker.
     """
 

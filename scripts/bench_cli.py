@@ -7,7 +7,7 @@ Runs the real `kerastl` command in child processes, as a user would, and prints:
 - the lines of TensorFlow's native log (absl's start-up notice, `I0000 ...`-style lines)
   on stderr of a normal `kerastl train` on a small class folder; the target is 0.
 
-    python scripts/bench_cli.py
+    python scripts/bench_cli.py [--write-docs]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _docs  # scripts/, beside this file
 import numpy as np
 from PIL import Image
 
@@ -57,7 +58,10 @@ def _time(argv: list[str], repeat: int) -> tuple[float, int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
+    _docs.add_flag(parser)
     args = parser.parse_args()
+    if args.write_docs:
+        _docs.check_section("bench_cli")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         f = _folders(root)
@@ -75,21 +79,26 @@ def main() -> None:
             "missing weights file": ["train", "--data", str(f["good"]), "--weights", str(root / "no.h5")],
             "missing model": ["predict", "--model", str(root / "nope"), "a.jpg"],
         }
-        print(f"| command | seconds (median of {args.repeat}) | exit code | stderr lines |")
-        print("|---|---:|---:|---:|")
+        rows = []
         for name, argv in cases.items():
             seconds, code, lines = _time(argv, args.repeat)
-            print(f"| {name} | {seconds:.2f} | {code} | {lines} |")
+            rows.append((name, f"{seconds:.2f}", code, lines))
+        table = _docs.markdown_table(("command", f"seconds (median of {args.repeat})", "exit code", "stderr lines"),
+                                     rows, right_from=1)
+        print(table)
         env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "KERASTL_TF_LOG")}
         env["KERASTL_CACHE"] = str(root / "cache")
         train = ["train", "--data", str(f["good"]), "--backbone", "simple_cnn", "--image-size", "16",
                  "--weights", "none", "--epochs", "2", "--min-steps", "0", "--export", str(root / "run")]
         done = subprocess.run([sys.executable, "-m", "kerastl", *train], capture_output=True, text=True, env=env)
         native = [line for line in done.stderr.splitlines() if NATIVE_LINE.match(line)]
-        print(f"\nnormal train (exit {done.returncode}): {len(native)} native log lines on stderr "
-              f"(of {len(done.stderr.splitlines())} stderr lines in all)")
+        train_line = (f"normal train (exit {done.returncode}): {len(native)} native log lines on stderr "
+                      f"(of {len(done.stderr.splitlines())} stderr lines in all)")
+        print(f"\n{train_line}")
         for line in native:
             print("  " + line)
+    if args.write_docs:
+        _docs.write_section("bench_cli", f"{_docs.measured_with('bench_cli')}:\n\n{table}\n\n{train_line}.")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ cache size per 1000 images, and the best validation accuracy both ways.
 
     python scripts/bench_feature_cache.py                      # digits at 96x96, offline
     python scripts/bench_feature_cache.py --weights imagenet   # needs the network once
+    python scripts/bench_feature_cache.py --write-docs         # and its table into docs/benchmarks.md
 
 Per-epoch times are medians over epochs 2..N (epoch 1 includes tracing); totals
 include everything (tracing, and for the cached path the extraction). Offline, with
@@ -25,15 +26,16 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import _docs  # noqa: E402  (scripts/, beside this file)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kerastl.config import ModelConfig, TrainConfig  # noqa: E402
-from kerastl.data import from_arrays, load_digits  # noqa: E402
-from kerastl.features import FeatureCache  # noqa: E402
-from kerastl.classifier import build_classifier  # noqa: E402
-from kerastl.batchnorm import recalibrate_batchnorm  # noqa: E402
-from kerastl.train import train_classifier  # noqa: E402
+from kerastl.data.images import from_arrays, load_digits  # noqa: E402
+from kerastl.features.cache import FeatureCache  # noqa: E402
+from kerastl.models.classifier import build_classifier  # noqa: E402
+from kerastl.training.batchnorm import recalibrate_batchnorm  # noqa: E402
+from kerastl.training.phases import train_classifier  # noqa: E402
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -70,7 +72,7 @@ def bench(backbone: str, size: int, weights: str | None, epochs: int, batch_size
         if mode == "cached":
             with tempfile.TemporaryDirectory() as folder:
                 cache = FeatureCache(folder)
-                features = cache.phase1(model, data.train, data.validation, batch_size=batch_size)
+                features = cache.head_features(model, data.train, data.validation, batch_size=batch_size)
             row["extract_s"] = time.perf_counter() - begin
             row["cache_mb_per_1000"] = features[0].nbytes() / data.train.count * 1000 / 2**20
         result = train_classifier(model, train, validation, config, features=features, batch_size=batch_size,
@@ -93,21 +95,28 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    _docs.add_flag(parser)
     args = parser.parse_args()
+    if args.write_docs:
+        _docs.check_section("bench_feature_cache")
     weights = None if args.weights == "none" else args.weights
     rows = [bench(name, args.image_size, weights, args.epochs, args.batch_size, args.seed)
             for name in args.backbones.split(",")]
-    print(f"phase 1, {args.epochs} epochs, scikit-learn digits ({rows[0]['images']} training images), "
-          f"weights={args.weights}, {os.cpu_count()} CPU cores")
-    print("| backbone | size | epoch plain (s) | epoch cached (s) | per-epoch ratio | extraction (s) "
-          "| break-even (epochs) | 10-epoch plain (s) | 10-epoch cached (s) | total ratio | cache MB/1000 img "
-          "| val acc plain | val acc cached |")
-    print("|---" * 13 + "|")
-    for r in rows:
-        print(f"| {r['backbone']} | {r['size']} | {r['plain_epoch_s']:.2f} | {r['cached_epoch_s']:.3f} "
-              f"| {r['epoch_ratio']:.0f}x | {r['extract_s']:.1f} | {r['break_even_epochs']} "
-              f"| {r['plain_total_s']:.1f} | {r['cached_total_s']:.1f} | {r['total_ratio']:.1f}x "
-              f"| {r['cache_mb_per_1000']:.2f} | {r['plain_val_acc']:.3f} | {r['cached_val_acc']:.3f} |")
+    caption = (f"phase 1, {args.epochs} epochs, scikit-learn digits ({rows[0]['images']} training images), "
+               f"weights={args.weights}")
+    header = ("backbone", "size", "epoch plain (s)", "epoch cached (s)", "per-epoch ratio", "extraction (s)",
+              "break-even (epochs)", f"{args.epochs}-epoch plain (s)", f"{args.epochs}-epoch cached (s)",
+              "total ratio", "cache MB/1000 img", "val acc plain", "val acc cached")
+    table = _docs.markdown_table(header, [
+        (r["backbone"], r["size"], f"{r['plain_epoch_s']:.2f}", f"{r['cached_epoch_s']:.3f}",
+         f"{r['epoch_ratio']:.0f}x", f"{r['extract_s']:.1f}", r["break_even_epochs"], f"{r['plain_total_s']:.1f}",
+         f"{r['cached_total_s']:.1f}", f"{r['total_ratio']:.1f}x", f"{r['cache_mb_per_1000']:.2f}",
+         f"{r['plain_val_acc']:.3f}", f"{r['cached_val_acc']:.3f}") for r in rows])
+    print(f"{caption}, {os.cpu_count()} CPU cores")
+    print(table)
+    if args.write_docs:
+        _docs.write_section("bench_feature_cache",
+                            f"{caption} ({_docs.measured_with('bench_feature_cache')}):\n\n{table}")
 
 
 if __name__ == "__main__":

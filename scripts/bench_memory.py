@@ -25,6 +25,7 @@ take longer without raising it; the seconds are those of these short runs only.
     python scripts/bench_memory.py                                   # the full grid (long)
     python scripts/bench_memory.py --modes scratch --sizes 160 --counts 1000
     python scripts/bench_memory.py --sizes 96 160 224 --counts 1000  # one count, every size
+    python scripts/bench_memory.py --write-docs                      # and its table into docs/benchmarks.md
 
 Prints a markdown table: mode, image size, image count, peak RSS (GB), seconds.
 """
@@ -41,6 +42,7 @@ import threading
 import time
 from pathlib import Path
 
+import _docs  # scripts/, beside this file
 import numpy as np
 from PIL import Image
 
@@ -52,10 +54,10 @@ COLOURS = ((230, 150, 20), (20, 60, 220), (30, 200, 60), (150, 40, 200))
 WEIGHTS_SCRIPT = """
 import sys
 import numpy as np
-from kerastl.batchnorm import recalibrate_batchnorm
-from kerastl.classifier import build_classifier
+from kerastl.training.batchnorm import recalibrate_batchnorm
+from kerastl.models.classifier import build_classifier
 from kerastl.config import ModelConfig
-from kerastl.data import from_folder
+from kerastl.data.images import from_folder
 folder, path = sys.argv[1], sys.argv[2]
 model = build_classifier(ModelConfig("mobilenet_v2", weights=None, image_size=96, from_scratch=False), 4)
 images, _ = from_folder(folder, model, validation_split=0.0).train.arrays()
@@ -124,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", choices=["frozen", "scratch"], default=["frozen", "scratch"])
     parser.add_argument("--images", type=Path, help="folder for the generated images, kept (default: temporary)")
     parser.add_argument("--timeout", type=float, help="seconds after which a run is killed")
+    _docs.add_flag(parser)
     args = parser.parse_args(argv)
+    if args.write_docs:
+        _docs.check_section("bench_memory")
 
     work = Path(tempfile.mkdtemp(prefix="kerastl-bench-memory-"))
     images = args.images or work / "images"
@@ -137,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             weights = weights_file(subset(pool, images / "calibration", 128), images / "random.weights.h5")
         print(f"\n{BACKBONE}, minimal training settings: {' '.join(SETTINGS)}, a fresh --cache-dir per run "
               "(peak memory is reached in the first epoch, the extraction and the calibration)\n")
-        print("| mode | image size | images | peak RSS (GB) | seconds |")
-        print("|---|---:|---:|---:|---:|", flush=True)
+        table = [_docs.markdown_table(("mode", "image size", "images", "peak RSS (GB)", "seconds"), [], right_from=1)]
+        print(table[0], flush=True)
         for mode in args.modes:
             for size in args.sizes:
                 for count in args.counts:
@@ -153,9 +158,13 @@ def main(argv: list[str] | None = None) -> int:
                     ]
                     peak, seconds, code = measure(command, run / "log.txt", args.timeout)
                     note = "" if code == 0 else f" (exit {code}, see {run / 'log.txt'})"
-                    print(f"| {mode} | {size} | {count} | {peak:.2f}{note} | {seconds:.0f} |", flush=True)
+                    table.append(f"| {mode} | {size} | {count} | {peak:.2f}{note} | {seconds:.0f} |")
+                    print(table[-1], flush=True)
                     if code == 0:
                         shutil.rmtree(run)
+        if args.write_docs:
+            _docs.write_section("bench_memory", f"{BACKBONE}, the minimal settings above "
+                                                f"({_docs.measured_with('bench_memory')}):\n\n" + "\n".join(table))
     finally:
         if args.images is None:
             shutil.rmtree(images, ignore_errors=True)

@@ -11,13 +11,14 @@ score imbalance hurts) and seconds, averaged over `--seeds` draws:
   focal with automatic weights, `--augment mixup` (the demo's augmentation plus MixUp),
   cosine schedules with warmup in both phases, and discriminative rates (0.7) with
   gradual unfreezing;
-- baselines: scikit-learn's `LogisticRegressionCV` (C chosen by 5-fold cross-validation,
-  `class_weight="balanced"`) on the frozen backbone's standardised output features, the
+- baselines: scikit-learn's `LogisticRegressionCV` (C chosen by cross-validation, at most 5
+  folds, `class_weight="balanced"`) on the frozen backbone's standardised output features, the
   strongest probe; and the same network from scratch with automatic class weights,
   trained to convergence (`SCRATCH_STEPS` optimizer steps).
 
     python scripts/bench_recipes.py                     # 2 draws, every recipe
     python scripts/bench_recipes.py --seeds 3 --recipes defaults weights balanced
+    python scripts/bench_recipes.py --write-docs        # and its table into docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -32,16 +33,25 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import _docs  # noqa: E402  (scripts/, beside this file)
 import numpy as np  # noqa: E402
 from sklearn.linear_model import LogisticRegressionCV  # noqa: E402
 from sklearn.metrics import f1_score  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
-from kerastl import DataConfig, ModelConfig, RunConfig, TrainConfig, build_classifier, from_arrays, load_digits  # noqa: E402
-from kerastl import run_training  # noqa: E402
-from kerastl.demo import AUGMENT, NEW, SCRATCH_STEPS, SIZE, pretrain  # noqa: E402
-from kerastl.runfolder import BACKBONE_WEIGHTS  # noqa: E402
+from kerastl import (  # noqa: E402
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    build_classifier,
+    from_arrays,
+    load_digits,
+    run_training,  # noqa: E402
+)
+from kerastl.cli.demo import AUGMENT, NEW, SCRATCH_STEPS, SIZE, pretrain  # noqa: E402
+from kerastl.runs.folder import BACKBONE_WEIGHTS  # noqa: E402
 
 RECIPES = {
     "defaults": ({}, {}),
@@ -54,6 +64,21 @@ RECIPES = {
     "layerwise": ({"layer_decay": 0.7, "gradual_unfreeze": True}, {}),
 }
 COUNTS = (60, 30, 15, 8, 4)
+PROBE, SCRATCH = "probe (LogisticRegressionCV, balanced)", "scratch (auto weights, converged)"
+# each row's name in docs/benchmarks.md (--write-docs)
+DOCS_NAMES = {
+    "defaults": "defaults",
+    "weights": "`--class-weight auto`",
+    "balanced": "`--sampling balanced`",
+    "focal": "`--loss focal`",
+    "focal+weights": "`--loss focal --class-weight auto`",
+    "mixup": "`--augment` plus `mixup:0.2`",
+    "cosine": "`--schedule cosine --fine-tune-schedule cosine`",
+    "layerwise": "`--layer-decay 0.7 --gradual-unfreeze`",
+    PROBE: ("baseline: `LogisticRegressionCV` (C by cross-validation, at most 5 folds; balanced weights) "
+            "on the frozen backbone"),
+    SCRATCH: f"baseline: the same network from scratch, automatic class weights, {SCRATCH_STEPS} steps",
+}
 
 
 def imbalanced(counts: tuple[int, ...], seed: int):
@@ -95,7 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--counts", type=int, nargs=5, default=list(COUNTS), help="training images of 5..9")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--no-baselines", action="store_true")
+    _docs.add_flag(parser)
     args = parser.parse_args(argv)
+    if args.write_docs:
+        _docs.check_section("bench_recipes")
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="bench_recipes-"))
     os.environ.setdefault("KERASTL_CACHE", str(work / "cache"))
@@ -107,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.seeds} draws")
     rows = {name: [] for name in args.recipes}
     if not args.no_baselines:
-        rows["probe (LogisticRegressionCV, balanced)"] = []
-        rows["scratch (auto weights, converged)"] = []
+        rows[PROBE] = []
+        rows[SCRATCH] = []
     for seed in range(args.seeds):
         data = imbalanced(counts, seed)
         for name in args.recipes:
@@ -116,15 +144,23 @@ def main(argv: list[str] | None = None) -> None:
             rows[name].append(run(weights, data, seed, train, data_values))
         if not args.no_baselines:
             start = time.perf_counter()
-            rows["probe (LogisticRegressionCV, balanced)"].append((probe(weights, data), time.perf_counter() - start))
-            rows["scratch (auto weights, converged)"].append(
-                run(None, data, seed, {"min_steps": SCRATCH_STEPS, "class_weight": "auto"}, {}))
+            rows[PROBE].append((probe(weights, data), time.perf_counter() - start))
+            rows[SCRATCH].append(run(None, data, seed, {"min_steps": SCRATCH_STEPS, "class_weight": "auto"}, {}))
     print(f"{'recipe':40} | test accuracy | test macro-F1 | seconds")
+    table = []
     for name, results in rows.items():
         accuracy = np.mean([m["test_accuracy"] for m, _ in results])
         f1 = np.mean([m["test_macro_f1"] for m, _ in results])
         spread = np.std([m["test_macro_f1"] for m, _ in results])
-        print(f"{name:40} | {accuracy:13.3f} | {f1:.3f} +- {spread:.3f} | {np.mean([s for _, s in results]):7.0f}")
+        seconds = np.mean([s for _, s in results])
+        print(f"{name:40} | {accuracy:13.3f} | {f1:.3f} +- {spread:.3f} | {seconds:7.0f}")
+        table.append((DOCS_NAMES[name], f"{accuracy:.3f}", f"{f1:.3f} ± {spread:.3f}", f"{seconds:.0f}"))
+    if args.write_docs:
+        caption = (f"{args.seeds} draws of the training images ({', '.join(map(str, counts))} of digits 5-9), "
+                   f"averaged; simple_cnn pretrained on digits 0-4 (validation accuracy "
+                   f"{pretrained.metrics['val_accuracy']:.3f}); {_docs.measured_with('bench_recipes')}:")
+        header = ("recipe", "test accuracy", "test macro-F1 (± std over draws)", "seconds")
+        _docs.write_section("bench_recipes", f"{caption}\n\n{_docs.markdown_table(header, table)}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ a run adds after its evaluation; `kerastl report`'s work), and `kerastl evaluate
 digit through the SavedModel. It prints each time and its share of the training run's
 own time (which includes writing them once).
 
-    python scripts/bench_reports.py [--size 16]
+    python scripts/bench_reports.py [--size 16] [--write-docs]
 """
 
 from __future__ import annotations
@@ -17,19 +17,24 @@ import tempfile
 import time
 from pathlib import Path
 
+import _docs  # scripts/, beside this file
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=16, help="image size (16)")
+    _docs.add_flag(parser)
     args = parser.parse_args()
+    if args.write_docs:
+        _docs.check_section("bench_reports")
 
-    from kerastl.quiet import import_tensorflow
+    from kerastl.cli.quiet import import_tensorflow
 
     import_tensorflow()
     from kerastl.config import DataConfig, ModelConfig, RunConfig
-    from kerastl.htmlreport import write_report
-    from kerastl.run import run_training
-    from kerastl.scoring import evaluate_folder
+    from kerastl.reports.html import write_report
+    from kerastl.runs.run import run_training
+    from kerastl.runs.scoring import evaluate_folder
 
     folder = Path(tempfile.mkdtemp(prefix="kerastl-bench-reports-")) / "run"
     config = RunConfig(DataConfig("digits", test_split=0.2), ModelConfig("simple_cnn", weights=None, image_size=args.size),
@@ -49,6 +54,12 @@ def main() -> None:
     print(f"training run (both phases, export, evaluation and reports included): {run_seconds:.2f} s")
     for name, seconds in rows:
         print(f"{name}: {seconds:.2f} s ({seconds / run_seconds:.1%} of the run)")
+    if args.write_docs:
+        table = _docs.markdown_table(("what", "seconds", "share of the run"), [
+            ("training run (both phases, export, evaluation and reports included)", f"{run_seconds:.2f}", "100%"),
+            *((name, f"{seconds:.2f}", f"{seconds / run_seconds:.1%}") for name, seconds in rows)], right_from=1)
+        _docs.write_section("bench_reports", f"simple_cnn from scratch at {args.size} px on digits "
+                                             f"({_docs.measured_with('bench_reports')}):\n\n{table}")
 
 
 if __name__ == "__main__":

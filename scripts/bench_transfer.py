@@ -19,6 +19,9 @@ tested on every other image of 5-9. For each N it prints test accuracy and secon
 
     python scripts/bench_transfer.py                       # simple_cnn, 1 3 5 10 20 per class
     python scripts/bench_transfer.py --backbone mobilenet_v2 --shots 3 10
+    python scripts/bench_transfer.py --write-docs          # and its table into docs/benchmarks.md
+
+With `--write-docs` the table replaces the section `bench_transfer_BACKBONE` of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import _docs  # noqa: E402  (scripts/, beside this file)
 import numpy as np  # noqa: E402
 
-from kerastl.demo import few_shot, pretrain, probe_accuracies, scratch, timed, transfer  # noqa: E402
-from kerastl.runfolder import BACKBONE_WEIGHTS  # noqa: E402
+from kerastl.cli.demo import few_shot, pretrain, probe_accuracies, scratch, timed, transfer  # noqa: E402
+from kerastl.runs.folder import BACKBONE_WEIGHTS  # noqa: E402
 
 
 def main() -> None:
@@ -42,18 +46,24 @@ def main() -> None:
     parser.add_argument("--backbone", default="simple_cnn")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 3, 5, 10, 20])
     parser.add_argument("--seeds", type=int, default=1, help="few-shot draws per size, averaged")
+    _docs.add_flag(parser)
     args = parser.parse_args()
+    section = f"bench_transfer_{args.backbone}"
+    if args.write_docs:
+        _docs.check_section(section)
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="bench_transfer-"))
     os.environ.setdefault("KERASTL_CACHE", str(work / "cache"))
     pretrained, seconds = timed(pretrain, work / "pretrain", 0, args.backbone)
     weights = str(pretrained.export_dir / BACKBONE_WEIGHTS)
-    print(f"{args.backbone} pretrained on digits 0-4 in {seconds:.0f} s: validation accuracy "
-          f"{pretrained.metrics['val_accuracy']:.3f}")
+    pretraining = (f"{args.backbone} pretrained on digits 0-4 in {seconds:.0f} s: validation accuracy "
+                   f"{pretrained.metrics['val_accuracy']:.3f}")
+    print(pretraining)
     baselines = ["simple_cnn"] + ([args.backbone] if args.backbone != "simple_cnn" else [])
     header = ("per class", "defaults", "s", "last", "s", "last,d2", "s", "scratch best", "s", "phase 1",
               "probe last", "probe best", "chosen")
-    print(" | ".join(header))
+    table = [_docs.markdown_table(header, [])]
+    print(table[0], flush=True)
     for per_class in args.shots:
         rows = []
         for seed in range(args.seeds):
@@ -78,13 +88,17 @@ def main() -> None:
             row.update(probe_last=probes["last"], probe_best=probes["best"])
             rows.append(row)
         mean = {key: float(np.mean([r[key] for r in rows])) for key in rows[0] if not isinstance(rows[0][key], str)}
-        print(f"{per_class} | {mean['defaults']:.3f} | {mean['defaults_s']:.0f} | {mean['last']:.3f} | "
-              f"{mean['last_s']:.0f} | {mean['plain']:.3f} | {mean['plain_s']:.0f} | {mean['scratch']:.3f} "
-              f"({rows[0]['scratch_name']}) | {mean['scratch_s']:.0f} | {mean['phase1']:.3f} | "
-              f"{mean['probe_last']:.3f} | "
-              f"{mean['probe_best']:.3f} | {rows[0]['chosen']}", flush=True)
+        table.append(f"| {per_class} | {mean['defaults']:.3f} | {mean['defaults_s']:.0f} | {mean['last']:.3f} | "
+                     f"{mean['last_s']:.0f} | {mean['plain']:.3f} | {mean['plain_s']:.0f} | {mean['scratch']:.3f} "
+                     f"({rows[0]['scratch_name']}) | {mean['scratch_s']:.0f} | {mean['phase1']:.3f} | "
+                     f"{mean['probe_last']:.3f} | {mean['probe_best']:.3f} | {rows[0]['chosen']} |")
+        print(table[-1], flush=True)
     print("targets: phase 1 >= probe last - 0.01; at 3 and 10 per class, defaults >= best scratch + 0.10 and "
           ">= best probe - 0.02")
+    if args.write_docs:
+        draws = "one draw per size" if args.seeds == 1 else f"{args.seeds} draws per size, averaged"
+        _docs.write_section(section, f"`{args.backbone}` ({pretraining}; {draws}; "
+                                     f"{_docs.measured_with('bench_transfer')}):\n\n" + "\n".join(table))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@
 
     python scripts/bench_tuning.py                       # digits at 96x96, MobileNetV2, offline
     python scripts/bench_tuning.py --weights imagenet    # needs the network once
+    python scripts/bench_tuning.py --size 96 128 --write-docs   # both sizes, the table into docs/benchmarks.md
 
 Offline, the backbone is a random MobileNetV2 whose BatchNorm statistics are
 calibrated on the training images and saved to a weights file, so both searches
@@ -29,13 +30,14 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import _docs  # noqa: E402  (scripts/, beside this file)
 import keras  # noqa: E402
 import keras_tuner  # noqa: E402
 
-from kerastl.classifier import build_classifier  # noqa: E402
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
-from kerastl.data import load_data  # noqa: E402
-from kerastl.batchnorm import recalibrate_batchnorm  # noqa: E402
+from kerastl.data.images import load_data  # noqa: E402
+from kerastl.models.classifier import build_classifier  # noqa: E402
+from kerastl.training.batchnorm import recalibrate_batchnorm  # noqa: E402
 from kerastl.tune.config import TuneConfig  # noqa: E402
 from kerastl.tune.hypermodel import TransferHyperModel  # noqa: E402
 from kerastl.tune.search import prepare, run_search, search_here  # noqa: E402
@@ -77,23 +79,14 @@ def best_accuracy(trials) -> float:
     return max(t.metrics.get_last_value("val_accuracy") for t in trials if t.status == "COMPLETED")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backbone", default="mobilenet_v2")
-    parser.add_argument("--size", type=int, default=96)
-    parser.add_argument("--weights", default="calibrated", help="calibrated (offline), imagenet or a file")
-    parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--skip-plain", action="store_true", help="only the workers comparison")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    root = Path(tempfile.mkdtemp(prefix="kerastl-bench-tuning-"))
+def measure(args: argparse.Namespace, size: int, root: Path) -> dict:
+    """Both searches and both worker counts at one image size; prints what it measures as it goes."""
+    root.mkdir(parents=True)
     data_config = DataConfig(source="digits", augment="none", batch_size=32, seed=args.seed)
-    data = load_data(data_config, args.size)
-    weights = calibrated_weights(args.backbone, args.size, data, root) if args.weights == "calibrated" \
+    data = load_data(data_config, size)
+    weights = calibrated_weights(args.backbone, size, data, root) if args.weights == "calibrated" \
         else args.weights
-    config = RunConfig(data_config, ModelConfig(args.backbone, weights=weights, image_size=args.size,
+    config = RunConfig(data_config, ModelConfig(args.backbone, weights=weights, image_size=size,
                                                 from_scratch=False),
                        TrainConfig(epochs=args.epochs, fine_tune_epochs=0, cache_dir=str(root / "cache")),
                        export_dir=str(root / "export"))
@@ -101,14 +94,15 @@ def main() -> None:
     tune = TuneConfig(max_trials=args.trials, project_dir=str(root / "cached"))
     base, tune = prepare(config, tune)
     rows = []
-    print(f"{args.trials}-trial head search, {args.backbone} at {args.size}x{args.size}, digits "
-          f"({data.train.count} training / {data.validation.count} validation images), {args.epochs} epochs, "
-          f"{os.cpu_count()} CPU cores")
+    row = {"size": size, "images": f"{data.train.count} training / {data.validation.count} validation images"}
+    print(f"{args.trials}-trial head search, {args.backbone} at {size}x{size}, digits ({row['images']}), "
+          f"{args.epochs} epochs, {os.cpu_count()} CPU cores")
 
     start = time.perf_counter()
     cached = search_here(base, tune, None)  # loads the data itself, as `kerastl tune` does
-    cached_s = time.perf_counter() - start
-    rows.append(("kerastl, cached features", cached_s, best_accuracy(cached.oracle.trials.values())))
+    row["cached_s"] = time.perf_counter() - start
+    row["cached_acc"] = best_accuracy(cached.oracle.trials.values())
+    rows.append(("kerastl, cached features", row["cached_s"], row["cached_acc"]))
 
     if not args.skip_plain:
         plain = keras_tuner.RandomSearch(
@@ -119,27 +113,68 @@ def main() -> None:
         validation = data.validation.batches(32)
         start = time.perf_counter()
         plain.search(train, validation_data=validation, verbose=0)
-        plain_s = time.perf_counter() - start
-        rows.append(("plain KerasTuner", plain_s, best_accuracy(plain.oracle.trials.values())))
+        row["plain_s"] = time.perf_counter() - start
+        row["plain_acc"] = best_accuracy(plain.oracle.trials.values())
+        rows.append(("plain KerasTuner", row["plain_s"], row["plain_acc"]))
         same = [a.hyperparameters.values == b.hyperparameters.values
                 for a, b in zip(plain.oracle.trials.values(), cached.oracle.trials.values())]
-        print(f"same hyperparameters trial by trial: {sum(same)}/{len(same)}")
+        row["same"] = f"{sum(same)}/{len(same)}"
+        print(f"same hyperparameters trial by trial: {row['same']}")
 
     for workers in (1, 2):
         tune.workers, tune.project_dir = workers, str(root / f"workers{workers}")
         config.export_dir = str(root / f"export{workers}")
         start = time.perf_counter()
         result = run_search(config, tune)
-        rows.append((f"kerastl tune --workers {workers} (warm cache, incl. export)", time.perf_counter() - start,
+        row[f"workers{workers}_s"] = time.perf_counter() - start
+        rows.append((f"kerastl tune --workers {workers} (warm cache, incl. export)", row[f"workers{workers}_s"],
                      max(r["val_accuracy"] for r in result.trials if r["val_accuracy"] is not None)))
 
     print("| search | wall-clock (s) | best val accuracy |\n|---|---|---|")
     for name, seconds, accuracy in rows:
         print(f"| {name} | {seconds:.1f} | {accuracy:.3f} |")
     if not args.skip_plain:
-        print(f"cached vs plain: {plain_s / cached_s:.1f}x faster; best val accuracy "
-              f"{100 * (rows[0][2] - rows[1][2]):+.1f} points")
-    print(f"workers 2 vs 1: {rows[-2][1] / rows[-1][1]:.2f}x")
+        print(f"cached vs plain: {row['plain_s'] / row['cached_s']:.1f}x faster; best val accuracy "
+              f"{100 * (row['cached_acc'] - row['plain_acc']):+.1f} points")
+    print(f"workers 2 vs 1: {row['workers1_s'] / row['workers2_s']:.2f}x")
+    return row
+
+
+def docs_table(rows: list[dict]) -> str:
+    """The markdown table of docs/benchmarks.md: one row per image size ("-" where the plain search was skipped)."""
+    def cell(row, key, form):
+        return format(row[key], form) if key in row else "-"
+
+    return _docs.markdown_table(
+        ("size", "plain KerasTuner (s)", "kerastl, cached (s)", "speed-up", "best val acc plain", "best val acc cached",
+         "workers 1 (s)", "workers 2 (s)"),
+        [(r["size"], cell(r, "plain_s", ".1f"), cell(r, "cached_s", ".1f"),
+          f"{r['plain_s'] / r['cached_s']:.1f}x" if "plain_s" in r else "-", cell(r, "plain_acc", ".3f"),
+          cell(r, "cached_acc", ".3f"), cell(r, "workers1_s", ".1f"), cell(r, "workers2_s", ".1f")) for r in rows])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument("--size", type=int, nargs="+", default=[96], help="image sizes, one search pair each")
+    parser.add_argument("--weights", default="calibrated", help="calibrated (offline), imagenet or a file")
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--skip-plain", action="store_true", help="only the workers comparison")
+    _docs.add_flag(parser)
+    args = parser.parse_args()
+    if args.write_docs:
+        _docs.check_section("bench_tuning")
+    logging.basicConfig(level=logging.WARNING)
+    root = Path(tempfile.mkdtemp(prefix="kerastl-bench-tuning-"))
+    rows = [measure(args, size, root / str(size)) for size in dict.fromkeys(args.size)]
+    if args.write_docs:
+        same = "" if args.skip_plain else "; the same values trial by trial: " + ", ".join(
+            f"{r['same']} at {r['size']}" for r in rows)
+        _docs.write_section("bench_tuning", f"{args.trials}-trial RandomSearch, {args.backbone}, {args.epochs} "
+                                            f"epochs per trial, digits ({rows[0]['images']}){same} "
+                                            f"({_docs.measured_with('bench_tuning')}):\n\n{docs_table(rows)}")
 
 
 if __name__ == "__main__":

@@ -20,12 +20,20 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from _examples import (
+    accuracy,
+    add_common_flags,
+    add_training_flags,
+    format_table,
+    load_arrays,
+    run,
+    save_table,
+    timed,
+    train_config,
+)
 from sklearn.metrics import log_loss, roc_auc_score
 
 import kerastl
-
-from _examples import (accuracy, add_common_flags, add_training_flags, format_table, load_arrays, run, save_table,
-                       timed, train_config)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

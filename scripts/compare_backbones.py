@@ -22,11 +22,18 @@ from pathlib import Path
 from typing import Sequence
 
 import keras
+from _examples import (
+    add_common_flags,
+    add_training_flags,
+    format_table,
+    load_arrays,
+    run,
+    save_table,
+    timed,
+    train_config,
+)
 
 import kerastl
-
-from _examples import (add_common_flags, add_training_flags, format_table, load_arrays, run, save_table, timed,
-                       train_config)
 
 BACKBONES = ("vgg16", "resnet50", "inception_v3", "densenet121", "mobilenet_v2")
 SAVED_MODEL_PARTS = ("saved_model.pb", "fingerprint.pb", "variables", "assets")

@@ -25,12 +25,19 @@ from pathlib import Path
 from typing import Sequence
 
 import keras
+from _examples import (
+    accuracy,
+    add_common_flags,
+    add_training_flags,
+    format_table,
+    load_arrays,
+    run,
+    save_table,
+    train_config,
+)
 from matplotlib.figure import Figure
 
 import kerastl
-
-from _examples import (accuracy, add_common_flags, add_training_flags, format_table, load_arrays, run, save_table,
-                       train_config)
 
 OLD, NEW = ["0", "1", "2", "3", "4"], ["5", "6", "7", "8", "9"]
 MARKERS = {"LP": "*", "LP-FT": "o", "FT": "s"}

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from _examples import add_common_flags, add_training_flags, format_table, load_arrays, run, save_table, train_config
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
@@ -30,8 +31,6 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import kerastl
-
-from _examples import add_common_flags, add_training_flags, format_table, load_arrays, run, save_table, train_config
 
 FOLDS = 5
 

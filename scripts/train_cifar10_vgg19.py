@@ -19,9 +19,9 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-import kerastl
-
 from _examples import add_common_flags, add_training_flags, format_table, load_arrays, run, train_config
+
+import kerastl
 
 BACKBONE = "vgg19"
 CIFAR_SIZE = 32

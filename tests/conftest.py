@@ -1,4 +1,5 @@
-"""Shared fixtures: seeds, a synthetic image folder, small configs."""
+"""Shared fixtures: seeds, a synthetic image folder, one trained run, offline Keras, one-line CLI errors.
+The plain helpers they use are in helpers.py."""
 
 from __future__ import annotations
 
@@ -8,31 +9,20 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["KERASTL_CACHE"] = tempfile.mkdtemp(prefix="kerastl-test-cache-")  # never ~/.cache in tests
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-COLOURS = {"blue": (20, 40, 230), "green": (30, 220, 40), "red": (230, 30, 20)}
-FORMATS = ("png", "jpg", "bmp", "gif")
+import keras  # noqa: E402
+import pytest  # noqa: E402
+from helpers import folder_rows, write_class_folder, write_csv  # noqa: E402
+
+from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from kerastl.runs.run import RunResult, run_training  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def seed():
     keras.utils.set_random_seed(1234)
-
-
-def write_class_folder(root, per_class: int = 8, colours=COLOURS) -> list[str]:
-    """Writes noisy solid-colour images, in every supported format and several sizes."""
-    rng = np.random.default_rng(0)
-    for name, rgb in colours.items():
-        folder = root / name
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            h, w = 20 + 3 * (i % 3), 24 + 2 * (i % 4)
-            pixels = np.clip(np.array(rgb) + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i}.{FORMATS[i % len(FORMATS)]}")
-    return sorted(colours)
 
 
 @pytest.fixture
@@ -41,6 +31,43 @@ def image_folder(tmp_path):
     root = tmp_path / "images"
     write_class_folder(root)
     return root
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """The session's trained run: its result, the class folder, the label table it read, its run folder."""
+
+    result: RunResult
+    images: Path
+    csv: str
+    export: Path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    """One exported run shared by the export, report and label-table tests; read it, never change it
+    (copy the folder to change it).
+
+    A frozen random-weight simple_cnn at 32x32 reads three colours, 10 noisy images of each (every
+    format), through a CSV label table whose split column names 2 validation images per class; the
+    test split (2 per class) is cut from the training rows by `test_split`. 12 head epochs, then 2
+    fine-tuning the last block (a SavedModel, model.keras, evaluation, plots, report, card, logs).
+    """
+    root = tmp_path_factory.mktemp("trained")
+    write_class_folder(root / "images", per_class=10)
+    rows = [(path, label, "validation" if Path(path).stem in ("8", "9") else "train")
+            for path, label in folder_rows(root / "images", root)]
+    csv = write_csv(root / "labels.csv", rows, ("path", "label", "split"))
+    keras.utils.set_random_seed(0)  # whichever test asks first, the same run
+    config = RunConfig(
+        DataConfig(source=csv, test_split=0.25, batch_size=8, augment="flip"),
+        ModelConfig("simple_cnn", weights=None, image_size=32, from_scratch=False),
+        TrainConfig(validation="holdout", min_steps=0, fine_tune_min_steps=0,
+                    epochs=12, fine_tune_epochs=2, unfreeze_blocks=1, learning_rate=0.01, patience=12),
+        export_dir=str(root / "export"),
+    )
+    result = run_training(config, verbose=0)
+    return TrainedRun(result, root / "images", csv, result.export_dir)
 
 
 @pytest.fixture
@@ -63,7 +90,7 @@ def offline(monkeypatch, tmp_path):
 @pytest.fixture
 def fails_cleanly(capsys):
     """`check(argv, match)`: the CLI exits 2 with one `kerastl: error:` line containing `match`, no traceback."""
-    from kerastl.cli import main
+    from kerastl.cli.main import main
 
     def check(argv, match):
         code = main(argv)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from kerastl.backbones import get_spec
-from kerastl.classifier import TransferClassifier, build_classifier
 from kerastl.config import ModelConfig
-from kerastl.export import export_saved_model, load_export
+from kerastl.models.backbones import get_spec
+from kerastl.models.classifier import TransferClassifier, build_classifier
+from kerastl.models.export import export_saved_model, load_export
 
 
 def contract_size(name: str) -> int:

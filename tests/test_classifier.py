@@ -4,10 +4,10 @@ import keras
 import numpy as np
 import pytest
 
-from kerastl.classifier import TransferClassifier, build_classifier
 from kerastl.config import ModelConfig
-from kerastl.data import from_arrays
+from kerastl.data.images import from_arrays
 from kerastl.errors import KerastlError
+from kerastl.models.classifier import TransferClassifier, build_classifier
 
 
 def small(backbone="mobilenet_v2", **kwargs) -> ModelConfig:
@@ -43,6 +43,7 @@ def test_binary_has_one_sigmoid_unit_and_needs_two_classes():
         build_classifier(small(), num_classes=1)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
 def test_no_lambda_and_keras_file_loads_in_safe_mode_with_every_argument(tmp_path):
     model = build_classifier(small("resnet50", hidden_units=4, pooling="max", dropout=0.3), num_classes=3, seed=5)
     assert not any(isinstance(layer, keras.layers.Lambda) for layer in [*model.layers, *model.backbone.layers])

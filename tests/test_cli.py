@@ -1,11 +1,14 @@
 """The `kerastl` command, called through `main(argv)`."""
 
+import argparse
 import json
+import re
 
-from kerastl.cli import main
+from helpers import SMALL
+
+from kerastl.cli.arguments import build_parser
+from kerastl.cli.main import main
 from kerastl.config import RunConfig
-
-SMALL = ["--backbone", "simple_cnn", "--weights", "none", "--image-size", "32", "--epochs", "2", "-q"]
 
 
 def test_backbones_lists_the_registry(capsys):
@@ -27,7 +30,7 @@ def test_train_then_predict(image_folder, tmp_path, capsys):
     RunConfig.from_dict({"train": {"learning_rate": 0.01, "fine_tune_epochs": 0, "validation": "holdout"},
                          "data": {"augment": "none"}}).to_json(config)
     code = main(["train", "--data", str(image_folder), "--config", str(config), "--export", str(export), *SMALL,
-                 "--batch-size", "8", "--no-cache", "--cache-views", "3"])
+                 "--epochs", "2", "--batch-size", "8", "--no-cache", "--cache-views", "3"])
     assert code == 0
     out = capsys.readouterr().out
     assert f"wrote {export}" in out and "val_accuracy" in out
@@ -102,8 +105,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, image_folder,
 
 def test_predict_reports_missing_images(tmp_path, capsys, fails_cleanly):
     from kerastl.config import ModelConfig
-    from kerastl.export import export_saved_model
-    from kerastl.classifier import build_classifier
+    from kerastl.models.classifier import build_classifier
+    from kerastl.models.export import export_saved_model
 
     model = build_classifier(ModelConfig("simple_cnn", weights=None, image_size=16), 2)
     export_saved_model(model, tmp_path / "m", ["a", "b"])
@@ -116,14 +119,21 @@ def test_predict_reports_missing_images(tmp_path, capsys, fails_cleanly):
 def test_help_documents_every_flag(capsys):
     assert main(["train", "--help"]) == 0
     text = capsys.readouterr().out
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    flags = [action for action in commands.choices["train"]._actions if action.option_strings]
+    named = {flag for action in flags for flag in action.option_strings}
     for flag in ("--data", "--backbone", "--weights", "--image-size", "--epochs", "--fine-tune-epochs",
                  "--unfreeze-blocks", "--batch-size", "--augment", "--export", "--config", "--features",
                  "--validation", "--min-steps", "--cv-folds"):
-        assert flag in text
+        assert flag in named and flag in text, flag
+    for action in flags:  # every flag the parser takes is listed, with a line saying what it does
+        assert action.help and action.help != argparse.SUPPRESS and action.help.strip(), action.option_strings
+        for flag in action.option_strings:
+            assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), flag
 
 
 def test_train_prints_what_the_probes_chose_and_names_a_cross_validated_estimate(image_folder, tmp_path, capsys):
-    from kerastl.backbones import build_backbone
+    from kerastl.models.backbones import build_backbone
 
     export, weights = tmp_path / "out", tmp_path / "random.weights.h5"
     build_backbone("simple_cnn", 16, weights=None).save_weights(weights)  # a frozen base to transfer from

@@ -6,11 +6,12 @@ import keras
 import numpy as np
 import pytest
 
-from kerastl.backbones import build_backbone
-from kerastl.classifier import BackbonePreprocessing, TransferClassifier
 from kerastl.config import RunConfig
 from kerastl.errors import KerastlError
-from kerastl.runfolder import load_model, read_config
+from kerastl.models.backbones import build_backbone
+from kerastl.models.classifier import TransferClassifier
+from kerastl.models.layers import BackbonePreprocessing
+from kerastl.runs.folder import load_model, read_config
 
 V01_CONFIG = {
     "data": {"source": "digits", "augment": "none"},

@@ -5,10 +5,11 @@ import pickle
 
 import numpy as np
 import pytest
+from helpers import CIFAR_NAMES, write_class_folder, write_fake_cifar
 
-from kerastl.augment import build_augmenter, parse_augment
 from kerastl.config import DataConfig
-from kerastl.data import from_arrays, from_folder, load_cifar10, load_data, load_digits
+from kerastl.data.augment import build_augmenter, parse_augment
+from kerastl.data.images import from_arrays, from_folder, load_cifar10, load_data, load_digits
 from kerastl.errors import KerastlError
 
 
@@ -30,12 +31,12 @@ def test_folder_reads_every_format_in_class_order_with_stratified_splits(image_f
 def test_unreadable_files_are_skipped_up_front_with_one_warning(image_folder, caplog):
     (image_folder / "red" / "notes.txt").write_text("not an image")
     (image_folder / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    with caplog.at_level(logging.WARNING, logger="kerastl.data"):
+    with caplog.at_level(logging.WARNING, logger="kerastl.data.images"):
         data = from_folder(image_folder, 16, validation_split=0.0)
     assert "skipped 2 files" in caplog.text and "notes.txt" in caplog.text and "broken.png" in caplog.text
     assert data.train.count == 24  # both left out before the pipeline is built...
     x, y = data.train.arrays()
-    assert len(x) == len(y) == 24  # ...so the count matches the images (tests/test_faults.py has the rest)
+    assert len(x) == len(y) == 24  # ...so the count matches the images (tests/test_damaged_images.py has the rest)
 
 
 def test_bad_folders_fail_with_one_clear_sentence(tmp_path, image_folder):
@@ -51,8 +52,6 @@ def test_bad_folders_fail_with_one_clear_sentence(tmp_path, image_folder):
 
 
 def test_separate_validation_folder_must_have_the_same_classes(tmp_path, image_folder):
-    from conftest import write_class_folder
-
     write_class_folder(tmp_path / "val", per_class=2)
     data = from_folder(image_folder, 16, validation_dir=str(tmp_path / "val"))
     assert (data.train.count, data.validation.count) == (24, 6)
@@ -99,24 +98,12 @@ def test_grayscale_arrays_become_rgb_and_digits_are_renumbered():
     assert np.array_equal(images[..., 0], images[..., 2])
 
 
-def _write_cifar_folder(root, n=20):
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    names = [f"class{i}".encode() for i in range(10)]
-    with open(root / "batches.meta", "wb") as handle:
-        pickle.dump({b"label_names": names}, handle)
-    for name in ("data_batch_1", "data_batch_2", "test_batch"):
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(10)) * (n // 10)}
-        with open(root / name, "wb") as handle:
-            pickle.dump(batch, handle)
-
-
 def test_cifar10_from_an_extracted_folder(tmp_path):
     root = tmp_path / "cifar-10-batches-py"
-    _write_cifar_folder(root)
+    write_fake_cifar(root, per_class=2, test_per_class=2, train_batches=2)
     (x, y), (x_test, y_test), names = load_cifar10(str(root))
     assert x.shape == (40, 32, 32, 3) and y.shape == (40,) and x_test.shape == (20, 32, 32, 3)
-    assert names[3] == "class3"
+    assert names == CIFAR_NAMES
     with open(root / "data_batch_1", "rb") as handle:
         first = pickle.load(handle)[b"data"][0]
     np.testing.assert_array_equal(x[0, :, :, 0].reshape(-1), first[:1024])  # channel-major rows -> HWC

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from kerastl.cli import main
-from kerastl.demo import SHOTS
+from kerastl.cli.demo import SHOTS
+from kerastl.cli.main import main
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""kerastl.evaluation: its numbers equal scikit-learn's and a hand computation; its text and warnings."""
+"""kerastl.reports.evaluation: its numbers equal scikit-learn's and a hand computation; its text and warnings."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import classification_report, confusion_matrix, log_loss, top_k_accuracy_score
 
 from kerastl.errors import KerastlError
-from kerastl.evaluation import Evaluation, data_warnings, evaluate_predictions
+from kerastl.reports.evaluation import Evaluation, data_warnings, evaluate_predictions
 
 NAMES = ["cat", "dog", "a rather long class name for a table", "bird"]
 

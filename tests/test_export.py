@@ -2,43 +2,26 @@
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
 
-import keras
 import numpy as np
 import pytest
+from helpers import digits
 from PIL import Image
 
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from kerastl.data import from_arrays
-from kerastl.classifier import build_classifier
-from kerastl.export import export_saved_model, load_export
-from kerastl.run import run_training
-from kerastl.runfolder import load_model
+from kerastl.data.images import from_arrays
+from kerastl.models.classifier import build_classifier
+from kerastl.models.export import export_saved_model, load_export
+from kerastl.runs.folder import load_model
+from kerastl.runs.run import run_training
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A run on the synthetic colour folder: frozen random simple_cnn base, then fine-tuning."""
-    from conftest import write_class_folder
-
-    root = tmp_path_factory.mktemp("run")
-    write_class_folder(root / "images")
-    keras.utils.set_random_seed(0)
-    config = RunConfig(
-        DataConfig(source=str(root / "images"), validation_split=0.25, batch_size=8, augment="flip"),
-        ModelConfig("simple_cnn", weights=None, image_size=32, from_scratch=False),
-        TrainConfig(validation="holdout", min_steps=0, fine_tune_min_steps=0,
-                    epochs=12, fine_tune_epochs=2, unfreeze_blocks=1, learning_rate=0.01, patience=12),
-        export_dir=str(root / "export"),
-    )
-    return run_training(config, verbose=0), root
-
-
-def test_run_writes_every_file_and_a_config_that_round_trips(trained):
-    result, _ = trained
+def test_run_writes_every_file_and_a_config_that_round_trips(trained_run):
+    result = trained_run.result
     folder = result.export_dir
     for name in ("saved_model.pb", "labels.txt", "config.json", "model.keras", "backbone.weights.h5",
                  "history.json", "metrics.json", "metadata.json"):
@@ -50,26 +33,26 @@ def test_run_writes_every_file_and_a_config_that_round_trips(trained):
     assert set(history) == {"phase1", "phase2"} and "val_loss" in history["phase1"]
 
 
-def test_run_folder_reloads_as_the_same_keras_model(trained):
-    result, _ = trained
+def test_run_folder_reloads_as_the_same_keras_model(trained_run):
+    result = trained_run.result
     images = np.random.default_rng(2).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
     reloaded = load_model(result.export_dir)
     np.testing.assert_allclose(reloaded.predict(images, verbose=0), result.model.predict(images, verbose=0), atol=1e-6)
 
 
-def test_exported_model_predicts_the_right_labels(trained):
-    result, root = trained
-    exported = load_export(result.export_dir)
+def test_exported_model_predicts_the_right_labels(trained_run):
+    exported = load_export(trained_run.export)
     assert exported.class_names == ["blue", "green", "red"]
-    files = [root / "images" / name / f"{i}.{ext}" for name in exported.class_names
+    files = [trained_run.images / name / f"{i}.{ext}" for name in exported.class_names
              for i, ext in ((0, "png"), (1, "jpg"), (2, "bmp"), (3, "gif"))]
     probabilities = exported.predict_files(files)
     predicted = [exported.class_names[i] for i in probabilities.argmax(axis=1)]
     assert predicted == [f.parent.name for f in files]
 
 
-def test_plain_tensorflow_gets_the_keras_probabilities(trained, tmp_path):
-    result, _ = trained
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
+def test_plain_tensorflow_gets_the_keras_probabilities(trained_run, tmp_path):
+    result = trained_run.result
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (3, 45, 37, 3)).astype(np.float32)  # any size: resized inside
     np.save(tmp_path / "images.npy", images)
@@ -103,8 +86,8 @@ def test_binary_export_returns_both_class_probabilities(tmp_path):
     np.testing.assert_allclose(probabilities, np.stack([1 - p, p], axis=1), atol=1e-6)
 
 
-def test_backbone_weights_start_the_next_run(trained, tmp_path):
-    result, _ = trained
+def test_backbone_weights_start_the_next_run(trained_run):
+    result = trained_run.result
     weights = str(result.export_dir / "backbone.weights.h5")
     model = build_classifier(ModelConfig("simple_cnn", weights=weights, image_size=32), 3)
     x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
@@ -112,11 +95,12 @@ def test_backbone_weights_start_the_next_run(trained, tmp_path):
     np.testing.assert_allclose(features(model), features(result.model), atol=1e-5)
 
 
-def test_run_refuses_a_non_empty_export_folder_and_writes_nothing_on_bad_input(trained, tmp_path):
-    result, root = trained
+def test_run_refuses_a_non_empty_export_folder_and_writes_nothing_on_bad_input(trained_run, tmp_path):
+    full = tmp_path / "run"  # a copy: the session's run folder stays as it is
+    shutil.copytree(trained_run.export, full)
     x = np.zeros((6, 8, 8, 3), np.uint8)
     data = from_arrays(x, np.array([0, 1] * 3), 16, ["a", "b"])
-    config = RunConfig(model=ModelConfig("simple_cnn", weights=None, image_size=16), export_dir=str(result.export_dir))
+    config = RunConfig(model=ModelConfig("simple_cnn", weights=None, image_size=16), export_dir=str(full))
     with pytest.raises(Exception, match="not empty"):
         run_training(config, data=data)
     config.export_dir = str(tmp_path / "new")
@@ -127,10 +111,7 @@ def test_run_refuses_a_non_empty_export_folder_and_writes_nothing_on_bad_input(t
 
 
 def _digit_run(tmp_path, fine_tune_epochs=0, weights=None):
-    from kerastl.data import load_digits
-
-    x, y, names = load_digits((0, 1, 2))
-    data = from_arrays(x[:90], y[:90], 16, names)
+    data = digits(90, 16, seed=42, validation_split=0.2)
     config = RunConfig(DataConfig(augment="none", batch_size=16),
                        ModelConfig("simple_cnn", weights=weights, image_size=16, from_scratch=False, hidden_units=4),
                        TrainConfig(validation="holdout", min_steps=0, fine_tune_min_steps=0, epochs=2,

@@ -7,30 +7,20 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from helpers import digits, frozen_cnn
 
-from kerastl.cli import main
+from kerastl.cli.main import main
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from kerastl.data import from_arrays, load_digits
-from kerastl.classifier import build_classifier
-from kerastl.features import CachedFeatures, FeatureCache, cache_key
-from kerastl.run import run_training
-from kerastl.pipelines import feature_batches
-from kerastl.train import train_classifier
-
-
-def digits(count=180, size=32):
-    x, y, names = load_digits((0, 1, 2))
-    return from_arrays(x[:count], y[:count], size, names, validation_split=0.3, seed=0)
-
-
-def classifier(size=32, **kwargs):
-    config = ModelConfig("simple_cnn", weights=None, image_size=size, from_scratch=False, **kwargs)
-    return build_classifier(config, 3)
+from kerastl.features.batches import feature_batches
+from kerastl.features.cache import CachedFeatures, FeatureCache, cache_key
+from kerastl.models.classifier import build_classifier
+from kerastl.runs.run import run_training
+from kerastl.training.phases import train_classifier
 
 
 def test_cached_head_training_equals_the_plain_frozen_base_path(tmp_path):
     data = digits()
-    model = classifier(dropout=0.3, hidden_units=16)
+    model = frozen_cnn(dropout=0.3, hidden_units=16)
     start = model.get_weights()
     dropout_state = model.output_dropout.seed_generator.state.numpy().copy()
     config = TrainConfig(validation="holdout", min_steps=0, fine_tune_min_steps=0,
@@ -57,7 +47,7 @@ def test_cached_head_training_equals_the_plain_frozen_base_path(tmp_path):
 
 def test_the_model_predicts_what_its_trained_head_predicts_on_features():
     data = digits()
-    model = classifier(hidden_units=8)
+    model = frozen_cnn(hidden_units=8)
     head = model.head_model()
     for weight in head.trainable_weights:  # a trained head, different from the one the model was built with
         weight.assign(np.random.default_rng(3).normal(0, 0.3, weight.shape).astype(np.float32))
@@ -69,17 +59,17 @@ def test_the_model_predicts_what_its_trained_head_predicts_on_features():
 
 def test_cache_key_changes_with_backbone_size_weights_and_data(tmp_path):
     data, other_data = digits(), digits(count=150)
-    model = classifier()
+    model = frozen_cnn()
     key = cache_key(model, data.train)
     assert key == cache_key(model, data.train)
     assert key != cache_key(model, other_data.train)
-    assert key != cache_key(classifier(size=48), digits(size=48).train)
+    assert key != cache_key(frozen_cnn(size=48), digits(size=48).train)
     assert key != cache_key(build_classifier(ModelConfig("mobilenet_v2", None, 32, from_scratch=False), 3), data.train)
-    retrained = classifier()
+    retrained = frozen_cnn()
     retrained.set_weights(model.get_weights())
     assert cache_key(retrained, data.train) == key
     weights_file = tmp_path / "b.weights.h5"
-    other = classifier()  # another random start, saved to a file and loaded back
+    other = frozen_cnn()  # another random start, saved to a file and loaded back
     other.backbone.save_weights(weights_file)
     from_file = build_classifier(ModelConfig("simple_cnn", str(weights_file), 32, from_scratch=False), 3)
     assert cache_key(from_file, data.train) == cache_key(other, data.train) != key
@@ -87,13 +77,13 @@ def test_cache_key_changes_with_backbone_size_weights_and_data(tmp_path):
 
 def test_damaged_cache_entries_are_rebuilt_never_used(tmp_path, caplog):
     data = digits()
-    model = classifier()
+    model = frozen_cnn()
     cache = FeatureCache(tmp_path)
     first = cache.features(model, data.train)
     key = cache_key(model, data.train)
     entry = tmp_path / key / "features.npy"
     entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # a partial write
-    with caplog.at_level(logging.WARNING, logger="kerastl.features"):
+    with caplog.at_level(logging.WARNING, logger="kerastl.features.cache"):
         assert cache.load(key) is None
     assert "damaged" in caplog.text
     rebuilt = cache.features(model, data.train)
@@ -107,7 +97,7 @@ def test_damaged_cache_entries_are_rebuilt_never_used(tmp_path, caplog):
 
 def test_augmented_views_differ_and_epochs_rotate_through_them(tmp_path):
     data = digits(count=60)
-    model = classifier()
+    model = frozen_cnn()
     cache = FeatureCache(tmp_path)
     cached = cache.features(model, data.train, views=3, augment="rotate:0.3,zoom:0.3", seed=1)
     assert cached.features.shape[0] == 3 and cached.features.shape[1] == data.train.count
@@ -122,7 +112,7 @@ def test_augmented_views_differ_and_epochs_rotate_through_them(tmp_path):
 
 def test_fit_on_augmented_views_runs_every_epoch_on_its_view(tmp_path):
     data = digits(count=60)
-    model = classifier()
+    model = frozen_cnn()
     cache = FeatureCache(tmp_path)
     features = (cache.features(model, data.train, views=2, augment="rotate:0.3", seed=1),
                 cache.features(model, data.validation))
@@ -147,18 +137,18 @@ def test_runs_use_the_cache_by_default_and_reuse_it(tmp_path, caplog):
                     epochs=2, fine_tune_epochs=1, cache_dir=str(tmp_path / "cache")),
         export_dir=str(tmp_path / "run1"),
     )
-    with caplog.at_level(logging.INFO, logger="kerastl.features"):
+    with caplog.at_level(logging.INFO, logger="kerastl.features.cache"):
         first = run_training(config, data=data, verbose=0)
     assert len(list((tmp_path / "cache").iterdir())) == 2  # train and validation
     assert "hit" not in caplog.text
     caplog.clear()
     config.export_dir = str(tmp_path / "run2")
-    with caplog.at_level(logging.INFO, logger="kerastl.features"):
+    with caplog.at_level(logging.INFO, logger="kerastl.features.cache"):
         run_training(config, data=data, verbose=0)  # the same seed builds the same random base: a hit
     assert caplog.text.count("feature cache hit") == 2 and len(list((tmp_path / "cache").iterdir())) == 2
     caplog.clear()
     config.export_dir, config.data.seed = str(tmp_path / "run2b"), 1
-    with caplog.at_level(logging.INFO, logger="kerastl.features"):
+    with caplog.at_level(logging.INFO, logger="kerastl.features.cache"):
         run_training(config, data=data, verbose=0)  # another seed, other random weights: a miss
     assert "hit" not in caplog.text and len(list((tmp_path / "cache").iterdir())) == 4
     config.export_dir, config.train.feature_cache = str(tmp_path / "run3"), False
@@ -170,7 +160,7 @@ def test_runs_use_the_cache_by_default_and_reuse_it(tmp_path, caplog):
 
 def test_a_pretrained_start_hits_the_cache_whatever_the_seed(tmp_path, caplog):
     data = digits()
-    model = classifier()
+    model = frozen_cnn()
     model.backbone.save_weights(tmp_path / "b.weights.h5")
     config = RunConfig(
         DataConfig(augment="none", batch_size=16),
@@ -180,7 +170,7 @@ def test_a_pretrained_start_hits_the_cache_whatever_the_seed(tmp_path, caplog):
     )
     for seed in (0, 1):
         config.export_dir, config.data.seed = str(tmp_path / f"run{seed}"), seed
-        with caplog.at_level(logging.INFO, logger="kerastl.features"):
+        with caplog.at_level(logging.INFO, logger="kerastl.features.cache"):
             run_training(config, data=data, verbose=0)
     assert caplog.text.count("feature cache hit") == 2  # the second run reuses train and validation
 
@@ -216,7 +206,7 @@ def test_views_fall_back_to_one_without_augmentation(tmp_path, views):
 
 def test_entries_over_the_memory_limit_are_memory_mapped_and_streamed(tmp_path):
     data = digits(count=60)
-    model = classifier()
+    model = frozen_cnn()
     FeatureCache(tmp_path).features(model, data.train)
     entry = FeatureCache(tmp_path, memory_limit_mb=0).load(cache_key(model, data.train))
     assert isinstance(entry.features, np.memmap)

@@ -1,4 +1,4 @@
-"""How the package is built: what may import what, and what importing it costs."""
+"""How the package is built: which wing may import which, module sizes, and what importing costs."""
 
 import ast
 import importlib.metadata
@@ -6,15 +6,34 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import kerastl
 
 PACKAGE = Path(kerastl.__file__).parent
-COMMAND_LINE = ("kerastl.cli", "kerastl.arguments")  # the `kerastl` command and its flags: on top of both wings
+# The wings, lowest first: a module imports only from its own wing or a lower one. "kerastl" is the
+# package's own top level (config, errors, version, storage, devices), which every wing may use.
+WINGS = ("kerastl", "reports", "data", "models", "features", "training", "runs", "tune", "cli")
+TOP_LEVEL_ALWAYS = {"__init__", "__main__", "version", "errors", "config"}
+MAX_TOP_LEVEL_OTHERS = 6
+MAX_LINES = 400
+# what must import without TensorFlow (or Keras): the package, the command line before a command
+# runs, the reports, and the checks that run before TensorFlow loads
+LIGHT = ("kerastl", "kerastl.cli.main", "kerastl.config", "kerastl.data.tables", "kerastl.data.imagefiles",
+         "kerastl.runs.checks", "kerastl.reports.evaluation", "kerastl.reports.plots", "kerastl.reports.html",
+         "kerastl.reports.card", "kerastl.reports.facts", "kerastl.tune.config")
 
 
 def _modules() -> dict[str, Path]:
     return {".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): path
             for path in PACKAGE.rglob("*.py")}
+
+
+def _wing(module: str) -> str:
+    if module == "kerastl.__main__":  # `python -m kerastl` is the command line
+        return "cli"
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in WINGS) else "kerastl"
 
 
 def _imports(path: Path, inside_functions: bool | None = None) -> set[str]:
@@ -34,10 +53,19 @@ def _imports(path: Path, inside_functions: bool | None = None) -> set[str]:
     return found & set(_modules())
 
 
-def test_the_core_never_imports_the_search_wing():
+def test_every_module_belongs_to_a_wing_and_imports_only_downward():
     for name, path in _modules().items():
-        if not name.startswith("kerastl.tune") and name not in COMMAND_LINE:
-            assert not {m for m in _imports(path) if m.startswith("kerastl.tune")}, name
+        wing = _wing(name)
+        assert wing in WINGS, name
+        for other in _imports(path) - {"kerastl"}:
+            assert WINGS.index(_wing(other)) <= WINGS.index(wing), f"{name} ({wing}) imports {other}"
+
+
+def test_the_top_level_holds_few_modules_and_none_is_long():
+    top = {path.stem for path in PACKAGE.glob("*.py")}
+    assert len(top - TOP_LEVEL_ALWAYS) <= MAX_TOP_LEVEL_OTHERS, sorted(top - TOP_LEVEL_ALWAYS)
+    long = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long
 
 
 def test_there_are_no_import_circles():
@@ -60,7 +88,7 @@ def test_there_are_no_import_circles():
 def test_only_the_command_line_imports_inside_functions():
     """The CLI loads TensorFlow only once a command needs it; no other module hides an import."""
     for name, path in _modules().items():
-        if name != "kerastl.cli":
+        if name != "kerastl.cli.main":
             assert not _imports(path, inside_functions=True), name
 
 
@@ -72,8 +100,16 @@ def test_no_private_keras_or_kerastuner_api_outside_its_wrapper():
             assert "_populate_initial_space" not in text, name
 
 
-def test_importing_kerastl_and_its_command_line_does_not_import_tensorflow():
-    code = "import sys, kerastl, kerastl.cli; print('tensorflow' in sys.modules, kerastl.__version__)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False", importlib.metadata.version("kerastl")] and out[1].startswith("0.2")
-    assert "run_search" in kerastl.__all__ and callable(kerastl.run_search)  # resolved on first use
+@pytest.mark.parametrize("module", LIGHT)
+def test_importing_does_not_import_tensorflow(module):
+    code = (f"import sys, {module}; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'keras_tuner'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_public_names_resolve_on_first_use():
+    assert kerastl.__version__ == importlib.metadata.version("kerastl")
+    assert "run_search" in kerastl.__all__ and callable(kerastl.run_search)
+    assert all(getattr(kerastl, name) is not None for name in kerastl.__all__)

@@ -7,12 +7,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import frozen_cnn
 
-from kerastl.batchnorm import BatchNormCalibration, Moments, recalibrate_batchnorm
-from kerastl.classifier import build_classifier
 from kerastl.config import ModelConfig
-from kerastl.data import from_arrays
-from kerastl.features import FeatureCache, cache_key
+from kerastl.data.images import from_arrays
+from kerastl.features.cache import FeatureCache, cache_key
+from kerastl.models.classifier import build_classifier
+from kerastl.training.batchnorm import BatchNormCalibration, Moments, recalibrate_batchnorm
 
 SAMPLE = 40
 
@@ -130,10 +131,6 @@ def _images(count: int, size: int = 16):
                        validation_split=0.0)
 
 
-def _simple_cnn():
-    return build_classifier(ModelConfig("simple_cnn", weights=None, image_size=16, from_scratch=False), 3)
-
-
 def _extracted(cache: FeatureCache, model, split, **kwargs):
     """The cache's features of `split`, and the peak of numpy and Python allocations meanwhile."""
     tracemalloc.start()
@@ -144,8 +141,9 @@ def _extracted(cache: FeatureCache, model, split, **kwargs):
         tracemalloc.stop()
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
 def test_extraction_streams_into_one_array_or_over_the_limit_into_the_entry_file(tmp_path):
-    data, model = _images(4000), _simple_cnn()
+    data, model = _images(4000), frozen_cnn(size=16)
     views = dict(views=4, augment="flip", seed=1)
     in_memory, memory_peak = _extracted(FeatureCache(tmp_path / "a"), model, data.train, **views)
     on_disk_cache = FeatureCache(tmp_path / "b", memory_limit_mb=0)
@@ -165,7 +163,7 @@ def test_extraction_streams_into_one_array_or_over_the_limit_into_the_entry_file
 
 @pytest.mark.parametrize("limit_mb", [0, 2048])
 def test_a_split_with_fewer_images_than_it_counts_leaves_no_hole(tmp_path, limit_mb):
-    data, model = _images(50), _simple_cnn()
+    data, model = _images(50), frozen_cnn(size=16)
     short = dataclasses.replace(data.train, count=data.train.count + 7)  # e.g. a dataset that skips bad files
     entry = FeatureCache(tmp_path, memory_limit_mb=limit_mb).features(model, short, views=2, augment="flip", seed=3)
     assert entry.features.shape == (2, 50, 128) and len(entry.labels) == 50

@@ -9,15 +9,14 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import SMALL, frozen_random
 from sklearn.metrics import accuracy_score, confusion_matrix
 
-from kerastl.cli import main
+from kerastl.cli.main import main
 from kerastl.config import RunConfig, read_config_file
-from kerastl.preflight import resolve_run_config
+from kerastl.runs.checks import resolve_run_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
-SMALL = ["--backbone", "simple_cnn", "--weights", "none", "--image-size", "16", "--epochs", "2", "--min-steps", "0",
-         "--augment", "none", "--batch-size", "8", "-q"]
 PLOTS = ("curves.png", "confusion.png", "reliability.png", "class_counts.png", "wrong.png")
 
 
@@ -33,41 +32,25 @@ def event_tags(folder) -> set[str]:
     return tags
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One exported run on the three-colour folder, with a held-out test split, through the command line."""
-    from conftest import write_class_folder
-
-    root = tmp_path_factory.mktemp("run")
-    images = root / "images"
-    write_class_folder(images, per_class=10)
-    export = root / "export"
-    code = main(["train", "--data", str(images), "--export", str(export), *SMALL, "--validation", "holdout",
-                 "--test-split", "0.3", "--validation-split", "0.3"])
-    assert code == 0
-    return images, export
-
-
-def test_a_run_folder_holds_its_evaluation_plots_report_card_and_tensorboard_logs(trained):
-    images, export = trained
+def test_a_run_folder_holds_its_evaluation_plots_report_card_and_tensorboard_logs(trained_run):
+    export = trained_run.export
     evaluation = json.loads((export / "evaluation.json").read_text())
     metrics = json.loads((export / "metrics.json").read_text())
     assert evaluation["split"] == "test"  # the held-out test split, when there is one
     assert evaluation["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-9)
     assert evaluation["loss"] == pytest.approx(metrics["test_loss"], rel=1e-6)
-    assert sum(map(sum, evaluation["confusion_matrix"])) == evaluation["count"] == 9
+    assert sum(map(sum, evaluation["confusion_matrix"])) == evaluation["count"] == 6
     data = json.loads((export / "data.json").read_text())
     assert data["class_names"] == ["blue", "green", "red"]
-    assert {split: sum(counts) for split, counts in data["counts"].items()} == {"train": 12, "validation": 9,
-                                                                                "test": 9}
+    assert data["counts"] == {"train": [6, 6, 6], "validation": [2, 2, 2], "test": [2, 2, 2]}
     for name in PLOTS:
         assert (export / "plots" / name).read_bytes().startswith(PNG), name
     html = (export / "report.html").read_text()
     assert 'id="metrics"' in html and "data:image/png;base64," in html and "https://" not in html
     card = (export / "MODEL_CARD.md").read_text()
     assert "simple_cnn" in card and "test" in card.lower()
-    tags = event_tags(export / "logs" / "phase1")  # from scratch: one phase
-    assert {"epoch_loss", "epoch_accuracy"} <= tags
+    for phase in ("phase1", "phase2"):  # the head, then fine-tuning
+        assert {"epoch_loss", "epoch_accuracy"} <= event_tags(export / "logs" / phase), phase
 
 
 def test_train_ends_with_a_summary_naming_the_files_written(tmp_path, image_folder, capsys):
@@ -80,8 +63,8 @@ def test_train_ends_with_a_summary_naming_the_files_written(tmp_path, image_fold
     assert f"tensorboard --logdir {export}" in out
 
 
-def test_evaluate_reports_what_the_export_predicts(trained, tmp_path, capsys):
-    trained_on, export = trained
+def test_evaluate_reports_what_the_export_predicts(trained_run, tmp_path, capsys):
+    trained_on, export = trained_run.images, trained_run.export
     images = tmp_path / "new"  # images the run did not read (copies, in another folder)
     shutil.copytree(trained_on, images)
     out_json, plots = tmp_path / "eval.json", tmp_path / "plots"
@@ -91,7 +74,7 @@ def test_evaluate_reports_what_the_export_predicts(trained, tmp_path, capsys):
     evaluation = json.loads(out_json.read_text())
     assert evaluation["count"] == 30 and evaluation["top_k"] == 2
     # the same numbers from the export's own predictions on every image of the folder
-    from kerastl.export import load_export
+    from kerastl.models.export import load_export
 
     model = load_export(export)
     files = sorted(images.rglob("*.*"))
@@ -106,18 +89,18 @@ def test_evaluate_reports_what_the_export_predicts(trained, tmp_path, capsys):
         assert (plots / name).read_bytes().startswith(PNG)
 
 
-def test_evaluate_on_the_training_source_scores_only_the_runs_held_out_images(trained, tmp_path):
-    images, export = trained
-    assert main(["evaluate", "--model", str(export), "--data", str(images), "--json", str(tmp_path / "e.json")]) == 0
+def test_evaluate_on_the_training_source_scores_only_the_runs_held_out_images(trained_run, tmp_path):
+    source, export = trained_run.csv, trained_run.export  # its test split: cut from the table's training rows
+    assert main(["evaluate", "--model", str(export), "--data", source, "--json", str(tmp_path / "e.json")]) == 0
     evaluation = json.loads((tmp_path / "e.json").read_text())
-    assert evaluation["count"] == 9 and "held-out test split" in evaluation["split"]
+    assert evaluation["count"] == 6 and "held-out test split" in evaluation["split"]
     during_the_run = json.loads((export / "evaluation.json").read_text())  # the same images, scored by the run
     assert evaluation["confusion_matrix"] == during_the_run["confusion_matrix"]
     assert evaluation["loss"] == pytest.approx(during_the_run["loss"], rel=1e-4)
 
 
-def test_evaluate_takes_a_subset_of_the_classes_and_refuses_unknown_ones(trained, tmp_path, capsys):
-    images, export = trained
+def test_evaluate_takes_a_subset_of_the_classes_and_refuses_unknown_ones(trained_run, tmp_path, capsys):
+    images, export = trained_run.images, trained_run.export
     subset = tmp_path / "subset"
     shutil.copytree(images / "red", subset / "red")
     shutil.copytree(images / "blue", subset / "blue")
@@ -136,8 +119,8 @@ def test_evaluate_takes_a_subset_of_the_classes_and_refuses_unknown_ones(trained
     assert len(err.splitlines()) == 1 and "purple" in err
 
 
-def test_report_rebuilds_the_report_and_plots_of_a_run_folder(trained, tmp_path, capsys):
-    _, export = trained
+def test_report_rebuilds_the_report_and_plots_of_a_run_folder(trained_run, tmp_path, capsys):
+    export = trained_run.export
     copy = tmp_path / "copy"
     shutil.copytree(export, copy)
     (copy / "report.html").unlink()
@@ -198,6 +181,7 @@ def test_a_bad_toml_config_is_one_line(tmp_path, capsys, text, message):
     assert len(err.splitlines()) == 1 and message in err
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
 def test_a_search_reports_each_trial_and_writes_hparams_and_a_project_report(tmp_path, capsys):
     project = tmp_path / "project"
     config = tmp_path / "search.toml"
@@ -218,12 +202,13 @@ def test_a_search_reports_each_trial_and_writes_hparams_and_a_project_report(tmp
     assert (tmp_path / "best" / "evaluation.json").is_file()
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
 def test_a_cross_validated_run_logs_its_curves_for_tensorboard(tmp_path, image_folder):
-    from kerastl.config import DataConfig, ModelConfig, TrainConfig
-    from kerastl.run import run_training
+    from kerastl.config import DataConfig, TrainConfig
+    from kerastl.runs.run import run_training
 
     config = RunConfig(DataConfig(str(image_folder), augment="none", batch_size=8),
-                       ModelConfig("simple_cnn", weights=None, from_scratch=False, image_size=16, features="last"),
+                       frozen_random(),
                        TrainConfig(epochs=2, min_steps=0, fine_tune_epochs=1, fine_tune_min_steps=0,
                                    cache_dir=str(tmp_path / "cache")), export_dir=str(tmp_path / "cv"))
     result = run_training(config, verbose=0)
@@ -234,8 +219,8 @@ def test_a_cross_validated_run_logs_its_curves_for_tensorboard(tmp_path, image_f
 
 
 def test_data_json_names_in_memory_sources_and_the_folds_used():
-    from kerastl.data import from_arrays
-    from kerastl.scoring import describe_data
+    from kerastl.data.images import from_arrays
+    from kerastl.runs.scoring import describe_data
 
     x, y = np.zeros((20, 8, 8, 3), np.uint8), np.repeat([0, 1], 10)
     data = from_arrays(x, y, 8, ["a", "b"], validation_split=0.2, test=(x[:4], np.array([0, 1, 0, 1])))

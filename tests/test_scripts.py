@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import pickle
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_fake_cifar
 from PIL import Image
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 QUICK = ["--weights", "none", "--limit", "5", "--epochs", "1", "--min-steps", "0"]
-CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def load_script(name: str):
@@ -47,22 +46,6 @@ def table(out: str, first_header: str) -> dict[str, list[str]]:
         cells = [cell.strip() for cell in line.split(" | ")]
         rows[cells[0]] = cells[1:]
     return rows
-
-
-def write_fake_cifar(root: Path, per_class: int = 6, test_per_class: int = 2) -> Path:
-    """A `cifar-10-batches-py` folder in CIFAR's pickle format: one image of a brightness per class."""
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-
-    def batch(count: int) -> dict:
-        labels = np.repeat(np.arange(10), count)
-        images = np.clip(rng.normal(25.0 * labels[:, None], 20.0, (len(labels), 3 * 32 * 32)), 0, 255)
-        return {b"data": images.astype(np.uint8), b"labels": labels.tolist()}
-
-    for name, value in (("batches.meta", {b"label_names": [n.encode() for n in CIFAR_NAMES]}),
-                        ("data_batch_1", batch(per_class)), ("test_batch", batch(test_per_class))):
-        (root / name).write_bytes(pickle.dumps(value))
-    return root
 
 
 def test_examples_keep_at_most_limit_images_per_class_and_relabel_chosen_classes():

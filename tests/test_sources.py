@@ -7,25 +7,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from helpers import COLOURS, SMALL, folder_rows, frozen_random, write_class_folder, write_csv
 from PIL import Image
 
-from conftest import write_class_folder
-from kerastl.cli import main
-from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from kerastl.data import from_arrays, from_folder
+from kerastl.cli.main import main
+from kerastl.config import DataConfig, RunConfig, TrainConfig
+from kerastl.data.checks import check_table
+from kerastl.data.images import from_arrays, from_folder
+from kerastl.data.sources import from_csv, from_dataframe, from_dataset
 from kerastl.errors import KerastlError
-from kerastl.export import read_labels
-from kerastl.preflight import check_table
-from kerastl.scoring import evaluate_data, evaluate_folder
-from kerastl.sources import from_csv, from_dataframe, from_dataset
+from kerastl.models.export import read_labels
+from kerastl.runs.scoring import evaluate_data, evaluate_folder
 
-SMALL = ["--backbone", "simple_cnn", "--weights", "none", "--image-size", "16", "--epochs", "1", "--min-steps", "0",
-         "--fine-tune-epochs", "0", "--augment", "none", "--batch-size", "8", "--validation", "holdout", "-q"]
 NAMES = ["red", "blue", "green"]  # not sorted: the order given is the order kept
 
 
@@ -33,18 +32,6 @@ def contents(split) -> list[tuple[str, int]]:
     """A split's (image digest, label) pairs, sorted: what it holds, whatever its order."""
     images, labels = split.arrays()
     return sorted((hashlib.sha256(image.tobytes()).hexdigest(), int(label)) for image, label in zip(images, labels))
-
-
-def folder_rows(root, base) -> list[tuple[str, str]]:
-    """(path relative to `base`, class) of every file of a class folder, in a scrambled order."""
-    files = sorted(root.rglob("*.*"))
-    rows = [(path.relative_to(base).as_posix(), path.parent.name) for path in files]
-    return [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
-
-
-def write_csv(path, rows, header=("path", "label")) -> str:
-    pd.DataFrame(rows, columns=list(header)).to_csv(path, index=False)
-    return str(path)
 
 
 def grey_rows(folder, count=12) -> list[tuple[str, str]]:
@@ -136,48 +123,36 @@ def test_check_table_reports_the_files_a_run_would_skip(tmp_path):
         from_csv(tmp_path / "t.csv", 8, strict=True)
 
 
-@pytest.fixture(scope="module")
-def csv_run(tmp_path_factory):
-    """A run trained through `kerastl train --data labels.csv`, its test rows named in the split column."""
-    root = tmp_path_factory.mktemp("csv")
-    write_class_folder(root / "images", per_class=10)
-    rows = folder_rows(root / "images", root)
-    splits = ["test" if i % 5 == 0 else "validation" if i % 5 == 1 else "train" for i in range(len(rows))]
-    csv = write_csv(root / "labels.csv", [(*row, split) for row, split in zip(rows, splits)],
-                    ("path", "label", "split"))
-    assert main(["train", "--data", csv, "--export", str(root / "export"), *SMALL]) == 0
-    return root, csv
-
-
-def test_train_reads_a_csv_file_and_records_its_splits(csv_run, capsys, fails_cleanly):
-    root, csv = csv_run
-    assert read_labels(root / "export") == ["blue", "green", "red"]
-    described = json.loads((root / "export" / "data.json").read_text())
+def test_train_reads_a_csv_file_and_records_its_splits(trained_run, tmp_path, fails_cleanly):
+    export, csv = trained_run.export, trained_run.csv  # its validation rows named in the table's split column
+    assert read_labels(export) == ["blue", "green", "red"]
+    described = json.loads((export / "data.json").read_text())
     assert {split: sum(counts) for split, counts in described["counts"].items()} == {"train": 18, "validation": 6,
                                                                                      "test": 6}
     assert described["sources"]["validation"] == f"the rows of {csv} whose split is validation"
-    fails_cleanly(["train", "--data", str(root / "nothing.csv"), *SMALL], "label table")
-    fails_cleanly(["evaluate", "--model", str(root / "export"), "--data", str(root / "nothing.CSV")], "does not exist")
+    fails_cleanly(["train", "--data", str(tmp_path / "nothing.csv"), *SMALL], "label table")
+    fails_cleanly(["evaluate", "--model", str(export), "--data", str(tmp_path / "nothing.CSV")], "does not exist")
     # evaluating on the training table scores the run's own test rows
-    assert main(["evaluate", "--model", str(root / "export"), "--data", csv, "--json", str(root / "e.json")]) == 0
-    assert json.loads((root / "e.json").read_text())["count"] == 6
+    assert main(["evaluate", "--model", str(export), "--data", csv, "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["count"] == 6
     # a table of test rows only, of one class, is images to evaluate on: all of them
     frame = pd.read_csv(csv)
     only_test = frame[frame["label"] == "red"].assign(split="test")
-    write_csv(root / "red-test.csv", only_test.values.tolist(), ("path", "label", "split"))
-    assert main(["evaluate", "--model", str(root / "export"), "--data", str(root / "red-test.csv"), "--json",
-                 str(root / "red.json")]) == 0
-    assert json.loads((root / "red.json").read_text())["count"] == len(only_test) == 10
+    only_test["path"] = [str(Path(csv).parent / path) for path in only_test["path"]]  # the table is elsewhere
+    write_csv(tmp_path / "red-test.csv", only_test.values.tolist(), ("path", "label", "split"))
+    assert main(["evaluate", "--model", str(export), "--data", str(tmp_path / "red-test.csv"), "--json",
+                 str(tmp_path / "red.json")]) == 0
+    assert json.loads((tmp_path / "red.json").read_text())["count"] == len(only_test) == 10
 
 
-def test_evaluate_data_on_a_dataset_equals_evaluate_folder_on_its_files(csv_run, tmp_path):
-    root, _ = csv_run
+def test_evaluate_data_on_a_dataset_equals_evaluate_folder_on_its_files(trained_run, tmp_path):
+    export, size = trained_run.export, trained_run.result.config.model.image_size
     folder = tmp_path / "other"
     write_class_folder(folder, per_class=4)  # PNG, JPEG, BMP, GIF: decoded here as the folder pipeline does
-    images, labels = from_folder(folder, 16, validation_split=0.0).train.arrays()
-    by_folder, _ = evaluate_folder(root / "export", str(folder))
+    images, labels = from_folder(folder, size, validation_split=0.0).train.arrays()
+    by_folder, _ = evaluate_folder(export, str(folder))
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(5)
-    by_data = evaluate_data(root / "export", dataset, plots_dir=tmp_path / "plots")
+    by_data = evaluate_data(export, dataset, plots_dir=tmp_path / "plots")
     assert by_data.count == by_folder.count == 12
     assert by_data.accuracy == pytest.approx(by_folder.accuracy, abs=1e-9)
     assert np.array_equal(by_data.confusion_matrix, by_folder.confusion_matrix)
@@ -187,7 +162,7 @@ def test_evaluate_data_on_a_dataset_equals_evaluate_folder_on_its_files(csv_run,
 
 def coloured_arrays(per_class=8, size=20) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(1)
-    colours = np.array([(230, 30, 20), (20, 40, 230), (30, 220, 40)])  # NAMES' colours
+    colours = np.array([COLOURS[name] for name in NAMES])
     y = np.repeat(np.arange(3), per_class)
     x = np.clip(colours[y][:, None, None, :] + rng.normal(0, 12, (len(y), size, size, 3)), 0, 255).astype(np.uint8)
     return x, y
@@ -227,15 +202,16 @@ def test_bad_datasets_are_one_line_errors():
     assert "(image, label) pairs" in one_line(error)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
 def test_run_training_and_run_search_take_a_dataset(tmp_path):
-    from kerastl.run import run_training
+    from kerastl.runs.run import run_training
     from kerastl.tune.config import TuneConfig
     from kerastl.tune.search import run_search
 
     x, y = coloured_arrays(10, 16)
     data = from_dataset(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), NAMES, 16, validation_split=0.3)
     config = RunConfig(DataConfig(augment="none", batch_size=8),
-                       ModelConfig("simple_cnn", weights=None, from_scratch=False, image_size=16, features="last"),
+                       frozen_random(),
                        TrainConfig(epochs=2, min_steps=0, fine_tune_epochs=0, validation="holdout",
                                    cache_dir=str(tmp_path / "cache")), export_dir=str(tmp_path / "run"))
     result = run_training(config, data, save="weights", verbose=0)

@@ -4,17 +4,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import digits
 
 from kerastl.config import ModelConfig, TrainConfig
-from kerastl.data import from_arrays, load_digits
-from kerastl.classifier import build_classifier
-from kerastl.batchnorm import recalibrate_batchnorm
-from kerastl.train import train_classifier
-
-
-def digits(classes=(0, 1, 2), size=32):
-    x, y, names = load_digits(classes)
-    return from_arrays(x[:150], y[:150], size, names, validation_split=0.3)
+from kerastl.models.classifier import build_classifier
+from kerastl.training.batchnorm import recalibrate_batchnorm
+from kerastl.training.phases import train_classifier
 
 
 def _batchnorm_state(model):
@@ -25,8 +20,9 @@ def _batchnorm_state(model):
     }
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
 def test_fine_tuning_leaves_batchnorm_statistics_unchanged():
-    data = digits()
+    data = digits(150, seed=42)
     model = build_classifier(ModelConfig("mobilenet_v2", weights=None, image_size=32, from_scratch=False), 3)
     # give the BatchNorm layers statistics that differ from the initial 0/1, as pretrained ones would
     recalibrate_batchnorm(model, data.train.sample())
@@ -51,15 +47,16 @@ def test_fine_tuning_leaves_batchnorm_statistics_unchanged():
 
 
 def test_fine_tuning_never_ends_worse_than_phase_one():
-    data = digits()
+    data = digits(150, seed=42)
     model = build_classifier(ModelConfig("simple_cnn", weights=None, image_size=32, from_scratch=False), 3)
     validation = data.validation.batches(64)
-    # a fine-tuning learning rate of 30 wrecks the weights: phase 2 must roll back to phase 1's best
+    # a fine-tuning learning rate of 5 wrecks the weights (30 now overflows to NaN on Keras 3.15): phase 2 must
+    # roll back to phase 1's best
     result = train_classifier(
         model, data.train.batches(32, training=True), validation,
         TrainConfig(min_steps=0, fine_tune_min_steps=0,
                     epochs=4, fine_tune_epochs=3, unfreeze_blocks=3, optimizer="sgd",
-                    learning_rate=0.05, fine_tune_lr_ratio=600.0, patience=3),
+                    learning_rate=0.05, fine_tune_lr_ratio=100.0, patience=3),
         verbose=0,
     )
     phase1_best = min(result.phase1.history["val_loss"])
@@ -70,7 +67,7 @@ def test_fine_tuning_never_ends_worse_than_phase_one():
 
 
 def test_recalibration_makes_inference_match_training_statistics():
-    data = digits()
+    data = digits(150, seed=42)
     model = build_classifier(ModelConfig("mobilenet_v2", weights=None, image_size=32), 3)
     x, _ = data.train.arrays()
     x = tf.constant(x[:96], tf.float32)
@@ -81,13 +78,14 @@ def test_recalibration_makes_inference_match_training_statistics():
     gap_before = np.abs(features(x, training=False) - features(x, training=True)).max()
     assert recalibrate_batchnorm(model, x, chunk_size=len(x)) == 52  # one chunk: the whole batch's statistics
     gap_after = np.abs(features(x, training=False) - features(x, training=True)).max()
-    assert gap_after < 1e-3 < gap_before
+    scale = np.abs(features(x, training=True)).max()  # float32 agreement relative to the features' size
+    assert gap_after < 1e-3 * scale < gap_before
     assert [layer.momentum for layer in norms] == momenta  # restored after calibrating
 
 
 @pytest.mark.slow  # about 25 s; CI runs it
 def test_from_scratch_training_learns_and_evaluates_correctly():
-    data = digits(size=32)
+    data = digits(150, seed=42)
     model = build_classifier(ModelConfig("mobilenet_v2", weights=None, image_size=32), 3)
     result = train_classifier(
         model, data.train.batches(32, training=True), data.validation.batches(64),
@@ -101,7 +99,7 @@ def test_from_scratch_training_learns_and_evaluates_correctly():
 
 
 def test_recalibration_also_reaches_a_frozen_transfer_backbone():
-    data = digits()
+    data = digits(150, seed=42)
     model = build_classifier(ModelConfig("mobilenet_v2", weights=None, image_size=32, from_scratch=False), 3)
     norm = model.backbone.get_layer("bn_Conv1")
     assert not norm.trainable and np.allclose(norm.moving_mean.numpy(), 0)
@@ -110,7 +108,7 @@ def test_recalibration_also_reaches_a_frozen_transfer_backbone():
 
 
 def test_label_smoothing_and_weight_decay_reach_the_compiled_model(tmp_path):
-    from kerastl.compile import compile_classifier, make_loss
+    from kerastl.training.compile import compile_classifier, make_loss
 
     y = np.array([0, 2, 1])
     p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3]], np.float32)

@@ -1,4 +1,4 @@
-"""Converged heads, reading the right depth, and honest small-data validation (`kerastl.probe`, `kerastl.crossval`)."""
+"""Converged heads, reading the right depth, and honest small-data validation (`kerastl.features.probe`, `kerastl.training.crossval`)."""
 
 import json
 
@@ -6,18 +6,19 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import frozen_random
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from kerastl.backbones import build_backbone
-from kerastl.classifier import build_classifier, seeded_classifier
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from kerastl.data import from_arrays, load_digits
+from kerastl.data.images import from_arrays, load_digits
 from kerastl.errors import KerastlError
-from kerastl.export import export_saved_model
-from kerastl.probe import choose_blocks, probe_blocks, unfreeze_depth
-from kerastl.run import run_training
-from kerastl.runfolder import load_model
+from kerastl.features.probe import choose_blocks, probe_blocks, unfreeze_depth
+from kerastl.models.backbones import build_backbone
+from kerastl.models.classifier import build_classifier
+from kerastl.models.export import export_saved_model
+from kerastl.runs.folder import load_model
+from kerastl.runs.run import run_training
 
 SIZE = 16
 
@@ -32,15 +33,9 @@ def digits(per_class: int, test: bool = True, seed: int = 0):
                                       test=(x[rest], y[rest]) if test else None)
 
 
-def frozen_random(**train) -> tuple[ModelConfig, TrainConfig]:
-    """A frozen random-weight simple_cnn: real features without any pretraining."""
-    return (ModelConfig("simple_cnn", weights=None, image_size=SIZE, from_scratch=False, features="last"),
-            TrainConfig(**{"fine_tune_epochs": 0, **train}))
-
-
 def test_phase_one_head_reaches_the_scikit_learn_probe(tmp_path):
     _, data = digits(40)
-    model, train = frozen_random(validation="holdout")
+    model, train = frozen_random(SIZE), TrainConfig(fine_tune_epochs=0, validation="holdout")
     result = run_training(RunConfig(DataConfig(augment="none"), model, train), data=data, verbose=0, save="none")
     assert result.history.phase2 is None
     extractor = result.model.features_model()
@@ -57,7 +52,8 @@ def test_phase_one_head_reaches_the_scikit_learn_probe(tmp_path):
 
 def test_the_head_budget_is_steps_not_epochs():
     _, data = digits(40)
-    model, train = frozen_random(validation="holdout", epochs=2, min_steps=60, patience=100)
+    model, train = frozen_random(SIZE), TrainConfig(fine_tune_epochs=0, validation="holdout", epochs=2, min_steps=60,
+                                                   patience=100)
     result = run_training(RunConfig(DataConfig(augment="none", batch_size=32), model, train), data=data,
                           verbose=0, save="none")
     steps_per_epoch = -(-data.train.count // 32)
@@ -144,7 +140,7 @@ def _save(model, path):
 
 
 def test_small_data_cross_validates_and_large_data_holds_out():
-    small_model, small_train = frozen_random()
+    small_model, small_train = frozen_random(SIZE), TrainConfig(fine_tune_epochs=0)
     _, small = digits(6)
     result = run_training(RunConfig(DataConfig(augment="none"), small_model, small_train), data=small, verbose=0,
                           save="none")
@@ -152,20 +148,20 @@ def test_small_data_cross_validates_and_large_data_holds_out():
     assert not any(key.startswith("val_") for key in result.metrics) and "test_accuracy" in result.metrics
     assert result.metrics["cv_folds"] == 5
     _, large = digits(45)
-    result = run_training(RunConfig(DataConfig(augment="none"), *frozen_random()), data=large, verbose=0,
-                          save="none")
+    result = run_training(RunConfig(DataConfig(augment="none"), frozen_random(SIZE), TrainConfig(fine_tune_epochs=0)),
+                          data=large, verbose=0, save="none")
     assert "val_accuracy" in result.metrics and not any(key.startswith("cv_") for key in result.metrics)
 
 
-@pytest.mark.parametrize("ratio", [0.1, 1000.0])
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
+@pytest.mark.parametrize("ratio", [0.01, 1000.0])
 def test_cross_validated_fine_tuning_keeps_its_changes_only_when_the_estimate_improves(ratio):
     _, data = digits(4)
     config = RunConfig(DataConfig(augment="none", batch_size=8),
-                       ModelConfig("simple_cnn", weights=None, image_size=SIZE, from_scratch=False,
-                                   features="last"),
+                       frozen_random(SIZE),
                        TrainConfig(fine_tune_epochs=30, fine_tune_min_steps=0, unfreeze_blocks=1,
                                    learning_rate=0.01, fine_tune_lr_ratio=ratio))
-    frozen = seeded_classifier(config.model, 5, DataConfig().seed).backbone.get_weights()  # as the run builds it
+    frozen = build_classifier(config.model, 5, DataConfig().seed).backbone.get_weights()  # as the run builds it
     result = run_training(config, data=data, verbose=0, save="none")
     assert result.metrics["cv_folds"] == 4
     phase2 = result.history.phase2
@@ -182,18 +178,38 @@ def test_cross_validated_fine_tuning_keeps_its_changes_only_when_the_estimate_im
 
 def test_one_image_per_class_trains_without_an_estimate():
     _, data = digits(1)
-    result = run_training(RunConfig(DataConfig(augment="none"), *frozen_random()), data=data, verbose=0,
-                          save="none")
+    result = run_training(RunConfig(DataConfig(augment="none"), frozen_random(SIZE), TrainConfig(fine_tune_epochs=0)),
+                          data=data, verbose=0, save="none")
     assert result.history.phase2 is None and "test_accuracy" in result.metrics
     assert not any(key.startswith(("cv_", "val_")) for key in result.metrics)
 
 
-def test_folds_of_different_sizes_fine_tune_for_the_same_epochs():
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
+def test_folds_of_different_sizes_fine_tune_for_the_same_epochs(monkeypatch):
+    from kerastl.training import crossval
+
     (x, y, names), _ = digits(1)
     index = np.concatenate([np.flatnonzero(y == c)[: 7 + (c == 4)] for c in range(5)])  # 7, 7, 7, 7 and 8 images
     data = from_arrays(x[index], y[index], SIZE, names, validation_split=0.0)
     config = RunConfig(DataConfig(augment="none", batch_size=28),  # folds of 28 and 29 images: 1 or 2 steps
-                       ModelConfig("simple_cnn", weights=None, image_size=SIZE, from_scratch=False, features="last"),
+                       frozen_random(SIZE),
                        TrainConfig(fine_tune_epochs=1, fine_tune_min_steps=4, unfreeze_blocks=1))
+    seen, curves = {}, []  # the folds and phases each fold is handed, and each fold's held-out curve
+    hand_over = crossval.train_cross_validated
+
+    def recorded(model, images, labels, views, probe, folds, phases, *args, **kwargs):
+        seen.update(train_sizes=sorted(len(train) for train, _ in folds), epochs=phases[1].epochs)
+        return hand_over(model, images, labels, views, probe, folds, phases, *args, **kwargs)
+
+    monkeypatch.setattr(crossval, "train_cross_validated", recorded)
+    monkeypatch.setattr(crossval, "_keep_fold", lambda backup_dir, number, curve: curves.append(curve))
     result = run_training(config, data=data, verbose=0, save="none")
     assert result.metrics["cv_folds"] == 5
+    steps = {-(-size // 28) for size in seen["train_sizes"]}
+    assert len(seen["train_sizes"]) == 5 and steps == {1, 2}  # epochs of 1 step in some folds, 2 in others
+    assert seen["epochs"] > 1  # the step floor raised the 1 epoch asked for, once for every fold
+    assert len(curves) == 5
+    assert [len(loss) for loss, _ in curves] == [seen["epochs"] + 1] * 5  # epoch 0 (phase 1), then each epoch
+    assert [len(accuracy) for _, accuracy in curves] == [seen["epochs"] + 1] * 5
+    if result.history.phase2 is not None:  # the mean curve over folds, when fine-tuning kept its changes
+        assert len(result.history.phase2.history["cv_loss"]) == seen["epochs"] + 1

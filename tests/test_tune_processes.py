@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-
 SEARCH = ["tune", "--data", "digits", "--backbone", "simple_cnn", "--weights", "none", "--no-binary",
           "--image-size", "16", "--augment", "none", "--batch-size", "64", "--fine-tune-epochs", "0", "-q",
           "--search", "dropout=0.0,0.2", "--search", "hidden_units=0,32", "--search", "learning_rate=0.003,0.01"]

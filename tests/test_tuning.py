@@ -7,28 +7,19 @@ import keras_tuner
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import base_config
 
-from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from kerastl.config import ModelConfig, RunConfig
 from kerastl.errors import KerastlError
-from kerastl.export import load_export
-from kerastl.scoring import score
-from kerastl.runfolder import load_model
+from kerastl.models.export import load_export
+from kerastl.runs.folder import load_model
+from kerastl.runs.scoring import score
 from kerastl.tune.config import TuneConfig
 from kerastl.tune.hypermodel import TransferHyperModel
 from kerastl.tune.search import run_search
 from kerastl.tune.space import check_space, declare, parse_setting
 from kerastl.tune.trial import TrialContext
 from kerastl.tune.tuner import make_objective
-
-
-def base_config(tmp_path, **train) -> RunConfig:
-    """Digits at 16x16 through a frozen random simple_cnn: real data, seconds per trial."""
-    values = {"epochs": 4, "fine_tune_epochs": 0, "patience": 3, "cache_dir": str(tmp_path / "cache"),
-              "min_steps": 0, "fine_tune_min_steps": 0, **train}
-    return RunConfig(DataConfig(source="digits", augment="none", batch_size=64),
-                     ModelConfig("simple_cnn", weights=None, from_scratch=False, image_size=16, features="last"),
-                     TrainConfig(**values), export_dir=str(tmp_path / "export"))
-
 
 HEAD_SPACE = {"dropout": [0.0, 0.2], "hidden_units": [0, 32], "learning_rate": [3e-3, 1e-2]}
 
@@ -104,7 +95,7 @@ def test_head_search_extracts_features_once_and_exports_the_best_trial(tmp_path)
     report = (tmp_path / "project" / "report.html").read_text()  # run_search writes the project's report
     assert 'id="trials"' in report and report.count("<tr") >= 1 + 4  # a header and the four trials
     # the export is the best trial's own model: it scores what the table says on the validation images
-    from kerastl.data import load_data
+    from kerastl.data.images import load_data
 
     data = load_data(config.data, 16)
     images, labels = data.validation.arrays()
@@ -115,8 +106,8 @@ def test_head_search_extracts_features_once_and_exports_the_best_trial(tmp_path)
 
 @pytest.mark.slow  # 20-36 s on 2 cores: the default suite stays under 10 minutes
 def test_a_search_export_is_a_run_folder_that_train_reproduces(tmp_path, capsys):
-    from kerastl.cli import main
-    from kerastl.runfolder import load_model
+    from kerastl.cli.main import main
+    from kerastl.runs.folder import load_model
 
     config = base_config(tmp_path)
     config.data.test_split = 0.2
@@ -137,13 +128,14 @@ def test_a_search_export_is_a_run_folder_that_train_reproduces(tmp_path, capsys)
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert RunConfig.from_json(tmp_path / "again" / "config.json").model == RunConfig.from_json(
         export / "config.json").model
-    from kerastl.data import load_data
+    from kerastl.data.images import load_data
 
     count = load_data(config.data, 16).validation.count
     assert again["val_accuracy"] == pytest.approx(metrics["val_accuracy"], abs=1.5 / count)
     assert again["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-3)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
 def test_fine_tuning_trial_starts_from_the_saved_head_of_an_equal_head_trial(tmp_path):
     config = base_config(tmp_path)
     context = TrialContext(tmp_path / "project")
@@ -159,6 +151,7 @@ def test_fine_tuning_trial_starts_from_the_saved_head_of_an_equal_head_trial(tmp
     assert fine["val_loss"] <= head["val_loss"] + 1e-4
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
 def test_a_failing_trial_is_recorded_failed_and_the_search_goes_on(tmp_path, monkeypatch):
     import kerastl.tune.trial
 
@@ -218,8 +211,9 @@ def test_bayesian_and_hyperband_tuners_run(tmp_path):
                     "tuner/epochs"] <= 2
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
 def test_the_hypermodel_works_in_a_plain_kerastuner_search(tmp_path):
-    from kerastl.data import load_data
+    from kerastl.data.images import load_data
 
     config = base_config(tmp_path, epochs=3, learning_rate=1e-2)
     data = load_data(config.data, 16)
@@ -234,7 +228,7 @@ def test_the_hypermodel_works_in_a_plain_kerastuner_search(tmp_path):
 
 
 def test_head_keeps_a_float32_softmax_under_mixed_precision():
-    from kerastl.classifier import build_classifier
+    from kerastl.models.classifier import build_classifier
 
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
@@ -275,8 +269,9 @@ def test_a_project_folder_resumes_only_its_own_search(tmp_path):
     assert len(fresh.trials) == 1
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
 def test_a_cached_trial_scores_what_the_plain_kerastuner_trial_scores(tmp_path):
-    from kerastl.data import load_data
+    from kerastl.data.images import load_data
 
     config = base_config(tmp_path, epochs=3, learning_rate=3e-3)
     config.model.dropout, config.model.hidden_units = 0.2, 32
@@ -306,7 +301,7 @@ def test_tied_trials_rank_by_validation_loss_and_failed_trials_last():
 
 
 def test_in_memory_data_of_another_size_is_refused_not_fed_to_the_model(tmp_path):
-    from kerastl.data import load_data
+    from kerastl.data.images import load_data
 
     config = base_config(tmp_path)
     context = TrialContext(tmp_path / "p", data=load_data(config.data, 16))

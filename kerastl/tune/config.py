@@ -8,19 +8,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kerastl.config import OBJECTIVES, SETTINGS, JsonConfig
+from kerastl.choices import OBJECTIVES
+from kerastl.config import SETTINGS, JsonConfig
 from kerastl.errors import KerastlError
+from kerastl.settings import Setting
 
 TUNERS = ("random", "bayesian", "hyperband")
 ISOLATION = ("auto", "always", "never")
 
-# the settings a search may vary, in declaration order -> (RunConfig section, field)
-SPACE_FIELDS = {name: SETTINGS[name] for name in (
-    "backbone", "image_size", "features", "pooling", "dropout", "hidden_units", "optimizer", "learning_rate",
-    "label_smoothing", "loss", "class_weight", "sampling", "schedule", "warmup", "l2", "max_norm", "augment",
-    "weight_decay", "batch_size", "epochs", "unfreeze_blocks", "fine_tune_lr_ratio", "fine_tune_epochs",
-    "fine_tune_schedule", "layer_decay", "gradual_unfreeze",
-)}
+# the settings a search may vary (declared `search=N` in `kerastl.config`), in their declaration order
+SPACE_FIELDS: dict[str, Setting] = dict(sorted(((name, item) for name, item in SETTINGS.items() if item.search),
+                                               key=lambda pair: pair[1].search))
 AUTO_OBJECTIVE = "auto"  # val_accuracy, or val_macro_f1 when the classes are imbalanced (see IMBALANCE_RATIO)
 
 

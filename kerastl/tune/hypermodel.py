@@ -1,7 +1,7 @@
 """`TransferHyperModel`: both training phases in one KerasTuner space.
 
 `build(hp)` returns the classifier and `fit(hp, model, ...)` trains the head and
-then fine-tunes, through the one run path (`kerastl.run.run_training`), so any
+then fine-tunes, through the one run path (`kerastl.runs.run.run_training`), so any
 KerasTuner tuner can search both phases (keras-tuner#629, #1043).
 """
 
@@ -11,10 +11,10 @@ from typing import Any
 
 import keras_tuner
 
-from kerastl.classifier import TransferClassifier, seeded_classifier
-from kerastl.compile import compile_classifier
 from kerastl.config import RunConfig
-from kerastl.run import resolve_config, run_training
+from kerastl.models.classifier import TransferClassifier, build_classifier
+from kerastl.runs.run import checked_config, run_training
+from kerastl.training.compile import compile_classifier
 from kerastl.tune.space import apply_values, declare
 from kerastl.tune.trial import budgeted
 
@@ -47,8 +47,8 @@ class TransferHyperModel(keras_tuner.HyperModel):
         return apply_values(declare(hp, self.space), self.base)
 
     def build(self, hp) -> TransferClassifier:
-        config = resolve_config(self.trial_config(hp))
-        model = seeded_classifier(config.model, self.num_classes, config.data.seed)
+        config = checked_config(self.trial_config(hp))
+        model = build_classifier(config.model, self.num_classes, seed=config.data.seed)
         compile_classifier(model, config.train)
         return model
 
@@ -58,7 +58,7 @@ class TransferHyperModel(keras_tuner.HyperModel):
         `x` and `validation_data` are batched (images, labels) pipelines; `epochs`
         is Hyperband's budget when it gives one.
         """
-        config = budgeted(resolve_config(self.trial_config(hp)), epochs, self.base.train.epochs)
+        config = budgeted(checked_config(self.trial_config(hp)), epochs, self.base.train.epochs)
         result = run_training(config, (x, validation_data), verbose=kwargs.get("verbose", 0), model=model,
                               callbacks=callbacks, save="none")
         return result.metrics

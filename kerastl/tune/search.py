@@ -23,19 +23,28 @@ from pathlib import Path
 
 import numpy as np
 
-from kerastl.classifier import TransferClassifier
-from kerastl.config import IMBALANCE_RATIO, OBJECTIVES, RunConfig
-from kerastl.data import ImageData, load_data
+from kerastl.choices import IMBALANCE_RATIO, OBJECTIVES
+from kerastl.config import RunConfig
+from kerastl.data.images import ImageData, load_data
+from kerastl.data.sources import labelled_counts
 from kerastl.devices import list_gpus, setup_devices
 from kerastl.errors import KerastlError
-from kerastl.htmlreport import write_search_report
-from kerastl.scoring import describe_data, evaluate_split, predict_split, score
-from kerastl.run import resolve_config
-from kerastl.sources import labelled_counts
-from kerastl.runfolder import (HISTORY_FILE, LOGS, METRICS_FILE, PROBE_FILE, load_model, read_config,
-                               read_json_file, write_run_folder)
+from kerastl.models.classifier import TransferClassifier
+from kerastl.reports.html import write_search_report
+from kerastl.runs.folder import (
+    HISTORY_FILE,
+    LOGS,
+    METRICS_FILE,
+    PROBE_FILE,
+    load_model,
+    read_config,
+    read_json_file,
+    write_run_folder,
+)
+from kerastl.runs.run import checked_config
+from kerastl.runs.scoring import describe_data, evaluate_split, predict_split, score
 from kerastl.storage import check_export_dir
-from kerastl.train import TrainResult
+from kerastl.training.phases import TrainResult
 from kerastl.tune.config import AUTO_OBJECTIVE, TuneConfig
 from kerastl.tune.distribute import launch, serve_chief
 from kerastl.tune.space import DEFAULT_SPACE, check_space
@@ -68,7 +77,7 @@ def prepare(config: RunConfig, tune: TuneConfig) -> tuple[RunConfig, TuneConfig]
     """Validated copies: the space checked against the config, the export folder named."""
     tune = TuneConfig.from_dict(tune.to_dict())
     tune.validate()
-    resolved = resolve_config(config)
+    resolved = checked_config(config)
     base = RunConfig.from_dict(config.to_dict())
     base.name, base.export_dir = resolved.name, resolved.export_dir
     tune.space = check_space(DEFAULT_SPACE if tune.space is None else tune.space, base)
@@ -105,7 +114,7 @@ def claim_project(project: Path, base: RunConfig, tune: TuneConfig, restart: boo
     if path.exists():
         previous = json.loads(path.read_text())
         if previous.get("format") == PROJECT_FORMAT:  # settings added since are at their defaults
-            previous.update(run=RunConfig.from_dict(previous["run"]).to_dict(),
+            previous.update(run=RunConfig.from_dict(previous["run"]).experiment_dict(),
                             tune=TuneConfig.from_dict(previous["tune"]).to_dict())
         if previous.get("format") != PROJECT_FORMAT:
             raise KerastlError(f"project folder {project} holds a search started by kerastl 0.1, which this version "
@@ -117,7 +126,8 @@ def claim_project(project: Path, base: RunConfig, tune: TuneConfig, restart: boo
         def settled(part: dict) -> dict:
             return {k: v for k, v in part.items() if k not in free}
 
-        if any(settled(previous[k]) != settled(record[k]) for k in ("run", "tune")):
+        record_now = {**record, "run": base.experiment_dict()}  # the machine's settings may change
+        if any(settled(previous[k]) != settled(record_now[k]) for k in ("run", "tune")):
             raise KerastlError(f"project folder {project} holds a different search; resume it with the same "
                                "settings, start over with --restart (restart=True), or choose another folder")
     project.mkdir(parents=True, exist_ok=True)
@@ -165,7 +175,7 @@ def run_search(
     verbose: int | str = 0,
 ) -> SearchResult:
     """Searches, then exports the best trial's model with the trial tables beside it; the project
-    folder gets the tables and `report.html` (`kerastl.htmlreport.write_search_report`).
+    folder gets the tables and `report.html` (`kerastl.reports.html.write_search_report`).
 
     Args:
         config: the run every trial starts from (data, backbone, training settings).

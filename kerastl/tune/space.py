@@ -24,7 +24,8 @@ from typing import Any
 
 from kerastl.config import RunConfig, read_json
 from kerastl.errors import KerastlError
-from kerastl.run import resolve_config
+from kerastl.runs.run import checked_config
+from kerastl.settings import set_setting
 from kerastl.tune.config import SPACE_FIELDS
 
 log = logging.getLogger(__name__)
@@ -118,13 +119,13 @@ def check_space(space: dict[str, Any], base: RunConfig) -> dict[str, Any]:
             if entry.get("log") and entry["min"] <= 0:
                 raise KerastlError(f"a log range needs min > 0; {name} has min {entry['min']}")
         for value in candidates(entry):
-            resolve_config(apply_values({name: value}, base))
+            checked_config(apply_values({name: value}, base))
         checked[name] = entry
     together = [name for name in TOGETHER if name in checked]  # settings valid alone may clash together
     if len(together) > 1:
         for values in itertools.product(*(candidates(checked[name]) for name in together)):
             try:
-                resolve_config(apply_values(dict(zip(together, values)), base))
+                checked_config(apply_values(dict(zip(together, values)), base))
             except KerastlError as error:
                 raise KerastlError(f"search settings {dict(zip(together, values))} cannot go together: {error}") \
                     from None
@@ -179,6 +180,5 @@ def apply_values(values: dict[str, Any], base: RunConfig) -> RunConfig:
     for name, value in values.items():
         if value is None or name not in SPACE_FIELDS:
             continue
-        section, field = SPACE_FIELDS[name]
-        setattr(getattr(config, section), field, value)
+        set_setting(config, SPACE_FIELDS[name], value)
     return config

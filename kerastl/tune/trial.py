@@ -1,6 +1,6 @@
 """One search trial, and the trial folder's format (this module is its only owner).
 
-A trial is a run (`kerastl.run.run_training`) of the base config with the trial's
+A trial is a run (`kerastl.runs.run.run_training`) of the base config with the trial's
 values, written as a weights-only run folder into KerasTuner's trial folder,
 plus `result.json`: the scores and what the trial cost. Phase-1 heads are shared
 through the project's `HeadStore`, so a fine-tuning trial whose head settings an
@@ -26,11 +26,11 @@ import keras
 import keras_tuner
 import tensorflow as tf
 
-from kerastl.classifier import TransferClassifier, seeded_classifier
 from kerastl.config import RunConfig
-from kerastl.data import ImageData, load_data
+from kerastl.data.images import ImageData, load_data
 from kerastl.devices import setup_devices
-from kerastl.run import resolve_config, run_training
+from kerastl.models.classifier import TransferClassifier, build_classifier
+from kerastl.runs.run import checked_config, run_training
 from kerastl.storage import HeadStore
 
 RESULT_FILE = "result.json"
@@ -99,7 +99,7 @@ class TrialContext:
             return None
         m = config.model
         key = json.dumps([m.backbone, m.weights, m.image_size, config.data.seed, keras.config.dtype_policy().name])
-        model = seeded_classifier(m, num_classes, config.data.seed, backbone=self._backbones.get(key))
+        model = build_classifier(m, num_classes, seed=config.data.seed, backbone=self._backbones.get(key))
         self._backbones[key] = model.backbone
         return model
 
@@ -115,9 +115,9 @@ def run_trial(config: RunConfig, context: TrialContext, trial_dir: Path, budget:
     gpu = context.device.startswith("/GPU")
     if gpu:
         tf.config.experimental.reset_memory_stats(context.device.strip("/"))
-    config = budgeted(resolve_config(config), budget, config.train.epochs)
+    config = budgeted(checked_config(config), budget, config.train.epochs)
     config.export_dir = str(trial_dir)
-    config.train.validation = "holdout"  # trials are compared on one validation split
+    config.train.validation.mode = "holdout"  # trials are compared on one validation split
     data = dataclasses.replace(context.data(config), test=None)  # trials are chosen on validation alone
     result = run_training(config, data, overwrite=True, verbose=context.verbose,
                           model=context.classifier(config, len(data.class_names)), heads=context.heads,

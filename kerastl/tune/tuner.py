@@ -18,10 +18,10 @@ import keras_tuner
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
-from kerastl.classifier import TransferClassifier
 from kerastl.config import RunConfig
 from kerastl.errors import KerastlError
-from kerastl.runfolder import LOGS, load_model
+from kerastl.models.classifier import TransferClassifier
+from kerastl.runs.folder import LOGS, load_model
 from kerastl.tune import internals
 from kerastl.tune.config import AUTO_OBJECTIVE, OBJECTIVES, TuneConfig
 from kerastl.tune.hypermodel import TransferHyperModel

@@ -1,0 +1,74 @@
+"""The vocabularies of the settings: the names a setting's value may take, and the parsers of
+values written as text ("3,7", "cat=2,dog=1"). No TensorFlow; `kerastl.config` and the command
+line read them.
+"""
+
+from __future__ import annotations
+
+from kerastl.errors import KerastlError
+
+
+def normalize_weights(weights: str | None) -> str | None:
+    """None for "none" (any case) or an empty string; other values unchanged."""
+    return None if weights is None or weights.strip().lower() in ("none", "") else weights
+
+
+FEATURE_MODES = ("last", "auto", "all")
+
+
+def parse_features(text: str) -> str | tuple[int, ...]:
+    """ "last", "auto" or "all", or a tuple of block numbers (1 or more, ascending) from "3,7"."""
+    text = str(text).strip().lower()
+    if text in FEATURE_MODES:
+        return text
+    try:
+        blocks = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        blocks = ()
+    if not blocks or blocks[0] < 1:
+        raise KerastlError(f"features must be last, auto, all or block numbers from 1 such as 3,7; got {text!r}")
+    return blocks
+
+
+VALIDATION_MODES = ("auto", "holdout", "cv")
+SCHEDULES = ("constant", "cosine", "plateau")
+SAMPLING = ("shuffle", "balanced")
+CLASS_WEIGHT_MODES = ("none", "auto")
+# loss name -> what it is (the losses themselves are built by `kerastl.training.losses`)
+LOSSES = {
+    "auto": "cross-entropy: sparse categorical, or binary for a one-unit sigmoid model",
+    "sparse_categorical_crossentropy": "Keras's cross-entropy on integer labels",
+    "categorical_crossentropy": "cross-entropy on one-hot or mixed labels (integer labels are one-hot encoded)",
+    "focal": "categorical focal loss (Keras's, gamma 2, alpha 0.25): down-weights easy examples",
+    "binary_crossentropy": "sigmoid cross-entropy, for a binary (one-unit) model",
+    "binary_focal": "binary focal loss (Keras's, gamma 2), for a binary (one-unit) model",
+}
+
+
+# classes count as imbalanced when the largest has more than this many times the smallest's images:
+# data.json warns, and a search's default objective becomes val_macro_f1
+IMBALANCE_RATIO = 3.0
+
+
+def parse_class_weight(text: str) -> str | dict[str, float] | list[float]:
+    """ "none", "auto", {class name: weight} from "cat=2,dog=1", or [weights] in class order from "2,1"."""
+    text = str(text).strip()
+    if text.lower() in CLASS_WEIGHT_MODES:
+        return text.lower()
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        if parts and all("=" in part for part in parts):
+            weights: dict[str, float] | list[float] = {
+                name.strip(): float(value) for name, value in (part.rsplit("=", 1) for part in parts)}
+            values = list(weights.values())
+        else:
+            weights = values = [float(part) for part in parts]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0 or max(values) == 0:
+        raise KerastlError(f"class_weight must be none, auto, weights by class such as cat=2,dog=1 or in class "
+                           f"order such as 2,1 (0 or more, not all 0); got {text!r}")
+    return weights
+
+# the scores a search may optimise, and their direction (the search wing and the reports read it)
+OBJECTIVES = {"val_accuracy": "max", "val_loss": "min", "val_macro_f1": "max", "val_auc": "max"}

@@ -1,0 +1,197 @@
+"""The `kerastl` command's flags: the argparse parser, its value checks and help texts.
+
+No TensorFlow here: `--help` and bad flags answer before it loads (see `kerastl.cli.main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from kerastl.choices import IMBALANCE_RATIO, parse_class_weight, parse_features
+from kerastl.cli.quiet import NATIVE_LOG_VARIABLE
+from kerastl.config import SETTINGS
+from kerastl.errors import KerastlError
+from kerastl.settings import GROUPS, Setting
+from kerastl.tune.config import AUTO_OBJECTIVE, ISOLATION, OBJECTIVES, SPACE_FIELDS, TUNERS
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"kerastl: error: {message}\n")
+
+
+def _count(min_value: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < min_value:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {min_value}")
+        return value
+
+    return parse
+
+
+def _number(valid, problem: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"{value} is {problem}")
+        return value
+
+    return parse
+
+
+def _class_weight(text: str) -> str:
+    try:
+        parse_class_weight(text)
+    except KerastlError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _features(text: str) -> str:
+    try:
+        parse_features(text)
+    except KerastlError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("features must be ")) from None
+    return text.strip().lower()
+
+
+def _blocks(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else _count(0)(text)
+
+
+_fraction = _number(lambda v: 0.0 <= v < 1.0, "not in [0, 1)")
+_positive = _number(lambda v: v > 0, "not positive")
+
+
+# a setting's kind (see `kerastl.settings.setting`) -> the argparse type that reads it
+KINDS = {"int": int, "fraction": _fraction, "positive": _positive, "nonneg": _number(lambda v: v >= 0, "negative"),
+         "decay": _number(lambda v: 0 < v <= 1, "not in (0, 1]"), "features": _features, "blocks": _blocks,
+         "class_weight": _class_weight}
+GROUP_TITLES = {"feature cache": "feature cache (phase 1 on features computed once)"}
+
+
+def _add_setting(group: Any, item: Setting) -> None:
+    """One flag for a setting, from its declaration: kind, metavar, choices, help and shown default."""
+    options: dict = {"dest": item.name, "help": item.help_text}
+    if item.kind == "bool":
+        options.update(action=argparse.BooleanOptionalAction, default=None)
+    elif item.kind == "choice":
+        options.update(choices=item.choices, metavar=item.metavar)
+    else:
+        options.update(metavar=item.metavar, type=_count(int(item.kind.split(":")[1]))
+                       if item.kind.startswith("count:") else KINDS.get(item.kind))
+    group.add_argument(item.flag, **options)
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """The run's settings as flags, one group per part of the config (derived from `SETTINGS`)."""
+    groups = {name: p.add_argument_group(GROUP_TITLES.get(name, name)) for name in GROUPS}
+    for item in SETTINGS.values():
+        if not item.hidden:
+            _add_setting(groups[item.group], item)
+    o = groups["output"]
+    o.add_argument("--config", metavar="FILE", help="a run config, JSON or TOML (tables [data], [model], [train], "
+                   "and [tune] for a search); flags override its values")
+    o.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `kerastl` parser: one subcommand per command, errors as one line with exit code 2."""
+    parser = _Parser(prog="kerastl", description="Transfer learning on images with Keras.",
+                     epilog=f"TensorFlow's native start-up log is hidden; --verbose or {NATIVE_LOG_VARIABLE}=1 "
+                     "shows it.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging and TensorFlow's native log")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = sub.add_parser(
+        "train", help="train a classifier (frozen base, then fine-tuning) and export it",
+        description="Train a classifier and export it. A killed run resumes from its last completed epoch when "
+        "the same command runs again (its state is kept in EXPORT.partial).")
+    _add_train_flags(train)
+    train.add_argument("--restart", action="store_true",
+                       help="discard an unfinished run into the same export folder instead of resuming it")
+    predict = sub.add_parser("predict", help="classify images with an exported model")
+    predict.add_argument("--model", required=True, metavar="DIR", help="an export folder")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, GIF or BMP files")
+    predict.add_argument("--top-k", type=_count(1), default=3, metavar="K", help="classes to show (3)")
+    predict.add_argument("--json", action="store_true", help="one JSON object per image")
+    extract = sub.add_parser(
+        "extract", help="save pooled backbone features of a source's training images (all of a class folder or "
+        "digits; CIFAR-10's 50,000 training images) to an .npz file")
+    extract.add_argument("--data", required=True, metavar="SRC", help="class folder, cifar10 folder, or digits")
+    extract.add_argument("--backbone", default="mobilenet_v2", metavar="NAME", help="registry name (mobilenet_v2)")
+    extract.add_argument("--weights", default="imagenet", metavar="W", help="imagenet, none or a weights file")
+    extract.add_argument("--image-size", type=_count(1), metavar="N", help="input size (the backbone's default)")
+    extract.add_argument("--layers", metavar="NAME[,NAME]", help="backbone layers to pool, one array each")
+    extract.add_argument("--features", type=_features, default="last", metavar="SPEC",
+                         help="blocks to pool and concatenate: last, all or numbers such as 3,7 (last)")
+    extract.add_argument("--batch-size", type=_count(1), default=64, metavar="N", help="(64)")
+    extract.add_argument("--out", required=True, metavar="FILE.npz", help="output file")
+    evaluate = sub.add_parser(
+        "evaluate", help="score an export or run folder on labelled images: per-class metrics, confusion matrix, "
+        "calibration", description="Evaluate a model on every image of a data source (CIFAR-10: its test set). "
+        "The source's classes must be some or all of the model's (labels.txt).")
+    evaluate.add_argument("--model", required=True, metavar="DIR", help="an export or run folder")
+    evaluate.add_argument("--data", required=True, metavar="SRC", help="class folder, digits, cifar10 or its folder")
+    evaluate.add_argument("--json", metavar="FILE", help="also write the evaluation as JSON")
+    evaluate.add_argument("--plots", metavar="DIR", help="also write the confusion matrix, reliability diagram and "
+                          "most confidently wrong images as PNGs")
+    evaluate.add_argument("--top-k", type=_count(1), default=3, metavar="K", help="top-k accuracy (3)")
+    evaluate.add_argument("--batch-size", type=_count(1), default=64, metavar="N", help="(64)")
+    report = sub.add_parser("report", help="rebuild report.html (and the plots) of a run folder or search project",
+                            description="A run folder gets its plots, report.html and MODEL_CARD.md redrawn from its "
+                            "files; a search project folder gets a report.html with its trial table.")
+    report.add_argument("folder", metavar="DIR", help="a run folder or a search's --project-dir")
+    backbones = sub.add_parser("backbones", help="list the backbones in the registry")
+    backbones.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'efficientnet*'")
+    backbones.add_argument("--blocks", action="store_true",
+                           help="also list each matching backbone's numbered blocks (what --features reads): the "
+                           "layer that ends each and its width (builds each backbone, untrained)")
+    tune = sub.add_parser(
+        "tune", help="search hyperparameters of both phases with KerasTuner and export the best model",
+        description="Search head, optimizer and fine-tuning settings with KerasTuner. Head-only trials train on "
+        "shared cached features; trials that fine-tune run in their own process. Running again on the same "
+        "--project-dir resumes. Settings not searched keep the values of the train flags below.")
+    _add_train_flags(tune)
+    s = tune.add_argument_group("search")
+    s.add_argument("--tuner", choices=TUNERS, help="(random)")
+    s.add_argument("--objective", choices=(AUTO_OBJECTIVE, *OBJECTIVES),
+                   help="scored on the validation split; loss is minimised, the others maximised; auto: "
+                   f"val_accuracy, or val_macro_f1 when classes are imbalanced beyond {IMBALANCE_RATIO:g}:1 (auto)")
+    s.add_argument("--max-trials", type=_count(1), metavar="N", help="trials to run (10)")
+    s.add_argument("--project-dir", metavar="DIR",
+                   help="search state, trials and results; rerun to resume (tuning)")
+    s.add_argument("--workers", type=_count(0), metavar="N",
+                   help="1: trials one at a time here; N>1: a chief and N worker processes, one per GPU when "
+                   "there are GPUs; 0: one per GPU (1)")
+    s.add_argument("--space", metavar="FILE", help="JSON search space replacing the default one")
+    s.add_argument("--search", action="append", default=[], metavar="NAME=VALUES",
+                   help="set one entry of the space: name=a,b (choice), name=lo:hi[:log|:step] (range), "
+                   "name=value (fixed); repeatable. Names: " + ", ".join(SPACE_FIELDS))
+    s.add_argument("--isolate", choices=ISOLATION,
+                   help="one process per trial: auto does so for trials that run the backbone (auto)")
+    s.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
+                   help="float16 compute on GPUs (on when there is a GPU)")
+    s.add_argument("--max-failures", type=_count(1), metavar="N",
+                   help="stop after N failed trials in a row (3)")
+    s.add_argument("--restart", action="store_true", help="delete --project-dir first instead of resuming")
+    check = sub.add_parser("check-data", help="report every file of a class folder that training would skip "
+                           "or convert, and what happens to it",
+                           description="Exit code 0: every file is usable; 1: some files will be skipped; 2: the "
+                           "folder cannot train.")
+    check.add_argument("folder", metavar="SRC", help="a folder with one subfolder per class, or a CSV file of "
+                       "path and label columns")
+    demo = sub.add_parser("demo", help="offline demo: transfer from digits 0-4 to 5-9 vs training from scratch")
+    demo.add_argument("--output", default="saved_models/demo", metavar="DIR", help="(saved_models/demo)")
+    return parser

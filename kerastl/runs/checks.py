@@ -1,0 +1,76 @@
+"""Checks of a run's input that need no TensorFlow, made before anything loads or trains.
+
+`resolve_run_config` fills in the registry's defaults (size, canonical name) and the
+run's name and folder; `check_run` adds every check the command line makes
+before it imports TensorFlow: the data folder and its classes, the backbone, the
+image size, the weights file, the export folder, and an unfinished run in it.
+`kerastl.runs.run.run_training` makes the same checks, so the Python API fails as early.
+The data source itself is checked by `kerastl.data.tables.check_data_source`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+from kerastl.config import RunConfig, normalize_weights
+from kerastl.data.tables import check_data_source
+from kerastl.models.backbones import check_weights, get_spec, resolve_size
+from kerastl.runs.resume import RunState, adopt_unfinished
+from kerastl.storage import check_export_dir
+
+DEFAULT_EXPORT_ROOT = Path("saved_models")
+
+
+def resolve_run_config(config: RunConfig) -> RunConfig:
+    """A validated copy with registry defaults filled in (size, canonical name, folders)."""
+    config = copy.deepcopy(config)
+    config.validate()
+    config.model.weights = normalize_weights(config.model.weights)
+    spec = get_spec(config.model.backbone)
+    config.model.backbone = spec.name
+    config.model.image_size = resolve_size(spec, config.model.image_size)
+    check_weights(spec, config.model.weights)
+    if not config.name:
+        config.name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if config.export_dir is None:
+        config.export_dir = str(DEFAULT_EXPORT_ROOT / config.name)
+    return config
+
+
+def is_named(config: RunConfig) -> bool:
+    """Whether the user chose the run's name or folder (otherwise the same command finds its unfinished run)."""
+    return bool(config.name or config.export_dir)
+
+
+def check_output(export_dir: str, chosen: bool, overwrite: bool) -> None:
+    """The export folder can be written; the default root is created, a `chosen` folder's parent is not."""
+    check_export_dir(export_dir, overwrite, create_parent=not chosen)
+
+
+def check_run(config: RunConfig, overwrite: bool = False, restart: bool = False) -> RunConfig:
+    """Every check of a training run that needs no TensorFlow; returns the resolved config.
+
+    Raises a one-line `KerastlError` for: a missing data folder, one class, a class
+    without images, an unknown backbone, a size below the backbone's minimum, bad
+    numbers, a missing or unusable weights file, an export folder that cannot be
+    written, and another run (or another config's unfinished run) in that folder.
+    Without a name or folder, the run takes over the unfinished run of the same
+    config under `DEFAULT_EXPORT_ROOT`, if there is one.
+    """
+    resolved = resolve_run_config(config)
+    if not is_named(config):
+        resolved = adopt_unfinished(resolved, DEFAULT_EXPORT_ROOT)
+    check_data_source(resolved.data)
+    check_output(resolved.export_dir, config.export_dir is not None, overwrite)
+    RunState(resolved.export_dir).check(resolved, restart)
+    return resolved
+
+
+def check_search(config: RunConfig, overwrite: bool = False) -> RunConfig:
+    """The checks of a search's run settings and export folder that need no TensorFlow."""
+    resolved = resolve_run_config(config)
+    check_data_source(resolved.data)
+    check_output(resolved.export_dir, config.export_dir is not None, overwrite)
+    return resolved
