@@ -77,9 +77,16 @@ class JsonConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise KerastlError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(names)}")
-        groups = {f.name: f.metadata["group"]["kind"] for f in dataclasses.fields(cls) if "group" in f.metadata}
-        return cls(**{key: groups[key].from_dict(value) if key in groups and isinstance(value, dict) else value
-                      for key, value in values.items()})
+        groups = {f.name: f for f in dataclasses.fields(cls) if "group" in f.metadata}
+
+        def read(key: str, value: Any) -> Any:  # a group's keys left out keep that group's own defaults
+            if key not in groups or not isinstance(value, dict):
+                return value
+            group_field = groups[key]
+            own = dataclasses.asdict(group_field.default_factory())  # type: ignore[misc]
+            return group_field.metadata["group"]["kind"].from_dict({**own, **value})
+
+        return cls(**{key: read(key, value) for key, value in values.items()})
 
 
 def setting(default: Any = MISSING, help: str = "", *, kind: str = "text", name: str | None = None,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kerastl.config import SETTINGS, DataConfig, ModelConfig, RunConfig, TrainConfig
+from kerastl.config import SETTINGS, DataConfig, ModelConfig, PhaseConfig, RunConfig, TrainConfig
 from kerastl.models.classifier import TransferClassifier
 from kerastl.reports.html import write_run_report
 from kerastl.runs.folder import load_model, read_config
@@ -45,6 +45,12 @@ def test_the_0_2_names_still_set_the_phases():
     assert train.validation.mode == "cv" and train.validation.cv_folds == 3
     train.fine_tune_epochs, train.validation = 4, "holdout"
     assert train.fine_tune.epochs == 4 and train.validation.mode == "holdout" and train.validation.cv_folds == 3
+
+
+def test_a_phase_table_that_sets_one_key_keeps_that_phases_own_defaults():
+    config = RunConfig.from_dict({"train": {"fine_tune": {"epochs": 20}, "validation": {"cv_folds": 3}}})
+    assert config.train.fine_tune == PhaseConfig(epochs=20, min_steps=100, lr_ratio=0.1)  # not the head's 300, 1.0
+    assert config.train.head == TrainConfig().head and config.train.validation.cv_below == 30
 
 
 def test_a_0_2_run_folder_loads_and_its_report_is_rebuilt_without_touching_global_random_state(tmp_path):
