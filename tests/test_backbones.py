@@ -7,11 +7,12 @@ from contract import check_contract
 from kerastl.errors import KerastlError
 from kerastl.models.backbones import REGISTRY, block_boundaries, build_backbone, get_spec, list_backbones
 
-# entries whose construction takes tens of seconds or gigabytes on 2 cores: run with -m large
+# entries whose construction takes tens of seconds or gigabytes on 2 cores (or, for DenseNet-169,
+# NASNet-Mobile and EfficientNetV2-S, 6-8 s at the smallest size): run with -m large
 HEAVY = {
     "convnext_base", "convnext_large", "convnext_xlarge", "efficientnet_b5", "efficientnet_b6",
     "efficientnet_b7", "efficientnet_v2_m", "efficientnet_v2_l", "nasnet_large", "inception_resnet_v2",
-    "resnet152", "resnet152_v2", "densenet201",
+    "resnet152", "resnet152_v2", "densenet201", "densenet169", "nasnet_mobile", "efficientnet_v2_s",
 }
 FAMILIES = [
     "vgg16", "vgg19", "resnet50", "resnet101", "resnet152", "resnet50_v2", "resnet101_v2", "resnet152_v2",

@@ -44,7 +44,8 @@ def write_version_0_1_folder(folder, hidden_units=8):
     return model
 
 
-@pytest.mark.parametrize("weights, from_scratch", [("imagenet", False), (None, True)])
+@pytest.mark.parametrize("weights, from_scratch", [pytest.param("imagenet", False, marks=pytest.mark.slow),
+                                                   (None, True)])
 def test_a_version_0_1_run_folder_loads_as_a_classifier_with_equal_outputs(tmp_path, monkeypatch, weights,
                                                                          from_scratch):
     monkeypatch.setitem(V01_CONFIG, "model", {**V01_CONFIG["model"], "weights": weights})

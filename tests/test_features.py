@@ -158,6 +158,7 @@ def test_runs_use_the_cache_by_default_and_reuse_it(tmp_path, caplog):
     assert json.loads((first.export_dir / "history.json").read_text())["phase2"]["epoch"] == [2]
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
 def test_a_pretrained_start_hits_the_cache_whatever_the_seed(tmp_path, caplog):
     data = digits()
     model = frozen_cnn()

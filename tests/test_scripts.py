@@ -150,6 +150,7 @@ def test_forgetting_tables_both_methods_and_plots_them(tmp_path, capsys):
     assert (tmp_path / "forgetting.csv").is_file()
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
 def test_binary_and_multiclass_heads_are_scored_alike(tmp_path, capsys):
     argv = ["--backbone", "simple_cnn", "--image-size", "16", *QUICK, "--output", str(tmp_path)]
     assert load_script("binary_vs_multiclass").main(argv) == 0

@@ -69,6 +69,7 @@ def _zero_last_block(path):
     return str(path)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
 def test_auto_reads_an_earlier_block_when_the_last_destroys_the_signal(tmp_path):
     _, data = digits(40)
     weights = _zero_last_block(tmp_path / "broken.weights.h5")
