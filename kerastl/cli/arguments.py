@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kerastl.choices import IMBALANCE_RATIO, parse_class_weight, parse_features
+from kerastl.choices import parse_class_weight, parse_features
 from kerastl.cli.quiet import NATIVE_LOG_VARIABLE
 from kerastl.config import SETTINGS
 from kerastl.errors import KerastlError
 from kerastl.settings import GROUPS, Setting
-from kerastl.tune.config import AUTO_OBJECTIVE, ISOLATION, OBJECTIVES, SPACE_FIELDS, TUNERS
+from kerastl.tune.config import SPACE_FIELDS, TUNE_SETTINGS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -165,26 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--project-dir resumes. Settings not searched keep the values of the train flags below.")
     _add_train_flags(tune)
     s = tune.add_argument_group("search")
-    s.add_argument("--tuner", choices=TUNERS, help="(random)")
-    s.add_argument("--objective", choices=(AUTO_OBJECTIVE, *OBJECTIVES),
-                   help="scored on the validation split; loss is minimised, the others maximised; auto: "
-                   f"val_accuracy, or val_macro_f1 when classes are imbalanced beyond {IMBALANCE_RATIO:g}:1 (auto)")
-    s.add_argument("--max-trials", type=_count(1), metavar="N", help="trials to run (10)")
-    s.add_argument("--project-dir", metavar="DIR",
-                   help="search state, trials and results; rerun to resume (tuning)")
-    s.add_argument("--workers", type=_count(0), metavar="N",
-                   help="1: trials one at a time here; N>1: a chief and N worker processes, one per GPU when "
-                   "there are GPUs; 0: one per GPU (1)")
+    for item in TUNE_SETTINGS.values():
+        if not item.hidden:
+            _add_setting(s, item)
     s.add_argument("--space", metavar="FILE", help="JSON search space replacing the default one")
     s.add_argument("--search", action="append", default=[], metavar="NAME=VALUES",
                    help="set one entry of the space: name=a,b (choice), name=lo:hi[:log|:step] (range), "
                    "name=value (fixed); repeatable. Names: " + ", ".join(SPACE_FIELDS))
-    s.add_argument("--isolate", choices=ISOLATION,
-                   help="one process per trial: auto does so for trials that run the backbone (auto)")
-    s.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
-                   help="float16 compute on GPUs (on when there is a GPU)")
-    s.add_argument("--max-failures", type=_count(1), metavar="N",
-                   help="stop after N failed trials in a row (3)")
     s.add_argument("--restart", action="store_true", help="delete --project-dir first instead of resuming")
     check = sub.add_parser("check-data", help="report every file of a class folder that training would skip "
                            "or convert, and what happens to it",

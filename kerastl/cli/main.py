@@ -28,7 +28,7 @@ from kerastl.models.backbones import REGISTRY, check_weights, get_spec, list_bac
 from kerastl.runs.checks import check_run, check_search
 from kerastl.settings import set_setting
 from kerastl.storage import check_parent, replace_file
-from kerastl.tune.config import TuneConfig
+from kerastl.tune.config import TUNE_SETTINGS, TuneConfig
 
 # The modules that import TensorFlow are imported inside the commands that need them,
 # so that `--help` and bad flags answer before TensorFlow loads.
@@ -43,7 +43,7 @@ def _run_config(args: argparse.Namespace, values: dict) -> RunConfig:
     """The config file's run settings (`values`), with the flags given overriding them."""
     config = RunConfig.from_dict(values)
     for name, item in SETTINGS.items():  # a flag left out keeps the config file's value
-        value = getattr(args, name, None)
+        value = None if item.hidden else getattr(args, name, None)
         if value is not None:
             set_setting(config, item, value)
     return config
@@ -127,17 +127,13 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
-TUNE_FLAGS = ("tuner", "objective", "max_trials", "project_dir", "workers", "isolate", "mixed_precision",
-              "max_failures")
-
-
 def _tune_config(args: argparse.Namespace, values: dict) -> TuneConfig:
     """The config file's `tune` table, if any, with the search flags given overriding it. (A 0.1
     search export's config.json holds its search's `tune` too, beside `best_trial`: not adopted.)"""
     tune = TuneConfig.from_dict(values.get("tune", {}) if "best_trial" not in values else {})
-    for name in TUNE_FLAGS:
-        if getattr(args, name) is not None:
-            setattr(tune, name, getattr(args, name))
+    for name, item in TUNE_SETTINGS.items():  # a flag left out keeps the config file's value
+        if not item.hidden and getattr(args, name, None) is not None:
+            set_setting(tune, item, getattr(args, name))
     tune.validate()
     return tune
 

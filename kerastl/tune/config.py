@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kerastl.choices import OBJECTIVES
+from kerastl.choices import IMBALANCE_RATIO, OBJECTIVES
 from kerastl.config import SETTINGS, JsonConfig
 from kerastl.errors import KerastlError
-from kerastl.settings import Setting
+from kerastl.settings import Setting, setting, settings_of
 
 TUNERS = ("random", "bayesian", "hyperband")
 ISOLATION = ("auto", "always", "never")
@@ -45,16 +45,20 @@ class TuneConfig(JsonConfig):
         max_failures: stop the search after this many failed trials in a row.
     """
 
-    tuner: str = "random"
-    objective: str = AUTO_OBJECTIVE
-    max_trials: int = 10
-    project_dir: str = "tuning"
-    space: dict[str, Any] | None = None
-    workers: int = 1
-    isolate: str = "auto"
-    mixed_precision: bool | None = None
-    max_failures: int = 3
-    hyperband_factor: int = 3
+    tuner: str = setting("random", "", kind="choice", choices=TUNERS)
+    objective: str = setting(AUTO_OBJECTIVE, "scored on the validation split; loss is minimised, the others "
+                             f"maximised; auto: val_accuracy, or val_macro_f1 when classes are imbalanced beyond "
+                             f"{IMBALANCE_RATIO:g}:1", kind="choice", choices=(AUTO_OBJECTIVE, *OBJECTIVES))
+    max_trials: int = setting(10, "trials to run", kind="count:1", metavar="N")
+    project_dir: str = setting("tuning", "search state, trials and results; rerun to resume", metavar="DIR")
+    space: dict[str, Any] | None = setting(None, "setting -> list, range or fixed value", hidden=True)
+    workers: int = setting(1, "1: trials one at a time here; N>1: a chief and N worker processes, one per GPU when "
+                           "there are GPUs; 0: one per GPU", kind="count:0", metavar="N")
+    isolate: str = setting("auto", "one process per trial: auto does so for trials that run the backbone",
+                           kind="choice", choices=ISOLATION)
+    mixed_precision: bool | None = setting(None, "float16 compute on GPUs", kind="bool", shown="on when there is a GPU")
+    max_failures: int = setting(3, "stop after N failed trials in a row", kind="count:1", metavar="N")
+    hyperband_factor: int = setting(3, "Hyperband's reduction factor", kind="count:2", hidden=True)
 
     def validate(self) -> None:
         if self.tuner not in TUNERS:
@@ -70,3 +74,7 @@ class TuneConfig(JsonConfig):
             raise KerastlError(f"workers must be 0 or more, got {self.workers}")
         if self.hyperband_factor < 2:
             raise KerastlError(f"hyperband_factor must be at least 2, got {self.hyperband_factor}")
+
+
+# the search's own settings: the `tune` command's flags (derived from the fields above)
+TUNE_SETTINGS: dict[str, Setting] = settings_of(TuneConfig, group_name="search")
