@@ -30,7 +30,7 @@ def test_demo_compares_transfer_with_the_strongest_baselines_and_exports(tmp_pat
         assert metrics["test_accuracy"] == pytest.approx(rows[per_class][0], abs=5e-4)
         assert "cv_accuracy" in metrics and "val_accuracy" not in metrics  # small data: cross-validated
         config = json.loads((tmp_path / f"transfer_5-9_{per_class}" / "config.json").read_text())
-        assert config["train"]["epochs"] == 10 and config["train"]["learning_rate"] == 1e-3  # the defaults
+        assert config["train"]["head"]["epochs"] == 10 and config["train"]["learning_rate"] == 1e-3  # the defaults
     assert (tmp_path / f"transfer_5-9_{SHOTS[-1]}" / "saved_model.pb").is_file()
     parity = float(report.split("max |export - Keras| = ")[1].split(")")[0])
     assert parity < 1e-5
