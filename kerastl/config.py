@@ -202,15 +202,10 @@ class TrainConfig(JsonConfig):
     validation: ValidationConfig = group(ValidationConfig, ValidationConfig, group="validation")
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "validation" and isinstance(value, str):  # 0.2: validation="cv"
-            value = ValidationConfig(value, *((self.validation.cv_below, self.validation.cv_folds)
-                                              if isinstance(getattr(self, "validation", None), ValidationConfig)
-                                              else ()))
-        elif name in _ALIASES:
-            part, field_name = _ALIASES[name]
-            setattr(getattr(self, part), field_name, value)
+        if name == "validation" and isinstance(value, str):  # 0.2: validation="cv" sets the mode
+            self.validation.mode = value
             return
-        super().__setattr__(name, value)
+        super().__setattr__(name, value)  # the other 0.2 names are properties (`_ALIASES`)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
