@@ -211,9 +211,7 @@ class TrainConfig(JsonConfig):
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Also reads 0.1 and 0.2 `train` sections, whose phase and validation settings were flat."""
         values = dict(values)
-        legacy = {name: values.pop(name) for name in list(values) if name in _ALIASES}
-        if isinstance(values.get("validation"), str):
-            legacy["validation"] = values.pop("validation")
+        legacy = _legacy(values)
         config = super().from_dict(values)
         for name, value in legacy.items():
             setattr(config, name, value)
@@ -294,10 +292,16 @@ for _name, (_part, _field) in _ALIASES.items():
 _dataclass_init = TrainConfig.__init__
 
 
+def _legacy(values: dict[str, Any]) -> dict[str, Any]:
+    """Takes the 0.2 flat names (and a `validation` mode given as text) out of `values`."""
+    legacy = {name: values.pop(name) for name in list(values) if name in _ALIASES}
+    if isinstance(values.get("validation"), str):
+        legacy["validation"] = values.pop("validation")
+    return legacy
+
+
 def _init(self: TrainConfig, *args: Any, **kwargs: Any) -> None:
-    legacy = {name: kwargs.pop(name) for name in list(kwargs) if name in _ALIASES}
-    if isinstance(kwargs.get("validation"), str):
-        legacy["validation"] = kwargs.pop("validation")
+    legacy = _legacy(kwargs)
     _dataclass_init(self, *args, **kwargs)
     for name, value in legacy.items():
         setattr(self, name, value)
