@@ -14,6 +14,7 @@ and JSON keys: every `config.json` and `search.json` written by 0.1 and 0.2 stil
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 from dataclasses import dataclass
@@ -359,6 +360,25 @@ class RunConfig(JsonConfig):
                 inner, key = dict_at(values, item)
                 inner.pop(key, None)
         return values
+
+    def digest(self) -> str:
+        """A digest of the experiment this (resolved) config sets, not of its name, folder or machine settings
+        (another `--cache-dir` finds the same unfinished run). It is taken over the 0.2 layout (`flat_train`)
+        with the machine's settings at their defaults, so that a run 0.2 left unfinished resumes."""
+        values = self.to_dict()
+        for item in SETTINGS.values():
+            if item.machine:
+                inner, key = dict_at(values, item)
+                inner[key] = item.default
+        values["train"] = flat_train(values["train"])
+        values.pop("name", None)
+        values.pop("export_dir", None)
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def trains_head_only(self) -> bool:
+        """Whether the run trains the head alone on cached features, never running or changing the backbone."""
+        return self.train.feature_cache and not self.model.trains_from_scratch and not self.train.wants_fine_tuning
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.experiment_dict(), indent=2) + "\n")

@@ -99,7 +99,7 @@ def measure(args: argparse.Namespace, size: int, root: Path) -> dict:
           f"{args.epochs} epochs, {os.cpu_count()} CPU cores")
 
     start = time.perf_counter()
-    cached = search_here(base, tune, None)  # loads the data itself, as `kerastl tune` does
+    cached = search_here(TransferHyperModel(base, tune.space), tune, None)  # loads its own data, as `kerastl tune`
     row["cached_s"] = time.perf_counter() - start
     row["cached_acc"] = best_accuracy(cached.oracle.trials.values())
     rows.append(("kerastl, cached features", row["cached_s"], row["cached_acc"]))

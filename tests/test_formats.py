@@ -13,7 +13,6 @@ from kerastl.config import SETTINGS, DataConfig, ModelConfig, PhaseConfig, RunCo
 from kerastl.models.classifier import TransferClassifier
 from kerastl.reports.html import write_run_report
 from kerastl.runs.folder import load_model, read_config
-from kerastl.runs.resume import run_digest
 from kerastl.runs.run import run_training
 from kerastl.tune.config import TuneConfig
 from kerastl.tune.search import claim_project, prepare, read_search
@@ -82,7 +81,7 @@ def test_a_0_2_search_project_is_the_same_search_to_0_3(tmp_path, monkeypatch):
                        name="search-0.2")
     base, tune = prepare(config, TuneConfig(max_trials=2, project_dir="fixtures/v0_2/search",
                                             space={"dropout": [0.0, 0.3], "fine_tune_epochs": [0, 1]}))
-    claim_project(Path("fixtures/v0_2/search"), base, tune, restart=False)  # another search would be refused
+    claim_project(Path("fixtures/v0_2/search"), base.to_dict(), tune, restart=False)  # another search would be refused
 
 
 def test_a_run_left_unfinished_by_0_2_resumes(tmp_path, caplog):
@@ -92,7 +91,7 @@ def test_a_run_left_unfinished_by_0_2_resumes(tmp_path, caplog):
                        TrainConfig(epochs=4, min_steps=0, fine_tune_epochs=0, validation="holdout", patience=10),
                        export_dir=str(tmp_path / "run"))
     stored = json.loads((tmp_path / "run.partial" / "run.json").read_text())
-    assert run_digest(config) == stored["digest"]  # another --cache-dir than 0.2's: the same experiment
+    assert config.digest() == stored["digest"]  # another --cache-dir than 0.2's: the same experiment
     with caplog.at_level(logging.INFO, logger="kerastl"):
         result = run_training(config, verbose=0)
     assert "resuming the unfinished run" in caplog.text
@@ -103,7 +102,7 @@ def test_a_run_left_unfinished_by_0_2_resumes(tmp_path, caplog):
 def test_the_machines_settings_stay_out_of_the_digest_and_config_json(tmp_path):
     here = RunConfig(DataConfig("digits"), train=TrainConfig())
     there = RunConfig(DataConfig("digits", cache_limit_mb=64), train=TrainConfig(cache_dir=str(tmp_path)))
-    assert run_digest(here) == run_digest(there)
+    assert here.digest() == there.digest()
     machine = {item.path[-1] for item in SETTINGS.values() if item.machine}
     assert machine == {"cache_dir", "cache_limit_mb"}
     there.to_json(tmp_path / "config.json")

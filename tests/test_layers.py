@@ -17,6 +17,9 @@ WINGS = ("kerastl", "reports", "data", "models", "features", "training", "runs",
 TOP_LEVEL_ALWAYS = {"__init__", "__main__", "version", "errors", "config"}
 MAX_TOP_LEVEL_OTHERS = 6
 MAX_LINES = 400
+# the functions that take the whole RunConfig: the boundaries (check, resolve, plan, run, search) and what
+# writes or changes a config; the rest take the part they use (a DataConfig, a TrainConfig, a few values)
+MAX_TAKING_RUN_CONFIG = 15
 # what must import without TensorFlow (or Keras): the package, the command line before a command
 # runs, the reports, and the checks that run before TensorFlow loads
 LIGHT = ("kerastl", "kerastl.cli.main", "kerastl.config", "kerastl.data.tables", "kerastl.data.imagefiles",
@@ -66,6 +69,17 @@ def test_the_top_level_holds_few_modules_and_none_is_long():
     assert len(top - TOP_LEVEL_ALWAYS) <= MAX_TOP_LEVEL_OTHERS, sorted(top - TOP_LEVEL_ALWAYS)
     long = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long
+
+
+def test_few_functions_take_the_whole_run_config():
+    taking = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                arguments = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+                if any(a.annotation is not None and "RunConfig" in ast.unparse(a.annotation) for a in arguments):
+                    taking.append(f"{name}.{node.name}")
+    assert 0 < len(taking) <= MAX_TAKING_RUN_CONFIG, sorted(taking)
 
 
 def test_there_are_no_import_circles():

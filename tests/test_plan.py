@@ -12,6 +12,7 @@ import pytest
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from kerastl.data.datasets import load_digits
 from kerastl.data.images import from_arrays
+from kerastl.errors import KerastlError
 from kerastl.runs.plan import plan_run
 from kerastl.runs.run import run_training
 
@@ -72,3 +73,21 @@ def test_config_json_records_the_plan_and_still_reproduces_the_run(tmp_path):
     assert "cache_dir" not in written["train"] and "cache_limit_mb" not in written["data"]  # the machine's
     assert [phase["name"] for phase in written["plan"]["phases"]] == ["head"]
     assert RunConfig.from_json(tmp_path / "run" / "config.json") == result.config  # the plan is not a setting
+
+
+def test_pipelines_train_through_their_own_keyword_and_0_2s_tuple_as_data_alike():
+    from kerastl.models.classifier import build_classifier
+
+    data = digits(20)
+    pipelines = (data.train.batches(8), data.validation.batches(8))
+    config = small(validation="holdout", fine_tune_epochs=0)
+    plans = []
+    for keywords in ({"pipelines": pipelines}, {"data": pipelines}):
+        keras.utils.set_random_seed(0)
+        model = build_classifier(config.model, 3, seed=0)
+        result = run_training(config, model=model, verbose=0, save="none", **keywords)
+        assert result.class_names is None and result.plan.head_start == "probe"
+        plans.append(result.plan.to_dict())
+    assert plans[0] == plans[1]
+    with pytest.raises(KerastlError, match="needs the model built for them"):
+        run_training(config, pipelines=pipelines, verbose=0, save="none")

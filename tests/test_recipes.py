@@ -88,7 +88,7 @@ def test_class_weights_change_the_loss_on_cached_features_and_on_images():
     compile_classifier(head, TrainConfig())
     weights = class_weights("auto", np.bincount(features.labels))
     plain = head.evaluate(feature_batches(features, 4), verbose=0)[0]
-    heavy = head.evaluate(feature_batches(features, 4, weights=weights), verbose=0)[0]
+    heavy = head.evaluate(feature_batches(features, 4, class_weights=weights), verbose=0)[0]
     p = head.predict(features.features[0], verbose=0)
     per_image = -np.log(p[np.arange(12), features.labels])
     assert plain == pytest.approx(per_image.mean(), rel=1e-4)
@@ -283,11 +283,11 @@ def test_the_search_objective_becomes_macro_f1_when_classes_are_imbalanced(tmp_p
     keep = np.concatenate([np.flatnonzero(y == 0)[:80], np.flatnonzero(y == 1)[:20]])  # 4:1, beyond 3:1
     imbalanced = from_arrays(x[keep], y[keep], 16, names)
     base = base_config(tmp_path)
-    assert choose_objective(base, TuneConfig(), balanced).objective == "val_accuracy"
+    assert choose_objective(base.data, TuneConfig(), balanced).objective == "val_accuracy"
     with caplog.at_level(logging.WARNING, "kerastl"):
-        assert choose_objective(base, TuneConfig(), imbalanced).objective == "val_macro_f1"
+        assert choose_objective(base.data, TuneConfig(), imbalanced).objective == "val_macro_f1"
     assert "imbalanced 4.0:1 (more than 3:1): the search maximises val_macro_f1" in caplog.text
-    assert choose_objective(base, TuneConfig(objective="val_loss"), imbalanced).objective == "val_loss"
+    assert choose_objective(base.data, TuneConfig(objective="val_loss"), imbalanced).objective == "val_loss"
 
 
 def test_gradual_openings_spread_over_the_phase_and_the_last_opens_by_its_last_epoch():
@@ -325,8 +325,8 @@ def test_a_resumed_search_keeps_the_objective_it_started_with(tmp_path):
     tune = TuneConfig(project_dir=str(tmp_path / "project"))
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / SEARCH_FILE).write_text(json.dumps({"tune": {"objective": "val_accuracy"}}))
-    assert choose_objective(base_config(tmp_path), tune, imbalanced).objective == "val_accuracy"
-    assert choose_objective(base_config(tmp_path), tune, imbalanced, restart=True).objective == "val_macro_f1"
+    assert choose_objective(base_config(tmp_path).data, tune, imbalanced).objective == "val_accuracy"
+    assert choose_objective(base_config(tmp_path).data, tune, imbalanced, restart=True).objective == "val_macro_f1"
 
 
 def test_labelled_counts_read_a_folder_or_a_table_without_decoding_images(image_folder, tmp_path, monkeypatch):

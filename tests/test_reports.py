@@ -13,7 +13,7 @@ from helpers import SMALL, frozen_random
 from sklearn.metrics import accuracy_score, confusion_matrix
 
 from kerastl.cli.main import main
-from kerastl.config import RunConfig, read_config_file
+from kerastl.config import DataConfig, RunConfig, read_config_file
 from kerastl.runs.checks import resolve_run_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -224,10 +224,13 @@ def test_data_json_names_in_memory_sources_and_the_folds_used():
 
     x, y = np.zeros((20, 8, 8, 3), np.uint8), np.repeat([0, 1], 10)
     data = from_arrays(x, y, 8, ["a", "b"], validation_split=0.2, test=(x[:4], np.array([0, 1, 0, 1])))
-    sources = describe_data(data, RunConfig(), "holdout")["sources"]
+    sources = describe_data(data, DataConfig(), "holdout")["sources"]
     assert sources == {"train": "in-memory images (the Python API)",
                        "validation": "0.2 of each class of the in-memory data, held out",
                        "test": "test images of the in-memory data"}
-    described = describe_data(data, RunConfig(), "cv", folds=3)
+    described = describe_data(data, DataConfig(), "cv", folds=3)
     assert described["sources"]["validation"] == "3-fold cross-validation on the training images"
     assert described["counts"]["test"] == [2, 2] and described["skipped_files"] == 0
+    unfolded = describe_data(data, DataConfig(), "cv", folds=0)  # no cached features: nothing to fold
+    assert unfolded["sources"]["validation"] == "none: every labelled image trains, with no validation estimate"
+

@@ -21,7 +21,8 @@ def test_a_second_run_into_the_same_export_folder_refuses_with_one_line(tmp_path
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from kerastl.runs.resume import RunState; "
          "from kerastl.config import RunConfig; "
-         f"RunState({str(export)!r}).acquire(RunConfig(), named=True); print('locked', flush=True); time.sleep(60)"],
+         f"RunState({str(export)!r}).acquire({{}}, RunConfig().digest(), named=True); "
+         "print('locked', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -36,26 +37,31 @@ def test_a_second_run_into_the_same_export_folder_refuses_with_one_line(tmp_path
 def test_only_an_unfinished_run_of_the_same_config_resumes(tmp_path, image_folder, fails_cleanly, capsys):
     from kerastl.config import ModelConfig, RunConfig
     from kerastl.runs.checks import check_run, resolve_run_config
-    from kerastl.runs.resume import RunState
 
     export = tmp_path / "run"
     config = RunConfig(DataConfig(str(image_folder)), ModelConfig("simple_cnn", None, 16), export_dir=str(export))
-    state = RunState(export).acquire(resolve_run_config(config), named=True)
+    state = acquire(export, resolve_run_config(config))
     state.release()
     other = dataclasses_replace_dropout(config)
     check_run(other)  # a run that failed before its first epoch does not hold its folder
     (state.backup_dir / "phase1" / "epoch-00001").mkdir(parents=True)
     (state.backup_dir / "phase1" / "epoch-00001" / "state.json").write_text("{}")
     check_run(config)  # the same config: resumes
-    resumed = RunState(export).acquire(resolve_run_config(config), named=True)
+    resumed = acquire(export, resolve_run_config(config))
     assert resumed.resuming
     resumed.release()
     capsys.readouterr()  # its log line, when an earlier test left the CLI's log handler in place
     fails_cleanly(["train", "--data", str(image_folder), "--backbone", "simple_cnn", "--image-size", "16",
                    "--weights", "none", "--dropout", "0.5", "--export", str(export)], "another config")
     check_run(other, restart=True)  # --restart discards it
-    RunState(export).acquire(resolve_run_config(other), named=True, restart=True).release()
+    acquire(export, resolve_run_config(other), restart=True).release()
     assert not state.has_progress()
+
+
+def acquire(export, resolved, named=True, restart=False):
+    from kerastl.runs.resume import RunState
+
+    return RunState(export).acquire(resolved.to_dict(), resolved.digest(), named, restart)
 
 
 def dataclasses_replace_dropout(config):
@@ -68,12 +74,11 @@ def dataclasses_replace_dropout(config):
 def test_the_same_command_without_a_name_finds_its_unfinished_run(tmp_path, image_folder, monkeypatch):
     from kerastl.config import ModelConfig, RunConfig
     from kerastl.runs.checks import check_run
-    from kerastl.runs.resume import RunState
 
     monkeypatch.chdir(tmp_path)
     config = RunConfig(DataConfig(str(image_folder)), ModelConfig("simple_cnn", None, 16))
     first = check_run(config)
-    RunState(first.export_dir).acquire(first, named=False).release()
+    acquire(first.export_dir, first, named=False).release()
     (tmp_path / "saved_models" / f"{first.name}.partial" / "backup").mkdir()
 
     time.sleep(1.1)  # a later default name

@@ -153,17 +153,15 @@ def test_fine_tuning_trial_starts_from_the_saved_head_of_an_equal_head_trial(tmp
 
 @pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
 def test_a_failing_trial_is_recorded_failed_and_the_search_goes_on(tmp_path, monkeypatch):
-    import kerastl.tune.trial
+    real, calls = TrialContext.run, []
 
-    real, calls = kerastl.tune.trial.run_trial, []
-
-    def second_runs_out_of_memory(*args, **kwargs):
+    def second_runs_out_of_memory(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
-        return real(*args, **kwargs)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(kerastl.tune.trial, "run_trial", second_runs_out_of_memory)
+    monkeypatch.setattr(TrialContext, "run", second_runs_out_of_memory)
     result = run_search(base_config(tmp_path), TuneConfig(max_trials=3, project_dir=str(tmp_path / "p"),
                                                           space=HEAD_SPACE))
     statuses = sorted(row["status"] for row in result.trials)
@@ -172,12 +170,10 @@ def test_a_failing_trial_is_recorded_failed_and_the_search_goes_on(tmp_path, mon
 
 
 def test_repeated_failures_stop_the_search_with_a_clear_message(tmp_path, monkeypatch):
-    import kerastl.tune.trial
-
     def always_fails(*args, **kwargs):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
 
-    monkeypatch.setattr(kerastl.tune.trial, "run_trial", always_fails)
+    monkeypatch.setattr(TrialContext, "run", always_fails)
     with pytest.raises(KerastlError, match=r"search stopped: 2 trials in a row failed.*OOM"):
         run_search(base_config(tmp_path), TuneConfig(max_trials=5, max_failures=2, project_dir=str(tmp_path / "p"),
                                                      space=HEAD_SPACE))
@@ -305,7 +301,7 @@ def test_in_memory_data_of_another_size_is_refused_not_fed_to_the_model(tmp_path
 
     config = base_config(tmp_path)
     context = TrialContext(tmp_path / "p", data=load_data(config.data, 16))
-    assert context.data(config).train.image_size == 16
+    assert context.data(config.data, 16).train.image_size == 16
     config.model.image_size = 24
     with pytest.raises(KerastlError, match="in-memory data is 16x16 but this run wants 24x24"):
         context.run(config, tmp_path / "t")

@@ -13,11 +13,11 @@ from kerastl.features.cache import CachedFeatures
 
 def feature_batches(
     cached: CachedFeatures, batch_size: int, training: bool = False, seed: int | None = None, first_epoch: int = 0,
-    weights: np.ndarray | None = None, balanced: bool = False,
+    class_weights: np.ndarray | None = None, balanced: bool = False,
 ) -> tf.data.Dataset:
     """A pipeline over cached features; each iteration of it is one epoch.
 
-    `weights`: class weights, given to the loss as sample weights (see `kerastl.data.pipelines`);
+    `class_weights`: each class's weight, given to the loss as sample weights (see `kerastl.data.pipelines`);
     `balanced`: when training, each epoch draws its rows by rebalanced sampling.
 
     One view in memory: the same cache -> shuffle -> batch structure and seed as
@@ -33,7 +33,7 @@ def feature_batches(
         ds = tf.data.Dataset.from_tensor_slices((np.asarray(cached.features[0]), cached.labels)).cache()
         if training:
             ds = ds.shuffle(max(len(cached.labels), 1), seed=seed, reshuffle_each_iteration=True)
-        return skip_epochs(weighted(ds.batch(batch_size), weights).prefetch(tf.data.AUTOTUNE), first_epoch)
+        return skip_epochs(weighted(ds.batch(batch_size), class_weights).prefetch(tf.data.AUTOTUNE), first_epoch)
     count, epochs_done = len(cached.labels), [first_epoch]
 
     def one_epoch():
@@ -53,7 +53,7 @@ def feature_batches(
     signature = (tf.TensorSpec((None, dim), tf.float32), tf.TensorSpec((None,), tf.int32))
     ds = tf.data.Dataset.from_generator(one_epoch, output_signature=signature)
     ds = ds.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))  # Keras then knows the steps
-    return weighted(ds, weights)
+    return weighted(ds, class_weights)
 
 
 def balanced_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:

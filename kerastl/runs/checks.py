@@ -17,14 +17,19 @@ from pathlib import Path
 from kerastl.config import RunConfig, normalize_weights
 from kerastl.data.tables import check_data_source
 from kerastl.models.backbones import check_weights, get_spec, resolve_size
-from kerastl.runs.resume import RunState, adopt_unfinished
+from kerastl.runs.resume import RunState, unfinished_run
 from kerastl.storage import check_export_dir
 
 DEFAULT_EXPORT_ROOT = Path("saved_models")
 
 
-def resolve_run_config(config: RunConfig) -> RunConfig:
-    """A validated copy with registry defaults filled in (size, canonical name, folders)."""
+def resolve_run_config(config: RunConfig, resume: bool = False) -> RunConfig:
+    """A validated copy with registry defaults filled in (size, canonical name, folders).
+
+    With `resume`, a run given neither a name nor a folder takes those of the unfinished run of
+    the same config under `DEFAULT_EXPORT_ROOT`, if there is one: the same command finds its run.
+    """
+    named = bool(config.name or config.export_dir)
     config = copy.deepcopy(config)
     config.validate()
     config.model.weights = normalize_weights(config.model.weights)
@@ -36,12 +41,10 @@ def resolve_run_config(config: RunConfig) -> RunConfig:
         config.name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if config.export_dir is None:
         config.export_dir = str(DEFAULT_EXPORT_ROOT / config.name)
+    found = None if named or not resume else unfinished_run(config.digest(), DEFAULT_EXPORT_ROOT)
+    if found is not None:
+        config.name, config.export_dir = found
     return config
-
-
-def is_named(config: RunConfig) -> bool:
-    """Whether the user chose the run's name or folder (otherwise the same command finds its unfinished run)."""
-    return bool(config.name or config.export_dir)
 
 
 def check_output(export_dir: str, chosen: bool, overwrite: bool) -> None:
@@ -59,12 +62,10 @@ def check_run(config: RunConfig, overwrite: bool = False, restart: bool = False)
     Without a name or folder, the run takes over the unfinished run of the same
     config under `DEFAULT_EXPORT_ROOT`, if there is one.
     """
-    resolved = resolve_run_config(config)
-    if not is_named(config):
-        resolved = adopt_unfinished(resolved, DEFAULT_EXPORT_ROOT)
+    resolved = resolve_run_config(config, resume=True)
     check_data_source(resolved.data)
     check_output(resolved.export_dir, config.export_dir is not None, overwrite)
-    RunState(resolved.export_dir).check(resolved, restart)
+    RunState(resolved.export_dir).check(resolved.digest(), restart)
     return resolved
 
 

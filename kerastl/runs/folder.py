@@ -77,7 +77,7 @@ def write_run_folder(
     export: bool = True,
     extra: dict[str, Any] | None = None,
     backbone_digest: str | None = None,
-    probe: BlockCurve | None = None,
+    curve: BlockCurve | None = None,
     logs: str | os.PathLike | None = None,
     evaluation: Evaluation | None = None,
     wrong_images: np.ndarray | None = None,
@@ -102,7 +102,7 @@ def write_run_folder(
         export: the SavedModel, `model.keras` and `backbone.weights.h5`; else weights only.
         extra: more JSON files to write, name -> value (a search's `tune.json`).
         backbone_digest: `weights_digest(model.backbone)` when the caller has it already.
-        probe: the probe curve the run chose its blocks from: `probe.json` (an export draws `probe.png`).
+        curve: the probe curve the run chose its blocks from: `probe.json` (an export draws `probe.png`).
         logs: the run's TensorBoard logs, copied in as `logs/` (unless already inside `folder`).
         evaluation: the held-out evaluation (`evaluation.json`), with `wrong_images`, the
             images of its `most_wrong` predictions (`plots/wrong.png`).
@@ -113,7 +113,7 @@ def write_run_folder(
     try:  # an export is swapped in whole; a trial's folder holds KerasTuner's files too: files move in
         with staged_folder(folder, "replace" if export else "merge") as staging:
             _write_files(staging, model, class_names, config, history, metrics, export, extra, backbone_digest,
-                         probe, plan)
+                         curve, plan)
             _write_report_files(staging, folder, logs, evaluation, wrong_images, data, export)
     except Exception as error:
         if isinstance(error, OSError) or "No space left on device" in str(error):  # TensorFlow's own writes too
@@ -124,7 +124,7 @@ def write_run_folder(
 
 
 def _write_files(folder: Path, model, class_names, config, history, metrics, export, extra, backbone_digest,
-                 probe, plan) -> None:
+                 curve, plan) -> None:
     metadata = {"kerastl_version": __version__, "format": FOLDER_FORMAT, "export": export,
                 "normalize": model.normalize}
     if export:
@@ -144,8 +144,8 @@ def _write_files(folder: Path, model, class_names, config, history, metrics, exp
     write_json(folder / METADATA_FILE, metadata)
     for name, value in (extra or {}).items():
         write_json(folder / name, value)
-    if probe is not None:  # its plot, probe.png, is drawn from it with the others
-        write_json(folder / PROBE_FILE, probe.to_dict())
+    if curve is not None:  # its plot, probe.png, is drawn from it with the others
+        write_json(folder / PROBE_FILE, curve.to_dict())
 
 
 def _write_report_files(staging: Path, folder: Path, logs: str | os.PathLike | None, evaluation: Evaluation | None,

@@ -32,7 +32,8 @@ import tensorflow as tf
 
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig, ValidationConfig, parse_features
 from kerastl.data.images import ImageData, merge_splits
-from kerastl.data.pipelines import class_weights, training_batches, weighted
+from kerastl.data.pipelines import class_weights as weigh_classes
+from kerastl.data.pipelines import training_batches, weighted
 from kerastl.errors import KerastlError
 from kerastl.features.cache import CachedFeatures, FeatureCache, cached_views, model_fingerprint
 from kerastl.features.extract import extract
@@ -66,7 +67,7 @@ class PlanInputs:
     train_batches: tf.data.Dataset | None = None  # holdout: the training and validation pipelines
     validation_batches: tf.data.Dataset | None = None
     class_weights: np.ndarray | None = None  # as the loss takes them
-    features: tuple[CachedFeatures, CachedFeatures] | None = None  # (training views, plain) of the blocks read
+    cached: tuple[CachedFeatures, CachedFeatures] | None = None  # features (training views, plain) of the blocks read
     probe: ProbeFit | None = None
     curve: BlockCurve | None = None
     stored: keras.callbacks.History | None = None  # a stored head's phase-1 history
@@ -130,21 +131,22 @@ def split_for(validation: ValidationConfig, data: ImageData) -> tuple[ImageData,
     return data, mode
 
 
-def plan_run(config: RunConfig, data: ImageData | Pipelines, model: TransferClassifier | None = None,
-             heads: HeadStore | None = None, verbose: int | str = "auto", mode: str | None = None) -> RunPlan:
-    """The plan of a run of `config` (resolved and validated) on `data`: loaded images, or a user's
-    (train, validation) pipelines with the `model` built for them.
+def plan_run(config: RunConfig, data: ImageData | None = None, model: TransferClassifier | None = None,
+             heads: HeadStore | None = None, verbose: int | str = "auto", mode: str | None = None,
+             pipelines: Pipelines | None = None) -> RunPlan:
+    """The plan of a run of `config` (resolved and validated) on `data`, loaded images, or on a
+    user's (train, validation) `pipelines` with the `model` built for them.
 
     `model`: a classifier already built for this config (a search's shared backbone);
     `heads`: a store of phase-1 heads, a stored one replacing phase 1's training. `mode`: the
     validation mode when `data` is already split for it (`split_for`).
     """
     tc = config.train
-    if isinstance(data, tuple):
-        return _plan_pipelines(tc, config.data, data, model)
+    if pipelines is not None:
+        return _plan_pipelines(tc, config.data, pipelines, model)
     if mode is None:
         data, mode = split_for(tc.validation, data)
-    weights = class_weights(tc.class_weight, data.train.class_counts(len(data.class_names)), data.class_names)
+    class_weights = weigh_classes(tc.class_weight, data.train.class_counts(len(data.class_names)), data.class_names)
     if mode == "cv":
         log.info("cross-validating on all %d labelled images (fewer than %d in some class)", data.train.count,
                  tc.validation.cv_below)
@@ -153,13 +155,13 @@ def plan_run(config: RunConfig, data: ImageData | Pipelines, model: TransferClas
     if mode == "holdout":
         log.info("training %s on %d images of %d classes (%d validation)", config.model.backbone,
                  data.train.count, len(data.class_names), data.validation.count)
-        train, validation = _image_pipelines(config.data, tc, config.model.binary, data, weights)
-    inputs = _head_inputs(config, data, model, heads, verbose, mode, weights)
-    if inputs.features is None and not inputs.model.from_scratch and mode == "holdout":
-        probe = _probe_pipelines(config.data, inputs.model, train, validation, weights)
+        train, validation = _image_pipelines(config.data, tc, config.model.binary, data, class_weights)
+    inputs = _head_inputs(config.model, config.data, tc, data, model, heads, verbose, mode, class_weights)
+    if inputs.cached is None and not inputs.model.from_scratch and mode == "holdout":
+        probe = _probe_pipelines(config.data, inputs.model, train, validation, class_weights)
         inputs = dataclasses.replace(inputs, probe=probe)
     inputs = dataclasses.replace(inputs, data=data, train_batches=train, validation_batches=validation,
-                                 class_weights=weights)
+                                 class_weights=class_weights)
     return _plan(tc, config.data.batch_size, inputs, mode)
 
 
@@ -167,10 +169,10 @@ def _plan_pipelines(tc: TrainConfig, dc: DataConfig, data: Pipelines, model: Tra
     if model is None:
         raise KerastlError("training on (train, validation) pipelines needs the model built for them and "
                            "save='none': pipelines carry no class names to build or export with")
-    weights = _pipeline_weights(tc.class_weight, model, data[0])
-    train, validation = weighted(data[0], weights), weighted(data[1], weights)
-    probe = None if model.from_scratch else _probe_pipelines(dc, model, train, validation, weights)
-    return _plan(tc, dc.batch_size, PlanInputs(model, None, train, validation, weights, probe=probe), "holdout")
+    class_weights = _pipeline_weights(tc.class_weight, model, data[0])
+    train, validation = weighted(data[0], class_weights), weighted(data[1], class_weights)
+    probe = None if model.from_scratch else _probe_pipelines(dc, model, train, validation, class_weights)
+    return _plan(tc, dc.batch_size, PlanInputs(model, None, train, validation, class_weights, probe=probe), "holdout")
 
 
 def _plan(tc: TrainConfig, batch_size: int, inputs: PlanInputs, mode: str) -> RunPlan:
@@ -183,26 +185,27 @@ def _plan(tc: TrainConfig, batch_size: int, inputs: PlanInputs, mode: str) -> Ru
     if mode == "cv":
         head_steps = math.ceil(inputs.data.train.count / batch_size)
         fine_tune_steps = math.ceil(min((len(train) for train, _ in inputs.folds), default=0) / batch_size)
-    elif inputs.features is not None:
-        head_steps = math.ceil(len(inputs.features[0].labels) / batch_size)
+    elif inputs.cached is not None:
+        head_steps = math.ceil(len(inputs.cached[0].labels) / batch_size)
         fine_tune_steps = batches_per_epoch(inputs.train_batches)
     else:
         head_steps = fine_tune_steps = batches_per_epoch(inputs.train_batches)
     phases = list(plan_phases(tc, scratch, head_steps, fine_tune_steps, depth))  # each fold: one epoch count
-    if mode == "cv" and inputs.features is not None and model.hidden is None:  # the probe is the head
+    if mode == "cv" and inputs.cached is not None and model.hidden is None:  # the probe is the head
         phases[0] = dataclasses.replace(phases[0], epochs=0, patience=0)
     if mode == "cv" and not (inputs.folds and model.hidden is None):  # nothing to cross-validate phase 2 on
         phases = phases[:1]
     start = "scratch" if scratch else "stored" if inputs.stored is not None else \
         "probe" if inputs.probe is not None else "random"
-    weights = None if inputs.class_weights is None else tuple(float(w) for w in inputs.class_weights)
-    return RunPlan(mode, len(inputs.folds), weights, None if scratch else tuple(model.feature_blocks),
+    per_class = None if inputs.class_weights is None else tuple(float(w) for w in inputs.class_weights)
+    return RunPlan(mode, len(inputs.folds), per_class, None if scratch else tuple(model.feature_blocks),
                    fine_tune_depth(tc, depth), start, tuple(phases), inputs)
 
 
-def head_key(fingerprint: dict, data: ImageData, config: RunConfig, blocks: list[int]) -> str:
-    """The `HeadStore` key of a run's phase-1 head: the features and every phase-1 setting."""
-    m, t, d = config.model, config.train, config.data
+def head_key(fingerprint: dict, data: ImageData, blocks: list[int], m: ModelConfig, t: TrainConfig,
+             d: DataConfig) -> str:
+    """The `HeadStore` key of a run's phase-1 head: the features (`fingerprint`, the `blocks` read,
+    the images of `data`) and every phase-1 setting of the model, training and data configs."""
     parts = {
         "features": fingerprint, "blocks": blocks, "train": data.train.fingerprint,
         "validation": data.validation.fingerprint if data.validation is not None else None,
@@ -217,17 +220,17 @@ def head_key(fingerprint: dict, data: ImageData, config: RunConfig, blocks: list
 
 
 def _image_pipelines(dc: DataConfig, tc: TrainConfig, binary: bool, data: ImageData,
-                     weights: np.ndarray | None) -> Pipelines:
+                     class_weights: np.ndarray | None) -> Pipelines:
     """The training pipeline (see `kerastl.data.pipelines.training_batches`) and the plain validation
-    pipeline, both weighted by the class `weights` (if any).
+    pipeline, both weighted by the `class_weights` (if any).
 
     Both share one budget of decoded images in memory, `cache_limit_mb`: the training
     images are cached when they fit it, the validation images when they fit what is left.
     """
     train_mb = data.train.count * data.train.image_size**2 * 3 / 2**20  # or its shuffle buffer: the limit
     left = max(dc.cache_limit_mb - train_mb, 0)
-    return (training_batches(data.train, dc, tc, len(data.class_names), binary, weights),
-            weighted(data.validation.batches(dc.batch_size, cache_limit_mb=int(left)), weights))
+    return (training_batches(data.train, dc, tc, len(data.class_names), binary, class_weights),
+            weighted(data.validation.batches(dc.batch_size, cache_limit_mb=int(left)), class_weights))
 
 
 def _pipeline_weights(spec: str, model: TransferClassifier, train: tf.data.Dataset) -> np.ndarray | None:
@@ -242,18 +245,18 @@ def _pipeline_weights(spec: str, model: TransferClassifier, train: tf.data.Datas
             one_hot = labels.ndim == 2 and labels.shape[-1] == model.num_classes > 1
             labels = labels.argmax(axis=-1) if one_hot else labels.reshape(-1)
             counts += np.bincount(labels.astype(np.int64), minlength=model.num_classes)
-    return class_weights(spec, counts)
+    return weigh_classes(spec, counts)
 
 
-def _head_inputs(config: RunConfig, data: ImageData, model: TransferClassifier, heads: HeadStore | None,
-                 verbose: int | str, mode: str, weights: np.ndarray | None) -> PlanInputs:
+def _head_inputs(mc: ModelConfig, dc: DataConfig, tc: TrainConfig, data: ImageData, model: TransferClassifier,
+                 heads: HeadStore | None, verbose: int | str, mode: str,
+                 class_weights: np.ndarray | None) -> PlanInputs:
     """Cached features (when the base is frozen and the cache is on), the blocks they come from,
     and the head's start: a stored head, or a linear probe fitted on them."""
-    dc, tc = config.data, config.train
     if not tc.feature_cache or model.from_scratch:
         return PlanInputs(model)
     fingerprint = model_fingerprint(model)
-    auto = parse_features(config.model.features) == "auto"
+    auto = parse_features(mc.features) == "auto"
     # the fine-tuning depth is read off the probe curve too
     probing = auto or (tc.unfreeze_blocks == "auto" and tc.fine_tune.epochs > 0)
     blocks = list(range(1, model.block_count() + 1)) if probing else model.feature_blocks
@@ -264,22 +267,23 @@ def _head_inputs(config: RunConfig, data: ImageData, model: TransferClassifier, 
         fingerprint=fingerprint, blocks=blocks)
     curve = None
     if probing:
-        model, curve, train, plain = _probe_blocks(config.model, tc.validation.cv_folds, dc.seed, len(data.class_names),
+        model, curve, train, plain = _probe_blocks(mc, tc.validation.cv_folds, dc.seed, len(data.class_names),
                                                    model, train, plain, mode, auto)
     key = stored = probe = all_views = None
     folds: list = []
     if heads is not None:
-        key = head_key(fingerprint, data, config, model.feature_blocks)
+        key = head_key(fingerprint, data, model.feature_blocks, mc, tc, dc)
         stored = _stored_head(heads, key, model)
-    binary, classes = config.model.binary, len(data.class_names)
+    binary, classes = mc.binary, len(data.class_names)
     if mode == "cv":
         all_views = train.features if views == 1 else np.concatenate([train.features, plain.features])
         folds = folds_of(plain.labels, tc.validation.cv_folds, dc.seed)
-        probe = choose_c_cv(all_views, plain.features[0], plain.labels, folds, classes, binary, dc.seed, weights)
+        probe = choose_c_cv(all_views, plain.features[0], plain.labels, folds, classes, binary, dc.seed,
+                            class_weights)
     elif stored is None:
         probe = choose_c_holdout(train.features, train.labels, plain.features[0], plain.labels, classes, binary,
-                                 dc.seed, weights)
-    return PlanInputs(model, features=(train, plain), probe=probe, curve=curve, stored=stored, head_key=key,
+                                 dc.seed, class_weights)
+    return PlanInputs(model, cached=(train, plain), probe=probe, curve=curve, stored=stored, head_key=key,
                       backbone_digest=fingerprint["weights"], views=all_views, folds=folds)
 
 
@@ -303,14 +307,14 @@ def _probe_blocks(model_config: ModelConfig, folds: int, seed: int, num_classes:
 
 
 def _probe_pipelines(dc: DataConfig, model: TransferClassifier, train: tf.data.Dataset,
-                     validation: tf.data.Dataset, weights: np.ndarray | None = None) -> ProbeFit:
+                     validation: tf.data.Dataset, class_weights: np.ndarray | None = None) -> ProbeFit:
     """The convex start without cached features: one pass of the backbone over (a sample of)
     the training pipeline as it comes, augmented, and over the validation pipeline."""
     extractor = model.features_model()
     steps = math.ceil(MAX_ROWS / dc.batch_size)
     x, y = extract(extractor, train.take(steps))
     xv, yv = extract(extractor, validation)
-    return choose_c_holdout(x[None], y, xv, yv, model.num_classes, model.binary, dc.seed, weights)
+    return choose_c_holdout(x[None], y, xv, yv, model.num_classes, model.binary, dc.seed, class_weights)
 
 
 def _stored_head(heads: HeadStore, key: str, model: TransferClassifier) -> keras.callbacks.History | None:

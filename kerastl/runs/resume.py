@@ -22,16 +22,14 @@ TensorFlow loads.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
-from kerastl.config import SETTINGS, RunConfig, flat_train
 from kerastl.errors import KerastlError
-from kerastl.settings import dict_at
 from kerastl.storage import remove_stale_writes, replace_file
 
 log = logging.getLogger(__name__)
@@ -47,38 +45,18 @@ def partial_folder(export_dir: str | os.PathLike) -> Path:
     return export_dir.with_name(export_dir.name + PARTIAL_SUFFIX)
 
 
-def run_digest(config: RunConfig) -> str:
-    """A digest of the experiment a resolved config sets: not its name and folder, nor the machine's
-    settings (a re-run with another `--cache-dir` finds its unfinished run).
-
-    It is taken over the 0.2 layout of the settings (`flat_train`), with the machine's settings at
-    their defaults, so that a run a 0.2 process left unfinished is found and resumed.
-    """
-    values = config.to_dict()
-    for item in SETTINGS.values():
-        if item.machine:
-            inner, key = dict_at(values, item)
-            inner[key] = item.default
-    values["train"] = flat_train(values["train"])
-    values.pop("name", None)
-    values.pop("export_dir", None)
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def adopt_unfinished(config: RunConfig, root: str | os.PathLike) -> RunConfig:
-    """For a run with a default name: the name and folder of an unfinished run of the same config
-    under `root`, if there is one; otherwise `config` as it is."""
-    digest = run_digest(config)
+def unfinished_run(digest: str, root: str | os.PathLike) -> tuple[str, str] | None:
+    """The (name, export folder) of an unfinished run under `root` that a run with a default name and
+    this config `digest` (`RunConfig.digest`) takes over, if there is one."""
     for path in sorted(Path(root).glob(f"*{PARTIAL_SUFFIX}/{RUN_FILE}")):
         try:
             values = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
         if values.get("digest") == digest and not values.get("named", True) and not _locked(path.parent):
-            config.name, config.export_dir = values["config"]["name"], values["config"]["export_dir"]
-            log.debug("found the unfinished run %s of this config", config.export_dir)
-            break
-    return config
+            log.debug("found the unfinished run %s of this config", values["config"]["export_dir"])
+            return values["config"]["name"], values["config"]["export_dir"]
+    return None
 
 
 def _locked(folder: Path) -> bool:
@@ -137,7 +115,7 @@ class RunState:
                                "finish or choose another export folder") from None
         return fd
 
-    def _check_config(self, config: RunConfig, restart: bool) -> dict | None:
+    def _check_config(self, digest: str, restart: bool) -> dict | None:
         path = self.folder / RUN_FILE
         if not path.is_file() or restart:
             return None
@@ -146,27 +124,29 @@ class RunState:
         except (OSError, ValueError):
             raise KerastlError(f"the unfinished run in {self.folder} is damaged; rerun with --restart to start "
                                "over") from None
-        if values.get("digest") != run_digest(config):
+        if values.get("digest") != digest:
             if not self.has_progress():  # it failed before its first epoch: nothing to keep
                 return None
             raise KerastlError(f"{self.folder} holds an unfinished run of another config; rerun that command to "
                                "finish it, or pass --restart to discard it")
         return values
 
-    def check(self, config: RunConfig, restart: bool = False) -> None:
-        """Fails now, with one line, where `acquire` would fail: locked, or another config's run."""
+    def check(self, digest: str, restart: bool = False) -> None:
+        """Fails now, with one line, where `acquire` would fail: locked, or the run of another config
+        (`digest`: `RunConfig.digest`)."""
         if not self.folder.is_dir():
             return
         os.close(self._try_lock())
-        self._check_config(config, restart)
+        self._check_config(digest, restart)
 
-    def acquire(self, config: RunConfig, named: bool, restart: bool = False) -> RunState:
-        """Locks the folder and resumes the unfinished run of `config`, or starts one."""
+    def acquire(self, config: dict[str, Any], digest: str, named: bool, restart: bool = False) -> RunState:
+        """Locks the folder and resumes the unfinished run of the config whose digest is `digest`, or
+        starts one, recording `config` (the resolved config, `RunConfig.to_dict`)."""
         self._lock = self._try_lock()
         try:
             os.ftruncate(self._lock, 0)
             os.write(self._lock, f"{os.getpid()}\n".encode())
-            previous = self._check_config(config, restart)
+            previous = self._check_config(digest, restart)
             if previous is None and (self.backup_dir.exists() or self.logs_dir.exists()):
                 if restart:
                     log.info("discarding the unfinished run in %s (restart)", self.folder)
@@ -175,7 +155,7 @@ class RunState:
             remove_stale_writes(self.export_dir)
             self.resuming = previous is not None and self.has_progress()
             if previous is None:
-                self._write({"digest": run_digest(config), "named": named, "config": config.to_dict()})
+                self._write({"digest": digest, "named": named, "config": config})
             elif self.resuming:
                 log.info("resuming the unfinished run in %s", self.folder)
         except BaseException:

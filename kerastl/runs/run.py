@@ -25,10 +25,10 @@ from kerastl.errors import KerastlError
 from kerastl.features.cache import CachedFeatures
 from kerastl.features.probe import BlockCurve
 from kerastl.models.classifier import TransferClassifier
-from kerastl.runs.checks import DEFAULT_EXPORT_ROOT, is_named, resolve_run_config
+from kerastl.runs.checks import resolve_run_config
 from kerastl.runs.folder import LOGS, write_run_folder
 from kerastl.runs.plan import Pipelines, RunPlan, plan_run, split_for
-from kerastl.runs.resume import RunState, adopt_unfinished
+from kerastl.runs.resume import RunState
 from kerastl.runs.scoring import describe_data, evaluate_split, predict_split, score
 from kerastl.storage import HeadStore, check_export_dir, disk_full_error
 from kerastl.training.callbacks import NaNLoss
@@ -44,7 +44,7 @@ class RunResult:
     """What a run produced: the trained model, its histories, metrics and folder.
 
     `reused_head` says whether phase 1 came from a `HeadStore` instead of training;
-    `probe` is the probe curve that `features="auto"` chose from; `plan` every choice the
+    `curve` is the probe curve that `features="auto"` chose from (0.2 called it `probe`); `plan` every choice the
     run made (`kerastl.runs.plan`). `config` is the resolved config, with what "auto" chose.
     """
 
@@ -55,14 +55,19 @@ class RunResult:
     export_dir: Path | None
     config: RunConfig
     reused_head: bool = False
-    probe: BlockCurve | None = None
+    curve: BlockCurve | None = None
     plan: RunPlan | None = None
 
+    @property
+    def probe(self) -> BlockCurve | None:
+        """The 0.2 name of `curve`."""
+        return self.curve
 
-def checked_config(config: RunConfig) -> RunConfig:
+
+def checked_config(config: RunConfig, resume: bool = False) -> RunConfig:
     """A validated copy with registry defaults filled in (size, canonical name, folders); the
-    augmentation, optimizer and loss are checked too."""
-    config = resolve_run_config(config)
+    augmentation, optimizer and loss are checked too. `resume`: see `resolve_run_config`."""
+    config = resolve_run_config(config, resume)
     parse_augment(config.data.augment)
     make_optimizer(config.train.optimizer, config.train.learning_rate, config.train.weight_decay)
     make_loss(config.train.loss, config.model.binary, config.train.label_smoothing, mixes_labels(config.data.augment))
@@ -71,7 +76,7 @@ def checked_config(config: RunConfig) -> RunConfig:
 
 def run_training(
     config: RunConfig,
-    data: ImageData | Pipelines | None = None,
+    data: ImageData | None = None,
     overwrite: bool = False,
     verbose: int | str = "auto",
     *,
@@ -80,6 +85,7 @@ def run_training(
     heads: HeadStore | None = None,
     save: Literal["export", "weights", "none"] = "export",
     restart: bool = False,
+    pipelines: Pipelines | None = None,
 ) -> RunResult:
     """Trains one classifier as `config` says, scores it and writes its run folder.
 
@@ -92,9 +98,7 @@ def run_training(
 
     Args:
         config: the run's settings; registry defaults are resolved first.
-        data: loaded data (skips `config.data.source`), or (train, validation)
-            batched pipelines of (images, labels), used as they are: no feature
-            cache, no test split, the backbone's output as features.
+        data: loaded data (skips `config.data.source`).
         overwrite: replace a non-empty run folder.
         verbose: Keras `fit` verbosity.
         model: a classifier already built for this config (KerasTuner's `build(hp)`).
@@ -104,6 +108,9 @@ def run_training(
         save: "export" (the SavedModel and everything, see `kerastl.runs.folder`),
             "weights" (a weights-only run folder) or "none".
         restart: discard an unfinished run into the same folder instead of resuming it.
+        pipelines: (train, validation) batched pipelines of (images, labels) instead of `data`,
+            used as they are: no feature cache, no test split, the backbone's output as
+            features (0.2 took them as `data`, which still works).
 
     An exported run keeps its state in `<export>.partial` while it trains (see
     `kerastl.runs.resume`): killed, the same call resumes from its last completed epoch.
@@ -115,25 +122,24 @@ def run_training(
     result.metrics["val_accuracy"], result.export_dir
     ```
     """
-    named, config_export_dir = is_named(config), config.export_dir
-    config = checked_config(config)
-    if save == "export" and not named:  # the same command finds its unfinished run
-        config = adopt_unfinished(config, DEFAULT_EXPORT_ROOT)
+    named, config_export_dir = bool(config.name or config.export_dir), config.export_dir
+    config = checked_config(config, resume=save == "export")
     folder = Path(config.export_dir)
-    pipelines = isinstance(data, tuple)
-    if pipelines and (model is None or save != "none"):
+    if isinstance(data, tuple):  # 0.2 took the pipelines as `data`
+        data, pipelines = None, data
+    if pipelines is not None and (model is None or save != "none"):
         raise KerastlError("training on (train, validation) pipelines needs the model built for them and "
                            "save='none': pipelines carry no class names to build or export with")
     if save != "none":
         check_export_dir(folder, overwrite, create_parent=config_export_dir is None)
     mode = None
-    if not pipelines:  # read (and checked) before the folder is locked or anything is written
+    if pipelines is None:  # read (and checked) before the folder is locked or anything is written
         data, mode = split_for(config.train.validation, checked_data(config.data, config.model.image_size, data))
-    state = RunState(folder).acquire(config, named, restart) if save == "export" else None
+    state = RunState(folder).acquire(config.to_dict(), config.digest(), named, restart) if save == "export" else None
     try:
-        if state is not None and not pipelines:
+        if state is not None and pipelines is None:
             state.check_data(data.train.fingerprint)
-        plan = plan_run(config, data, model, heads, verbose, mode)
+        plan = plan_run(config, data, model, heads, verbose, mode, pipelines)
         result = execute(plan, config, verbose, callbacks, heads, save, state)
         if state is not None:
             state.finish()  # under the lock: no other run can have started in the folder meanwhile
@@ -174,12 +180,12 @@ def execute(plan: RunPlan, config: RunConfig, verbose: int | str = "auto",
     held = None
     if plan.validation_mode == "cv":
         history, metrics = cross_validate(
-            model, data, plan.phases, inputs.features[1] if inputs.features else None, inputs.views, inputs.probe,
+            model, data, plan.phases, inputs.cached[1] if inputs.cached else None, inputs.views, inputs.probe,
             inputs.folds, tc, dc, callbacks, verbose, backup, logs, inputs.class_weights)
     else:
         calibration = data.train.sample() if model.from_scratch and data is not None else None  # un-augmented
         train, validation = inputs.train_batches, inputs.validation_batches
-        first = train_phase1(model, plan.head, train, validation, tc, features=inputs.features, start=inputs.probe,
+        first = train_phase1(model, plan.head, train, validation, tc, cached=inputs.cached, start=inputs.probe,
                              stored=inputs.stored, calibration_images=calibration,
                              batch_size=dc.batch_size, seed=dc.seed, callbacks=callbacks, verbose=verbose,
                              backup=backup, log_dir=logs, class_weights=inputs.class_weights)
@@ -187,8 +193,8 @@ def execute(plan: RunPlan, config: RunConfig, verbose: int | str = "auto",
             heads.save(inputs.head_key, model.head_model(), {"phase1": TrainResult(first.history).to_dict()["phase1"]})
         second = train_phase2(model, plan.fine_tune, train, validation, tc, first, callbacks, verbose, backup, logs)
         history = TrainResult(first.history, second)
-        if inputs.features is not None and second is None:  # the head's own view: no backbone pass
-            predicted = _head_predictions(model, inputs.features[1])
+        if inputs.cached is not None and second is None:  # the head's own view: no backbone pass
+            predicted = _head_predictions(model, inputs.cached[1])
         else:
             predicted = predict_split(model, validation, None if data is None else data.validation.labels)
         metrics = score(*predicted, "val_")
@@ -206,12 +212,12 @@ def execute(plan: RunPlan, config: RunConfig, verbose: int | str = "auto",
     class_names = None if data is None else data.class_names
     if save != "none":
         write_run_folder(folder, model, class_names, config, history, metrics, export=save == "export",
-                         backbone_digest=inputs.backbone_digest, probe=inputs.curve, logs=logs,
+                         backbone_digest=inputs.backbone_digest, curve=inputs.curve, logs=logs,
                          evaluation=evaluation, wrong_images=wrong, plan=plan.to_dict(),
-                         data=describe_data(data, config, plan.validation_mode, plan.folds or None)
+                         data=describe_data(data, config.data, plan.validation_mode, plan.folds)
                          if save == "export" else None)
     return RunResult(model, history, class_names, metrics, folder if save != "none" else None, config,
-                     reused_head=plan.head_start == "stored", probe=inputs.curve, plan=plan)
+                     reused_head=plan.head_start == "stored", curve=inputs.curve, plan=plan)
 
 
 def with_choices(config: RunConfig, plan: RunPlan) -> RunConfig:

@@ -91,11 +91,12 @@ def images_at(split: Split, indices: list[int]) -> np.ndarray:
     return np.stack(found) if indices else np.zeros((0, size, size, 3), np.uint8)
 
 
-def describe_data(data: ImageData, config: RunConfig, mode: str, folds: int | None = None) -> dict:
-    """What a run trained and was measured on, as `data.json` records it: sources, images per
-    class per split, the validation mode (with the `folds` cross-validation used) and warnings
-    about small or imbalanced classes. In "cv" mode the training split holds every labelled image."""
-    names, dc = data.class_names, config.data
+def describe_data(data: ImageData, dc: DataConfig, mode: str, folds: int = 0) -> dict:
+    """What a run trained and was measured on (`dc`: its data settings), as `data.json` records it:
+    sources, images per class per split, the validation mode (with the `folds` cross-validation
+    used) and warnings about small or imbalanced classes. In "cv" mode the training split holds
+    every labelled image."""
+    names = data.class_names
     splits = {"train": data.train, "validation": data.validation, "test": data.test}
     counts = {name: split.class_counts(len(names)).tolist() for name, split in splits.items() if split is not None}
     source = dc.source or "the in-memory data"  # the Python API's arrays or ImageData
@@ -106,7 +107,8 @@ def describe_data(data: ImageData, config: RunConfig, mode: str, folds: int | No
             cut = f"{fraction:g} of each class of {source}, held out" if fraction else f"{name} images of {source}"
             sources[name] = data.origins.get(name) or folder or cut
     if mode == "cv":
-        sources["validation"] = f"{folds or config.train.cv_folds}-fold cross-validation on the training images"
+        sources["validation"] = (f"{folds}-fold cross-validation on the training images" if folds else
+                                 "none: every labelled image trains, with no validation estimate")
     return {"sources": sources, "class_names": list(names), "counts": counts, "validation_mode": mode,
             "warnings": data_warnings(counts, list(names)), "skipped_files": data.skipped}
 
@@ -134,7 +136,8 @@ def evaluate_folder(model_dir: str | Path, source: str, batch_size: int = 64, to
     class_names = read_labels(folder)
     config, size = _config_and_size(folder)
     if config is not None and _same_source(config.data.source, source):
-        split, name = _held_out_of_run(folder, config, source, size, strict)
+        mode = (read_optional_json(folder / DATA_FILE) or {}).get("validation_mode", config.train.validation.mode)
+        split, name = _held_out_of_run(folder, config.data, mode, source, size, strict)
         data_names = class_names
     else:
         data = load_data(DataConfig(source=source, validation_split=0.0, strict=strict), size, min_classes=1)
@@ -228,10 +231,11 @@ def _same_source(trained: str, source: str) -> bool:
     return bool(trained) and os.path.realpath(trained) == os.path.realpath(source)
 
 
-def _held_out_of_run(folder: Path, config: RunConfig, source: str, size: int, strict: bool) -> tuple[Split, str]:
-    """The run's own held-out split of its training source (cut with its seed and fractions)."""
-    data = load_data(dataclasses.replace(config.data, strict=strict), size)
-    mode = (read_optional_json(folder / DATA_FILE) or {}).get("validation_mode", config.train.validation.mode)
+def _held_out_of_run(folder: Path, dc: DataConfig, mode: str, source: str, size: int,
+                     strict: bool) -> tuple[Split, str]:
+    """The run's own held-out split of its training source (cut with its seed and fractions, `dc`;
+    `mode`: the run's validation mode)."""
+    data = load_data(dataclasses.replace(dc, strict=strict), size)
     if data.test is not None:
         return data.test, f"{source} (the run's held-out test split)"
     if mode != "cv" and data.validation is not None:

@@ -74,7 +74,7 @@ def train_cross_validated(
     folds: list[tuple[np.ndarray, np.ndarray]],
     phases: tuple[PhasePlan, ...],
     config: TrainConfig,
-    data: DataConfig,
+    data_config: DataConfig,
     callbacks: list[keras.callbacks.Callback] | None = None,
     verbose: int | str = "auto",
     backup_dir: Path | None = None,
@@ -107,7 +107,7 @@ def train_cross_validated(
                            schedule=head.schedule, steps=head.steps)
         cached = CachedFeatures(views, labels)
         phase1 = fit_phase(model.head_model(), head, lambda first: feature_batches(
-            cached, data.batch_size, True, data.seed, first, class_weights, config.sampling == "balanced"),
+            cached, data_config.batch_size, True, data_config.seed, first, class_weights, config.sampling == "balanced"),
             None, None, [], verbose)
         log.info("a hidden layer has no cross-validated estimate and is not fine-tuned on small data")
         return TrainResult(phase1), {}
@@ -121,7 +121,7 @@ def train_cross_validated(
     start = model.get_weights()
 
     def pipeline(rows: np.ndarray) -> tf.data.Dataset:
-        return training_batches(split_of_arrays(images[rows], labels[rows], model.image_size), data, config,
+        return training_batches(split_of_arrays(images[rows], labels[rows], model.image_size), data_config, config,
                                 num_classes, model.binary, class_weights)
 
     curves = []
@@ -131,12 +131,12 @@ def train_cross_validated(
             curves.append(kept)
             continue
         model.set_weights(start)
-        x, y = rows_of(views, labels, train, data.seed)  # the fold's own probe: its held-out images stay unseen
+        x, y = rows_of(views, labels, train, data_config.seed)  # the fold's own probe: its held-out images stay unseen
         start_head(model, fit_probe(x, y, probe.c, num_classes, model.binary, class_weight=class_weights))
         batches = pipeline(train)
         extra = compile_fine_tuning(model, config, batches, fine)  # a fresh optimizer for every fold
-        held_out = weighted(split_of_arrays(images[held], labels[held], model.image_size).batches(data.batch_size),
-                            class_weights)
+        held_split = split_of_arrays(images[held], labels[held], model.image_size)
+        held_out = weighted(held_split.batches(data_config.batch_size), class_weights)
         before = model.evaluate(held_out, verbose=0, return_dict=True)
         history = fit_phase(model, fine, lambda first: batches, held_out, None, extra, 0)
         curves.append(([before["loss"], *history.history["val_loss"]],
@@ -168,14 +168,14 @@ def train_cross_validated(
 
 
 def cross_validate(model: TransferClassifier, data: ImageData, phases: tuple[PhasePlan, ...],
-                   features: CachedFeatures | None, views: np.ndarray | None, probe: ProbeFit | None,
+                   plain: CachedFeatures | None, views: np.ndarray | None, probe: ProbeFit | None,
                    folds: list[tuple[np.ndarray, np.ndarray]], config: TrainConfig, data_config: DataConfig,
                    callbacks: list[keras.callbacks.Callback] | None = None, verbose: int | str = "auto",
                    backup_dir: Path | None = None, log_dir: Path | None = None,
                    class_weights: np.ndarray | None = None) -> tuple[TrainResult, dict[str, float]]:
     """A run on small data: both phases on every labelled image, choices by cross-validation.
 
-    `features` are the plain cached features of every image (None without a cache),
+    `plain` holds the plain cached features of every image (None without a cache),
     `views` every cached view, `probe` the probe fitted on them, `folds` the folds and
     `phases` the planned phases. `log_dir`: TensorBoard logs of the training that runs on
     every image. `class_weights`: each class's weight (see `kerastl.data.pipelines`).
@@ -183,7 +183,7 @@ def cross_validate(model: TransferClassifier, data: ImageData, phases: tuple[Pha
     Without cached features (from scratch, or the cache off) there is nothing cheap to
     cross-validate: the model trains on every image for the step budget, with no estimate.
     """
-    if features is None:
+    if plain is None:
         log.warning("%d labelled images and no cached features: training on all of them for at least %d steps, "
                     "with no validation estimate", data.train.count, config.head.min_steps)
         if model.from_scratch:
@@ -200,7 +200,7 @@ def cross_validate(model: TransferClassifier, data: ImageData, phases: tuple[Pha
             recalibrate_batchnorm(model, data.train.sample(), chunk_size=data_config.batch_size)
         return TrainResult(history), {}
     images, labels = data.train.arrays()
-    if not np.array_equal(labels, features.labels):
+    if not np.array_equal(labels, plain.labels):
         raise KerastlError("the cached features are not in the images' order; clear the feature cache")
     result, estimate = train_cross_validated(model, images, labels, views, probe, folds, phases, config, data_config,
                                              [*(callbacks or []), *tensorboard_logs(log_dir, "phase2")], verbose,

@@ -109,7 +109,7 @@ def first_images(batches: tf.data.Dataset, count: int = 512) -> tf.Tensor:
 
 def train_head(
     head: keras.Model,
-    features: tuple[CachedFeatures, CachedFeatures],
+    cached: tuple[CachedFeatures, CachedFeatures],
     config: TrainConfig,
     phase: PhasePlan,
     batch_size: int = 32,
@@ -118,25 +118,25 @@ def train_head(
     verbose: int | str = "auto",
     start_is_best: bool = False,
     snapshots: Path | None = None,
-    weights: np.ndarray | None = None,
+    class_weights: np.ndarray | None = None,
 ) -> tuple[keras.callbacks.History, KeepBest]:
-    """Phase 1 on cached (train, validation) features: trains `head` with KeepBest for `phase`.
+    """Phase 1 on `cached` (train, validation) features: trains `head` with KeepBest for `phase`.
 
     With `start_is_best` (a convex start), the starting weights count as the best so far, at
     their validation loss as compiled (label smoothing included), recorded in the history as
-    `START_LOSS`. `snapshots`: resume from and save epoch snapshots there. `weights`: class
-    weights, on training and validation rows alike (the loss that training lowers is the one
+    `START_LOSS`. `snapshots`: resume from and save epoch snapshots there. `class_weights`:
+    each class's weight, on training and validation rows alike (the loss that training lowers is the one
     that chooses the epoch). Returns the history and the KeepBest callback (its `best` is the best val_loss).
     """
     # head steps take microseconds: run many per call so Python overhead does not dominate
     compile_classifier(head, config, phase.learning_rate, steps_per_execution=HEAD_STEPS_PER_EXECUTION,
                        schedule=phase.schedule, steps=phase.steps)
-    validation = feature_batches(features[1], batch_size, weights=weights)
+    validation = feature_batches(cached[1], batch_size, class_weights=class_weights)
     initial = head.evaluate(validation, verbose=0, return_dict=True)["loss"] if start_is_best else None
     stop = KeepBest(phase.patience, initial)
     balanced = config.sampling == "balanced"
     history = fit_phase(
-        head, phase, lambda first: feature_batches(features[0], batch_size, True, seed, first, weights, balanced),
+        head, phase, lambda first: feature_batches(cached[0], batch_size, True, seed, first, class_weights, balanced),
         validation, stop, [*(callbacks or []), *plateau_callbacks(phase.schedule, phase.patience)], verbose,
         snapshots)
     if initial is not None:
@@ -225,7 +225,7 @@ def train_phase1(
     validation_data: tf.data.Dataset,
     config: TrainConfig,
     *,
-    features: tuple[CachedFeatures, CachedFeatures] | None = None,
+    cached: tuple[CachedFeatures, CachedFeatures] | None = None,
     start: ProbeFit | None = None,
     stored: keras.callbacks.History | None = None,
     calibration_images=None,
@@ -237,7 +237,7 @@ def train_phase1(
     log_dir: str | Path | None = None,
     class_weights: np.ndarray | None = None,
 ) -> Phase1Outcome:
-    """Phase 1 as `phase` plans it: the head on the frozen base (on cached `features` when given), or
+    """Phase 1 as `phase` plans it: the head on the frozen base (on `cached` features when given), or
     every layer from scratch; a `stored` head's history stands for it, and so does one kept in
     `backup` by a run that was killed after it. See `train_classifier` for the arguments."""
     extra = [*(callbacks or []), *tensorboard_logs(log_dir, "phase1")]
@@ -259,10 +259,10 @@ def train_phase1(
     if stored is not None:
         history = stored
         compile_classifier(model, config)
-    elif features is not None and not scratch:
-        history, _ = train_head(model.head_model(), features, config, phase, batch_size, seed, callbacks=extra,
+    elif cached is not None and not scratch:
+        history, _ = train_head(model.head_model(), cached, config, phase, batch_size, seed, callbacks=extra,
                                 verbose=verbose, start_is_best=probe_start and model.hidden is None,
-                                snapshots=snapshots, weights=class_weights)
+                                snapshots=snapshots, class_weights=class_weights)
         compile_classifier(model, config)  # as the plain path leaves it
     else:
         compile_classifier(model, config, phase.learning_rate, schedule=phase.schedule,
@@ -286,21 +286,21 @@ def train_phase2(
     train_data: tf.data.Dataset,
     validation_data: tf.data.Dataset,
     config: TrainConfig,
-    phase1: Phase1Outcome,
+    first: Phase1Outcome,
     callbacks: list[keras.callbacks.Callback] | None = None,
     verbose: int | str = "auto",
     backup: Path | None = None,
     log_dir: str | Path | None = None,
 ) -> keras.callbacks.History | None:
-    """Phase 2 as `phase` plans it (None: none), starting from phase 1's best validation loss
+    """Phase 2 as `phase` plans it (None: none), starting from the `first` phase's best validation loss
     (a stored head keeps its start's loss: phase 2 must beat it too)."""
     if model.from_scratch:
         return None
-    history = phase1.history
+    history = first.history
     best = min(history.history["val_loss"] + history.history.get(START_LOSS, []))
     return fine_tune(model, train_data, validation_data, config, phase, best, len(history.epoch),
                      callbacks=[*(callbacks or []), *tensorboard_logs(log_dir, "phase2")], verbose=verbose,
-                     snapshots=backup / "phase2" if backup is not None else None, skipped=phase1.skipped)
+                     snapshots=backup / "phase2" if backup is not None else None, skipped=first.skipped)
 
 
 def train_classifier(
@@ -361,7 +361,7 @@ def train_classifier(
         head_steps = math.ceil(len(features[0].labels) / batch_size) if cached else batches_per_epoch(train_data)
         phases = plan_phases(config, model.from_scratch, head_steps, batches_per_epoch(train_data), unfreeze_blocks)
     backup = Path(backup_dir) if backup_dir is not None else None
-    first = train_phase1(model, phases[0], train_data, validation_data, config, features=features, start=head_start,
+    first = train_phase1(model, phases[0], train_data, validation_data, config, cached=features, start=head_start,
                          stored=phase1, calibration_images=calibration_images, batch_size=batch_size, seed=seed,
                          callbacks=callbacks, verbose=verbose, backup=backup, log_dir=log_dir,
                          class_weights=class_weights)

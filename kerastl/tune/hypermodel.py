@@ -16,7 +16,7 @@ from kerastl.models.classifier import TransferClassifier, build_classifier
 from kerastl.runs.run import checked_config, run_training
 from kerastl.training.compile import compile_classifier
 from kerastl.tune.space import apply_values, declare
-from kerastl.tune.trial import budgeted
+from kerastl.tune.trial import apply_budget
 
 
 class TransferHyperModel(keras_tuner.HyperModel):
@@ -58,7 +58,8 @@ class TransferHyperModel(keras_tuner.HyperModel):
         `x` and `validation_data` are batched (images, labels) pipelines; `epochs`
         is Hyperband's budget when it gives one.
         """
-        config = budgeted(checked_config(self.trial_config(hp)), epochs, self.base.train.epochs)
-        result = run_training(config, (x, validation_data), verbose=kwargs.get("verbose", 0), model=model,
+        config = self.trial_config(hp)  # run_training checks it
+        apply_budget(config.train, epochs, self.base.train.head.epochs)
+        result = run_training(config, pipelines=(x, validation_data), verbose=kwargs.get("verbose", 0), model=model,
                               callbacks=callbacks, save="none")
         return result.metrics

@@ -20,11 +20,12 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from kerastl.choices import IMBALANCE_RATIO, OBJECTIVES
-from kerastl.config import RunConfig
+from kerastl.config import DataConfig, RunConfig
 from kerastl.data.images import ImageData, load_data
 from kerastl.data.sources import labelled_counts
 from kerastl.devices import list_gpus, setup_devices
@@ -47,6 +48,7 @@ from kerastl.storage import check_export_dir
 from kerastl.training.phases import TrainResult
 from kerastl.tune.config import AUTO_OBJECTIVE, TuneConfig
 from kerastl.tune.distribute import launch, serve_chief
+from kerastl.tune.hypermodel import TransferHyperModel
 from kerastl.tune.space import DEFAULT_SPACE, check_space
 from kerastl.tune.tables import trial_table, write_tables
 from kerastl.tune.trial import TrialContext
@@ -84,10 +86,11 @@ def prepare(config: RunConfig, tune: TuneConfig) -> tuple[RunConfig, TuneConfig]
     return base, tune
 
 
-def choose_objective(base: RunConfig, tune: TuneConfig, data: ImageData | None, restart: bool = False) -> TuneConfig:
-    """`tune` with objective "auto" resolved: val_macro_f1 when the labelled classes are imbalanced
-    beyond `IMBALANCE_RATIO` (largest / smallest count), val_accuracy otherwise. Says which, and why.
-    A search being resumed keeps the objective its project recorded."""
+def choose_objective(source: DataConfig, tune: TuneConfig, data: ImageData | None,
+                     restart: bool = False) -> TuneConfig:
+    """`tune` with objective "auto" resolved: val_macro_f1 when the labelled classes (of `data`, else
+    of `source`) are imbalanced beyond `IMBALANCE_RATIO` (largest / smallest count), val_accuracy
+    otherwise. Says which, and why. A search being resumed keeps the objective its project recorded."""
     if tune.objective != AUTO_OBJECTIVE:
         return tune
     recorded = Path(tune.project_dir) / SEARCH_FILE
@@ -95,7 +98,7 @@ def choose_objective(base: RunConfig, tune: TuneConfig, data: ImageData | None, 
     if objective in OBJECTIVES and not restart:  # resuming: the objective it started with, whatever the data is now
         log.info("resuming a search that optimises %s", objective)
         return TuneConfig.from_dict({**tune.to_dict(), "objective": objective})
-    counts = np.asarray(labelled_counts(base.data, data))
+    counts = np.asarray(labelled_counts(source, data))
     ratio = counts.max() / max(counts.min(), 1)
     tune = TuneConfig.from_dict({**tune.to_dict(), "objective": "val_accuracy"})
     if ratio > IMBALANCE_RATIO:
@@ -105,12 +108,13 @@ def choose_objective(base: RunConfig, tune: TuneConfig, data: ImageData | None, 
     return tune
 
 
-def claim_project(project: Path, base: RunConfig, tune: TuneConfig, restart: bool) -> None:
-    """Writes `search.json`; refuses a folder that holds a different search (unless restarting)."""
+def claim_project(project: Path, run: dict[str, Any], tune: TuneConfig, restart: bool) -> None:
+    """Writes `search.json` of a search of the `run` config (`RunConfig.to_dict`) and `tune`; refuses
+    a folder that holds a different search (unless restarting)."""
     path = project / SEARCH_FILE
     if restart and project.exists():
         shutil.rmtree(project)
-    record = {"run": base.to_dict(), "tune": tune.to_dict(), "format": PROJECT_FORMAT}
+    record = {"run": run, "tune": tune.to_dict(), "format": PROJECT_FORMAT}
     if path.exists():
         previous = json.loads(path.read_text())
         if previous.get("format") == PROJECT_FORMAT:  # settings added since are at their defaults
@@ -126,7 +130,7 @@ def claim_project(project: Path, base: RunConfig, tune: TuneConfig, restart: boo
         def settled(part: dict) -> dict:
             return {k: v for k, v in part.items() if k not in free}
 
-        record_now = {**record, "run": base.experiment_dict()}  # the machine's settings may change
+        record_now = {**record, "run": RunConfig.from_dict(run).experiment_dict()}  # the machine's may change
         if any(settled(previous[k]) != settled(record_now[k]) for k in ("run", "tune")):
             raise KerastlError(f"project folder {project} holds a different search; resume it with the same "
                                "settings, start over with --restart (restart=True), or choose another folder")
@@ -142,12 +146,12 @@ def read_search(project: Path) -> tuple[RunConfig, TuneConfig]:
     return RunConfig.from_dict(record["run"]), tune
 
 
-def search_here(base: RunConfig, tune: TuneConfig, data: ImageData | None, verbose: int | str = 0) -> TransferTuner:
-    """Runs trials in this process (the single-process search, or one worker of many)."""
+def search_here(hypermodel: TransferHyperModel, tune: TuneConfig, data: ImageData | None,
+                verbose: int | str = 0) -> TransferTuner:
+    """Runs trials of `hypermodel` in this process (the single-process search, or one worker of many)."""
     setup = setup_devices(tune.mixed_precision)
     context = TrialContext(tune.project_dir, data, setup.device, verbose)
-    num_classes = len(data.class_names) if data is not None else None
-    tuner = make_tuner(base, tune, context, num_classes)
+    tuner = make_tuner(hypermodel, tune, context)
     try:
         tuner.search(verbose=0)
     except RuntimeError as error:
@@ -159,9 +163,9 @@ def search_here(base: RunConfig, tune: TuneConfig, data: ImageData | None, verbo
     return tuner
 
 
-def run_as_chief(base: RunConfig, tune: TuneConfig) -> TransferTuner:
+def run_as_chief(hypermodel: TransferHyperModel, tune: TuneConfig) -> TransferTuner:
     """The chief of a distributed search: serves the oracle until the search is done."""
-    tuner = make_tuner(base, tune, None, None)
+    tuner = make_tuner(hypermodel, tune, None)
     serve_chief(tuner)
     return tuner
 
@@ -194,50 +198,52 @@ def run_search(
     ```
     """
     base, tune = prepare(config, tune)
-    tune = choose_objective(base, tune, data, restart)
+    tune = choose_objective(base.data, tune, data, restart)
     export_dir = Path(base.export_dir)
     check_export_dir(export_dir, overwrite)
     project = Path(tune.project_dir)
-    claim_project(project, base, tune, restart)
+    claim_project(project, base.to_dict(), tune, restart)
+    hypermodel = TransferHyperModel(base, tune.space)
     workers, gpus = tune.workers, len(list_gpus())
     if workers == 0:
         workers = gpus if gpus > 1 else 1
     role = os.environ.get("KERASTUNER_TUNER_ID", "") if "KERASTUNER_ORACLE_IP" in os.environ else ""
     if role and "chief" not in role:  # one worker of a search spread over machines: run trials, export nothing
-        search_here(base, tune, data, verbose)
+        search_here(hypermodel, tune, data, verbose)
         return SearchResult([], None, None, {}, tune.objective)
     if role:  # the chief of a search spread over machines: serve the oracle, then report and export
-        tuner = run_as_chief(base, tune)
+        tuner = run_as_chief(hypermodel, tune)
     elif workers > 1:
         if data is not None:
             raise KerastlError("several workers load the data themselves: give a data source, not in-memory data")
         launch(tune, workers, gpus)
-        tuner = make_tuner(base, tune, None, None)  # reloads the finished search's state
+        tuner = make_tuner(hypermodel, tune, None)  # reloads the finished search's state
     else:
-        tuner = search_here(base, tune, data, verbose)
+        tuner = search_here(hypermodel, tune, data, verbose)
     rows = trial_table(tuner)
     write_tables(rows, project)
     write_search_report(project)  # the trial table and the objective against each setting
     done = [row for row in rows if row["status"] == "COMPLETED"]
     if not done:
         raise KerastlError(f"no trial completed; see {project / 'trials.csv'} and the trial logs")
-    model, metrics = export_best(tuner, done[0]["trial"], base, tune, data)
+    model, metrics = export_best(tuner, done[0]["trial"], (base.name, base.export_dir), tune, data)
     write_tables(rows, export_dir)
     log.info("best trial %s (%s %.4f) exported to %s", done[0]["trial"], tune.objective, done[0][tune.objective],
              export_dir)
     return SearchResult(rows, model, export_dir, metrics, tune.objective)
 
 
-def export_best(tuner: TransferTuner, trial_id: str, base: RunConfig, tune: TuneConfig,
+def export_best(tuner: TransferTuner, trial_id: str, export: tuple[str, str], tune: TuneConfig,
                 data: ImageData | None) -> tuple[TransferClassifier, dict[str, float]]:
-    """Writes the best trial's own model as an exported run folder, scored on the test split if there is one
-    and evaluated (the report's `evaluation.json`) on it, or else on the validation split."""
+    """Writes the best trial's own model as the exported run folder `export` (name, folder), scored on
+    the test split if there is one and evaluated (the report's `evaluation.json`) on it, or else on the
+    validation split."""
     trial_dir = Path(tuner.get_trial_dir(trial_id))
     config = read_config(trial_dir)
-    config.name, config.export_dir = base.name, base.export_dir
+    config.name, config.export_dir = export
     model = load_model(trial_dir)
     if data is None and tuner.context is not None:  # an in-process search has loaded it already
-        data = tuner.context.data(config)
+        data = tuner.context.data(config.data, config.model.image_size)
     elif data is None:
         data = load_data(config.data, config.model.image_size)
     metrics = read_json_file(trial_dir, METRICS_FILE)
@@ -252,5 +258,5 @@ def export_best(tuner: TransferTuner, trial_id: str, base: RunConfig, tune: Tune
         extra[PROBE_FILE] = read_json_file(trial_dir, PROBE_FILE)
     write_run_folder(config.export_dir, model, data.class_names, config, history, metrics, extra=extra,
                      logs=trial_dir / LOGS,
-                     evaluation=evaluation, wrong_images=wrong, data=describe_data(data, config, "holdout"))
+                     evaluation=evaluation, wrong_images=wrong, data=describe_data(data, config.data, "holdout"))
     return model, metrics

@@ -26,7 +26,7 @@ import keras
 import keras_tuner
 import tensorflow as tf
 
-from kerastl.config import RunConfig
+from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from kerastl.data.images import ImageData, load_data
 from kerastl.devices import setup_devices
 from kerastl.models.classifier import TransferClassifier, build_classifier
@@ -47,14 +47,12 @@ def memory_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def budgeted(config: RunConfig, budget: int | None, max_epochs: int) -> RunConfig:
-    """Hyperband's epoch budget: phase 1 gets `budget` epochs, phase 2 the same share of its own."""
+def apply_budget(tc: TrainConfig, budget: int | None, max_epochs: int) -> None:
+    """Hyperband's epoch budget, set in `tc`: phase 1 gets `budget` epochs, phase 2 the same share of its own."""
     if budget:
-        tc = config.train
-        tc.fine_tune_epochs = math.ceil(tc.fine_tune_epochs * budget / max(max_epochs, 1))
-        tc.epochs = int(budget)
-        tc.min_steps = tc.fine_tune_min_steps = 0  # the bracket's epochs are the budget, not a floor of steps
-    return config
+        tc.fine_tune.epochs = math.ceil(tc.fine_tune.epochs * budget / max(max_epochs, 1))
+        tc.head.epochs = int(budget)
+        tc.head.min_steps = tc.fine_tune.min_steps = 0  # the bracket's epochs are the budget, not a floor of steps
 
 
 class TrialContext:
@@ -80,60 +78,54 @@ class TrialContext:
         """Whether a trial process can load the data itself (it was not handed in as arrays)."""
         return self._given is None
 
-    def data(self, config: RunConfig) -> ImageData:
-        """The data handed in (the run refuses it at another image size), or loaded once per image size."""
-        size = config.model.image_size
+    def data(self, source: DataConfig, size: int) -> ImageData:
+        """The data handed in (the run refuses it at another image size), or `source` loaded once per image size."""
         if self._given is not None:
             return self._given
         if size not in self._data:
-            self._data[size] = load_data(config.data, size)
+            self._data[size] = load_data(source, size)
         return self._data[size]
 
-    def classifier(self, config: RunConfig, num_classes: int) -> TransferClassifier | None:
-        """A head-only trial's classifier on the frozen backbone its earlier trials built; None otherwise.
+    def classifier(self, mc: ModelConfig, num_classes: int, seed: int) -> TransferClassifier:
+        """A head-only trial's classifier on the frozen backbone its earlier trials built.
 
         A head-only trial never changes its backbone, so one built backbone (per
         backbone setting and seed) serves them all instead of one per trial.
         """
-        if not is_head_only(config):
-            return None
-        m = config.model
-        key = json.dumps([m.backbone, m.weights, m.image_size, config.data.seed, keras.config.dtype_policy().name])
-        model = build_classifier(m, num_classes, seed=config.data.seed, backbone=self._backbones.get(key))
+        key = json.dumps([mc.backbone, mc.weights, mc.image_size, seed, keras.config.dtype_policy().name])
+        model = build_classifier(mc, num_classes, seed=seed, backbone=self._backbones.get(key))
         self._backbones[key] = model.backbone
         return model
 
     def run(self, config: RunConfig, trial_dir: str | os.PathLike, budget: int | None = None) -> dict[str, float]:
-        """Trains one trial's config on `self.device`; writes its run folder and `result.json`."""
+        """One trial's config, trained in this process on `self.device`: the run (a weights-only run
+        folder in `trial_dir`), then `result.json` with the scores, time and memory."""
+        start, trial_dir = time.perf_counter(), Path(trial_dir)
+        gpu = self.device.startswith("/GPU")
+        if gpu:
+            tf.config.experimental.reset_memory_stats(self.device.strip("/"))
+        config = checked_config(config)
+        apply_budget(config.train, budget, config.train.head.epochs)
+        config.export_dir = str(trial_dir)
+        config.train.validation.mode = "holdout"  # trials are compared on one validation split
+        data = dataclasses.replace(self.data(config.data, config.model.image_size), test=None)  # chosen on validation
+        classes = len(data.class_names)
         with tf.device(self.device):
-            return run_trial(config, self, Path(trial_dir), budget)
-
-
-def run_trial(config: RunConfig, context: TrialContext, trial_dir: Path, budget: int | None = None) -> dict:
-    """One trial in this process: the run, then `result.json` with the scores, time and memory."""
-    start = time.perf_counter()
-    gpu = context.device.startswith("/GPU")
-    if gpu:
-        tf.config.experimental.reset_memory_stats(context.device.strip("/"))
-    config = budgeted(checked_config(config), budget, config.train.epochs)
-    config.export_dir = str(trial_dir)
-    config.train.validation.mode = "holdout"  # trials are compared on one validation split
-    data = dataclasses.replace(context.data(config), test=None)  # trials are chosen on validation alone
-    result = run_training(config, data, overwrite=True, verbose=context.verbose,
-                          model=context.classifier(config, len(data.class_names)), heads=context.heads,
-                          save="weights")
-    info: dict[str, Any] = {
-        "fine_tuned": result.history.phase2 is not None, "reused_head": result.reused_head,
-        "classes": len(data.class_names), "epochs": config.train.epochs,
-        "fine_tune_epochs": config.train.fine_tune_epochs if result.history.phase2 is not None else 0,
-        "seconds": round(time.perf_counter() - start, 3), "memory_mb": round(memory_mb(), 1),
-        "device": context.device,
-    }
-    if gpu:  # flat across trials when every trial gives its memory back
-        peak = tf.config.experimental.get_memory_info(context.device.strip("/"))["peak"]
-        info["gpu_peak_mb"] = round(peak / 2**20, 1)
-    (trial_dir / RESULT_FILE).write_text(json.dumps({"metrics": result.metrics, "info": info}, indent=2))
-    return result.metrics
+            model = self.classifier(config.model, classes, config.data.seed) if config.trains_head_only else None
+            result = run_training(config, data, overwrite=True, verbose=self.verbose, model=model, heads=self.heads,
+                                  save="weights")
+        info: dict[str, Any] = {
+            "fine_tuned": result.history.phase2 is not None, "reused_head": result.reused_head, "classes": classes,
+            "epochs": config.train.head.epochs,
+            "fine_tune_epochs": config.train.fine_tune.epochs if result.history.phase2 is not None else 0,
+            "seconds": round(time.perf_counter() - start, 3), "memory_mb": round(memory_mb(), 1),
+            "device": self.device,
+        }
+        if gpu:  # flat across trials when every trial gives its memory back
+            peak = tf.config.experimental.get_memory_info(self.device.strip("/"))["peak"]
+            info["gpu_peak_mb"] = round(peak / 2**20, 1)
+        (trial_dir / RESULT_FILE).write_text(json.dumps({"metrics": result.metrics, "info": info}, indent=2))
+        return result.metrics
 
 
 def read_result(trial_dir: Path) -> dict | None:
@@ -142,22 +134,18 @@ def read_result(trial_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def is_head_only(config: RunConfig) -> bool:
-    """Whether a run trains the head alone on cached features, never running or changing the backbone."""
-    tc = config.train
-    return tc.feature_cache and not config.model.trains_from_scratch and not tc.wants_fine_tuning
+def needs_process(head_only: bool, isolate: str) -> bool:
+    """Whether a trial runs in its own process: always, never, or (auto) when it runs the backbone
+    (it is not `head_only`, `RunConfig.trains_head_only`)."""
+    return isolate == "always" if isolate != "auto" else not head_only
 
 
-def needs_process(config: RunConfig, isolate: str) -> bool:
-    """Whether a trial runs in its own process: always, never, or (auto) when it runs the backbone."""
-    return isolate == "always" if isolate != "auto" else not is_head_only(config)
-
-
-def run_in_process(config: RunConfig, trial_dir: Path, project_dir: Path, budget: int | None,
+def run_in_process(config: dict[str, Any], trial_dir: Path, project_dir: Path, budget: int | None,
                    mixed_precision: bool | None) -> dict[str, float]:
-    """Runs one trial in a fresh Python process (`python -m kerastl.tune.worker trial DIR`); returns its metrics."""
+    """Runs one trial of `config` (`RunConfig.to_dict`) in a fresh Python process
+    (`python -m kerastl.tune.worker trial DIR`); returns its metrics."""
     trial_dir.mkdir(parents=True, exist_ok=True)
-    request = {"config": config.to_dict(), "project_dir": str(project_dir), "budget": budget,
+    request = {"config": config, "project_dir": str(project_dir), "budget": budget,
                "mixed_precision": mixed_precision}
     (trial_dir / REQUEST_FILE).write_text(json.dumps(request, indent=2))
     (trial_dir / RESULT_FILE).unlink(missing_ok=True)

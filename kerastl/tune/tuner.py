@@ -18,7 +18,6 @@ import keras_tuner
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
-from kerastl.config import RunConfig
 from kerastl.errors import KerastlError
 from kerastl.models.classifier import TransferClassifier
 from kerastl.runs.folder import LOGS, load_model
@@ -84,12 +83,13 @@ class TransferTuner(keras_tuner.Tuner):
         config = self.hypermodel.trial_config(trial.hyperparameters)
         budget = trial.hyperparameters.values.get("tuner/epochs")
         trial_dir = Path(self.get_trial_dir(trial.trial_id))
-        isolated = needs_process(config, self.tune.isolate) and self.context.can_isolate
+        isolated = needs_process(config.trains_head_only, self.tune.isolate) and self.context.can_isolate
         log.info("trial %s: %s%s", trial.trial_id, json.dumps(shown_values(trial.hyperparameters.values)),
                  " (own process)" if isolated else "")
         try:
             if isolated:
-                metrics = run_in_process(config, trial_dir, Path(self.project_dir), budget, self.tune.mixed_precision)
+                metrics = run_in_process(config.to_dict(), trial_dir, Path(self.project_dir), budget,
+                                         self.tune.mixed_precision)
             else:
                 fresh_session()
                 metrics = self.context.run(config, trial_dir, budget)
@@ -152,12 +152,10 @@ def fresh_session() -> None:
     keras.config.set_dtype_policy(policy)
 
 
-def make_tuner(base: RunConfig, tune: TuneConfig, context: TrialContext | None,
-               num_classes: int | None) -> TransferTuner:
-    """The search's `TransferTuner` on its project folder (reloading any state there)."""
+def make_tuner(hypermodel: TransferHyperModel, tune: TuneConfig, context: TrialContext | None) -> TransferTuner:
+    """The search's `TransferTuner` of `hypermodel` on its project folder (reloading any state there)."""
     project = Path(tune.project_dir).resolve()
-    oracle = make_oracle(tune, base.data.seed, base.train.epochs)
-    hypermodel = TransferHyperModel(base, tune.space, num_classes)
+    oracle = make_oracle(tune, hypermodel.base.data.seed, hypermodel.base.train.head.epochs)
     with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner prints "Reloading Tuner from ..."
         tuner = TransferTuner(oracle, hypermodel, context, tune, str(project.parent), project.name)
     trials = getattr(tuner.oracle, "trials", {})  # a worker's oracle is a client of the chief's: no trials here

@@ -15,16 +15,18 @@ import traceback
 from pathlib import Path
 
 from kerastl.tune.distribute import die_with_parent
+from kerastl.tune.hypermodel import TransferHyperModel
 from kerastl.tune.search import read_search, run_as_chief, search_here
 from kerastl.tune.trial import serve_request
 
 
 def _search(project: Path) -> None:
     base, tune = read_search(project)
+    hypermodel = TransferHyperModel(base, tune.space)
     if "chief" in os.environ.get("KERASTUNER_TUNER_ID", ""):
-        run_as_chief(base, tune)
+        run_as_chief(hypermodel, tune)
     else:
-        search_here(base, tune, None)
+        search_here(hypermodel, tune, None)
 
 
 def main(argv: list[str]) -> int:
