@@ -64,6 +64,12 @@ class RunFiles:
         """The `train` section in the 0.2 layout (`fine_tune_epochs`, `validation`, ...), whoever wrote it."""
         return flat_train(self.config.get("train") or {})
 
+    def planned(self, name: str) -> dict:
+        """Phase `name` ("head", "fine_tune") as the run planned it (`config.json`'s "plan", since 0.3):
+        its epochs, patience and learning rate; empty when not planned or not recorded."""
+        phases = (self.config.get("plan") or {}).get("phases") or []
+        return next((phase for phase in phases if phase.get("name") == name), {})
+
     @property
     def class_names(self) -> list[str] | None:
         return self.labels or (self.data or {}).get("class_names") or (self.evaluation or {}).get("class_names")
@@ -120,10 +126,11 @@ def split_counts(run: RunFiles) -> dict[str, int]:
 
 
 def recorded_validation_mode(run: RunFiles) -> str:
-    """ "holdout" or "cv" as data.json records it, else as the metrics show, else the config's setting."""
+    """ "holdout" or "cv" as data.json or the plan records it, else as the metrics show, else the config's setting."""
     prefixes = {key.split("_")[0] for key in run.metrics}
-    return ((run.data or {}).get("validation_mode") or ("cv" if "cv" in prefixes else "holdout" if "val" in prefixes
-            else run.train.get("validation", "auto")))
+    recorded = (run.data or {}).get("validation_mode") or (run.config.get("plan") or {}).get("validation_mode")
+    return recorded or ("cv" if "cv" in prefixes else "holdout" if "val" in prefixes
+                        else run.train.get("validation", "auto"))
 
 
 def data_sources(run: RunFiles) -> list[tuple[str, str]]:
@@ -234,8 +241,9 @@ def _ran(run: RunFiles, name: str) -> str | None:
 def phases(run: RunFiles) -> list[tuple[str, str]]:
     """(label, text) pairs: each phase's epochs and learning rate, the validation mode, the optimizer."""
     train, mode = run.train, recorded_validation_mode(run)
-    rate, ratio = train.get("learning_rate"), train.get("fine_tune_lr_ratio")
-    fine_rate = rate * ratio if rate is not None and ratio is not None else None
+    head, fine = run.planned("head"), run.planned("fine_tune")
+    rate, ratio = head.get("learning_rate", train.get("learning_rate")), train.get("fine_tune_lr_ratio")
+    fine_rate = fine.get("learning_rate", rate * ratio if rate is not None and ratio is not None else None)
     scratch = run.model.get("from_scratch") or run.model.get("weights", "") is None
     first, second = _ran(run, "phase1"), _ran(run, "phase2")
     closed_form = first is not None and first.startswith("a linear probe")  # no optimizer steps: no learning rate
@@ -243,10 +251,13 @@ def phases(run: RunFiles) -> list[tuple[str, str]]:
                        + ("" if closed_form else f", learning rate {NOT_RECORDED if rate is None else f'{rate:g}'}")),
            ("phase 2", "did not run (no fine-tuning)" if second is None else f"fine-tuning {unfreeze_text(run)}: "
                        f"{second}, learning rate {NOT_RECORDED if fine_rate is None else f'{fine_rate:g}'}")]
-    folds = run.metrics.get("cv_folds") or train.get("cv_folds")
+    folds = run.metrics.get("cv_folds") or (run.config.get("plan") or {}).get("folds") or train.get("cv_folds")
+    patience = head.get("patience", train.get("patience", "?"))
+    raised = f", raised with the epochs from {train['patience']}" if patience != train.get("patience", patience) \
+        else ""
     out.append(("validation", f"{int(folds) if folds else 'k'}-fold cross-validation on every labelled image, "
                 "then trained on them all" if mode == "cv" else
-                f"{mode}: early stopping on the validation split's loss (patience {train.get('patience', '?')})"))
+                f"{mode}: early stopping on the validation split's loss (patience {patience}{raised})"))
     out.append(("optimizer", f"{train.get('optimizer', NOT_RECORDED)}, loss {train.get('loss', NOT_RECORDED)}, "
                 f"label smoothing {train.get('label_smoothing', 0)}, weight decay {train.get('weight_decay', 0)}"))
     model = run.model
