@@ -242,9 +242,15 @@ def test_the_report_gives_each_phase_as_the_run_planned_it(tmp_path):
     config["plan"] = {"validation_mode": "holdout", "folds": 0, "phases": [
         {"name": "head", "epochs": 100, "patience": 50, "learning_rate": 0.001, "schedule": "constant"},
         {"name": "fine_tune", "epochs": 10, "patience": 5, "learning_rate": 2e-05, "schedule": "cosine"}]}
-    history = {"phase1": {"loss": [1.0] * 4, "val_loss": [1.0] * 4}, "phase2": {"loss": [1.0] * 3, "val_loss": [1.0] * 3}}
+    history = {"phase1": {"loss": [1.0] * 4, "val_loss": [1.0] * 4},
+               "phase2": {"loss": [1.0] * 3, "val_loss": [1.0] * 3}}
     facts = dict(phases(RunFiles(tmp_path, config, {"val_accuracy": 0.5}, history=history)))
     assert facts["phase 1"].endswith("4 epochs, learning rate 0.001")
     assert facts["phase 2"].endswith("3 epochs, learning rate 2e-05")  # the plan's, not 0.001 x 0.1
     assert facts["validation"] == ("holdout: early stopping on the validation split's loss (patience 50, raised with "
                                    "the epochs from 5)")
+    config["plan"].update(validation_mode="cv", folds=0)  # cross-validation without cached features: no folds
+    config["plan"]["phases"][0].update(name="scratch", learning_rate=0.005)  # phase 1 from scratch: its own name
+    facts = dict(phases(RunFiles(tmp_path, config, {"val_accuracy": 0.5}, history=history)))
+    assert facts["validation"] == "none: every labelled image trained, with no validation estimate"
+    assert facts["phase 1"].endswith("4 epochs, learning rate 0.005")

@@ -79,6 +79,7 @@ def test_auto_reads_an_earlier_block_when_the_last_destroys_the_signal(tmp_path)
     assert result.model.feature_blocks != [3]  # not the output alone: an earlier block, or all of them
     assert result.config.model.features == ",".join(map(str, result.model.feature_blocks))
     assert result.curve.accuracy[-1] < 0.4 < max(result.curve.accuracy)
+    assert result.probe is result.curve  # its 0.2 name
     assert result.metrics["val_accuracy"] > 0.6
     curve = json.loads((tmp_path / "run" / "probe.json").read_text())
     assert [b["block"] for b in curve["blocks"]] == [1, 2, 3] and curve["chosen"] == result.model.feature_blocks

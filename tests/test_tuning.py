@@ -120,6 +120,8 @@ def test_a_search_export_is_a_run_folder_that_train_reproduces(tmp_path, capsys)
     metrics = json.loads((export / "metrics.json").read_text())
     assert metrics["val_accuracy"] == result.trials[0]["val_accuracy"] and "test_accuracy" in metrics
     best_trial = tmp_path / "project" / f"trial_{result.trials[0]['trial']}"
+    trial_plan = json.loads((best_trial / "config.json").read_text())["plan"]
+    assert json.loads((export / "config.json").read_text())["plan"] == trial_plan  # what the report reads
     images = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
     np.testing.assert_allclose(load_model(export).predict(images, verbose=0),
                                load_model(best_trial).predict(images, verbose=0), atol=1e-6)

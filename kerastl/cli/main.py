@@ -56,8 +56,8 @@ def _train(args: argparse.Namespace) -> int:
     from kerastl.runs.run import run_training
 
     result = run_training(config, overwrite=args.overwrite, verbose=_progress(args), restart=args.restart)
-    if result.probe is not None:
-        print(result.probe.summary())
+    if result.curve is not None:
+        print(result.curve.summary())
     print_metrics(result.metrics)
     print_files(result.export_dir)
     return 0

@@ -1,15 +1,13 @@
 """What a run folder says, in words: the readers and phrases the model card and the HTML report share.
 
-`read_run(folder)` reads only the run folder's files: `config.json` and `metrics.json`
-(required), and, where present, `history.json`, `metadata.json`, `labels.txt`,
-`data.json`, `evaluation.json` and `probe.json`. The functions below turn them into
-(label, text) pairs, tables and sentences. A missing or unreadable optional file reads
-"not recorded", never an error: old folders and search trials lack many.
+`read_run(folder)` reads only the run folder's files: `config.json` (with the run's plan) and
+`metrics.json`, and, where present, `history.json`, `metadata.json`, `labels.txt`, `data.json`,
+`evaluation.json` and `probe.json`, which the functions below turn into (label, text) pairs,
+tables and sentences. A missing optional file reads "not recorded", never an error.
 
 Every metric says what it was measured on, because the numbers mean different things:
-`test_*` on the held-out test split; `val_*` on the validation split, which also chose the
-epochs and settings and so is optimistic; `cv_*` a cross-validated estimate over k folds.
-No TensorFlow: json and pathlib only.
+`test_*` on the held-out test split; `val_*` on the validation split, which also chose the epochs
+and settings and so is optimistic; `cv_*` a cross-validated estimate over k folds. No TensorFlow.
 """
 
 from __future__ import annotations
@@ -64,11 +62,15 @@ class RunFiles:
         """The `train` section in the 0.2 layout (`fine_tune_epochs`, `validation`, ...), whoever wrote it."""
         return flat_train(self.config.get("train") or {})
 
+    @property
+    def plan(self) -> dict:
+        """The choices the run made (`config.json`'s "plan", since 0.3); empty when not recorded."""
+        return self.config.get("plan") or {}
+
     def planned(self, name: str) -> dict:
-        """Phase `name` ("head", "fine_tune") as the run planned it (`config.json`'s "plan", since 0.3):
-        its epochs, patience and learning rate; empty when not planned or not recorded."""
-        phases = (self.config.get("plan") or {}).get("phases") or []
-        return next((phase for phase in phases if phase.get("name") == name), {})
+        """Phase `name` ("phase1", "phase2") as planned (epochs, patience, rate); empty when it was not."""
+        phases = [*(self.plan.get("phases") or []), {}]
+        return phases[0] if name == "phase1" else next(p for p in phases if p.get("name", "fine_tune") == "fine_tune")
 
     @property
     def class_names(self) -> list[str] | None:
@@ -128,7 +130,7 @@ def split_counts(run: RunFiles) -> dict[str, int]:
 def recorded_validation_mode(run: RunFiles) -> str:
     """ "holdout" or "cv" as data.json or the plan records it, else as the metrics show, else the config's setting."""
     prefixes = {key.split("_")[0] for key in run.metrics}
-    recorded = (run.data or {}).get("validation_mode") or (run.config.get("plan") or {}).get("validation_mode")
+    recorded = (run.data or {}).get("validation_mode") or run.plan.get("validation_mode")
     return recorded or ("cv" if "cv" in prefixes else "holdout" if "val" in prefixes
                         else run.train.get("validation", "auto"))
 
@@ -241,7 +243,7 @@ def _ran(run: RunFiles, name: str) -> str | None:
 def phases(run: RunFiles) -> list[tuple[str, str]]:
     """(label, text) pairs: each phase's epochs and learning rate, the validation mode, the optimizer."""
     train, mode = run.train, recorded_validation_mode(run)
-    head, fine = run.planned("head"), run.planned("fine_tune")
+    head, fine = run.planned("phase1"), run.planned("phase2")
     rate, ratio = head.get("learning_rate", train.get("learning_rate")), train.get("fine_tune_lr_ratio")
     fine_rate = fine.get("learning_rate", rate * ratio if rate is not None and ratio is not None else None)
     scratch = run.model.get("from_scratch") or run.model.get("weights", "") is None
@@ -251,12 +253,12 @@ def phases(run: RunFiles) -> list[tuple[str, str]]:
                        + ("" if closed_form else f", learning rate {NOT_RECORDED if rate is None else f'{rate:g}'}")),
            ("phase 2", "did not run (no fine-tuning)" if second is None else f"fine-tuning {unfreeze_text(run)}: "
                        f"{second}, learning rate {NOT_RECORDED if fine_rate is None else f'{fine_rate:g}'}")]
-    folds = run.metrics.get("cv_folds") or (run.config.get("plan") or {}).get("folds") or train.get("cv_folds")
+    folds = run.metrics.get("cv_folds") or run.plan.get("folds", train.get("cv_folds"))
     patience = head.get("patience", train.get("patience", "?"))
-    raised = f", raised with the epochs from {train['patience']}" if patience != train.get("patience", patience) \
-        else ""
-    out.append(("validation", f"{int(folds) if folds else 'k'}-fold cross-validation on every labelled image, "
-                "then trained on them all" if mode == "cv" else
+    raised = "" if patience == train.get("patience", patience) else f", raised with the epochs from {train['patience']}"
+    cv = (f"{int(folds) if folds else 'k'}-fold cross-validation on every labelled image, then trained on them all"
+          if folds != 0 else "none: every labelled image trained, with no validation estimate")
+    out.append(("validation", cv if mode == "cv" else
                 f"{mode}: early stopping on the validation split's loss (patience {patience}{raised})"))
     out.append(("optimizer", f"{train.get('optimizer', NOT_RECORDED)}, loss {train.get('loss', NOT_RECORDED)}, "
                 f"label smoothing {train.get('label_smoothing', 0)}, weight decay {train.get('weight_decay', 0)}"))

@@ -23,10 +23,10 @@ from kerastl.storage import check_export_dir
 DEFAULT_EXPORT_ROOT = Path("saved_models")
 
 
-def resolve_run_config(config: RunConfig, resume: bool = False) -> RunConfig:
+def resolve_run_config(config: RunConfig, find_unfinished: bool = False) -> RunConfig:
     """A validated copy with registry defaults filled in (size, canonical name, folders).
 
-    With `resume`, a run given neither a name nor a folder takes those of the unfinished run of
+    With `find_unfinished`, a run given neither a name nor a folder takes those of the unfinished run of
     the same config under `DEFAULT_EXPORT_ROOT`, if there is one: the same command finds its run.
     """
     named = bool(config.name or config.export_dir)
@@ -41,7 +41,7 @@ def resolve_run_config(config: RunConfig, resume: bool = False) -> RunConfig:
         config.name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if config.export_dir is None:
         config.export_dir = str(DEFAULT_EXPORT_ROOT / config.name)
-    found = None if named or not resume else unfinished_run(config.digest(), DEFAULT_EXPORT_ROOT)
+    found = None if named or not find_unfinished else unfinished_run(config.digest(), DEFAULT_EXPORT_ROOT)
     if found is not None:
         config.name, config.export_dir = found
     return config
@@ -62,7 +62,7 @@ def check_run(config: RunConfig, overwrite: bool = False, restart: bool = False)
     Without a name or folder, the run takes over the unfinished run of the same
     config under `DEFAULT_EXPORT_ROOT`, if there is one.
     """
-    resolved = resolve_run_config(config, resume=True)
+    resolved = resolve_run_config(config, find_unfinished=True)
     check_data_source(resolved.data)
     check_output(resolved.export_dir, config.export_dir is not None, overwrite)
     RunState(resolved.export_dir).check(resolved.digest(), restart)

@@ -112,8 +112,8 @@ def write_run_folder(
     folder = Path(folder)
     try:  # an export is swapped in whole; a trial's folder holds KerasTuner's files too: files move in
         with staged_folder(folder, "replace" if export else "merge") as staging:
-            _write_files(staging, model, class_names, config, history, metrics, export, extra, backbone_digest,
-                         curve, plan)
+            record = {**config.experiment_dict(), **({"plan": plan} if plan is not None else {})}  # config.json
+            _write_files(staging, model, class_names, record, history, metrics, export, extra, backbone_digest, curve)
             _write_report_files(staging, folder, logs, evaluation, wrong_images, data, export)
     except Exception as error:
         if isinstance(error, OSError) or "No space left on device" in str(error):  # TensorFlow's own writes too
@@ -123,8 +123,8 @@ def write_run_folder(
     return folder
 
 
-def _write_files(folder: Path, model, class_names, config, history, metrics, export, extra, backbone_digest,
-                 curve, plan) -> None:
+def _write_files(folder: Path, model, class_names, record: dict, history, metrics, export, extra, backbone_digest,
+                 curve) -> None:
     metadata = {"kerastl_version": __version__, "format": FOLDER_FORMAT, "export": export,
                 "normalize": model.normalize}
     if export:
@@ -138,7 +138,7 @@ def _write_files(folder: Path, model, class_names, config, history, metrics, exp
         else:  # the backbone is the one it was built with: the head is all that changed
             model.head_model().save_weights(folder / HEAD_WEIGHTS)
             metadata["backbone_digest"] = backbone_digest or weights_digest(model.backbone)
-    write_json(folder / CONFIG_FILE, {**config.experiment_dict(), **({"plan": plan} if plan is not None else {})})
+    write_json(folder / CONFIG_FILE, record)
     write_json(folder / HISTORY_FILE, history.to_dict())
     write_json(folder / METRICS_FILE, metrics)
     write_json(folder / METADATA_FILE, metadata)

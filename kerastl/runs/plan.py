@@ -144,6 +144,8 @@ def plan_run(config: RunConfig, data: ImageData | None = None, model: TransferCl
     tc = config.train
     if pipelines is not None:
         return _plan_pipelines(tc, config.data, pipelines, model)
+    if data is None:
+        raise KerastlError("plan_run needs the run's data: loaded images, or (train, validation) pipelines")
     if mode is None:
         data, mode = split_for(tc.validation, data)
     class_weights = weigh_classes(tc.class_weight, data.train.class_counts(len(data.class_names)), data.class_names)
@@ -165,12 +167,12 @@ def plan_run(config: RunConfig, data: ImageData | None = None, model: TransferCl
     return _plan(tc, config.data.batch_size, inputs, mode)
 
 
-def _plan_pipelines(tc: TrainConfig, dc: DataConfig, data: Pipelines, model: TransferClassifier | None) -> RunPlan:
+def _plan_pipelines(tc: TrainConfig, dc: DataConfig, pipelines: Pipelines, model: TransferClassifier | None) -> RunPlan:
     if model is None:
         raise KerastlError("training on (train, validation) pipelines needs the model built for them and "
                            "save='none': pipelines carry no class names to build or export with")
-    class_weights = _pipeline_weights(tc.class_weight, model, data[0])
-    train, validation = weighted(data[0], class_weights), weighted(data[1], class_weights)
+    class_weights = _pipeline_weights(tc.class_weight, model, pipelines[0])
+    train, validation = weighted(pipelines[0], class_weights), weighted(pipelines[1], class_weights)
     probe = None if model.from_scratch else _probe_pipelines(dc, model, train, validation, class_weights)
     return _plan(tc, dc.batch_size, PlanInputs(model, None, train, validation, class_weights, probe=probe), "holdout")
 

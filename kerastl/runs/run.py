@@ -64,10 +64,10 @@ class RunResult:
         return self.curve
 
 
-def checked_config(config: RunConfig, resume: bool = False) -> RunConfig:
+def checked_config(config: RunConfig, find_unfinished: bool = False) -> RunConfig:
     """A validated copy with registry defaults filled in (size, canonical name, folders); the
-    augmentation, optimizer and loss are checked too. `resume`: see `resolve_run_config`."""
-    config = resolve_run_config(config, resume)
+    augmentation, optimizer and loss are checked too. `find_unfinished`: see `resolve_run_config`."""
+    config = resolve_run_config(config, find_unfinished)
     parse_augment(config.data.augment)
     make_optimizer(config.train.optimizer, config.train.learning_rate, config.train.weight_decay)
     make_loss(config.train.loss, config.model.binary, config.train.label_smoothing, mixes_labels(config.data.augment))
@@ -123,7 +123,7 @@ def run_training(
     ```
     """
     named, config_export_dir = bool(config.name or config.export_dir), config.export_dir
-    config = checked_config(config, resume=save == "export")
+    config = checked_config(config, find_unfinished=save == "export")
     folder = Path(config.export_dir)
     if isinstance(data, tuple):  # 0.2 took the pipelines as `data`
         data, pipelines = None, data

@@ -106,9 +106,10 @@ def train_cross_validated(
         compile_classifier(model.head_model(), config, head.learning_rate, steps_per_execution=HEAD_STEPS_PER_EXECUTION,
                            schedule=head.schedule, steps=head.steps)
         cached = CachedFeatures(views, labels)
+        balanced = config.sampling == "balanced"
         phase1 = fit_phase(model.head_model(), head, lambda first: feature_batches(
-            cached, data_config.batch_size, True, data_config.seed, first, class_weights, config.sampling == "balanced"),
-            None, None, [], verbose)
+            cached, data_config.batch_size, True, data_config.seed, first, class_weights, balanced), None, None, [],
+            verbose)
         log.info("a hidden layer has no cross-validated estimate and is not fine-tuned on small data")
         return TrainResult(phase1), {}
     result = TrainResult(phase1)

@@ -239,7 +239,8 @@ def train_phase1(
 ) -> Phase1Outcome:
     """Phase 1 as `phase` plans it: the head on the frozen base (on `cached` features when given), or
     every layer from scratch; a `stored` head's history stands for it, and so does one kept in
-    `backup` by a run that was killed after it. See `train_classifier` for the arguments."""
+    `backup` by a run that was killed after it. See `train_classifier` for the arguments (`cached`
+    is its `features`, `start` its `head_start`, `stored` its `phase1`)."""
     extra = [*(callbacks or []), *tensorboard_logs(log_dir, "phase1")]
     scratch = model.from_scratch
     if scratch:
@@ -357,8 +358,8 @@ def train_classifier(
         kerastl.training.callbacks.NaNLoss: the loss became NaN or infinite (the snapshots are kept).
     """
     if phases is None:
-        cached = features is not None and not model.from_scratch
-        head_steps = math.ceil(len(features[0].labels) / batch_size) if cached else batches_per_epoch(train_data)
+        on_features = features is not None and not model.from_scratch
+        head_steps = math.ceil(len(features[0].labels) / batch_size) if on_features else batches_per_epoch(train_data)
         phases = plan_phases(config, model.from_scratch, head_steps, batches_per_epoch(train_data), unfreeze_blocks)
     backup = Path(backup_dir) if backup_dir is not None else None
     first = train_phase1(model, phases[0], train_data, validation_data, config, cached=features, start=head_start,

@@ -31,6 +31,7 @@ from kerastl.data.sources import labelled_counts
 from kerastl.devices import list_gpus, setup_devices
 from kerastl.errors import KerastlError
 from kerastl.models.classifier import TransferClassifier
+from kerastl.models.export import CONFIG_FILE
 from kerastl.reports.html import write_search_report
 from kerastl.runs.folder import (
     HISTORY_FILE,
@@ -256,7 +257,8 @@ def export_best(tuner: TransferTuner, trial_id: str, export: tuple[str, str], tu
     extra = {TUNE_FILE: {"tune": tune.to_dict(), "best_trial": trial_id}}
     if (trial_dir / PROBE_FILE).is_file():  # the probe curve the trial chose from: its plot is drawn from it
         extra[PROBE_FILE] = read_json_file(trial_dir, PROBE_FILE)
+    plan = read_json_file(trial_dir, CONFIG_FILE).get("plan")  # the choices the trial's run made
     write_run_folder(config.export_dir, model, data.class_names, config, history, metrics, extra=extra,
-                     logs=trial_dir / LOGS,
+                     logs=trial_dir / LOGS, plan=plan,
                      evaluation=evaluation, wrong_images=wrong, data=describe_data(data, config.data, "holdout"))
     return model, metrics
