@@ -33,6 +33,7 @@ def parse_features(text: str) -> str | tuple[int, ...]:
 VALIDATION_MODES = ("auto", "holdout", "cv")
 SCHEDULES = ("constant", "cosine", "plateau")
 SAMPLING = ("shuffle", "balanced")
+QUANTIZE = ("none", "float16", "dynamic", "int8")  # LiteRT export (`kerastl.models.litert`)
 CLASS_WEIGHT_MODES = ("none", "auto")
 # loss name -> what it is (the losses themselves are built by `kerastl.training.losses`)
 LOSSES = {

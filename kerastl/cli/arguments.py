@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kerastl.choices import parse_class_weight, parse_features
+from kerastl.choices import QUANTIZE, parse_class_weight, parse_features
 from kerastl.cli.quiet import NATIVE_LOG_VARIABLE
 from kerastl.config import SETTINGS
 from kerastl.errors import KerastlError
@@ -104,6 +104,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    "and [tune] for a search); flags override its values")
     o.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    o.add_argument("--format", choices=["savedmodel", "tflite"], default="savedmodel",
+                   help="tflite: also write model.tflite (LiteRT) beside the SavedModel (savedmodel)")
+    o.add_argument("--quantize", choices=QUANTIZE, default="none", help="the model.tflite's quantization (none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--restart", action="store_true",
                        help="discard an unfinished run into the same export folder instead of resuming it")
     predict = sub.add_parser("predict", help="classify images with an exported model")
-    predict.add_argument("--model", required=True, metavar="DIR", help="an export folder")
+    predict.add_argument("--model", required=True, metavar="DIR", help="an export folder, or a .tflite file")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, GIF or BMP files")
     predict.add_argument("--top-k", type=_count(1), default=3, metavar="K", help="classes to show (3)")
     predict.add_argument("--json", action="store_true", help="one JSON object per image")
@@ -142,13 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="score an export or run folder on labelled images: per-class metrics, confusion matrix, "
         "calibration", description="Evaluate a model on every image of a data source (CIFAR-10: its test set). "
         "The source's classes must be some or all of the model's (labels.txt).")
-    evaluate.add_argument("--model", required=True, metavar="DIR", help="an export or run folder")
+    evaluate.add_argument("--model", required=True, metavar="DIR", help="an export or run folder, or a .tflite file")
     evaluate.add_argument("--data", required=True, metavar="SRC", help="class folder, digits, cifar10 or its folder")
     evaluate.add_argument("--json", metavar="FILE", help="also write the evaluation as JSON")
     evaluate.add_argument("--plots", metavar="DIR", help="also write the confusion matrix, reliability diagram and "
                           "most confidently wrong images as PNGs")
     evaluate.add_argument("--top-k", type=_count(1), default=3, metavar="K", help="top-k accuracy (3)")
     evaluate.add_argument("--batch-size", type=_count(1), default=64, metavar="N", help="(64)")
+    export = sub.add_parser(
+        "export", help="write a run folder's model as a LiteRT (TFLite) file for phones and boards",
+        description="Write the classifier of a run folder (or a search's export) as one .tflite file that takes "
+        "0-255 RGB pixels at the model's size and returns class probabilities; labels.txt goes beside it. "
+        "Running it needs pip install 'kerastl[lite]'.")
+    export.add_argument("folder", metavar="DIR", help="a run folder (it holds model.keras)")
+    export.add_argument("--format", choices=["tflite"], default="tflite", help="(tflite)")
+    export.add_argument("--quantize", choices=QUANTIZE, default="none",
+                        help="none (float32), float16 (half the size), dynamic (int8 weights) or int8 (weights and "
+                        "activations, calibrated on training images) (none)")
+    export.add_argument("--out", metavar="FILE.tflite", help="(DIR/model.tflite)")
+    export.add_argument("--data", metavar="SRC", help="int8: the training images to calibrate on (default: the "
+                        "source the run trained on)")
     report = sub.add_parser("report", help="rebuild report.html (and the plots) of a run folder or search project",
                             description="A run folder gets its plots, report.html and MODEL_CARD.md redrawn from its "
                             "files; a search project folder gets a report.html with its trial table.")

@@ -10,6 +10,7 @@ kept off the terminal (`kerastl.cli.quiet`) unless `--verbose` or `KERASTL_TF_LO
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from kerastl.cli.arguments import build_parser
-from kerastl.cli.quiet import import_tensorflow
+from kerastl.cli.quiet import filtered_native_stderr, import_tensorflow, native_log_wanted
 from kerastl.config import SETTINGS, DataConfig, ModelConfig, RunConfig, normalize_weights, read_config_file
 from kerastl.data.checks import check_data, check_table
 from kerastl.data.tables import check_data_source, is_csv
@@ -59,6 +60,7 @@ def _train(args: argparse.Namespace) -> int:
     if result.curve is not None:
         print(result.curve.summary())
     print_metrics(result.metrics)
+    _also_litert(args, result.export_dir)
     print_files(result.export_dir)
     return 0
 
@@ -71,6 +73,7 @@ def _progress(args: argparse.Namespace) -> int:
 # what a run or search folder may hold, in the order the summary names them
 FOLDER_FILES = (
     ("saved_model.pb", "the SavedModel: kerastl predict --model {folder} IMAGE"),
+    ("model.tflite", "the LiteRT file (phones and boards): kerastl predict --model {folder}/model.tflite IMAGE"),
     ("report.html", "the report: open it in a browser"),
     ("MODEL_CARD.md", "the model card"),
     ("evaluation.json", "the held-out evaluation"),
@@ -123,6 +126,7 @@ def _tune(args: argparse.Namespace) -> int:
     print(f"best trial {result.trials[0]['trial']}")
     print(f"wrote {tune.project_dir}: trials.csv, trials.json, {REPORT_FILE} (the trial table and the objective "
           f"against each setting); tensorboard --logdir {tune.project_dir} compares the trials")
+    _also_litert(args, result.export_dir)
     print_files(result.export_dir)
     return 0
 
@@ -139,15 +143,19 @@ def _tune_config(args: argparse.Namespace, values: dict) -> TuneConfig:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    if not os.path.isfile(os.path.join(args.model, "saved_model.pb")):
+    lite = args.model.endswith(".tflite")
+    if lite and not os.path.isfile(args.model):
+        raise KerastlError(f"{args.model} does not exist")
+    if not lite and not os.path.isfile(os.path.join(args.model, "saved_model.pb")):
         raise KerastlError(f"{args.model} is not a kerastl export (no saved_model.pb)")
     for path in args.images:
         if not os.path.isfile(path):
             raise KerastlError(f"image file {path} does not exist")
     import_tensorflow(args.verbose)
     from kerastl.models.export import load_export
+    from kerastl.models.litert import load_litert
 
-    model = load_export(args.model)
+    model = load_litert(args.model) if lite else load_export(args.model)
     probabilities = model.predict_files(args.images)
     for path, row, top in zip(args.images, probabilities, model.top_k(probabilities, args.top_k)):
         if args.json:
@@ -187,7 +195,10 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    if not os.path.isfile(os.path.join(args.model, "labels.txt")):
+    folder = os.path.dirname(args.model) if args.model.endswith(".tflite") else args.model
+    if args.model.endswith(".tflite") and not os.path.isfile(args.model):
+        raise KerastlError(f"{args.model} does not exist")
+    if not os.path.isfile(os.path.join(folder, "labels.txt")):
         raise KerastlError(f"{args.model} is not a kerastl export or run folder (no labels.txt)")
     check_data_source(DataConfig(source=args.data), min_classes=1)
     if args.json:
@@ -209,6 +220,37 @@ def _evaluate(args: argparse.Namespace) -> int:
         written.extend(str(path) for path in draw_evaluation(evaluation, wrong, args.plots))
     if written:
         print("wrote " + ", ".join(written))
+    return 0
+
+
+def _write_litert(args: argparse.Namespace, folder: str | os.PathLike, out: str | None = None,
+                  source: str | None = None) -> None:
+    """`kerastl.runs.folder.export_folder_litert`, the converter's native summary kept off the terminal."""
+    from kerastl.runs.folder import export_folder_litert
+
+    with contextlib.nullcontext() if args.verbose or native_log_wanted() else filtered_native_stderr():
+        written = export_folder_litert(folder, out, args.quantize, source)
+    kept = f"; {len(written.float_tensors)} tensors stayed float32" if written.float_tensors else ""
+    print(f"wrote {written.path} ({written.quantize}, {written.size_bytes / 2**20:.2f} MB{kept}) and labels.txt "
+          "beside it")
+
+
+def _also_litert(args: argparse.Namespace, folder: str | os.PathLike) -> None:
+    """`--format tflite` of train and tune: the LiteRT file beside the SavedModel."""
+    if args.format == "tflite":
+        _write_litert(args, folder)
+
+
+def _export(args: argparse.Namespace) -> int:
+    if not os.path.isfile(os.path.join(args.folder, "model.keras")):
+        raise KerastlError(f"{args.folder} is not a kerastl run folder (no model.keras)")
+    if args.out is not None and not args.out.endswith(".tflite"):
+        raise KerastlError(f"--out must name a .tflite file, got {args.out}")
+    if args.data is not None:
+        check_data_source(DataConfig(source=args.data), min_classes=1)
+    check_parent(args.out or os.path.join(args.folder, "model.tflite"))
+    import_tensorflow(args.verbose)
+    _write_litert(args, args.folder, args.out, args.data)
     return 0
 
 
@@ -274,7 +316,8 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-COMMANDS = {"train": _train, "tune": _tune, "predict": _predict, "evaluate": _evaluate, "report": _report,
+COMMANDS = {"train": _train, "tune": _tune, "predict": _predict, "evaluate": _evaluate, "export": _export,
+            "report": _report,
             "extract": _extract, "backbones": _backbones, "check-data": _check_data, "demo": _demo}
 
 

@@ -34,6 +34,8 @@ _START_UP_NOISE = [
     re.compile(r"E\d{4} .*\] failed call to cuInit"),  # no GPU driver: an error only in name
     re.compile(r"\d{4}-\d\d-\d\d .*: E .*failed call to cuInit"),
     re.compile(r"To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags\."),
+    # the LiteRT converter's summary of a quantization, printed by its native code (`kerastl export`)
+    re.compile(r"fully_quantize: \d+, inference_type: \d+, input_inference_type: \w+, output_inference_type: \w+"),
 ]
 
 

@@ -113,17 +113,27 @@ class ExportedModel:
 
     def predict_files(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
         """Probabilities for image files on disk."""
-        data = []
-        for path in paths:
-            if not Path(path).is_file():
-                raise KerastlError(f"image file {path} does not exist")
-            data.append(Path(path).read_bytes())
-        return self.predict_bytes(data)
+        return self.predict_bytes(read_image_files(paths))
 
     def top_k(self, probabilities: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:
         """The k most probable (class name, probability) pairs for each row."""
-        order = np.argsort(-probabilities, axis=-1)[:, :k]
-        return [[(self.class_names[i], float(row[i])) for i in idx] for row, idx in zip(probabilities, order)]
+        return top_k(probabilities, self.class_names, k)
+
+
+def top_k(probabilities: np.ndarray, class_names: Sequence[str], k: int = 3) -> list[list[tuple[str, float]]]:
+    """The k most probable (class name, probability) pairs for each row of `probabilities`."""
+    order = np.argsort(-probabilities, axis=-1)[:, :k]
+    return [[(class_names[i], float(row[i])) for i in idx] for row, idx in zip(probabilities, order)]
+
+
+def read_image_files(paths: Sequence[str | os.PathLike]) -> list[bytes]:
+    """The bytes of image files on disk; a missing one is a `KerastlError` naming it."""
+    data = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise KerastlError(f"image file {path} does not exist")
+        data.append(Path(path).read_bytes())
+    return data
 
 
 def load_export(directory: str | os.PathLike) -> ExportedModel:

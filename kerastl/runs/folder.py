@@ -35,12 +35,14 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
-from kerastl.config import RunConfig
+from kerastl.config import DataConfig, RunConfig
+from kerastl.data.images import load_data
 from kerastl.errors import KerastlError
 from kerastl.features.cache import weights_digest
 from kerastl.features.probe import BlockCurve
 from kerastl.models.classifier import TransferClassifier, build_classifier
 from kerastl.models.export import CONFIG_FILE, export_saved_model, read_labels, write_labels
+from kerastl.models.litert import LITE_FILE, REPRESENTATIVE_IMAGES, LiteExport, check_quantize, export_litert
 from kerastl.reports.evaluation import Evaluation
 from kerastl.reports.html import write_run_files
 from kerastl.reports.plots import plot_path, plot_wrong
@@ -251,3 +253,24 @@ def _from_version_0_1(folder: Path, loaded: keras.Model) -> TransferClassifier:
         raise KerastlError(f"{advice} ({str(error).splitlines()[0]})") from None
     log.info("read %s as a kerastl 0.1 run folder", folder)
     return model
+
+
+def export_folder_litert(folder: str | os.PathLike, out: str | os.PathLike | None = None, quantize: str = "none",
+                         source: str | None = None) -> LiteExport:
+    """The classifier of a run folder (or a search's export) as a LiteRT file (`kerastl.models.litert`):
+    `out`, by default `model.tflite` inside the folder, with `labels.txt` beside it.
+
+    int8 calibrates on training images: those of `source` (a class folder, CSV or "digits"), by
+    default the training split of the source the run trained on, cut as the run cut it.
+    """
+    folder = Path(folder)
+    check_quantize(quantize)
+    class_names, model, representative = read_labels(folder), load_model(folder), None
+    if quantize == "int8":
+        config = read_config(folder) if (folder / CONFIG_FILE).is_file() else None
+        if source is None and (config is None or not config.data.source):
+            raise KerastlError(f"{folder} trained on in-memory images: int8 quantization calibrates on training "
+                               "images, so give them (--data SRC)")
+        data = config.data if source is None else DataConfig(source=source, validation_split=0.0)
+        representative = load_data(data, model.image_size).train.sample(REPRESENTATIVE_IMAGES).numpy()
+    return export_litert(model, out or folder / LITE_FILE, class_names, quantize, representative)

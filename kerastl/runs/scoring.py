@@ -25,6 +25,7 @@ from kerastl.data.sources import from_dataset
 from kerastl.data.tables import BUILT_IN_SOURCES
 from kerastl.errors import KerastlError
 from kerastl.models.export import CONFIG_FILE, load_export, read_labels
+from kerastl.models.litert import load_litert
 from kerastl.reports.evaluation import Evaluation, as_probabilities, cross_entropy, data_warnings, evaluate_predictions
 from kerastl.reports.facts import read_optional_json
 from kerastl.reports.plots import PLOT_FILES, plot_confusion, plot_reliability, plot_wrong
@@ -132,7 +133,7 @@ def evaluate_folder(model_dir: str | Path, source: str, batch_size: int = 64, to
     print(evaluation.format())
     ```
     """
-    folder = Path(model_dir)
+    model, folder = _model_and_folder(model_dir)
     class_names = read_labels(folder)
     config, size = _config_and_size(folder)
     if config is not None and _same_source(config.data.source, source):
@@ -143,7 +144,7 @@ def evaluate_folder(model_dir: str | Path, source: str, batch_size: int = 64, to
         data = load_data(DataConfig(source=source, validation_split=0.0, strict=strict), size, min_classes=1)
         split, data_names = _scored_split(data), data.class_names
         name = source + (" (its test set)" if data.test is not None else "")
-    return _predict_and_evaluate(folder, class_names, split, data_names, name, source, batch_size, top_k)
+    return _predict_and_evaluate(model, class_names, split, data_names, name, source, batch_size, top_k)
 
 
 def evaluate_data(model_dir: str | Path, data: ImageData | Split | tf.data.Dataset, batch_size: int = 64,
@@ -163,7 +164,7 @@ def evaluate_data(model_dir: str | Path, data: ImageData | Split | tf.data.Datas
     print(evaluation.format())
     ```
     """
-    folder = Path(model_dir)
+    model, folder = _model_and_folder(model_dir)
     class_names = read_labels(folder)
     if isinstance(data, tf.data.Dataset):
         data = from_dataset(data, class_names, _config_and_size(folder)[1], validation_split=0.0)
@@ -172,7 +173,7 @@ def evaluate_data(model_dir: str | Path, data: ImageData | Split | tf.data.Datas
     else:
         split, data_names = _scored_split(data), data.class_names
         name = "the given data" + (" (its test split)" if data.test is not None else "")
-    evaluation, wrong = _predict_and_evaluate(folder, class_names, split, data_names, name, "the given data",
+    evaluation, wrong = _predict_and_evaluate(model, class_names, split, data_names, name, "the given data",
                                               batch_size, top_k)
     if plots_dir is not None:
         draw_evaluation(evaluation, wrong, plots_dir)
@@ -187,6 +188,12 @@ def draw_evaluation(evaluation: Evaluation, wrong: np.ndarray, plots_dir: str | 
                 "reliability": lambda p: plot_reliability(evaluation.reliability, evaluation.ece, p),
                 "wrong": lambda p: plot_wrong(wrong, evaluation.most_wrong, p)}
     return [Path(draw(Path(plots_dir) / Path(PLOT_FILES[name]).name)) for name, draw in drawings.items()]
+
+
+def _model_and_folder(model: str | Path) -> tuple[Path, Path]:
+    """The model's path and the folder of its labels and config: a `.tflite` file's is the one it is in."""
+    model = Path(model)
+    return model, model.parent if model.suffix == ".tflite" else model
 
 
 def _config_and_size(folder: Path) -> tuple[RunConfig | None, int]:
@@ -204,14 +211,17 @@ def _scored_split(data: ImageData) -> Split:
 
 def _predict_and_evaluate(folder: Path, class_names: list[str], split: Split, data_names: list[str], name: str,
                           source: str, batch_size: int, top_k: int) -> tuple[Evaluation, np.ndarray]:
-    """Scores the model in `folder` on `split`, whose labels index `data_names` (some or all of the
-    model's `class_names`); returns the evaluation and the most confidently wrong images."""
+    """Scores the model in `folder` (or the `.tflite` file it names) on `split`, whose labels index
+    `data_names` (some or all of the model's `class_names`); returns the evaluation and the most
+    confidently wrong images."""
     unknown = [c for c in data_names if c not in class_names]
     if unknown:
         raise KerastlError(f"{source} has classes {unknown} that the model at {folder} does not know; its classes "
                            f"(labels.txt) are {class_names}")
     to_model = np.array([class_names.index(c) for c in data_names])
-    if (folder / "saved_model.pb").is_file():
+    if folder.suffix == ".tflite":
+        predict = load_litert(folder).predict
+    elif (folder / "saved_model.pb").is_file():
         predict = load_export(folder).predict
     else:  # a weights-only run folder (a search trial's)
         model = load_model(folder)

@@ -1,0 +1,220 @@
+"""LiteRT (TFLite) export: the classifier as one `.tflite` file for phones and boards.
+
+The file takes raw pixels, float32 0-255 [batch, size, size, 3] at the model's own size, with
+the backbone's preprocessing inside, and returns `probabilities` [batch, classes] in the order
+of `labels.txt`, written beside it (a binary model's one sigmoid unit becomes two columns, as
+in the SavedModel). The file holds no label metadata: the tool that wrote it into TFLite files
+(`tflite-support`) is no longer maintained, so `labels.txt` is the one source of the names.
+
+Keras converts the model (`keras.Model.export(format="litert")`), restricted to TFLite's
+built-in ops, so that LiteRT's own interpreter (`ai-edge-litert`, the `lite` extra) runs
+the file with no TensorFlow. `quantize`:
+
+- "none": float32 throughout;
+- "float16": float16 weights, half the size, float32 arithmetic;
+- "dynamic": int8 weights, activations quantized on the fly;
+- "int8": int8 weights and activations, calibrated on a representative set of training
+  images; an op without an int8 kernel stays float32 (`LiteExport.float_tensors` names what
+  it left in float32). Input and output stay float32 in every variant.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kerastl.choices import QUANTIZE
+from kerastl.errors import KerastlError
+from kerastl.models.classifier import TransferClassifier
+from kerastl.models.export import LABELS_FILE, read_image_files, read_labels, top_k, write_labels
+from kerastl.storage import replace_file
+
+log = logging.getLogger(__name__)
+
+LITE_FILE = "model.tflite"
+REPRESENTATIVE_IMAGES = 200  # int8 calibration: TensorFlow's guide suggests 100-500 samples
+
+
+@dataclass
+class LiteExport:
+    """What `export_litert` wrote: the file, its quantization and size, and for int8 the tensors
+    between ops that stayed float32 (the ops around them have no int8 kernel)."""
+
+    path: Path
+    quantize: str
+    size_bytes: int
+    float_tensors: list[str] = field(default_factory=list)
+
+
+def check_quantize(quantize: str) -> None:
+    """One line for a `quantize` value that is not one of `QUANTIZE`."""
+    if quantize not in QUANTIZE:
+        raise KerastlError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+
+
+def _probabilities_model(model: TransferClassifier) -> keras.Model:
+    """The classifier with two probability columns when it has one sigmoid unit."""
+    if model.output_shape[-1] != 1:
+        return model
+    positive = model.outputs[0]
+    both = keras.layers.Concatenate(name="both_classes")([1.0 - positive, positive])
+    return keras.Model(model.inputs, both, name=f"{model.name}_two_columns")
+
+
+def export_litert(model: TransferClassifier, path: str | os.PathLike, class_names: Sequence[str],
+                  quantize: str = "none", representative: np.ndarray | None = None) -> LiteExport:
+    """Writes `model` as a LiteRT file at `path` (replaced whole, never half-written), with
+    `labels.txt` beside it.
+
+    Args:
+        model: a `TransferClassifier`.
+        path: the `.tflite` file.
+        class_names: names in output order.
+        quantize: one of `QUANTIZE` (see the module docstring).
+        representative: uint8 or float 0-255 training images [n, size, size, 3] for int8's
+            calibration; at most `REPRESENTATIVE_IMAGES` are used.
+    """
+    check_quantize(quantize)
+    if quantize == "int8" and (representative is None or len(representative) == 0):
+        raise KerastlError("int8 quantization calibrates on training images, and none were given: pass the "
+                           "images the model trained on (--data), or choose --quantize dynamic")
+    path = Path(path)
+    if path.suffix != ".tflite":
+        raise KerastlError(f"a LiteRT file ends in .tflite, got {path}")
+    classes = max(model.output_shape[-1], 2)
+    if len(class_names) != classes:
+        raise KerastlError(f"{len(class_names)} class names for a model with {classes} outputs")
+    size = model.image_size
+    spec = {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]}
+    options: dict = {"target_spec": spec}
+    if quantize != "none":
+        options["optimizations"] = [tf.lite.Optimize.DEFAULT]
+    if quantize == "float16":
+        spec["supported_types"] = [tf.float16]
+    if quantize == "int8":
+        images = np.asarray(representative[:REPRESENTATIVE_IMAGES], np.float32)
+        images = tf.image.resize(images, (size, size)).numpy() if images.shape[1:3] != (size, size) else images
+        options["representative_dataset"] = lambda: ([image[None]] for image in images)
+        spec["supported_ops"] = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    signature = [tf.TensorSpec([None, size, size, 3], tf.float32, name="images")]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        replace_file(path, lambda out: _probabilities_model(model).export(
+            str(out), format="litert", verbose=False, input_signature=signature, **options), suffix=".tflite")
+    except Exception as error:  # TensorFlow's converter reports an op outside TFLite's built-ins this way
+        if isinstance(error, KerastlError):
+            raise
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        raise KerastlError(f"cannot convert the model to LiteRT: {lines[-1] if lines else type(error).__name__}") \
+            from None
+    write_labels(path.parent, class_names)
+    floats = _float_tensors(path) if quantize == "int8" else []
+    if floats:
+        log.warning("int8: %d tensors stayed float32 (no int8 kernel for the ops around them): %s", len(floats),
+                    ", ".join(floats[:8]) + (" ..." if len(floats) > 8 else ""))
+    log.debug("wrote %s (%s, %.1f MB)", path, quantize, path.stat().st_size / 2**20)
+    return LiteExport(path, quantize, path.stat().st_size, floats)
+
+
+def _interpreter(path: Path):
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        raise KerastlError("running a .tflite file needs LiteRT's interpreter: pip install 'kerastl[lite]' "
+                           "(ai-edge-litert)") from None
+    try:
+        return Interpreter(model_path=str(path))
+    except (ValueError, RuntimeError) as error:
+        raise KerastlError(f"{path} is not a LiteRT model: {str(error).splitlines()[0]}") from None
+
+
+def _float_tensors(path: Path) -> list[str]:
+    """The activations (not constants) of an int8 file that are float32, the input and output aside."""
+    interpreter = _interpreter(path)
+    ends = {d["index"] for d in [*interpreter.get_input_details(), *interpreter.get_output_details()]}
+    return [d["name"] for d in interpreter.get_tensor_details()
+            if d["dtype"] == np.float32 and d["index"] not in ends and not d["quantization_parameters"]["scales"].size
+            and not _constant(interpreter, d["index"])]
+
+
+def _constant(interpreter, index: int) -> bool:
+    try:
+        interpreter.get_tensor(index)
+        return True
+    except ValueError:  # activations have no data before a run
+        return False
+
+
+@dataclass
+class LiteModel:
+    """A `.tflite` file written by `export_litert`, run by LiteRT's interpreter, with its class names."""
+
+    path: Path
+    class_names: list[str]
+    image_size: int
+    _interpreter: object
+
+    def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Probabilities for float 0-255 images [batch, height, width, 3] (resized to the file's size)."""
+        images = np.asarray(images, np.float32)
+        if images.shape[1:3] != (self.image_size, self.image_size):
+            images = tf.image.resize(images, (self.image_size, self.image_size)).numpy()
+        interpreter = self._interpreter
+        (entry,), (exit_,) = interpreter.get_input_details(), interpreter.get_output_details()
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            if tuple(entry["shape"]) != batch.shape:
+                interpreter.resize_tensor_input(entry["index"], list(batch.shape))
+                interpreter.allocate_tensors()
+                entry = interpreter.get_input_details()[0]
+            interpreter.set_tensor(entry["index"], batch)
+            interpreter.invoke()
+            out.append(np.array(interpreter.get_tensor(exit_["index"])))
+        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+
+    def predict_files(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
+        """Probabilities for image files on disk (JPEG, PNG, GIF, BMP), decoded as the SavedModel's
+        `serve_bytes` decodes them."""
+        images = []
+        for path, data in zip(paths, read_image_files(paths)):
+            try:
+                image = tf.io.decode_image(data, channels=3, expand_animations=False)
+            except tf.errors.InvalidArgumentError:
+                raise KerastlError(f"cannot decode the image {path}") from None
+            images.append(tf.image.resize(tf.cast(image, tf.float32), (self.image_size, self.image_size)).numpy())
+        return self.predict(np.stack(images))
+
+    def top_k(self, probabilities: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:
+        """The k most probable (class name, probability) pairs for each row."""
+        return top_k(probabilities, self.class_names, k)
+
+
+def load_litert(path: str | os.PathLike) -> LiteModel:
+    """A `.tflite` file from `export_litert`, with the class names of the `labels.txt` beside it.
+
+    Refuses, with one line, a file LiteRT cannot read or one that is not a kerastl export
+    (one float32 input of square images, one output of a probability per class).
+    """
+    path = Path(path)
+    if path.suffix != ".tflite" or not path.is_file():
+        raise KerastlError(f"{path} is not a .tflite file")
+    if not (path.parent / LABELS_FILE).is_file():
+        raise KerastlError(f"{path} is not a kerastl LiteRT export: no {LABELS_FILE} beside it")
+    class_names = read_labels(path.parent)
+    interpreter = _interpreter(path)
+    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    shape = tuple(inputs[0]["shape"]) if len(inputs) == 1 else ()
+    if (len(inputs) != 1 or len(outputs) != 1 or len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3
+            or inputs[0]["dtype"] != np.float32 or tuple(outputs[0]["shape"])[-1:] != (len(class_names),)):
+        raise KerastlError(f"{path} is not a kerastl LiteRT export: it does not take square RGB images and return "
+                           f"one probability for each of the {len(class_names)} classes of its {LABELS_FILE}")
+    interpreter.allocate_tensors()
+    return LiteModel(path, class_names, int(shape[1]), interpreter)

@@ -1,0 +1,112 @@
+"""LiteRT (TFLite) export (`kerastl.models.litert`, `kerastl export`): run by LiteRT's own
+interpreter (ai-edge-litert), it gives what Keras gives."""
+
+import shutil
+
+import numpy as np
+import pytest
+from helpers import SMALL, frozen_cnn, tiny_run_folder
+
+from kerastl.cli.main import main
+from kerastl.errors import KerastlError
+from kerastl.models.export import load_export
+from kerastl.models.litert import export_litert, load_litert
+
+IMAGES = np.random.default_rng(0).uniform(0, 255, (32, 32, 32, 3)).astype(np.float32)
+# max |LiteRT - Keras| on a probability, per variant: float32 is the same arithmetic; float16 rounds
+# the weights; dynamic and int8 quantize them (and int8 the activations, calibrated on IMAGES)
+BOUNDS = {"none": 1e-4, "float16": 1e-3, "dynamic": 0.05, "int8": 0.1}
+
+
+def keras_probabilities(model, images):
+    probabilities = model.predict(images, verbose=0)
+    return np.concatenate([1 - probabilities, probabilities], -1) if probabilities.shape[-1] == 1 else probabilities
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_the_float32_file_gives_keras_probabilities_for_a_multi_block_head_and_a_binary_model(tmp_path, binary):
+    model = frozen_cnn(2 if binary else 3, seed=0, binary=binary, features="1,3", hidden_units=4)
+    names = ["a", "b"] if binary else ["a", "b", "c"]
+    written = export_litert(model, tmp_path / "model.tflite", names)
+    lite = load_litert(written.path)
+    assert (tmp_path / "labels.txt").read_text().split() == names and lite.class_names == names
+    probabilities = lite.predict(IMAGES)
+    assert probabilities.shape == (32, len(names))
+    np.testing.assert_allclose(probabilities, keras_probabilities(model, IMAGES), atol=1e-4)
+    np.testing.assert_allclose(lite.predict(IMAGES[:1]), probabilities[:1], atol=1e-6)  # batch 1, then 32 again
+
+
+def test_quantized_files_stay_within_their_bounds_and_are_smaller(tmp_path):
+    model = frozen_cnn(3, seed=0, features="1,3")
+    expected = keras_probabilities(model, IMAGES)
+    sizes = {}
+    for quantize in ("none", "float16", "dynamic", "int8"):
+        written = export_litert(model, tmp_path / quantize / "model.tflite", ["a", "b", "c"], quantize,
+                                representative=IMAGES.astype(np.uint8))
+        sizes[quantize] = written.size_bytes
+        difference = np.abs(load_litert(written.path).predict(IMAGES) - expected).max()
+        assert difference <= BOUNDS[quantize], (quantize, difference)
+    assert sizes["float16"] < 0.6 * sizes["none"] and sizes["dynamic"] < 0.35 * sizes["none"]
+
+
+def test_export_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path):
+    model = frozen_cnn(3, seed=0)
+    with pytest.raises(KerastlError, match="quantize must be one of none, float16, dynamic, int8"):
+        export_litert(model, tmp_path / "model.tflite", ["a", "b", "c"], "int4")
+    with pytest.raises(KerastlError, match="int8 quantization calibrates on training images"):
+        export_litert(model, tmp_path / "model.tflite", ["a", "b", "c"], "int8")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_file_that_is_not_a_kerastl_litert_export_is_refused_in_one_line(tmp_path, fails_cleanly):
+    (tmp_path / "model.tflite").write_bytes(b"not a flatbuffer")
+    (tmp_path / "labels.txt").write_text("a\nb\n")
+    with pytest.raises(KerastlError, match="is not a LiteRT model"):
+        load_litert(tmp_path / "model.tflite")
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    fails_cleanly(["predict", "--model", str(tmp_path / "model.tflite"), str(image)], "is not a LiteRT model")
+    other = tmp_path / "other"
+    export_litert(frozen_cnn(3, seed=0), other / "model.tflite", ["a", "b", "c"])
+    (other / "labels.txt").write_text("a\nb\n")  # two names for three outputs: not this file's labels
+    with pytest.raises(KerastlError, match="not a kerastl LiteRT export"):
+        load_litert(other / "model.tflite")
+
+
+def test_kerastl_export_writes_a_file_that_predict_and_evaluate_take(trained_run, tmp_path, capsys, fails_cleanly):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.export, run)
+    assert main(["export", str(run)]) == 0
+    assert "model.tflite (none," in capsys.readouterr().out
+    images = sorted(str(p) for p in trained_run.images.rglob("*.png"))[:3]
+    assert main(["predict", "--model", str(run / "model.tflite"), "--json", *images]) == 0
+    lite = capsys.readouterr().out
+    assert main(["predict", "--model", str(run), "--json", *images]) == 0
+    saved = capsys.readouterr().out
+    top = [line.split('"top"')[1][:40] for line in lite.splitlines()]  # the same top class, image by image
+    assert top == [line.split('"top"')[1][:40] for line in saved.splitlines()]
+    np.testing.assert_allclose(load_litert(run / "model.tflite").predict_files(images),
+                               load_export(run).predict_files(images), atol=1e-4)
+    assert main(["evaluate", "--model", str(run / "model.tflite"), "--data", trained_run.csv]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert main(["export", str(run), "--quantize", "int8", "--out", str(tmp_path / "int8.tflite")]) == 0
+    assert (tmp_path / "int8.tflite").is_file() and (tmp_path / "labels.txt").is_file()
+    capsys.readouterr()
+    fails_cleanly(["export", str(run), "--quantize", "int4"], "invalid choice: 'int4'")
+    fails_cleanly(["export", str(tmp_path)], "is not a kerastl run folder (no model.keras)")
+    fails_cleanly(["export", str(run), "--out", str(tmp_path / "model.onnx")], "--out must name a .tflite file")
+    in_memory = tiny_run_folder(tmp_path / "in-memory")  # trained on arrays: no source to calibrate on
+    fails_cleanly(["export", str(in_memory), "--quantize", "int8"], "trained on in-memory images")
+    assert not (in_memory / "model.tflite").exists()
+
+
+def test_train_with_format_tflite_writes_the_file_beside_the_saved_model(image_folder, tmp_path, capsys):
+    export = tmp_path / "run"
+    assert main(["train", "--data", str(image_folder), "--export", str(export), *SMALL, "--fine-tune-epochs", "0",
+                 "--format", "tflite", "--quantize", "float16"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {export / 'model.tflite'} (float16," in out and "model.tflite    the LiteRT file" in out
+    assert (export / "saved_model.pb").is_file()
+    images = sorted(str(p) for p in image_folder.rglob("*.png"))[:4]
+    np.testing.assert_allclose(load_litert(export / "model.tflite").predict_files(images),
+                               load_export(export).predict_files(images), atol=1e-3)
