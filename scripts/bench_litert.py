@@ -83,7 +83,7 @@ def main() -> None:
         probabilities = lite.predict(images)
         top = probabilities.argmax(-1)
         speed = per_second(lite.predict, images[:args.timed])
-        kept = f" ({len(written.float_tensors)} float tensors)" if written.float_tensors else ""
+        kept = f" (float32: {', '.join(written.float_ops)})" if written.float_ops else ""
         rows.append((f"LiteRT `{quantize}`{kept}", f"{written.size_bytes / 1024:.0f}", f"{(top == labels).mean():.3f}",
                      f"{(top == keras_top).mean():.3f}", f"{np.abs(probabilities - keras_probabilities).max():.1e}",
                      f"{speed:.0f}"))

@@ -36,17 +36,26 @@ def test_the_float32_file_gives_keras_probabilities_for_a_multi_block_head_and_a
     np.testing.assert_allclose(lite.predict(IMAGES[:1]), probabilities[:1], atol=1e-6)  # batch 1, then 32 again
 
 
-def test_quantized_files_stay_within_their_bounds_and_are_smaller(tmp_path):
-    model = frozen_cnn(3, seed=0, features="1,3")
-    expected = keras_probabilities(model, IMAGES)
+def test_quantized_files_stay_within_their_bounds_agree_with_keras_and_are_smaller(trained_run, tmp_path):
+    from kerastl.data.images import load_data
+    from kerastl.models.litert import float_ops
+
+    model = trained_run.result.model  # trained: its probabilities spread, so agreement means something
+    images = load_data(trained_run.result.config.data, 32).train.arrays()[0].astype(np.float32)
+    expected = keras_probabilities(model, images)
+    assert expected.max(axis=1).mean() > 0.6 and len(set(expected.argmax(1))) == 3
     sizes = {}
     for quantize in ("none", "float16", "dynamic", "int8"):
-        written = export_litert(model, tmp_path / quantize / "model.tflite", ["a", "b", "c"], quantize,
-                                representative=IMAGES.astype(np.uint8))
+        written = export_litert(model, tmp_path / quantize / "model.tflite", trained_run.result.class_names,
+                                quantize, representative=images)
         sizes[quantize] = written.size_bytes
-        difference = np.abs(load_litert(written.path).predict(IMAGES) - expected).max()
-        assert difference <= BOUNDS[quantize], (quantize, difference)
+        probabilities = load_litert(written.path).predict(images)
+        assert np.abs(probabilities - expected).max() <= BOUNDS[quantize], quantize
+        assert (probabilities.argmax(1) == expected.argmax(1)).mean() >= 0.9, quantize
     assert sizes["float16"] < 0.6 * sizes["none"] and sizes["dynamic"] < 0.35 * sizes["none"]
+    assert any(op.startswith("CONV_2D") for op in float_ops(tmp_path / "none" / "model.tflite"))
+    assert written.float_ops == float_ops(written.path) and not any(op.startswith("CONV_2D")
+                                                                   for op in written.float_ops)  # int8 kernels
 
 
 def test_export_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path):
@@ -55,7 +64,11 @@ def test_export_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path):
         export_litert(model, tmp_path / "model.tflite", ["a", "b", "c"], "int4")
     with pytest.raises(KerastlError, match="int8 quantization calibrates on training images"):
         export_litert(model, tmp_path / "model.tflite", ["a", "b", "c"], "int8")
-    assert not list(tmp_path.iterdir())
+    (tmp_path / "labels.txt").write_text("cat\ndog\nfox\n")  # another model's export in the same folder
+    with pytest.raises(KerastlError, match="holds another model's class names"):
+        export_litert(model, tmp_path / "model.tflite", ["a", "b", "c"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.txt"]
+    assert (tmp_path / "labels.txt").read_text() == "cat\ndog\nfox\n"
 
 
 def test_a_file_that_is_not_a_kerastl_litert_export_is_refused_in_one_line(tmp_path, fails_cleanly):
@@ -66,11 +79,14 @@ def test_a_file_that_is_not_a_kerastl_litert_export_is_refused_in_one_line(tmp_p
     image = tmp_path / "x.png"
     image.write_bytes(b"")
     fails_cleanly(["predict", "--model", str(tmp_path / "model.tflite"), str(image)], "is not a LiteRT model")
-    other = tmp_path / "other"
-    export_litert(frozen_cnn(3, seed=0), other / "model.tflite", ["a", "b", "c"])
-    (other / "labels.txt").write_text("a\nb\n")  # two names for three outputs: not this file's labels
-    with pytest.raises(KerastlError, match="not a kerastl LiteRT export"):
-        load_litert(other / "model.tflite")
+    foreign = tmp_path / "foreign"  # a real LiteRT model, of the same shape, that kerastl did not write
+    foreign.mkdir()
+    frozen_cnn(3, seed=0).export(str(foreign / "model.tflite"), format="litert", verbose=False)
+    (foreign / "labels.txt").write_text("a\nb\nc\n")
+    fails_cleanly(["predict", "--model", str(foreign / "model.tflite"), str(image)], "no kerastl metadata")
+    fails_cleanly(["evaluate", "--model", str(foreign / "model.tflite"), "--data", "digits", "--json",
+                   str(tmp_path / "e.json")], "no kerastl metadata")
+    assert not (tmp_path / "e.json").exists()
 
 
 def test_kerastl_export_writes_a_file_that_predict_and_evaluate_take(trained_run, tmp_path, capsys, fails_cleanly):
@@ -90,9 +106,10 @@ def test_kerastl_export_writes_a_file_that_predict_and_evaluate_take(trained_run
     assert main(["evaluate", "--model", str(run / "model.tflite"), "--data", trained_run.csv]) == 0
     assert "accuracy" in capsys.readouterr().out
     assert main(["export", str(run), "--quantize", "int8", "--out", str(tmp_path / "int8.tflite")]) == 0
-    assert (tmp_path / "int8.tflite").is_file() and (tmp_path / "labels.txt").is_file()
+    assert load_litert(tmp_path / "int8.tflite").class_names == (run / "labels.txt").read_text().split()
     capsys.readouterr()
     fails_cleanly(["export", str(run), "--quantize", "int4"], "invalid choice: 'int4'")
+    fails_cleanly(["train", "--data", str(trained_run.images), "--quantize", "int8"], "add --format tflite")
     fails_cleanly(["export", str(tmp_path)], "is not a kerastl run folder (no model.keras)")
     fails_cleanly(["export", str(run), "--out", str(tmp_path / "model.onnx")], "--out must name a .tflite file")
     in_memory = tiny_run_folder(tmp_path / "in-memory")  # trained on arrays: no source to calibrate on

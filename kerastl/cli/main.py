@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ def _run_config(args: argparse.Namespace, values: dict) -> RunConfig:
 
 def _train(args: argparse.Namespace) -> int:
     config = _run_config(args, _config_file(args))
+    _check_litert(args)
     check_run(config, args.overwrite, args.restart)
     import_tensorflow(args.verbose)
     from kerastl.runs.run import run_training
@@ -105,6 +107,7 @@ def print_metrics(metrics: dict[str, float]) -> None:
 def _tune(args: argparse.Namespace) -> int:
     values = _config_file(args)
     config = _run_config(args, values)
+    _check_litert(args)
     check_search(config, args.overwrite)
     tune = _tune_config(args, values)
     import_tensorflow(args.verbose)
@@ -230,9 +233,19 @@ def _write_litert(args: argparse.Namespace, folder: str | os.PathLike, out: str 
 
     with contextlib.nullcontext() if args.verbose or native_log_wanted() else filtered_native_stderr():
         written = export_folder_litert(folder, out, args.quantize, source)
-    kept = f"; {len(written.float_tensors)} tensors stayed float32" if written.float_tensors else ""
+    kept = f"; float32 ops (no int8 kernel): {', '.join(written.float_ops)}" if written.float_ops else ""
     print(f"wrote {written.path} ({written.quantize}, {written.size_bytes / 2**20:.2f} MB{kept}) and labels.txt "
           "beside it")
+
+
+def _check_litert(args: argparse.Namespace) -> None:
+    """Before TensorFlow loads: `--format tflite` can be written here, and `--quantize` asks for it."""
+    if args.format != "tflite":
+        if args.quantize != "none":
+            raise KerastlError(f"--quantize {args.quantize} applies to a LiteRT file: add --format tflite")
+        return
+    if importlib.util.find_spec("ai_edge_litert") is None:
+        raise KerastlError("--format tflite needs LiteRT's own tools: pip install 'kerastl[lite]' (ai-edge-litert)")
 
 
 def _also_litert(args: argparse.Namespace, folder: str | os.PathLike) -> None:
@@ -249,6 +262,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.data is not None:
         check_data_source(DataConfig(source=args.data), min_classes=1)
     check_parent(args.out or os.path.join(args.folder, "model.tflite"))
+    _check_litert(args)
     import_tensorflow(args.verbose)
     _write_litert(args, args.folder, args.out, args.data)
     return 0

@@ -1,30 +1,34 @@
 """LiteRT (TFLite) export: the classifier as one `.tflite` file for phones and boards.
 
 The file takes raw pixels, float32 0-255 [batch, size, size, 3] at the model's own size, with
-the backbone's preprocessing inside, and returns `probabilities` [batch, classes] in the order
+the backbone's preprocessing inside, and returns probabilities [batch, classes] in the order
 of `labels.txt`, written beside it (a binary model's one sigmoid unit becomes two columns, as
-in the SavedModel). The file holds no label metadata: the tool that wrote it into TFLite files
-(`tflite-support`) is no longer maintained, so `labels.txt` is the one source of the names.
+in the SavedModel). The file carries its class names too, in a `kerastl` metadata entry (JSON:
+the kerastl version, the image size and the labels), which is how `load_litert` tells a
+kerastl export from another model.
 
 Keras converts the model (`keras.Model.export(format="litert")`), restricted to TFLite's
-built-in ops, so that LiteRT's own interpreter (`ai-edge-litert`, the `lite` extra) runs
-the file with no TensorFlow. `quantize`:
+built-in ops, so that LiteRT's own interpreter runs the file with no TensorFlow. `quantize`:
 
 - "none": float32 throughout;
 - "float16": float16 weights, half the size, float32 arithmetic;
 - "dynamic": int8 weights, activations quantized on the fly;
 - "int8": int8 weights and activations, calibrated on a representative set of training
-  images; an op without an int8 kernel stays float32 (`LiteExport.float_tensors` names what
-  it left in float32). Input and output stay float32 in every variant.
+  images; an op without an int8 kernel stays float32 (`LiteExport.float_ops` names them).
+  Input and output stay float32 in every variant.
+
+Writing and reading need `ai-edge-litert` (the `lite` extra): its interpreter runs the files
+and its flatbuffer tools write and read the metadata.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import keras
 import numpy as np
@@ -35,22 +39,36 @@ from kerastl.errors import KerastlError
 from kerastl.models.classifier import TransferClassifier
 from kerastl.models.export import LABELS_FILE, read_image_files, read_labels, top_k, write_labels
 from kerastl.storage import replace_file
+from kerastl.version import __version__
 
 log = logging.getLogger(__name__)
 
 LITE_FILE = "model.tflite"
 REPRESENTATIVE_IMAGES = 200  # int8 calibration: TensorFlow's guide suggests 100-500 samples
+METADATA_NAME = "kerastl"
 
 
 @dataclass
 class LiteExport:
-    """What `export_litert` wrote: the file, its quantization and size, and for int8 the tensors
-    between ops that stayed float32 (the ops around them have no int8 kernel)."""
+    """What `export_litert` wrote: the file, its quantization and size, and for int8 the ops that
+    stayed float32 (no int8 kernel), as "NAME xCOUNT"."""
 
     path: Path
     quantize: str
     size_bytes: int
-    float_tensors: list[str] = field(default_factory=list)
+    float_ops: list[str] = field(default_factory=list)
+
+
+def _tools() -> tuple[Any, Any, Any]:
+    """LiteRT's interpreter class, flatbuffer tools and schema; one line saying how to install them."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.tools import flatbuffer_utils
+    except ImportError:
+        raise KerastlError("LiteRT files need LiteRT's own tools: pip install 'kerastl[lite]' (ai-edge-litert)") \
+            from None
+    return Interpreter, flatbuffer_utils, schema
 
 
 def check_quantize(quantize: str) -> None:
@@ -91,9 +109,13 @@ def export_litert(model: TransferClassifier, path: str | os.PathLike, class_name
     classes = max(model.output_shape[-1], 2)
     if len(class_names) != classes:
         raise KerastlError(f"{len(class_names)} class names for a model with {classes} outputs")
+    if (path.parent / LABELS_FILE).is_file() and read_labels(path.parent) != list(class_names):
+        raise KerastlError(f"{path.parent / LABELS_FILE} holds another model's class names: write the file into "
+                           "another folder")
+    _tools()  # before converting: writing the metadata needs them
     size = model.image_size
     spec = {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]}
-    options: dict = {"target_spec": spec}
+    options: dict[str, Any] = {"target_spec": spec}
     if quantize != "none":
         options["optimizations"] = [tf.lite.Optimize.DEFAULT]
     if quantize == "float16":
@@ -106,8 +128,12 @@ def export_litert(model: TransferClassifier, path: str | os.PathLike, class_name
     signature = [tf.TensorSpec([None, size, size, 3], tf.float32, name="images")]
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        replace_file(path, lambda out: _probabilities_model(model).export(
-            str(out), format="litert", verbose=False, input_signature=signature, **options), suffix=".tflite")
+        def write(out: Path) -> None:
+            _probabilities_model(model).export(str(out), format="litert", verbose=False, input_signature=signature,
+                                               **options)
+            _stamp(out, {"kerastl_version": __version__, "image_size": size, "labels": list(class_names)})
+
+        replace_file(path, write, suffix=".tflite")
     except Exception as error:  # TensorFlow's converter reports an op outside TFLite's built-ins this way
         if isinstance(error, KerastlError):
             raise
@@ -115,41 +141,54 @@ def export_litert(model: TransferClassifier, path: str | os.PathLike, class_name
         raise KerastlError(f"cannot convert the model to LiteRT: {lines[-1] if lines else type(error).__name__}") \
             from None
     write_labels(path.parent, class_names)
-    floats = _float_tensors(path) if quantize == "int8" else []
+    floats = float_ops(path) if quantize == "int8" else []
     if floats:
-        log.warning("int8: %d tensors stayed float32 (no int8 kernel for the ops around them): %s", len(floats),
-                    ", ".join(floats[:8]) + (" ..." if len(floats) > 8 else ""))
+        log.warning("int8: these ops have no int8 kernel and stayed float32: %s", ", ".join(floats))
     log.debug("wrote %s (%s, %.1f MB)", path, quantize, path.stat().st_size / 2**20)
     return LiteExport(path, quantize, path.stat().st_size, floats)
 
 
-def _interpreter(path: Path):
+def _stamp(path: Path, values: dict[str, Any]) -> None:
+    """Adds the `kerastl` metadata entry (JSON `values`) to the LiteRT file at `path`."""
+    _, flatbuffer_utils, schema = _tools()
+    model = flatbuffer_utils.read_model(str(path))
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(json.dumps(values).encode(), np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
+    model.metadata = [*(model.metadata or []), entry]
+    flatbuffer_utils.write_model(model, str(path))
+
+
+def read_stamp(path: str | os.PathLike) -> dict[str, Any]:
+    """The `kerastl` metadata of a LiteRT file (see `export_litert`). A file that is not a LiteRT
+    model, or has no such entry (kerastl did not write it), is a `KerastlError`."""
+    _, flatbuffer_utils, _ = _tools()
     try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        raise KerastlError("running a .tflite file needs LiteRT's interpreter: pip install 'kerastl[lite]' "
-                           "(ai-edge-litert)") from None
-    try:
-        return Interpreter(model_path=str(path))
-    except (ValueError, RuntimeError) as error:
-        raise KerastlError(f"{path} is not a LiteRT model: {str(error).splitlines()[0]}") from None
+        model = flatbuffer_utils.read_model(str(path))
+    except Exception as error:  # the flatbuffer reader fails however a bad offset leads it to
+        raise KerastlError(f"{path} is not a LiteRT model ({type(error).__name__})") from None
+    for entry in model.metadata or []:
+        name = entry.name.decode() if isinstance(entry.name, bytes) else entry.name
+        if name == METADATA_NAME:
+            return json.loads(bytes(model.buffers[entry.buffer].data).decode())
+    raise KerastlError(f"{path} is not a kerastl LiteRT export (it has no kerastl metadata); kerastl runs the files "
+                       "that `kerastl export` writes")
 
 
-def _float_tensors(path: Path) -> list[str]:
-    """The activations (not constants) of an int8 file that are float32, the input and output aside."""
-    interpreter = _interpreter(path)
-    ends = {d["index"] for d in [*interpreter.get_input_details(), *interpreter.get_output_details()]}
-    return [d["name"] for d in interpreter.get_tensor_details()
-            if d["dtype"] == np.float32 and d["index"] not in ends and not d["quantization_parameters"]["scales"].size
-            and not _constant(interpreter, d["index"])]
-
-
-def _constant(interpreter, index: int) -> bool:
-    try:
-        interpreter.get_tensor(index)
-        return True
-    except ValueError:  # activations have no data before a run
-        return False
+def float_ops(path: str | os.PathLike) -> list[str]:
+    """The ops of a LiteRT file that compute in float32, as "NAME xCOUNT" (the output's DEQUANTIZE aside)."""
+    _, flatbuffer_utils, schema = _tools()
+    model = flatbuffer_utils.read_model(str(path))
+    counts: dict[str, int] = {}
+    for graph in model.subgraphs:
+        for op in graph.operators:
+            name = flatbuffer_utils.opcode_to_name(model, op.opcodeIndex) or "?"
+            if name != "DEQUANTIZE" and any(graph.tensors[i].type == schema.TensorType.FLOAT32
+                                            for i in op.outputs if i >= 0):
+                counts[name] = counts.get(name, 0) + 1
+    return [f"{name} x{count}" for name, count in sorted(counts.items())]
 
 
 @dataclass
@@ -159,14 +198,14 @@ class LiteModel:
     path: Path
     class_names: list[str]
     image_size: int
-    _interpreter: object
+    interpreter: Any  # ai_edge_litert.interpreter.Interpreter
 
     def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Probabilities for float 0-255 images [batch, height, width, 3] (resized to the file's size)."""
         images = np.asarray(images, np.float32)
         if images.shape[1:3] != (self.image_size, self.image_size):
             images = tf.image.resize(images, (self.image_size, self.image_size)).numpy()
-        interpreter = self._interpreter
+        interpreter = self.interpreter
         (entry,), (exit_,) = interpreter.get_input_details(), interpreter.get_output_details()
         out = []
         for start in range(0, len(images), batch_size):
@@ -198,23 +237,18 @@ class LiteModel:
 
 
 def load_litert(path: str | os.PathLike) -> LiteModel:
-    """A `.tflite` file from `export_litert`, with the class names of the `labels.txt` beside it.
-
-    Refuses, with one line, a file LiteRT cannot read or one that is not a kerastl export
-    (one float32 input of square images, one output of a probability per class).
+    """A `.tflite` file written by `export_litert`, run by LiteRT's interpreter, with the class names
+    its metadata carries. Refuses, with one line, a file LiteRT cannot read or one kerastl did not
+    write (no `kerastl` metadata: another model may want other pixels than 0-255).
     """
     path = Path(path)
     if path.suffix != ".tflite" or not path.is_file():
         raise KerastlError(f"{path} is not a .tflite file")
-    if not (path.parent / LABELS_FILE).is_file():
-        raise KerastlError(f"{path} is not a kerastl LiteRT export: no {LABELS_FILE} beside it")
-    class_names = read_labels(path.parent)
-    interpreter = _interpreter(path)
-    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
-    shape = tuple(inputs[0]["shape"]) if len(inputs) == 1 else ()
-    if (len(inputs) != 1 or len(outputs) != 1 or len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3
-            or inputs[0]["dtype"] != np.float32 or tuple(outputs[0]["shape"])[-1:] != (len(class_names),)):
-        raise KerastlError(f"{path} is not a kerastl LiteRT export: it does not take square RGB images and return "
-                           f"one probability for each of the {len(class_names)} classes of its {LABELS_FILE}")
+    stamp = read_stamp(path)
+    interpreter_class, _, _ = _tools()
+    try:
+        interpreter = interpreter_class(model_path=str(path))
+    except (ValueError, RuntimeError) as error:
+        raise KerastlError(f"{path} is not a LiteRT model: {str(error).splitlines()[0]}") from None
     interpreter.allocate_tensors()
-    return LiteModel(path, class_names, int(shape[1]), interpreter)
+    return LiteModel(path, list(stamp["labels"]), int(stamp["image_size"]), interpreter)

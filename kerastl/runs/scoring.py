@@ -25,7 +25,7 @@ from kerastl.data.sources import from_dataset
 from kerastl.data.tables import BUILT_IN_SOURCES
 from kerastl.errors import KerastlError
 from kerastl.models.export import CONFIG_FILE, load_export, read_labels
-from kerastl.models.litert import load_litert
+from kerastl.models.litert import load_litert, read_stamp
 from kerastl.reports.evaluation import Evaluation, as_probabilities, cross_entropy, data_warnings, evaluate_predictions
 from kerastl.reports.facts import read_optional_json
 from kerastl.reports.plots import PLOT_FILES, plot_confusion, plot_reliability, plot_wrong
@@ -135,7 +135,7 @@ def evaluate_folder(model_dir: str | Path, source: str, batch_size: int = 64, to
     """
     model, folder = _model_and_folder(model_dir)
     class_names = read_labels(folder)
-    config, size = _config_and_size(folder)
+    config, size = _config_and_size(model)
     if config is not None and _same_source(config.data.source, source):
         mode = (read_optional_json(folder / DATA_FILE) or {}).get("validation_mode", config.train.validation.mode)
         split, name = _held_out_of_run(folder, config.data, mode, source, size, strict)
@@ -167,7 +167,7 @@ def evaluate_data(model_dir: str | Path, data: ImageData | Split | tf.data.Datas
     model, folder = _model_and_folder(model_dir)
     class_names = read_labels(folder)
     if isinstance(data, tf.data.Dataset):
-        data = from_dataset(data, class_names, _config_and_size(folder)[1], validation_split=0.0)
+        data = from_dataset(data, class_names, _config_and_size(model)[1], validation_split=0.0)
     if isinstance(data, Split):
         split, data_names, name = data, class_names, "the given split"
     else:
@@ -196,9 +196,13 @@ def _model_and_folder(model: str | Path) -> tuple[Path, Path]:
     return model, model.parent if model.suffix == ".tflite" else model
 
 
-def _config_and_size(folder: Path) -> tuple[RunConfig | None, int]:
-    """The run config of an export or run folder (None for a bare export) and the image size it reads."""
+def _config_and_size(model: Path) -> tuple[RunConfig | None, int]:
+    """The run config of an export or run folder, or of the folder a `.tflite` file is in (None for a
+    bare export), and the image size the model reads."""
+    folder = _model_and_folder(model)[1]
     config = read_config(folder) if (folder / CONFIG_FILE).is_file() else None
+    if model.suffix == ".tflite":  # the file says its own size, wherever it was written
+        return config, int(read_stamp(model)["image_size"])
     return config, config.model.image_size if config is not None and config.model.image_size else DEFAULT_SIZE
 
 
