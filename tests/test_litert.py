@@ -110,7 +110,7 @@ def test_kerastl_export_writes_a_file_that_predict_and_evaluate_take(trained_run
     capsys.readouterr()
     fails_cleanly(["export", str(run), "--quantize", "int4"], "invalid choice: 'int4'")
     fails_cleanly(["train", "--data", str(trained_run.images), "--quantize", "int8"], "add --format tflite")
-    fails_cleanly(["export", str(tmp_path)], "is not a kerastl run folder (no model.keras)")
+    fails_cleanly(["export", str(tmp_path)], "is not a kerastl run folder (no config.json)")
     fails_cleanly(["export", str(run), "--out", str(tmp_path / "model.onnx")], "--out must name a .tflite file")
     in_memory = tiny_run_folder(tmp_path / "in-memory")  # trained on arrays: no source to calibrate on
     fails_cleanly(["export", str(in_memory), "--quantize", "int8"], "trained on in-memory images")
@@ -127,3 +127,22 @@ def test_train_with_format_tflite_writes_the_file_beside_the_saved_model(image_f
     images = sorted(str(p) for p in image_folder.rglob("*.png"))[:4]
     np.testing.assert_allclose(load_litert(export / "model.tflite").predict_files(images),
                                load_export(export).predict_files(images), atol=1e-3)
+
+
+def test_a_weights_only_trial_folder_exports_as_its_model(tmp_path, capsys):
+    import keras
+
+    from kerastl.config import DataConfig, ModelConfig, RunConfig
+    from kerastl.runs.folder import write_run_folder
+    from kerastl.training.phases import TrainResult
+
+    config = RunConfig(DataConfig(seed=0), ModelConfig("simple_cnn", None, 32, from_scratch=False))
+    model = frozen_cnn(2, seed=0)  # as a search trial builds it: the same config and seed
+    history = keras.callbacks.History()
+    history.history, history.epoch = {"loss": [1.0]}, [0]
+    trial = write_run_folder(tmp_path / "trial", model, ["a", "b"], config, TrainResult(history),
+                             {"val_accuracy": 0.5}, export=False)
+    assert not (trial / "model.keras").exists()  # the head's weights alone
+    assert main(["export", str(trial)]) == 0
+    np.testing.assert_allclose(load_litert(trial / "model.tflite").predict(IMAGES), keras_probabilities(model, IMAGES),
+                               atol=1e-4)

@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the classifier of a run folder (or a search's export) as one .tflite file that takes "
         "0-255 RGB pixels at the model's size and returns class probabilities; labels.txt goes beside it. "
         "Running it needs pip install 'kerastl[lite]'.")
-    export.add_argument("folder", metavar="DIR", help="a run folder (it holds model.keras)")
+    export.add_argument("folder", metavar="DIR", help="a run folder, a search's export or one of its trial folders")
     export.add_argument("--format", choices=["tflite"], default="tflite", help="(tflite)")
     export.add_argument("--quantize", choices=QUANTIZE, default="none",
                         help="none (float32), float16 (half the size), dynamic (int8 weights) or int8 (weights and "

@@ -155,10 +155,9 @@ def _predict(args: argparse.Namespace) -> int:
         if not os.path.isfile(path):
             raise KerastlError(f"image file {path} does not exist")
     import_tensorflow(args.verbose)
-    from kerastl.models.export import load_export
-    from kerastl.models.litert import load_litert
+    from kerastl.models.litert import load_exported
 
-    model = load_litert(args.model) if lite else load_export(args.model)
+    model = load_exported(args.model)
     probabilities = model.predict_files(args.images)
     for path, row, top in zip(args.images, probabilities, model.top_k(probabilities, args.top_k)):
         if args.json:
@@ -255,8 +254,8 @@ def _also_litert(args: argparse.Namespace, folder: str | os.PathLike) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    if not os.path.isfile(os.path.join(args.folder, "model.keras")):
-        raise KerastlError(f"{args.folder} is not a kerastl run folder (no model.keras)")
+    if not os.path.isfile(os.path.join(args.folder, "config.json")):
+        raise KerastlError(f"{args.folder} is not a kerastl run folder (no config.json)")
     if args.out is not None and not args.out.endswith(".tflite"):
         raise KerastlError(f"--out must name a .tflite file, got {args.out}")
     if args.data is not None:

@@ -37,7 +37,15 @@ import tensorflow as tf
 from kerastl.choices import QUANTIZE
 from kerastl.errors import KerastlError
 from kerastl.models.classifier import TransferClassifier
-from kerastl.models.export import LABELS_FILE, read_image_files, read_labels, top_k, write_labels
+from kerastl.models.export import (
+    LABELS_FILE,
+    ExportedModel,
+    load_export,
+    read_image_files,
+    read_labels,
+    top_k,
+    write_labels,
+)
 from kerastl.storage import replace_file
 from kerastl.version import __version__
 
@@ -252,3 +260,10 @@ def load_litert(path: str | os.PathLike) -> LiteModel:
         raise KerastlError(f"{path} is not a LiteRT model: {str(error).splitlines()[0]}") from None
     interpreter.allocate_tensors()
     return LiteModel(path, list(stamp["labels"]), int(stamp["image_size"]), interpreter)
+
+
+def load_exported(path: str | os.PathLike) -> ExportedModel | LiteModel:
+    """What `kerastl predict` and `evaluate` run: a `.tflite` file (`load_litert`) or a SavedModel
+    export folder (`kerastl.models.export.load_export`); both have `predict`, `predict_files`,
+    `top_k` and `class_names`."""
+    return load_litert(path) if Path(path).suffix == ".tflite" else load_export(path)

@@ -24,8 +24,8 @@ from kerastl.data.images import ImageData, Split, load_data, merge_splits
 from kerastl.data.sources import from_dataset
 from kerastl.data.tables import BUILT_IN_SOURCES
 from kerastl.errors import KerastlError
-from kerastl.models.export import CONFIG_FILE, load_export, read_labels
-from kerastl.models.litert import load_litert, read_stamp
+from kerastl.models.export import CONFIG_FILE, read_labels
+from kerastl.models.litert import load_exported, read_stamp
 from kerastl.reports.evaluation import Evaluation, as_probabilities, cross_entropy, data_warnings, evaluate_predictions
 from kerastl.reports.facts import read_optional_json
 from kerastl.reports.plots import PLOT_FILES, plot_confusion, plot_reliability, plot_wrong
@@ -223,10 +223,8 @@ def _predict_and_evaluate(folder: Path, class_names: list[str], split: Split, da
         raise KerastlError(f"{source} has classes {unknown} that the model at {folder} does not know; its classes "
                            f"(labels.txt) are {class_names}")
     to_model = np.array([class_names.index(c) for c in data_names])
-    if folder.suffix == ".tflite":
-        predict = load_litert(folder).predict
-    elif (folder / "saved_model.pb").is_file():
-        predict = load_export(folder).predict
+    if folder.suffix == ".tflite" or (folder / "saved_model.pb").is_file():
+        predict = load_exported(folder).predict
     else:  # a weights-only run folder (a search trial's)
         model = load_model(folder)
         predict = lambda images: keras.ops.convert_to_numpy(model(images, training=False))  # noqa: E731
