@@ -40,6 +40,7 @@ from kerastl.models.classifier import TransferClassifier
 from kerastl.models.export import (
     LABELS_FILE,
     ExportedModel,
+    both_classes,
     load_export,
     read_image_files,
     read_labels,
@@ -89,9 +90,7 @@ def _probabilities_model(model: TransferClassifier) -> keras.Model:
     """The classifier with two probability columns when it has one sigmoid unit."""
     if model.output_shape[-1] != 1:
         return model
-    positive = model.outputs[0]
-    both = keras.layers.Concatenate(name="both_classes")([1.0 - positive, positive])
-    return keras.Model(model.inputs, both, name=f"{model.name}_two_columns")
+    return keras.Model(model.inputs, both_classes(model.outputs[0]), name=f"{model.name}_two_columns")
 
 
 def export_litert(model: TransferClassifier, path: str | os.PathLike, class_names: Sequence[str],
@@ -170,19 +169,24 @@ def _stamp(path: Path, values: dict[str, Any]) -> None:
 
 
 def read_stamp(path: str | os.PathLike) -> dict[str, Any]:
-    """The `kerastl` metadata of a LiteRT file (see `export_litert`). A file that is not a LiteRT
-    model, or has no such entry (kerastl did not write it), is a `KerastlError`."""
-    _, flatbuffer_utils, _ = _tools()
+    """The `kerastl` metadata of a LiteRT file (see `export_litert`), read in place from the flatbuffer
+    (nothing else of the model is unpacked). A file that is not a LiteRT model, or has no such entry
+    (kerastl did not write it), is a `KerastlError`."""
+    _, _, schema = _tools()
+    data = Path(path).read_bytes()
     try:
-        model = flatbuffer_utils.read_model(str(path))
-    except Exception as error:  # the flatbuffer reader fails however a bad offset leads it to
+        if not schema.Model.ModelBufferHasIdentifier(data, 0):
+            raise ValueError("no TFLite file identifier")
+        model = schema.Model.GetRootAs(data, 0)
+        entries = [model.Metadata(i) for i in range(model.MetadataLength())]
+        found = [entry.Buffer() for entry in entries if entry.Name() == METADATA_NAME.encode()]
+        stamp = json.loads(model.Buffers(found[0]).DataAsNumpy().tobytes()) if found else None
+    except Exception as error:  # a damaged flatbuffer fails however its bad offsets lead the reader
         raise KerastlError(f"{path} is not a LiteRT model ({type(error).__name__})") from None
-    for entry in model.metadata or []:
-        name = entry.name.decode() if isinstance(entry.name, bytes) else entry.name
-        if name == METADATA_NAME:
-            return json.loads(bytes(model.buffers[entry.buffer].data).decode())
-    raise KerastlError(f"{path} is not a kerastl LiteRT export (it has no kerastl metadata); kerastl runs the files "
-                       "that `kerastl export` writes")
+    if stamp is None:
+        raise KerastlError(f"{path} is not a kerastl LiteRT export (it has no kerastl metadata); kerastl runs the "
+                           "files that `kerastl export` writes")
+    return stamp
 
 
 def float_ops(path: str | os.PathLike) -> list[str]:
