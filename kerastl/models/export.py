@@ -50,7 +50,7 @@ def export_saved_model(model: TransferClassifier, directory: str | os.PathLike, 
     def probabilities(images):
         probs = model(images, training=False)
         if binary:
-            probs = tf.concat([1.0 - probs, probs], axis=-1)
+            probs = both_classes(probs)
         return {"probabilities": probs}
 
     def decode(data):
@@ -74,6 +74,12 @@ def export_saved_model(model: TransferClassifier, directory: str | os.PathLike, 
     write_labels(directory, class_names)
     log.debug("exported SavedModel to %s", directory)
     return directory
+
+
+def both_classes(positive):
+    """A binary model's one sigmoid column as the two probability columns [1 - p, p] that every export
+    returns (on tensors, or on Keras tensors while a functional model is built)."""
+    return keras.ops.concatenate([1.0 - positive, positive], axis=-1)
 
 
 def write_labels(directory: Path, class_names: Sequence[str]) -> None:
