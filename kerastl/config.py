@@ -354,22 +354,13 @@ class RunConfig(JsonConfig):
     def experiment_dict(self) -> dict[str, Any]:
         """`to_dict` without the machine's settings (cache folder, memory budget): what `config.json`
         records and the run digest covers, so another machine's folders are not carried along."""
-        values = self.to_dict()
-        for item in SETTINGS.values():
-            if item.machine:
-                inner, key = dict_at(values, item)
-                inner.pop(key, None)
-        return values
+        return _machine_settings(self.to_dict(), drop=True)
 
     def digest(self) -> str:
         """A digest of the experiment this (resolved) config sets, not of its name, folder or machine settings
         (another `--cache-dir` finds the same unfinished run). It is taken over the 0.2 layout (`flat_train`)
         with the machine's settings at their defaults, so that a run 0.2 left unfinished resumes."""
-        values = self.to_dict()
-        for item in SETTINGS.values():
-            if item.machine:
-                inner, key = dict_at(values, item)
-                inner[key] = item.default
+        values = _machine_settings(self.to_dict(), drop=False)
         values["train"] = flat_train(values["train"])
         values.pop("name", None)
         values.pop("export_dir", None)
@@ -392,6 +383,16 @@ class RunConfig(JsonConfig):
         """A run config from a JSON or TOML file (see `read_config_file`); a `tune` table is left
         to `kerastl.tune.config.TuneConfig`."""
         return cls.from_dict(read_config_file(path))
+
+
+def _machine_settings(values: dict[str, Any], drop: bool) -> dict[str, Any]:
+    """`values` (a `RunConfig.to_dict`) with the machine's settings dropped, or set to their defaults."""
+    for item in SETTINGS.values():
+        if item.machine:
+            inner, key = dict_at(values, item)
+            inner.pop(key, None)
+            inner.update({} if drop else {key: item.default})
+    return values
 
 
 # setting name -> `Setting`: the one table that the command line's flags, the search space's names
