@@ -81,3 +81,12 @@ def measured_with(script: str) -> str:
     argv = [arg for arg in sys.argv[1:] if arg != "--write-docs"]
     command = " ".join(["python", f"scripts/{script}.py", *map(shlex.quote, argv)])
     return f"`{command}`, {os.cpu_count()} CPU cores, {datetime.date.today().isoformat()}"
+
+
+def publish(section: str, what: str, table: str, verdict: str, write: bool) -> None:
+    """Prints a benchmark's table and its one-sentence verdict; with `write` (`--write-docs`), also
+    writes them as `section`, after how it was measured and `what` it measured."""
+    print(table)
+    print(verdict)
+    if write:
+        write_section(section, f"{measured_with(section)}; {what}:\n\n{table}\n\nHere {verdict}.")

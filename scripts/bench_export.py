@@ -102,11 +102,8 @@ def main() -> None:
     ratio = measured[("SavedModel `serving_default`", 32)] / measured[("Keras `predict`", 32)]
     verdict = (f"`serving_default` at batch 32: {ratio:.2f}x Keras (the target, at least 0.9x, is "
                f"{'met' if ratio >= 0.9 else 'missed'})")
-    print(table)
-    print(verdict)
-    if args.write_docs:
-        _docs.write_section(SECTION, f"{_docs.measured_with(SECTION)}; {args.backbone} at {args.size}x{args.size}, "
-                                     f"{args.images} images:\n\n{table}\n\n{verdict}.")
+    _docs.publish(SECTION, f"{args.backbone} at {args.size}x{args.size}, {args.images} images", table, verdict,
+                  args.write_docs)
 
 
 if __name__ == "__main__":

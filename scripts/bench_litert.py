@@ -93,12 +93,9 @@ def main() -> None:
             losses.append(f"`{quantize}` loses {100 * lost:.1f} points of accuracy")
     table = _docs.markdown_table(("model", "size (KB)", "test accuracy", "top-1 = Keras", "max abs diff",
                                   "images/s, batch 1"), rows, right_from=1)
-    print(table)
-    print("; ".join(losses) if losses else "no variant loses more than 1 point of accuracy")
-    if args.write_docs:
-        verdict = "; ".join(losses) if losses else "no variant loses more than 1 point of accuracy"
-        _docs.write_section(SECTION, f"{_docs.measured_with(SECTION)}; {args.backbone} at {args.size}x{args.size}, "
-                                     f"{len(labels)} held-out test digits:\n\n{table}\n\nHere {verdict}.")
+    verdict = "; ".join(losses) if losses else "no variant loses more than 1 point of accuracy"
+    _docs.publish(SECTION, f"{args.backbone} at {args.size}x{args.size}, {len(labels)} held-out test digits", table,
+                  verdict, args.write_docs)
 
 
 if __name__ == "__main__":

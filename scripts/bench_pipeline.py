@@ -130,11 +130,8 @@ def main() -> None:
                f"least 0.9x: {'met' if second / in_memory >= 0.9 else 'missed'}); the first epoch, decoding, at "
                f"{first / in_memory:.2f}x; the tuned first epoch is {first / plain:.1f}x the naive pipeline; "
                f"augmentation in tf.data trains at {in_data / in_model:.2f}x augmentation in the model")
-    print(table)
-    print(verdict)
-    if args.write_docs:
-        _docs.write_section(SECTION, f"{_docs.measured_with(SECTION)}; {split.count} JPEGs of 5 classes read at "
-                                     f"{args.size}x{args.size}, batches of {BATCH}:\n\n{table}\n\nHere {verdict}.")
+    _docs.publish(SECTION, f"{split.count} JPEGs of 5 classes read at {args.size}x{args.size}, batches of {BATCH}",
+                  table, verdict, args.write_docs)
 
 
 if __name__ == "__main__":
