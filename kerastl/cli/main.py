@@ -145,11 +145,15 @@ def _tune_config(args: argparse.Namespace, values: dict) -> TuneConfig:
     return tune
 
 
+def _is_litert(model: str) -> bool:
+    """Whether `--model` names a LiteRT file (which must exist) rather than an export folder."""
+    if model.endswith(".tflite") and not os.path.isfile(model):
+        raise KerastlError(f"{model} does not exist")
+    return model.endswith(".tflite")
+
+
 def _predict(args: argparse.Namespace) -> int:
-    lite = args.model.endswith(".tflite")
-    if lite and not os.path.isfile(args.model):
-        raise KerastlError(f"{args.model} does not exist")
-    if not lite and not os.path.isfile(os.path.join(args.model, "saved_model.pb")):
+    if not _is_litert(args.model) and not os.path.isfile(os.path.join(args.model, "saved_model.pb")):
         raise KerastlError(f"{args.model} is not a kerastl export (no saved_model.pb)")
     for path in args.images:
         if not os.path.isfile(path):
@@ -197,9 +201,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    folder = os.path.dirname(args.model) if args.model.endswith(".tflite") else args.model
-    if args.model.endswith(".tflite") and not os.path.isfile(args.model):
-        raise KerastlError(f"{args.model} does not exist")
+    folder = os.path.dirname(args.model) if _is_litert(args.model) else args.model
     if not os.path.isfile(os.path.join(folder, "labels.txt")):
         raise KerastlError(f"{args.model} is not a kerastl export or run folder (no labels.txt)")
     check_data_source(DataConfig(source=args.data), min_classes=1)
