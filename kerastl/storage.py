@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from kerastl.errors import KerastlError
 
@@ -170,10 +170,19 @@ class HeadStore:
     A run given a store looks its phase-1 head up by a key that covers the features
     and every phase-1 setting (see `kerastl.runs.plan.head_key`); a hit skips phase 1.
     A search keeps one store in its project folder, shared by every trial and worker.
+    It also remembers, in memory, what the trials of one process compute alike before
+    phase 1 (the probe curve and the probe start): `shared(key, compute)`.
     """
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
+        self._shared: dict[str, Any] = {}
+
+    def shared(self, key: str, compute: Callable[[], Any]) -> Any:
+        """`compute()` the first time `key` is asked for in this process, the same value after."""
+        if key not in self._shared:
+            self._shared[key] = compute()
+        return self._shared[key]
 
     def load(self, key: str) -> dict | None:
         """The head's meta (as saved, e.g. its phase-1 history, plus "weights": its file), or None."""

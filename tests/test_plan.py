@@ -91,3 +91,13 @@ def test_pipelines_train_through_their_own_keyword_and_0_2s_tuple_as_data_alike(
     assert plans[0] == plans[1]
     with pytest.raises(KerastlError, match="needs the model built for them"):
         run_training(config, pipelines=pipelines, verbose=0, save="none")
+
+
+def test_a_linear_head_from_the_probe_on_cached_features_has_no_step_floor(tmp_path):
+    data = digits(40)
+    config = small(min_steps=100, validation="holdout", fine_tune_epochs=0, cache_dir=str(tmp_path / "cache"))
+    plan = plan_run(config, data)
+    assert plan.head_start == "probe" and plan.head.epochs == 2  # converged: its epochs only try to beat it
+    hidden = dataclasses.replace(config, model=dataclasses.replace(config.model, hidden_units=16))
+    steps = math.ceil(data.train.count / 8)
+    assert plan_run(hidden, data).head.epochs == math.ceil(100 / steps)  # a random hidden layer needs the steps

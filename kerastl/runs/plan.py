@@ -8,8 +8,8 @@
   `unfreeze_blocks="auto"` are read off a probe curve on cached features, `kerastl.features.probe`);
 - the head's start: a head stored by an earlier search trial, a converged linear probe, or
   random (a hidden layer, or every layer from scratch);
-- a `PhasePlan` per phase: epochs raised to the step floor, patience, learning rate, schedule,
-  what is unfrozen.
+- a `PhasePlan` per phase: epochs raised to the step floor (not for a linear head that starts
+  from the converged probe on cached features), patience, learning rate, schedule, what is unfrozen.
 
 Planning runs the frozen backbone once over the images (the feature cache), since the probe
 that chooses the blocks and starts the head reads its features. `kerastl.runs.run` then
@@ -18,6 +18,7 @@ executes the plan and writes `plan` into `config.json`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -192,13 +193,15 @@ def _plan(tc: TrainConfig, batch_size: int, inputs: PlanInputs, mode: str) -> Ru
         fine_tune_steps = batches_per_epoch(inputs.train_batches)
     else:
         head_steps = fine_tune_steps = batches_per_epoch(inputs.train_batches)
+    start = "scratch" if scratch else "stored" if inputs.stored is not None else \
+        "probe" if inputs.probe is not None else "random"
+    if start == "probe" and model.hidden is None and inputs.cached is not None:
+        tc = dataclasses.replace(tc, head=dataclasses.replace(tc.head, min_steps=0))  # converged: no step floor
     phases = list(plan_phases(tc, scratch, head_steps, fine_tune_steps, depth))  # each fold: one epoch count
     if mode == "cv" and inputs.cached is not None and model.hidden is None:  # the probe is the head
         phases[0] = dataclasses.replace(phases[0], epochs=0, patience=0)
     if mode == "cv" and not (inputs.folds and model.hidden is None):  # nothing to cross-validate phase 2 on
         phases = phases[:1]
-    start = "scratch" if scratch else "stored" if inputs.stored is not None else \
-        "probe" if inputs.probe is not None else "random"
     per_class = None if inputs.class_weights is None else tuple(float(w) for w in inputs.class_weights)
     return RunPlan(mode, len(inputs.folds), per_class, None if scratch else tuple(model.feature_blocks),
                    fine_tune_depth(tc, depth), start, tuple(phases), inputs)
@@ -267,38 +270,53 @@ def _head_inputs(mc: ModelConfig, dc: DataConfig, tc: TrainConfig, data: ImageDa
     train, plain = FeatureCache(tc.cache_dir, dc.cache_limit_mb).head_features(
         model, data.train, plain_split, views, dc.augment, dc.seed, dc.batch_size, progress=verbose != 0,
         fingerprint=fingerprint, blocks=blocks)
+    # what the probes read: the trials of one search compute each curve and start once (`HeadStore.shared`)
+    same = {"features": fingerprint, "train": data.train.fingerprint, "mode": mode, "seed": dc.seed,
+            "validation": None if data.validation is None else data.validation.fingerprint, "binary": mc.binary,
+            "views": [views, dc.augment], "folds": tc.validation.cv_folds, "auto": auto,
+            "class_weights": None if class_weights is None else [float(w) for w in class_weights]}
     curve = None
     if probing:
         model, curve, train, plain = _probe_blocks(mc, tc.validation.cv_folds, dc.seed, len(data.class_names),
-                                                   model, train, plain, mode, auto)
+                                                   model, train, plain, mode, auto,
+                                                   lambda compute: _shared(heads, {**same, "curve": 1}, compute))
     key = stored = probe = all_views = None
     folds: list = []
     if heads is not None:
         key = head_key(fingerprint, data, model.feature_blocks, mc, tc, dc)
         stored = _stored_head(heads, key, model)
     binary, classes = mc.binary, len(data.class_names)
+    same["blocks"] = list(model.feature_blocks)
     if mode == "cv":
         all_views = train.features if views == 1 else np.concatenate([train.features, plain.features])
         folds = folds_of(plain.labels, tc.validation.cv_folds, dc.seed)
-        probe = choose_c_cv(all_views, plain.features[0], plain.labels, folds, classes, binary, dc.seed,
-                            class_weights)
+        probe = _shared(heads, same, lambda: choose_c_cv(all_views, plain.features[0], plain.labels, folds, classes,
+                                                         binary, dc.seed, class_weights))
     elif stored is None:
-        probe = choose_c_holdout(train.features, train.labels, plain.features[0], plain.labels, classes, binary,
-                                 dc.seed, class_weights)
+        probe = _shared(heads, same, lambda: choose_c_holdout(train.features, train.labels, plain.features[0],
+                                                              plain.labels, classes, binary, dc.seed, class_weights))
     return PlanInputs(model, cached=(train, plain), probe=probe, curve=curve, stored=stored, head_key=key,
                       backbone_digest=fingerprint["weights"], views=all_views, folds=folds)
 
 
+def _shared(heads: HeadStore | None, parts: dict, compute):
+    """`compute()`, or with a store, its value computed once per process for these `parts`."""
+    if heads is None:
+        return compute()
+    return heads.shared(hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24], compute)
+
+
 def _probe_blocks(model_config: ModelConfig, folds: int, seed: int, num_classes: int, model: TransferClassifier,
-                  train: CachedFeatures, plain: CachedFeatures, mode: str, choose: bool):
+                  train: CachedFeatures, plain: CachedFeatures, mode: str, choose: bool, once=lambda f: f()):
     """Probes every block on the labelled images (features of every block, in order) for the
     probe curve and the fine-tuning depth; with `choose` (`features="auto"`), rebuilds the
-    classifier to read the chosen blocks. Returns it, the curve and its blocks' columns of the features."""
+    classifier to read the chosen blocks. Returns it, the curve and its blocks' columns of the features.
+    `once(compute)` runs the probes (a search's trials share them)."""
     # the labelled images that train: in holdout mode, the validation images stay held out
     x, y = (np.asarray(plain.features[0]), plain.labels) if mode == "cv" else (np.asarray(train.features[0]),
                                                                               train.labels)
     widths = model.block_widths(list(range(1, model.block_count() + 1)))
-    curve = probe_blocks(x, y, widths, model.block_names(), folds, seed)
+    curve = copy.copy(once(lambda: probe_blocks(x, y, widths, model.block_names(), folds, seed)))
     if not choose:
         curve.chosen = model.feature_blocks
     log.debug("%s", curve.summary())
