@@ -141,10 +141,10 @@ def test_a_search_export_is_a_run_folder_that_train_reproduces(tmp_path, capsys)
 def test_fine_tuning_trial_starts_from_the_saved_head_of_an_equal_head_trial(tmp_path):
     config = base_config(tmp_path)
     context = TrialContext(tmp_path / "project")
-    head = context.run(config, tmp_path / "t0")
+    [head] = context.run([config], [tmp_path / "t0"])
     tuned = RunConfig.from_dict(config.to_dict())
     tuned.train.fine_tune_epochs, tuned.train.unfreeze_blocks = 2, 1
-    fine = context.run(tuned, tmp_path / "t1")
+    [fine] = context.run([tuned], [tmp_path / "t1"])
     info = json.loads((tmp_path / "t1" / "result.json").read_text())["info"]
     assert info["reused_head"] and info["fine_tuned"] and not json.loads(
         (tmp_path / "t0" / "result.json").read_text())["info"]["reused_head"]
@@ -153,39 +153,54 @@ def test_fine_tuning_trial_starts_from_the_saved_head_of_an_equal_head_trial(tmp
     assert fine["val_loss"] <= head["val_loss"] + 1e-4
 
 
-@pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
-def test_a_failing_trial_is_recorded_failed_and_the_search_goes_on(tmp_path, monkeypatch):
+def _second_fails(monkeypatch, population: int) -> None:
+    """Makes the second trial run out of memory, whether trials run one at a time or as a population."""
+    error = tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
     real, calls = TrialContext.run, []
+    if population == 1:
 
-    def second_runs_out_of_memory(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
-        return real(self, *args, **kwargs)
+        def second_runs_out_of_memory(self, *args, **kwargs):
+            calls.append(1)
+            return [error] if len(calls) == 2 else real(self, *args, **kwargs)
 
-    monkeypatch.setattr(TrialContext, "run", second_runs_out_of_memory)
+        monkeypatch.setattr(TrialContext, "run", second_runs_out_of_memory)
+    else:
+        def second_of_population_fails(self, *args, **kwargs):
+            outcomes = real(self, *args, **kwargs)
+            return [error if i == 1 else outcome for i, outcome in enumerate(outcomes)]
+
+        monkeypatch.setattr(TrialContext, "run", second_of_population_fails)
+
+
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
+@pytest.mark.parametrize("population", [1, 32])
+def test_a_failing_trial_is_recorded_failed_and_the_search_goes_on(tmp_path, monkeypatch, population):
+    _second_fails(monkeypatch, population)
     result = run_search(base_config(tmp_path), TuneConfig(max_trials=3, project_dir=str(tmp_path / "p"),
-                                                          space=HEAD_SPACE))
+                                                          space=HEAD_SPACE, population=population))
     statuses = sorted(row["status"] for row in result.trials)
     assert statuses == ["COMPLETED", "COMPLETED", "FAILED"]
-    assert result.trials[-1]["status"] == "FAILED" and "OOM" in result.trials[-1]["error"]
+    failed = [row for row in result.trials if row["status"] == "FAILED"]
+    assert "OOM" in failed[0]["error"]
 
 
-def test_repeated_failures_stop_the_search_with_a_clear_message(tmp_path, monkeypatch):
-    def always_fails(*args, **kwargs):
-        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+@pytest.mark.parametrize("population", [1, 32])
+def test_repeated_failures_stop_the_search_with_a_clear_message(tmp_path, monkeypatch, population):
+    def always_fails(self, configs, *args):
+        return [tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor") for _ in configs]
 
     monkeypatch.setattr(TrialContext, "run", always_fails)
     with pytest.raises(KerastlError, match=r"search stopped: 2 trials in a row failed.*OOM"):
         run_search(base_config(tmp_path), TuneConfig(max_trials=5, max_failures=2, project_dir=str(tmp_path / "p"),
-                                                     space=HEAD_SPACE))
+                                                     space=HEAD_SPACE, population=population))
 
 
 @pytest.mark.slow  # 20 trials, over a minute: CI runs it with the other slow tests
-def test_memory_stays_flat_over_many_in_process_trials(tmp_path):
+@pytest.mark.parametrize("population", [1, 4])  # one at a time, and five populations of four
+def test_memory_stays_flat_over_many_in_process_trials(tmp_path, population):
     space = {"dropout": {"min": 0.0, "max": 0.5}, "hidden_units": [0, 16, 64], "learning_rate": {
         "min": 1e-3, "max": 1e-2, "log": True}}
-    tune = TuneConfig(max_trials=20, project_dir=str(tmp_path / "p"), space=space)
+    tune = TuneConfig(max_trials=20, project_dir=str(tmp_path / "p"), space=space, population=population)
     run_search(base_config(tmp_path, epochs=1), tune)
     trials = sorted((tmp_path / "p").glob("trial_*/result.json"))
     memory = [json.loads(path.read_text())["info"]["memory_mb"] for path in trials]
@@ -273,7 +288,7 @@ def test_a_cached_trial_scores_what_the_plain_kerastuner_trial_scores(tmp_path):
 
     config = base_config(tmp_path, epochs=3, learning_rate=3e-3)
     config.model.dropout, config.model.hidden_units = 0.2, 32
-    cached = TrialContext(tmp_path / "p").run(config, tmp_path / "t")
+    [cached] = TrialContext(tmp_path / "p").run([config], [tmp_path / "t"])
     data = load_data(config.data, 16)
     hypermodel = TransferHyperModel(config, {}, len(data.class_names))
     hp = keras_tuner.HyperParameters()
@@ -305,8 +320,8 @@ def test_in_memory_data_of_another_size_is_refused_not_fed_to_the_model(tmp_path
     context = TrialContext(tmp_path / "p", data=load_data(config.data, 16))
     assert context.data(config.data, 16).train.image_size == 16
     config.model.image_size = 24
-    with pytest.raises(KerastlError, match="in-memory data is 16x16 but this run wants 24x24"):
-        context.run(config, tmp_path / "t")
+    [outcome] = context.run([config], [tmp_path / "t"])
+    assert isinstance(outcome, KerastlError) and "in-memory data is 16x16 but this run wants 24x24" in str(outcome)
 
 
 def test_a_project_folder_of_version_0_1_is_refused_with_what_to_do(tmp_path):

@@ -208,7 +208,12 @@ def execute(plan: RunPlan, config: RunConfig, verbose: int | str = "auto",
     if save == "export" and held is not None:  # the held-out split's full evaluation, for the report
         name, split, (probabilities, labels) = held
         evaluation, wrong = evaluate_split(probabilities, labels, split, data.class_names, name)
-    config = with_choices(config, plan)
+    config = copy.deepcopy(config)  # with "auto" resolved to what the plan chose, so that it reproduces the run
+    if not model.from_scratch and config.model.features == "auto":
+        last = model.block_count()
+        config.model.features = "last" if model.feature_blocks == [last] else ",".join(map(str, model.feature_blocks))
+    if config.train.unfreeze_blocks == "auto":
+        config.train.unfreeze_blocks = plan.unfreeze_blocks
     class_names = None if data is None else data.class_names
     if save != "none":
         write_run_folder(folder, model, class_names, config, history, metrics, export=save == "export",
@@ -218,18 +223,6 @@ def execute(plan: RunPlan, config: RunConfig, verbose: int | str = "auto",
                          if save == "export" else None)
     return RunResult(model, history, class_names, metrics, folder if save != "none" else None, config,
                      reused_head=plan.head_start == "stored", curve=inputs.curve, plan=plan)
-
-
-def with_choices(config: RunConfig, plan: RunPlan) -> RunConfig:
-    """The config with "auto" resolved to what the plan chose, so that it reproduces the run."""
-    config = copy.deepcopy(config)
-    model = plan.model
-    if not model.from_scratch and config.model.features == "auto":
-        last = model.block_count()
-        config.model.features = "last" if model.feature_blocks == [last] else ",".join(map(str, model.feature_blocks))
-    if config.train.unfreeze_blocks == "auto":
-        config.train.unfreeze_blocks = plan.unfreeze_blocks
-    return config
 
 
 def _head_predictions(model: TransferClassifier, validation: CachedFeatures) -> tuple[np.ndarray, np.ndarray]:

@@ -43,6 +43,9 @@ class TuneConfig(JsonConfig):
             backbone: fine-tuning, no cache, from scratch), "always" or "never".
         mixed_precision: float16 compute on GPUs; None means "when there is a GPU".
         max_failures: stop the search after this many failed trials in a row.
+        population: head-only trials that run in this process are claimed from the oracle this
+            many at a time (as parallel workers claim them) and their heads trained together on
+            the same cached batches (`kerastl.runs.population`); each reports as its own trial.
     """
 
     tuner: str = setting("random", "", kind="choice", choices=TUNERS)
@@ -58,6 +61,8 @@ class TuneConfig(JsonConfig):
                            kind="choice", choices=ISOLATION)
     mixed_precision: bool | None = setting(None, "float16 compute on GPUs", kind="bool", shown="on when there is a GPU")
     max_failures: int = setting(3, "stop after N failed trials in a row", kind="count:1", metavar="N")
+    population: int = setting(32, "head-only trials on cached features trained at once, in one graph (1: one at "
+                              "a time)", kind="count:1", metavar="N")
     hyperband_factor: int = setting(3, "Hyperband's reduction factor", kind="count:2", hidden=True)
 
     def validate(self) -> None:
@@ -67,7 +72,7 @@ class TuneConfig(JsonConfig):
             raise KerastlError(f"objective must be one of {[AUTO_OBJECTIVE, *OBJECTIVES]}, got {self.objective!r}")
         if self.isolate not in ISOLATION:
             raise KerastlError(f"isolate must be one of {list(ISOLATION)}, got {self.isolate!r}")
-        for name in ("max_trials", "max_failures"):
+        for name in ("max_trials", "max_failures", "population"):
             if getattr(self, name) < 1:
                 raise KerastlError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.workers < 0:

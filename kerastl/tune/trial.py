@@ -30,7 +30,8 @@ from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from kerastl.data.images import ImageData, load_data
 from kerastl.devices import setup_devices
 from kerastl.models.classifier import TransferClassifier, build_classifier
-from kerastl.runs.run import checked_config, run_training
+from kerastl.runs.population import run_population
+from kerastl.runs.run import RunResult, checked_config, run_training
 from kerastl.storage import HeadStore
 
 RESULT_FILE = "result.json"
@@ -97,35 +98,70 @@ class TrialContext:
         self._backbones[key] = model.backbone
         return model
 
-    def run(self, config: RunConfig, trial_dir: str | os.PathLike, budget: int | None = None) -> dict[str, float]:
-        """One trial's config, trained in this process on `self.device`: the run (a weights-only run
-        folder in `trial_dir`), then `result.json` with the scores, time and memory."""
-        start, trial_dir = time.perf_counter(), Path(trial_dir)
+    def run(self, configs: list[RunConfig], trial_dirs: list[str | os.PathLike],
+            budgets: list[int | None] | None = None) -> list[dict[str, float] | Exception]:
+        """Trials in this process on `self.device`, each a weights-only run folder in its trial folder
+        with `result.json` (scores, time, memory). One trial runs alone (`run_training`); several run
+        as one population per image size (`kerastl.runs.population`: they must train heads only), and
+        `seconds` is then the population's time shared among them. Returns each trial's metrics, or
+        the exception it failed with; `budgets`: Hyperband's epochs per trial (None: none)."""
+        start, trial_dirs = time.perf_counter(), [Path(path) for path in trial_dirs]
         gpu = self.device.startswith("/GPU")
         if gpu:
             tf.config.experimental.reset_memory_stats(self.device.strip("/"))
-        config = checked_config(config)
-        apply_budget(config.train, budget, config.train.head.epochs)
-        config.export_dir = str(trial_dir)
-        config.train.validation.mode = "holdout"  # trials are compared on one validation split
-        data = dataclasses.replace(self.data(config.data, config.model.image_size), test=None)  # chosen on validation
-        classes = len(data.class_names)
+        prepared: list[RunConfig | Exception] = []
+        for config, trial_dir, budget in zip(configs, trial_dirs, budgets or [None] * len(configs)):
+            try:
+                config = checked_config(config)
+                apply_budget(config.train, budget, config.train.head.epochs)
+                config.export_dir = str(trial_dir)
+                config.train.validation.mode = "holdout"  # trials are compared on one validation split
+                prepared.append(config)
+            except Exception as error:  # noqa: BLE001 - one trial's failure is that trial's
+                prepared.append(error)
+        sizes: dict[int, list[int]] = {}  # one population per image size (the data it reads)
+        for i, config in enumerate(prepared):
+            if isinstance(config, RunConfig):
+                sizes.setdefault(config.model.image_size, []).append(i)
+        outcomes: dict[int, RunResult | Exception] = {}
         with tf.device(self.device):
-            model = self.classifier(config.model, classes, config.data.seed) if config.trains_head_only else None
-            result = run_training(config, data, overwrite=True, verbose=self.verbose, model=model, heads=self.heads,
-                                  save="weights")
-        info: dict[str, Any] = {
-            "fine_tuned": result.history.phase2 is not None, "reused_head": result.reused_head, "classes": classes,
-            "epochs": config.train.head.epochs,
-            "fine_tune_epochs": config.train.fine_tune.epochs if result.history.phase2 is not None else 0,
-            "seconds": round(time.perf_counter() - start, 3), "memory_mb": round(memory_mb(), 1),
-            "device": self.device,
-        }
+            for members in sizes.values():
+                group = [prepared[i] for i in members]
+                data = dataclasses.replace(self.data(group[0].data, group[0].model.image_size), test=None)
+                models = [self.classifier(c.model, len(data.class_names), c.data.seed) if c.trains_head_only
+                          else None for c in group]
+                if len(group) > 1:
+                    outcomes.update(zip(members, run_population(group, data, models, self.heads, self.verbose)))
+                    continue
+                try:
+                    outcomes[members[0]] = run_training(group[0], data, overwrite=True, verbose=self.verbose,
+                                                        model=models[0], heads=self.heads, save="weights")
+                except Exception as error:  # noqa: BLE001 - reported as the trial's outcome
+                    outcomes[members[0]] = error
+        shared = {"seconds": round((time.perf_counter() - start) / max(len(configs), 1), 3),
+                  "memory_mb": round(memory_mb(), 1), "device": self.device}
+        if len(configs) > 1:
+            shared["population"] = len(configs)
         if gpu:  # flat across trials when every trial gives its memory back
             peak = tf.config.experimental.get_memory_info(self.device.strip("/"))["peak"]
-            info["gpu_peak_mb"] = round(peak / 2**20, 1)
-        (trial_dir / RESULT_FILE).write_text(json.dumps({"metrics": result.metrics, "info": info}, indent=2))
-        return result.metrics
+            shared["gpu_peak_mb"] = round(peak / 2**20, 1)
+        out: list[dict[str, float] | Exception] = []
+        for i, trial_dir in enumerate(trial_dirs):
+            result = outcomes.get(i, prepared[i])
+            if not isinstance(result, Exception):
+                info = {**_what_ran(result), **shared}
+                (trial_dir / RESULT_FILE).write_text(json.dumps({"metrics": result.metrics, "info": info}, indent=2))
+                result = result.metrics
+            out.append(result)
+        return out
+
+
+def _what_ran(result: RunResult) -> dict[str, Any]:
+    """What `result.json` says a trial ran: both phases or one, a stored head, its epochs."""
+    train = result.config.train
+    return {"fine_tuned": result.history.phase2 is not None, "reused_head": result.reused_head,
+            "classes": len(result.class_names or []), "epochs": train.head.epochs,
+            "fine_tune_epochs": train.fine_tune.epochs if result.history.phase2 is not None else 0}
 
 
 def read_result(trial_dir: Path) -> dict | None:
@@ -165,4 +201,6 @@ def serve_request(trial_dir: Path) -> None:
     request = json.loads((trial_dir / REQUEST_FILE).read_text())
     setup = setup_devices(request["mixed_precision"])
     context = TrialContext(request["project_dir"], device=setup.device, verbose=2)
-    context.run(RunConfig.from_dict(request["config"]), trial_dir, request["budget"])
+    outcome = context.run([RunConfig.from_dict(request["config"])], [trial_dir], [request["budget"]])[0]
+    if isinstance(outcome, Exception):
+        raise outcome

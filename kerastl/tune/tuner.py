@@ -79,6 +79,68 @@ class TransferTuner(keras_tuner.Tuner):
         self.hypermodel.declare_hyperparameters(hp)
         self.oracle.update_space(hp)
 
+    def search(self, *fit_args, **fit_kwargs) -> None:
+        """KerasTuner's search, with head-only trials claimed `tune.population` at a time (as parallel
+        workers claim them) and trained together; every trial is begun, reported and ended as its own."""
+        if self.context is None or self.tune.population < 2:
+            return super().search(*fit_args, **fit_kwargs)
+        self.on_search_begin()
+        while (batch := self._claim(self.tune.population)) is not None:
+            together = [trial for trial in batch if self._trains_together(trial)]
+            for trial in batch:
+                if trial not in together or len(together) < 2:
+                    self.on_trial_begin(trial)
+                    self._try_run_and_update_trial(trial, *fit_args, **fit_kwargs)
+                    self.on_trial_end(trial)
+            if len(together) >= 2:
+                self._run_together(together)
+        self.on_search_end()
+
+    def _trains_together(self, trial) -> bool:
+        """Whether a trial can join a population: it trains a head only, in this process."""
+        alone = self.tune.isolate == "always" and self.context.can_isolate
+        return self.hypermodel.trial_config(trial.hyperparameters).trains_head_only and not alone
+
+    def _claim(self, count: int) -> list | None:
+        """Up to `count` trials from the oracle, each under its own tuner id, ending at the first that
+        cannot join a population (so a search without head-only trials runs as KerasTuner's does);
+        None when the search is over."""
+        batch = []
+        for slot in range(count):
+            trial = self.oracle.create_trial(f"{self.tuner_id}-{slot}")
+            if trial.status == keras_tuner.engine.trial.TrialStatus.STOPPED:
+                return batch or None
+            if trial.status == keras_tuner.engine.trial.TrialStatus.IDLE:  # the oracle waits for results
+                break
+            batch.append(trial)
+            if not self._trains_together(trial):
+                break
+        return batch
+
+    def _run_together(self, trials: list) -> None:
+        """Head-only trials as one population (`TrialContext.run_population`); each is then reported to
+        the oracle and ended as a lone trial would be."""
+        for trial in trials:
+            self.on_trial_begin(trial)
+            log.info("trial %s: %s (population of %d)", trial.trial_id,
+                     json.dumps(shown_values(trial.hyperparameters.values)), len(trials))
+        fresh_session()
+        outcomes = self.context.run(
+            [self.hypermodel.trial_config(trial.hyperparameters) for trial in trials],
+            [Path(self.get_trial_dir(trial.trial_id)) for trial in trials],
+            [trial.hyperparameters.values.get("tuner/epochs") for trial in trials])
+        for trial, outcome in zip(trials, outcomes):
+            if isinstance(outcome, Exception):
+                lines = str(outcome).strip().splitlines()
+                log.warning("trial %s failed: %s", trial.trial_id, lines[-1] if lines else type(outcome).__name__)
+                trial.status, trial.message = keras_tuner.engine.trial.TrialStatus.FAILED, str(outcome)
+            else:
+                write_hparams(Path(self.get_trial_dir(trial.trial_id)) / LOGS, trial.hyperparameters.values,
+                              outcome, trial.trial_id)
+                self.oracle.update_trial(trial.trial_id, outcome)
+                trial.status = keras_tuner.engine.trial.TrialStatus.COMPLETED
+            self.on_trial_end(trial)
+
     def run_trial(self, trial, *args, **kwargs) -> dict[str, float]:
         config = self.hypermodel.trial_config(trial.hyperparameters)
         budget = trial.hyperparameters.values.get("tuner/epochs")
@@ -92,7 +154,9 @@ class TransferTuner(keras_tuner.Tuner):
                                          self.tune.mixed_precision)
             else:
                 fresh_session()
-                metrics = self.context.run(config, trial_dir, budget)
+                metrics = self.context.run([config], [trial_dir], [budget])[0]
+                if isinstance(metrics, Exception):
+                    raise metrics
         except Exception as error:
             lines = str(error).strip().splitlines()
             log.warning("trial %s failed: %s", trial.trial_id, lines[-1] if lines else type(error).__name__)

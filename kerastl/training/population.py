@@ -1,0 +1,176 @@
+"""A population of phase-1 heads trained at once on the same cached batches, in one traced step.
+
+The head-only trials of a search read the same cached features in the same batches; they
+differ only in their heads (hidden units, dropout) and in how those train (learning rate,
+weight decay, label smoothing, schedule). Run one by one, every trial pays for tracing its
+own train and test functions and for its own pass over the batches. `train_population`
+trains K heads together instead:
+
+- each head is a classifier's own head model, compiled by `compile_classifier` exactly as a
+  lone run compiles it: its optimizer (rate, schedule, weight decay) and its loss (label
+  smoothing, class weights as sample weights) are that head's own Keras objects;
+- `HeadPopulation` holds the heads side by side, so one `fit` over the cached batches traces
+  one train step that computes every head's loss and applies every head's own optimizer to
+  its own variables (the heads share no variable, so each gets the gradient of its own loss);
+- each head keeps its own best epoch (`KeepBest` on its own validation loss, from the probe's
+  loss on a probe start) and its own budget of epochs; a head whose budget or patience is
+  spent rides along until the last one stops, and its best weights are put back at the end.
+
+A head therefore ends where a lone run of it would, up to the random draws of dropout (other
+seeds) and float round-off: see `tests/test_population.py` for the tolerance.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kerastl.features.batches import feature_batches
+from kerastl.features.cache import CachedFeatures
+from kerastl.training.callbacks import KeepBest
+from kerastl.training.losses import LabelAccuracy
+from kerastl.training.phase import PhasePlan, fit_phase
+
+log = logging.getLogger(__name__)
+
+STEPS_PER_EXECUTION = 32  # as a lone head on cached features (`kerastl.training.phases`)
+
+
+@dataclass
+class PopulationHead:
+    """One head of a population: the compiled head model and its phase plan. `start_is_best`: the
+    head starts from a converged probe, whose validation loss (`start_loss`, set when training
+    starts) is the best to beat."""
+
+    model: keras.Model
+    phase: PhasePlan
+    start_is_best: bool = False
+    start_loss: float | None = None
+
+
+class HeadPopulation(keras.Model):
+    """K compiled head models on one input of cached features, trained by one traced step.
+
+    `call` returns every head's probabilities; `train_step` lowers each head's compiled loss
+    with that head's own optimizer, and reports `loss_k` and `accuracy_k` per head.
+    """
+
+    def __init__(self, heads: list[keras.Model], **kwargs):
+        super().__init__(name="head_population", **kwargs)
+        self.heads = list(heads)
+        self.head_losses = [keras.metrics.Mean(name=f"loss_{k}") for k in range(len(heads))]
+        self.head_accuracies = [LabelAccuracy(name=f"accuracy_{k}") for k in range(len(heads))]
+
+    def call(self, features, training=False):
+        return [head(features, training=training) for head in self.heads]
+
+    @property
+    def metrics(self):
+        return [*self.head_losses, *self.head_accuracies]
+
+    def train_step(self, data):
+        x, y, weight = keras.utils.unpack_x_y_sample_weight(data)
+        variables = [head.trainable_variables for head in self.heads]
+        with tf.GradientTape() as tape:
+            outputs = self(x, training=True)
+            losses = [head.compute_loss(x, y, out, weight) for head, out in zip(self.heads, outputs)]
+        gradients = tape.gradient(losses, variables)  # a sum of independent losses: each head gets its own
+        for head, grads, own, loss, out, mean, accuracy in zip(self.heads, gradients, variables, losses, outputs,
+                                                               self.head_losses, self.head_accuracies):
+            head.optimizer.apply(grads, own)
+            mean.update_state(loss)
+            accuracy.update_state(y, out)
+        return {metric.name: metric.result() for metric in self.metrics}
+
+
+class EachHeadsBest(keras.callbacks.Callback):
+    """After every epoch: each running head's validation loss and accuracy (one inference pass
+    of the population over the validation features), fed to that head's `KeepBest`; stops the
+    fit once every head has stopped (its patience or its own budget of epochs spent)."""
+
+    def __init__(self, heads: list[PopulationHead], validation: tuple[np.ndarray, np.ndarray, np.ndarray | None]):
+        super().__init__()
+        self.heads, self.validation = heads, validation
+        x, y, weight = validation
+        for head in heads:
+            if head.start_is_best:  # its loss as compiled, label smoothing and class weights included
+                head.start_loss = float(head.model.compute_loss(x, y, head.model(x), weight, training=False))
+        self.keepers = [KeepBest(head.phase.patience, head.start_loss) for head in heads]
+        self.histories: list[dict[str, list[float]]] = [{} for _ in heads]
+        self.running = [head.phase.epochs > 0 for head in heads]
+
+    def on_train_begin(self, logs=None):
+        for head, keeper in zip(self.heads, self.keepers):
+            keeper.set_model(head.model)
+            keeper.on_train_begin()
+        self.model.stop_training = not any(self.running)
+
+    def on_epoch_end(self, epoch, logs=None):
+        x, y, weight = self.validation
+        outputs = self.model(x, training=False)
+        for k, (head, keeper) in enumerate(zip(self.heads, self.keepers)):
+            if not self.running[k]:
+                continue
+            loss = float(head.model.compute_loss(x, y, outputs[k], weight, training=False))
+            accuracy = LabelAccuracy()
+            accuracy.update_state(y, outputs[k], weight)
+            values = {"loss": float(logs[f"loss_{k}"]), "accuracy": float(logs[f"accuracy_{k}"]),
+                      "val_loss": loss, "val_accuracy": float(accuracy.result())}
+            for name, value in values.items():
+                self.histories[k].setdefault(name, []).append(value)
+            keeper.on_epoch_end(epoch, {"val_loss": loss})
+            if getattr(head.model, "stop_training", False) or epoch + 1 >= head.phase.epochs:
+                self.running[k] = False
+        self.model.stop_training = not any(self.running)
+
+    def on_train_end(self, logs=None):
+        for keeper in self.keepers:
+            keeper.on_train_end()  # each head's best weights (its start, on a probe start that was not beaten)
+
+
+def train_population(
+    heads: list[PopulationHead],
+    cached: tuple[CachedFeatures, CachedFeatures],
+    batch_size: int,
+    seed: int | None,
+    class_weights: np.ndarray | None = None,
+    balanced: bool = False,
+    verbose: int | str = 0,
+) -> list[keras.callbacks.History]:
+    """Trains every head of `heads` on the same `cached` (train, validation) batches at once (see the
+    module docstring); each head ends with its best weights. Returns each head's phase-1 history."""
+    validation = _validation_rows(cached[1], batch_size, class_weights)
+    population = HeadPopulation([head.model for head in heads])
+    population.compile(optimizer="sgd", steps_per_execution=STEPS_PER_EXECUTION)  # each head applies its own
+    for head in heads:  # built before tracing, so the traced step creates no variables
+        head.model.optimizer.build(head.model.trainable_variables)
+    best = EachHeadsBest(heads, validation)
+    longest = max((head.phase for head in heads), key=lambda phase: phase.epochs)
+    log.info("training %d heads at once on cached features, at most %d epochs", len(heads), longest.epochs)
+    fit_phase(population, longest,
+              lambda first: feature_batches(cached[0], batch_size, True, seed, first, class_weights, balanced),
+              None, None, [best], verbose)
+    out = []
+    for values in best.histories:
+        history = keras.callbacks.History()
+        history.history = values
+        history.epoch = list(range(len(next(iter(values.values()), []))))
+        out.append(history)
+    return out
+
+
+def _validation_rows(cached: CachedFeatures, batch_size: int,
+                     class_weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The validation features as one batch: rows, labels and (with class weights) their weights,
+    as the lone head's validation pipeline (`feature_batches`) gives them."""
+    rows, labels, weights = [], [], []
+    for batch in feature_batches(cached, batch_size, class_weights=class_weights):
+        rows.append(np.asarray(batch[0]))
+        labels.append(np.asarray(batch[1]))
+        if len(batch) > 2:
+            weights.append(np.asarray(batch[2]))
+    return np.concatenate(rows), np.concatenate(labels), np.concatenate(weights) if weights else None
