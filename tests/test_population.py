@@ -49,7 +49,7 @@ def test_heads_trained_together_score_as_lone_trials(tmp_path):
         assert result["info"]["population"] == len(configs)
 
 
-def test_a_search_trains_head_only_trials_as_populations_and_reports_each(tmp_path, caplog):
+def test_a_search_trains_head_only_trials_as_populations_and_reports_each(tmp_path, caplog, capsys):
     space = {"dropout": [0.0, 0.2], "hidden_units": [0, 32], "learning_rate": [3e-3, 1e-2]}
     with caplog.at_level("INFO", logger="kerastl"):
         result = run_search(base_config(tmp_path), TuneConfig(max_trials=5, project_dir=str(tmp_path / "p"),
@@ -57,7 +57,9 @@ def test_a_search_trains_head_only_trials_as_populations_and_reports_each(tmp_pa
     assert "training 3 heads at once" in caplog.text and "training 2 heads at once" in caplog.text
     assert len(result.trials) == 5 and {row["status"] for row in result.trials} == {"COMPLETED"}
     assert len({row["trial"] for row in result.trials}) == 5
+    assert sorted(row["population"] for row in result.trials) == [2, 2, 3, 3, 3]  # in the trial tables too
     assert (result.export_dir / "saved_model.pb").exists()
+    assert "Trial" not in capsys.readouterr().out  # KerasTuner's own per-trial display stays off, as in lone trials
 
 
 SEARCH = textwrap.dedent("""

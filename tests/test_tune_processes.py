@@ -94,3 +94,21 @@ def test_a_chief_and_two_workers_run_every_trial_once_and_all_end(tmp_path):
     trials = json.loads((tmp_path / "p" / "trials.json").read_text())
     assert [t["status"] for t in trials] == ["COMPLETED"] * 4
     assert (tmp_path / "export" / "saved_model.pb").exists() and f"wrote {tmp_path / 'export'}" in out
+
+
+@pytest.mark.slow  # about 40 s: a chief and two worker processes; CI runs it
+def test_two_workers_train_head_only_trials_as_populations_and_all_end(tmp_path):
+    frozen = tmp_path / "frozen.toml"  # a frozen random base: every trial trains a head on cached features
+    frozen.write_text('[model]\nfrom_scratch = false\nfeatures = "last"\n')
+    search = _tune(tmp_path, "--config", str(frozen), "--max-trials", "6", "--epochs", "3", "--workers", "2",
+                   "--population", "2")
+    out, err = search.communicate(timeout=400)
+    assert search.returncode == 0, err[-2000:]
+    logs = tmp_path / "p" / "logs"
+    texts = [(logs / f"{worker}.log").read_text() for worker in ("tuner0", "tuner1")]
+    started = [t for text in texts for t in _started(re.sub(r"^\S+ \S+ kerastl\.tune\.tuner ", "", text, flags=re.M))]
+    assert sorted(started) == [str(i) for i in range(6)], started  # every trial exactly once over both workers
+    assert all("heads at once" in text and "failed" not in text for text in texts)
+    trials = json.loads((tmp_path / "p" / "trials.json").read_text())
+    assert [t["status"] for t in trials] == ["COMPLETED"] * 6 and {t["population"] for t in trials} == {2}
+    assert (tmp_path / "export" / "saved_model.pb").exists()

@@ -297,8 +297,8 @@ def _cell(value: Any, key: str) -> str:
 
 def _trial_table(rows: list[dict], objective: str) -> str:
     names = list(dict.fromkeys(name for row in rows for name in (row.get("values") or {})))
-    fixed = ["rank", "trial", "status", objective, *(s for s in SCORES if s != objective), "seconds", "memory_mb",
-             "gpu_peak_mb", "reused_head"]
+    fixed = ["rank", "trial", "status", objective, *(s for s in SCORES if s != objective), "seconds", "population",
+             "memory_mb", "gpu_peak_mb", "reused_head"]
     keys = fixed + [name if name not in fixed else f"value_{name}" for name in names] + ["error"]
     table_rows, sort_values, attrs = [], [], []
     for rank, row in enumerate(rows, start=1):

@@ -79,26 +79,33 @@ class HeadPopulation(keras.Model):
             outputs = self(x, training=True)
             losses = [head.compute_loss(x, y, out, weight) for head, out in zip(self.heads, outputs)]
         gradients = tape.gradient(losses, variables)  # a sum of independent losses: each head gets its own
-        for head, grads, own, loss, out, mean, accuracy in zip(self.heads, gradients, variables, losses, outputs,
-                                                               self.head_losses, self.head_accuracies):
+        for head, grads, own in zip(self.heads, gradients, variables):
             head.optimizer.apply(grads, own)
-            mean.update_state(loss)
-            accuracy.update_state(y, out)
+        return self._scores(x, y, outputs, losses, weight)
+
+    def test_step(self, data):
+        x, y, weight = keras.utils.unpack_x_y_sample_weight(data)
+        outputs = self(x, training=False)
+        losses = [head.compute_loss(x, y, out, weight, training=False) for head, out in zip(self.heads, outputs)]
+        return self._scores(x, y, outputs, losses, weight)
+
+    def _scores(self, x, y, outputs, losses, weight) -> dict:
+        """Each head's loss and accuracy so far, as Keras's own trackers average them (by batch size)."""
+        count = keras.ops.shape(x)[0]
+        for loss, out, mean, accuracy in zip(losses, outputs, self.head_losses, self.head_accuracies):
+            mean.update_state(loss, sample_weight=count)
+            accuracy.update_state(y, out, weight)
         return {metric.name: metric.result() for metric in self.metrics}
 
 
 class EachHeadsBest(keras.callbacks.Callback):
-    """After every epoch: each running head's validation loss and accuracy (one inference pass
-    of the population over the validation features), fed to that head's `KeepBest`; stops the
-    fit once every head has stopped (its patience or its own budget of epochs spent)."""
+    """After every epoch, each running head's validation loss (from the population's validation
+    pass) goes to that head's `KeepBest`; the fit stops once every head has stopped (its patience
+    or its own budget of epochs spent)."""
 
-    def __init__(self, heads: list[PopulationHead], validation: tuple[np.ndarray, np.ndarray, np.ndarray | None]):
+    def __init__(self, heads: list[PopulationHead]):
         super().__init__()
-        self.heads, self.validation = heads, validation
-        x, y, weight = validation
-        for head in heads:
-            if head.start_is_best:  # its loss as compiled, label smoothing and class weights included
-                head.start_loss = float(head.model.compute_loss(x, y, head.model(x), weight, training=False))
+        self.heads = heads
         self.keepers = [KeepBest(head.phase.patience, head.start_loss) for head in heads]
         self.histories: list[dict[str, list[float]]] = [{} for _ in heads]
         self.running = [head.phase.epochs > 0 for head in heads]
@@ -110,19 +117,12 @@ class EachHeadsBest(keras.callbacks.Callback):
         self.model.stop_training = not any(self.running)
 
     def on_epoch_end(self, epoch, logs=None):
-        x, y, weight = self.validation
-        outputs = self.model(x, training=False)
         for k, (head, keeper) in enumerate(zip(self.heads, self.keepers)):
             if not self.running[k]:
                 continue
-            loss = float(head.model.compute_loss(x, y, outputs[k], weight, training=False))
-            accuracy = LabelAccuracy()
-            accuracy.update_state(y, outputs[k], weight)
-            values = {"loss": float(logs[f"loss_{k}"]), "accuracy": float(logs[f"accuracy_{k}"]),
-                      "val_loss": loss, "val_accuracy": float(accuracy.result())}
-            for name, value in values.items():
-                self.histories[k].setdefault(name, []).append(value)
-            keeper.on_epoch_end(epoch, {"val_loss": loss})
+            for name in ("loss", "accuracy", "val_loss", "val_accuracy"):
+                self.histories[k].setdefault(name, []).append(float(logs[f"{name}_{k}"]))
+            keeper.on_epoch_end(epoch, {"val_loss": float(logs[f"val_loss_{k}"])})
             if getattr(head.model, "stop_training", False) or epoch + 1 >= head.phase.epochs:
                 self.running[k] = False
         self.model.stop_training = not any(self.running)
@@ -143,17 +143,21 @@ def train_population(
 ) -> list[keras.callbacks.History]:
     """Trains every head of `heads` on the same `cached` (train, validation) batches at once (see the
     module docstring); each head ends with its best weights. Returns each head's phase-1 history."""
-    validation = _validation_rows(cached[1], batch_size, class_weights)
     population = HeadPopulation([head.model for head in heads])
     population.compile(optimizer="sgd", steps_per_execution=STEPS_PER_EXECUTION)  # each head applies its own
     for head in heads:  # built before tracing, so the traced step creates no variables
         head.model.optimizer.build(head.model.trainable_variables)
-    best = EachHeadsBest(heads, validation)
+    validation = feature_batches(cached[1], batch_size, class_weights=class_weights)
+    if any(head.start_is_best for head in heads):  # the probes' losses as compiled: the best to beat
+        start = population.evaluate(validation, verbose=0, return_dict=True)
+        for k, head in enumerate(heads):
+            head.start_loss = float(start[f"loss_{k}"]) if head.start_is_best else None
+    best = EachHeadsBest(heads)
     longest = max((head.phase for head in heads), key=lambda phase: phase.epochs)
     log.info("training %d heads at once on cached features, at most %d epochs", len(heads), longest.epochs)
     fit_phase(population, longest,
               lambda first: feature_batches(cached[0], batch_size, True, seed, first, class_weights, balanced),
-              None, None, [best], verbose)
+              validation, None, [best], verbose)
     out = []
     for values in best.histories:
         history = keras.callbacks.History()
@@ -161,16 +165,3 @@ def train_population(
         history.epoch = list(range(len(next(iter(values.values()), []))))
         out.append(history)
     return out
-
-
-def _validation_rows(cached: CachedFeatures, batch_size: int,
-                     class_weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """The validation features as one batch: rows, labels and (with class weights) their weights,
-    as the lone head's validation pipeline (`feature_batches`) gives them."""
-    rows, labels, weights = [], [], []
-    for batch in feature_batches(cached, batch_size, class_weights=class_weights):
-        rows.append(np.asarray(batch[0]))
-        labels.append(np.asarray(batch[1]))
-        if len(batch) > 2:
-            weights.append(np.asarray(batch[2]))
-    return np.concatenate(rows), np.concatenate(labels), np.concatenate(weights) if weights else None

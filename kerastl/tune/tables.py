@@ -28,7 +28,7 @@ def trial_table(tuner) -> list[dict]:
             row[name] = float(trial.metrics.get_last_value(name)) if trial.metrics.exists(name) else None
         info = (read_result(Path(tuner.get_trial_dir(trial.trial_id))) or {}).get("info", {})
         row.update(seconds=info.get("seconds"), reused_head=info.get("reused_head"), memory_mb=info.get("memory_mb"),
-                   gpu_peak_mb=info.get("gpu_peak_mb"))
+                   gpu_peak_mb=info.get("gpu_peak_mb"), population=info.get("population"))
         row["values"] = shown_values(trial.hyperparameters.values)
         if trial.message:
             row["error"] = [line for line in trial.message.splitlines() if line.strip()][-1]
@@ -69,7 +69,8 @@ def write_tables(rows: list[dict], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "trials.json").write_text(json.dumps(rows, indent=2) + "\n")
     names = sorted({k for row in rows for k in row["values"]})
-    fields = ["trial", "status", "score", *SCORES, "seconds", "reused_head", "memory_mb", "gpu_peak_mb", "error"]
+    fields = ["trial", "status", "score", *SCORES, "seconds", "population", "reused_head", "memory_mb", "gpu_peak_mb",
+              "error"]
     with open(folder / "trials.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(fields + names)

@@ -84,6 +84,8 @@ class TransferTuner(keras_tuner.Tuner):
         workers claim them) and trained together; every trial is begun, reported and ended as its own."""
         if self.context is None or self.tune.population < 2:
             return super().search(*fit_args, **fit_kwargs)
+        if "verbose" in fit_kwargs:  # as KerasTuner's search sets it: its own per-trial display
+            self.oracle.verbose = fit_kwargs["verbose"]
         self.on_search_begin()
         while (batch := self._claim(self.tune.population)) is not None:
             together = [trial for trial in batch if self._trains_together(trial)]
@@ -102,20 +104,24 @@ class TransferTuner(keras_tuner.Tuner):
         return self.hypermodel.trial_config(trial.hyperparameters).trains_head_only and not alone
 
     def _claim(self, count: int) -> list | None:
-        """Up to `count` trials from the oracle, each under its own tuner id, ending at the first that
-        cannot join a population (so a search without head-only trials runs as KerasTuner's does);
-        None when the search is over."""
-        batch = []
+        """Up to `count` trials from the oracle, each under its own tuner id (`<tuner id>-<slot>`), ending
+        at the first that cannot join a population (so a search without head-only trials runs as
+        KerasTuner's does); None when the search is over.
+
+        Once the oracle says stop, every slot's id is asked once more: KerasTuner forgets a tuner id
+        when it tells it to stop, and a chief ends only when it has forgotten them all."""
+        batch, stopped = [], False
         for slot in range(count):
             trial = self.oracle.create_trial(f"{self.tuner_id}-{slot}")
             if trial.status == keras_tuner.engine.trial.TrialStatus.STOPPED:
-                return batch or None
+                stopped = True
+                continue
             if trial.status == keras_tuner.engine.trial.TrialStatus.IDLE:  # the oracle waits for results
                 break
             batch.append(trial)
             if not self._trains_together(trial):
                 break
-        return batch
+        return None if stopped and not batch else batch
 
     def _run_together(self, trials: list) -> None:
         """Head-only trials as one population (`TrialContext.run_population`); each is then reported to
@@ -168,6 +174,7 @@ class TransferTuner(keras_tuner.Tuner):
         """KerasTuner's end of a trial, then one line: "trial 3/10, val_accuracy 0.9100, best so far 0.9300";
         and the trial tables so far, so that `kerastl report` shows a search while it runs."""
         super().on_trial_end(trial)
+        trial = self.oracle.get_trial(trial.trial_id)  # as the oracle holds it: a worker's copy has no scores
         objective = self.oracle.objective.name
         trials = getattr(self.oracle, "trials", None)  # a worker's oracle client has none: it names the trial
         if trials:
