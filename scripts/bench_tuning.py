@@ -109,6 +109,7 @@ def measure(args: argparse.Namespace, size: int, root: Path) -> dict:
     row["cached_s"] = time.perf_counter() - start
     row["cached_acc"] = best_accuracy(cached.oracle.trials.values())
     rows.append(("kerastl, cached features", row["cached_s"], row["cached_acc"]))
+    print(f"kerastl, cached: {row['cached_s']:.1f} s, best val accuracy {row['cached_acc']:.3f}", flush=True)
 
     if args.many:  # the same search with more trials, from a cold cache of its own
         many_base = RunConfig.from_dict(base.to_dict())
@@ -119,6 +120,7 @@ def measure(args: argparse.Namespace, size: int, root: Path) -> dict:
         row["many_s"] = time.perf_counter() - start
         row["many_acc"] = best_accuracy(searched.oracle.trials.values())
         rows.append((f"kerastl, cached features, {args.many} trials", row["many_s"], row["many_acc"]))
+        print(f"kerastl, {args.many} trials: {row['many_s']:.1f} s, best {row['many_acc']:.3f}", flush=True)
 
     if not args.skip_plain:
         plain = keras_tuner.RandomSearch(
@@ -132,6 +134,7 @@ def measure(args: argparse.Namespace, size: int, root: Path) -> dict:
         row["plain_s"] = time.perf_counter() - start
         row["plain_acc"] = best_accuracy(plain.oracle.trials.values())
         rows.append(("plain KerasTuner", row["plain_s"], row["plain_acc"]))
+        print(f"plain KerasTuner: {row['plain_s']:.1f} s, best val accuracy {row['plain_acc']:.3f}", flush=True)
         same = [a.hyperparameters.values == b.hyperparameters.values
                 for a, b in zip(plain.oracle.trials.values(), cached.oracle.trials.values())]
         row["same"] = f"{sum(same)}/{len(same)}"

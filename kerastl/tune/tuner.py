@@ -124,7 +124,7 @@ class TransferTuner(keras_tuner.Tuner):
         return None if stopped and not batch else batch
 
     def _run_together(self, trials: list) -> None:
-        """Head-only trials as one population (`TrialContext.run_population`); each is then reported to
+        """Head-only trials as one population (`TrialContext.run`); each is then reported to
         the oracle and ended as a lone trial would be."""
         for trial in trials:
             self.on_trial_begin(trial)
@@ -229,7 +229,13 @@ def make_tuner(hypermodel: TransferHyperModel, tune: TuneConfig, context: TrialC
     oracle = make_oracle(tune, hypermodel.base.data.seed, hypermodel.base.train.head.epochs)
     with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner prints "Reloading Tuner from ..."
         tuner = TransferTuner(oracle, hypermodel, context, tune, str(project.parent), project.name)
-    trials = getattr(tuner.oracle, "trials", {})  # a worker's oracle is a client of the chief's: no trials here
+    trials = getattr(tuner.oracle, "trials", None)  # a worker's oracle is a client of the chief's: no trials here
+    if trials == {} and (project / "oracle.json").exists():
+        # KerasTuner reloads a project only through this tuner id's own file; after a search by
+        # workers, that id may have run no trial (another took them all as a population)
+        tuner.oracle.reload()
+        trials = tuner.oracle.trials
+    trials = trials or {}
     done = sum(trial.status == "COMPLETED" for trial in trials.values())
     if done:
         log.info("resuming the search in %s: %d trials completed", project, done)
