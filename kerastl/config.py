@@ -120,8 +120,8 @@ class ModelConfig(JsonConfig):
 class PhaseConfig(JsonConfig):
     """One training phase: the head on a frozen base, or fine-tuning the top of the backbone.
 
-    Its budget is `epochs` and `min_steps` optimizer steps, whichever is more (epochs are
-    raised to reach the steps, and patience with them); `schedule` shapes its learning rate,
+    Its budget is `epochs` and `min_steps` optimizer steps, whichever is more (epochs are raised to reach
+    the steps, patience with them; not for a linear head from the probe); `schedule` shapes its rate,
     which is `lr_ratio` times `TrainConfig.learning_rate`.
     """
 
@@ -165,7 +165,7 @@ class TrainConfig(JsonConfig):
 
     head: PhaseConfig = group(PhaseConfig, _head, group="training", fields={
         "epochs": {"help": "phase-1 epochs at the least, base frozen", "kind": "count:1", "search": 20},
-        "min_steps": {"help": "phase-1 optimizer steps at the least, however small the data"},
+        "min_steps": {"help": "phase-1 optimizer steps at the least, however small the data (from the probe: none)"},
         "schedule": {"help": "phase-1 learning-rate schedule: constant, cosine (with warmup) or plateau "
                      "(ReduceLROnPlateau)", "search": 13},
         "lr_ratio": {"hidden": True}})

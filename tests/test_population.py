@@ -49,6 +49,28 @@ def test_heads_trained_together_score_as_lone_trials(tmp_path):
         assert result["info"]["population"] == len(configs)
 
 
+def test_under_mixed_precision_heads_trained_together_still_score_as_lone_trials(tmp_path):
+    """Keras scales the loss under mixed_float16 (and unscales the gradients); a population must too."""
+    import keras
+
+    base = base_config(tmp_path, epochs=4, patience=4)
+    configs = [apply_values(values, base) for values in HEADS[2:]]  # hidden layers from a random start
+    for name in ("lone", "together"):
+        (tmp_path / name).mkdir()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        lone = TrialContext(tmp_path / "lone")
+        alone = [lone.run([config], [tmp_path / "lone" / f"t{i}"])[0] for i, config in enumerate(configs)]
+        together = TrialContext(tmp_path / "together").run(configs, [tmp_path / "together" / f"t{i}"
+                                                                     for i in range(len(configs))])
+    finally:
+        keras.config.set_dtype_policy("float32")
+    for one, many in zip(alone, together):
+        assert not isinstance(many, Exception), many
+        assert abs(one["val_loss"] - many["val_loss"]) < 0.02, (one, many)  # float16 round-off, not 1/32768 steps
+        assert abs(one["val_accuracy"] - many["val_accuracy"]) < 0.02, (one, many)
+
+
 def test_a_search_trains_head_only_trials_as_populations_and_reports_each(tmp_path, caplog, capsys):
     space = {"dropout": [0.0, 0.2], "hidden_units": [0, 32], "learning_rate": [3e-3, 1e-2]}
     with caplog.at_level("INFO", logger="kerastl"):

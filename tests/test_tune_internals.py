@@ -2,6 +2,7 @@
 
 import inspect
 
+import keras
 import keras_tuner
 import pytest
 
@@ -42,3 +43,27 @@ def test_the_oracle_servicer_serves_and_knows_when_the_search_is_over():
     finally:
         server.stop(grace=0)
 
+
+
+def test_kerastuner_still_runs_a_trial_through_the_step_kerastl_calls():
+    base_tuner = keras_tuner.Tuner.__mro__[1]
+    assert hasattr(base_tuner, internals.RUN_TRIAL_STEP), "KerasTuner renamed the step that runs one trial"
+    assert f"self.{internals.RUN_TRIAL_STEP}(" in inspect.getsource(base_tuner.search)
+
+
+def test_the_oracle_forgets_a_tuner_id_when_it_tells_it_to_stop(tmp_path):
+    """A chief ends only when every id has been forgotten: populations ask each slot once more at the end."""
+    from keras_tuner.src.distribute import oracle_chief
+
+    def build(hp):
+        hp.Choice("x", [1, 2])
+        return keras.Sequential()
+
+    oracle = keras_tuner.RandomSearch(build, objective="val_accuracy", max_trials=1, directory=str(tmp_path)).oracle
+    first = oracle.create_trial("w-0")
+    oracle.update_trial(first.trial_id, {"val_accuracy": 0.5})
+    first.status = "COMPLETED"
+    oracle.end_trial(first)
+    assert oracle.create_trial("w-1").status == "STOPPED"
+    assert not oracle_chief.exit_chief(oracle)  # "w-0" claimed a trial and was never told to stop
+    assert oracle.create_trial("w-0").status == "STOPPED" and oracle_chief.exit_chief(oracle)

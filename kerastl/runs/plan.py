@@ -267,19 +267,21 @@ def _head_inputs(mc: ModelConfig, dc: DataConfig, tc: TrainConfig, data: ImageDa
     blocks = list(range(1, model.block_count() + 1)) if probing else model.feature_blocks
     views = cached_views(dc.augment, tc.cache_views)
     plain_split = data.validation if mode == "holdout" else data.train  # cv: a plain view of every image
-    train, plain = FeatureCache(tc.cache_dir, dc.cache_limit_mb).head_features(
-        model, data.train, plain_split, views, dc.augment, dc.seed, dc.batch_size, progress=verbose != 0,
-        fingerprint=fingerprint, blocks=blocks)
-    # what the probes read: the trials of one search compute each curve and start once (`HeadStore.shared`)
+    # what the features and probes come from: the trials of one search load the features and fit each
+    # curve and start once, holding one copy (`HeadStore.shared`)
     same = {"features": fingerprint, "train": data.train.fingerprint, "mode": mode, "seed": dc.seed,
             "validation": None if data.validation is None else data.validation.fingerprint, "binary": mc.binary,
             "views": [views, dc.augment], "folds": tc.validation.cv_folds, "auto": auto,
             "class_weights": None if class_weights is None else [float(w) for w in class_weights]}
+    train, plain = _shared(heads, {**same, "loaded": blocks}, lambda: FeatureCache(
+        tc.cache_dir, dc.cache_limit_mb).head_features(model, data.train, plain_split, views, dc.augment, dc.seed,
+                                                      dc.batch_size, progress=verbose != 0, fingerprint=fingerprint,
+                                                      blocks=blocks))
     curve = None
     if probing:
         model, curve, train, plain = _probe_blocks(mc, tc.validation.cv_folds, dc.seed, len(data.class_names),
                                                    model, train, plain, mode, auto,
-                                                   lambda compute: _shared(heads, {**same, "curve": 1}, compute))
+                                                   lambda what, compute: _shared(heads, {**same, what: 1}, compute))
     key = stored = probe = all_views = None
     folds: list = []
     if heads is not None:
@@ -307,23 +309,25 @@ def _shared(heads: HeadStore | None, parts: dict, compute):
 
 
 def _probe_blocks(model_config: ModelConfig, folds: int, seed: int, num_classes: int, model: TransferClassifier,
-                  train: CachedFeatures, plain: CachedFeatures, mode: str, choose: bool, once=lambda f: f()):
+                  train: CachedFeatures, plain: CachedFeatures, mode: str, choose: bool,
+                  once=lambda what, compute: compute()):
     """Probes every block on the labelled images (features of every block, in order) for the
     probe curve and the fine-tuning depth; with `choose` (`features="auto"`), rebuilds the
     classifier to read the chosen blocks. Returns it, the curve and its blocks' columns of the features.
-    `once(compute)` runs the probes (a search's trials share them)."""
+    `once(what, compute)` runs the probes and selects the columns (a search's trials share them)."""
     # the labelled images that train: in holdout mode, the validation images stay held out
     x, y = (np.asarray(plain.features[0]), plain.labels) if mode == "cv" else (np.asarray(train.features[0]),
                                                                               train.labels)
     widths = model.block_widths(list(range(1, model.block_count() + 1)))
-    curve = copy.copy(once(lambda: probe_blocks(x, y, widths, model.block_names(), folds, seed)))
+    curve = copy.copy(once("curve", lambda: probe_blocks(x, y, widths, model.block_names(), folds, seed)))
     if not choose:
         curve.chosen = model.feature_blocks
     log.debug("%s", curve.summary())
     if curve.chosen != model.feature_blocks:
         model = build_classifier(model_config, num_classes, seed, backbone=model.backbone, feature_blocks=curve.chosen)
     columns = block_columns(widths, curve.chosen)
-    return model, curve, train.columns(columns), plain.columns(columns)
+    chosen = once(f"columns {curve.chosen}", lambda: (train.columns(columns), plain.columns(columns)))
+    return model, curve, *chosen
 
 
 def _probe_pipelines(dc: DataConfig, model: TransferClassifier, train: tf.data.Dataset,

@@ -17,19 +17,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 from pathlib import Path
 
 import keras
 
 from kerastl.config import DataConfig, RunConfig, TrainConfig
 from kerastl.data.images import ImageData
+from kerastl.errors import KerastlError
 from kerastl.models.classifier import TransferClassifier
 from kerastl.runs.plan import RunPlan, plan_run, split_for
 from kerastl.runs.run import RunResult, checked_data, execute
 from kerastl.storage import HeadStore, check_export_dir
 from kerastl.training.compile import compile_classifier
-from kerastl.training.phases import START_LOSS, TrainResult, start_head
-from kerastl.training.population import STEPS_PER_EXECUTION, PopulationHead, train_population
+from kerastl.training.phases import HEAD_STEPS_PER_EXECUTION, START_LOSS, TrainResult, start_head
+from kerastl.training.population import PopulationHead, train_population
+
+log = logging.getLogger(__name__)
 
 
 def run_population(configs: list[RunConfig], data: ImageData, models: list[TransferClassifier | None],
@@ -52,28 +57,40 @@ def run_population(configs: list[RunConfig], data: ImageData, models: list[Trans
         if trainable_together(plan):
             groups.setdefault(batches_key(plan, configs[i].data, configs[i].train.sampling), []).append(i)
     histories: dict[int, keras.callbacks.History] = {}
+    sizes: dict[int, int] = {}
     for members in groups.values():
+        if len(members) < 2:
+            continue
         try:
             trained = _train_together([plans[i] for i in members], [configs[i].train for i in members],
                                       configs[members[0]].data)
-            histories.update(zip(members, trained))
-        except Exception as error:  # noqa: BLE001 - the group's trials fail together
-            for i in members:
-                results[i] = error
-    for i, plan in plans.items():  # the rest of the run path, for each run
-        if results[i] is not None:
+        except Exception as error:  # noqa: BLE001 - then each of them trains alone, as without a population
+            log.warning("training %d heads together failed (%s); training each alone", len(members), error)
             continue
+        histories.update(zip(members, trained))
+        sizes.update((i, len(members)) for i in members)
+    for i, plan in plans.items():  # the rest of the run path, for each run
         try:
             history = histories.get(i)
             if history is not None:  # the head stands as phase 1, as a stored head does
+                _check_finite(history)
                 if heads is not None and plan.inputs.head_key is not None:  # stored, as a lone run stores it
                     heads.save(plan.inputs.head_key, plan.model.head_model(),
                                {"phase1": TrainResult(history).to_dict()["phase1"]})
                 plan = dataclasses.replace(plan, inputs=dataclasses.replace(plan.inputs, stored=history))
-            results[i] = execute(plan, configs[i], verbose, heads=heads if history is None else None, save="weights")
+            result = execute(plan, configs[i], verbose, heads=heads if history is None else None, save="weights")
+            results[i] = dataclasses.replace(result, population=sizes.get(i, 1))
         except Exception as error:  # noqa: BLE001 - one trial's failure is that trial's
             results[i] = error
     return results
+
+
+def _check_finite(history: keras.callbacks.History) -> None:
+    """Fails a run whose head's loss became NaN or infinite in the population, as a lone run fails."""
+    for epoch, loss in enumerate(history.history.get("loss", [])):
+        if not math.isfinite(loss):
+            raise KerastlError(f"training stopped: the loss became {loss} in epoch {epoch + 1}. To start over "
+                               "with a lower --learning-rate, search lower rates")
 
 
 def trainable_together(plan: RunPlan) -> bool:
@@ -101,7 +118,7 @@ def _train_together(plans: list[RunPlan], trains: list[TrainConfig], source: Dat
         if plan.head_start == "probe":
             start_head(model, plan.inputs.probe)
         head = model.head_model()
-        compile_classifier(head, train, plan.head.learning_rate, steps_per_execution=STEPS_PER_EXECUTION,
+        compile_classifier(head, train, plan.head.learning_rate, steps_per_execution=HEAD_STEPS_PER_EXECUTION,
                            schedule=plan.head.schedule, steps=plan.head.steps)
         members.append(PopulationHead(head, plan.head, plan.head_start == "probe" and model.hidden is None))
     first = plans[0]

@@ -1,9 +1,11 @@
 """One run: config -> data -> classifier -> two-phase training -> scores -> run folder.
 
-`run_training` is the one run path. `kerastl train` calls it; so does every search
-trial (a weights-only run folder, with phase-1 heads shared through a `HeadStore`)
-and the stock-KerasTuner `TransferHyperModel.fit` (on the pipelines KerasTuner
-hands it, writing nothing). The run folder is written by `kerastl.runs.folder`.
+`run_training` is the one run path: checks, `plan_run`, `execute`. `kerastl train` calls it;
+so does a search trial that runs alone (a weights-only run folder, with phase-1 heads shared
+through a `HeadStore`) and the stock-KerasTuner `TransferHyperModel.fit` (on the pipelines
+KerasTuner hands it, writing nothing). Trials trained as a population go through the same
+`plan_run` and `execute` (`kerastl.runs.population`). The run folder is written by
+`kerastl.runs.folder`.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class RunResult:
     reused_head: bool = False
     curve: BlockCurve | None = None
     plan: RunPlan | None = None
+    population: int = 1  # runs whose phase 1 trained together with this one's (`kerastl.runs.population`)
 
     @property
     def probe(self) -> BlockCurve | None:

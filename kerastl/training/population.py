@@ -16,8 +16,11 @@ trains K heads together instead:
   loss on a probe start) and its own budget of epochs; a head whose budget or patience is
   spent rides along until the last one stops, and its best weights are put back at the end.
 
-A head therefore ends where a lone run of it would, up to the random draws of dropout (other
-seeds) and float round-off: see `tests/test_population.py` for the tolerance.
+A head therefore ends where a lone run of it would (its dropout layers draw from the same seeds),
+up to float round-off: see `tests/test_population.py` for the tolerance. A head whose loss
+becomes NaN or infinite stops there, and its history says so (the run then fails, alone).
+Mixed precision scales each head's loss as Keras's own step does (`optimizer.scale_loss`).
+XLA is off: compiling a population of heads cost more than it saved on a CPU.
 """
 
 from __future__ import annotations
@@ -33,11 +36,11 @@ from kerastl.features.batches import feature_batches
 from kerastl.features.cache import CachedFeatures
 from kerastl.training.callbacks import KeepBest
 from kerastl.training.losses import LabelAccuracy
-from kerastl.training.phase import PhasePlan, fit_phase
+from kerastl.training.phase import PhasePlan, fit_phase, history_of
+from kerastl.training.phases import HEAD_STEPS_PER_EXECUTION
 
 log = logging.getLogger(__name__)
 
-STEPS_PER_EXECUTION = 32  # as a lone head on cached features (`kerastl.training.phases`)
 
 
 @dataclass
@@ -78,7 +81,8 @@ class HeadPopulation(keras.Model):
         with tf.GradientTape() as tape:
             outputs = self(x, training=True)
             losses = [head.compute_loss(x, y, out, weight) for head, out in zip(self.heads, outputs)]
-        gradients = tape.gradient(losses, variables)  # a sum of independent losses: each head gets its own
+            scaled = [head.optimizer.scale_loss(loss) for head, loss in zip(self.heads, losses)]  # mixed precision
+        gradients = tape.gradient(scaled, variables)  # a sum of independent losses: each head gets its own
         for head, grads, own in zip(self.heads, gradients, variables):
             head.optimizer.apply(grads, own)
         return self._scores(x, y, outputs, losses, weight)
@@ -122,8 +126,10 @@ class EachHeadsBest(keras.callbacks.Callback):
                 continue
             for name in ("loss", "accuracy", "val_loss", "val_accuracy"):
                 self.histories[k].setdefault(name, []).append(float(logs[f"{name}_{k}"]))
-            keeper.on_epoch_end(epoch, {"val_loss": float(logs[f"val_loss_{k}"])})
-            if getattr(head.model, "stop_training", False) or epoch + 1 >= head.phase.epochs:
+            diverged = not np.isfinite(self.histories[k]["loss"][-1])
+            if not diverged:
+                keeper.on_epoch_end(epoch, {"val_loss": float(logs[f"val_loss_{k}"])})
+            if diverged or getattr(head.model, "stop_training", False) or epoch + 1 >= head.phase.epochs:
                 self.running[k] = False
         self.model.stop_training = not any(self.running)
 
@@ -144,7 +150,8 @@ def train_population(
     """Trains every head of `heads` on the same `cached` (train, validation) batches at once (see the
     module docstring); each head ends with its best weights. Returns each head's phase-1 history."""
     population = HeadPopulation([head.model for head in heads])
-    population.compile(optimizer="sgd", steps_per_execution=STEPS_PER_EXECUTION)  # each head applies its own
+    population.compile(optimizer="sgd", steps_per_execution=HEAD_STEPS_PER_EXECUTION,  # each head applies its own
+                       jit_compile=False)
     for head in heads:  # built before tracing, so the traced step creates no variables
         head.model.optimizer.build(head.model.trainable_variables)
     validation = feature_batches(cached[1], batch_size, class_weights=class_weights)
@@ -158,10 +165,4 @@ def train_population(
     fit_phase(population, longest,
               lambda first: feature_batches(cached[0], batch_size, True, seed, first, class_weights, balanced),
               validation, None, [best], verbose)
-    out = []
-    for values in best.histories:
-        history = keras.callbacks.History()
-        history.history = values
-        history.epoch = list(range(len(next(iter(values.values()), []))))
-        out.append(history)
-    return out
+    return [history_of(values) for values in best.histories]

@@ -1,6 +1,6 @@
 """The KerasTuner internals kerastl relies on, each behind one small wrapper.
 
-KerasTuner has no public API for these two needs:
+KerasTuner has no public API for these needs:
 
 - **Declaring a space without building models.** `BaseTuner.__init__` calls the
   private hook `_populate_initial_space` on a fresh project, and KerasTuner's
@@ -11,6 +11,12 @@ KerasTuner has no public API for these two needs:
   (`keras_tuner.src.distribute.oracle_chief.start_server`, reached by `search()`
   in a chief process) sleeps 20 s between its checks once the search is over.
   `serve_oracle` runs the same `OracleServicer` and lets kerastl poll every 0.2 s.
+- **Running one trial as `search()` does**, when a search claims several at once
+  (`TransferTuner.search`, populations): `run_one_trial` calls the private step that runs a
+  trial and records its status and error.
+- **A chief ends when the oracle has forgotten every tuner id.** An id is forgotten when the
+  oracle tells it to stop, so a tuner that claims under several ids asks each once more at the
+  end (`TransferTuner._claim`); `oracle_forgets_stopped_ids` checks that rule.
 
 `tests/test_tune_internals.py` fails loudly when any of them changes.
 """
@@ -26,6 +32,7 @@ from keras_tuner.src import protos
 from keras_tuner.src.distribute import oracle_chief
 
 POPULATE_SPACE_HOOK = "_populate_initial_space"  # the name BaseTuner.__init__ calls
+RUN_TRIAL_STEP = "_try_run_and_update_trial"  # the step of BaseTuner.search that runs one trial
 
 
 def declare_space_on_init(tuner_class: type, declare: Callable[[Any], None]) -> type:
@@ -47,3 +54,8 @@ def serve_oracle(oracle: keras_tuner.Oracle, address: str) -> tuple[grpc.Server,
 def search_finished(servicer: oracle_chief.OracleServicer, oracle: keras_tuner.Oracle) -> bool:
     """Whether the oracle said stop and every worker has finished its last trial."""
     return bool(servicer.stop_triggered and oracle_chief.exit_chief(oracle))
+
+
+def run_one_trial(tuner: keras_tuner.Tuner, trial, *fit_args, **fit_kwargs) -> None:
+    """Runs `trial` as KerasTuner's `search()` runs each: `run_trial`, then its status, scores or error."""
+    getattr(tuner, RUN_TRIAL_STEP)(trial, *fit_args, **fit_kwargs)

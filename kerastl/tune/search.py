@@ -126,7 +126,7 @@ def claim_project(project: Path, run: dict[str, Any], tune: TuneConfig, restart:
                                "cannot resume: finish it with kerastl 0.1, or start over with --restart "
                                "(restart=True), or choose another folder")
         free = {"workers", "max_trials", "project_dir", "name", "export_dir", "isolate", "mixed_precision",
-                "max_failures"}  # may change between runs: they change how trials run, not what they find
+                "max_failures", "population"}  # may change between runs: they change how trials run, not what they find
 
         def settled(part: dict) -> dict:
             return {k: v for k, v in part.items() if k not in free}

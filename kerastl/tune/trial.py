@@ -1,8 +1,9 @@
 """One search trial, and the trial folder's format (this module is its only owner).
 
-A trial is a run (`kerastl.runs.run.run_training`) of the base config with the trial's
-values, written as a weights-only run folder into KerasTuner's trial folder,
-plus `result.json`: the scores and what the trial cost. Phase-1 heads are shared
+A trial is a run of the base config with the trial's values (`kerastl.runs.run.run_training`,
+or, for head-only trials trained together, `kerastl.runs.population.run_population`), written
+as a weights-only run folder into KerasTuner's trial folder, plus `result.json`: the scores and
+what the trial cost. Phase-1 heads are shared
 through the project's `HeadStore`, so a fine-tuning trial whose head settings an
 earlier trial had skips phase 1. A trial that runs the backbone may run in a
 process of its own (`python -m kerastl.tune.worker trial DIR`, reading
@@ -140,8 +141,6 @@ class TrialContext:
                     outcomes[members[0]] = error
         shared = {"seconds": round((time.perf_counter() - start) / max(len(configs), 1), 3),
                   "memory_mb": round(memory_mb(), 1), "device": self.device}
-        if len(configs) > 1:
-            shared["population"] = len(configs)
         if gpu:  # flat across trials when every trial gives its memory back
             peak = tf.config.experimental.get_memory_info(self.device.strip("/"))["peak"]
             shared["gpu_peak_mb"] = round(peak / 2**20, 1)
@@ -149,7 +148,8 @@ class TrialContext:
         for i, trial_dir in enumerate(trial_dirs):
             result = outcomes.get(i, prepared[i])
             if not isinstance(result, Exception):
-                info = {**_what_ran(result), **shared}
+                info = {**_what_ran(result), **shared, **({"population": result.population}
+                                                           if result.population > 1 else {})}
                 (trial_dir / RESULT_FILE).write_text(json.dumps({"metrics": result.metrics, "info": info}, indent=2))
                 result = result.metrics
             out.append(result)

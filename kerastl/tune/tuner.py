@@ -82,20 +82,20 @@ class TransferTuner(keras_tuner.Tuner):
     def search(self, *fit_args, **fit_kwargs) -> None:
         """KerasTuner's search, with head-only trials claimed `tune.population` at a time (as parallel
         workers claim them) and trained together; every trial is begun, reported and ended as its own."""
-        if self.context is None or self.tune.population < 2:
-            return super().search(*fit_args, **fit_kwargs)
+        if self.context is None or self.tune.population < 2 or self.tune.tuner == "bayesian":
+            return super().search(*fit_args, **fit_kwargs)  # Bayesian optimisation learns from each trial in turn
         if "verbose" in fit_kwargs:  # as KerasTuner's search sets it: its own per-trial display
             self.oracle.verbose = fit_kwargs["verbose"]
         self.on_search_begin()
         while (batch := self._claim(self.tune.population)) is not None:
             together = [trial for trial in batch if self._trains_together(trial)]
+            if len(together) >= 2:  # first: a fine-tuning trial after them may reuse one of their heads
+                self._run_together(together)
             for trial in batch:
                 if trial not in together or len(together) < 2:
                     self.on_trial_begin(trial)
-                    self._try_run_and_update_trial(trial, *fit_args, **fit_kwargs)
+                    internals.run_one_trial(self, trial, *fit_args, **fit_kwargs)
                     self.on_trial_end(trial)
-            if len(together) >= 2:
-                self._run_together(together)
         self.on_search_end()
 
     def _trains_together(self, trial) -> bool:
@@ -135,7 +135,8 @@ class TransferTuner(keras_tuner.Tuner):
             [self.hypermodel.trial_config(trial.hyperparameters) for trial in trials],
             [Path(self.get_trial_dir(trial.trial_id)) for trial in trials],
             [trial.hyperparameters.values.get("tuner/epochs") for trial in trials])
-        for trial, outcome in zip(trials, outcomes):
+        ended = sorted(zip(trials, outcomes), key=lambda pair: isinstance(pair[1], Exception))
+        for trial, outcome in ended:  # completed ones first: enough failures in a row stop the search
             if isinstance(outcome, Exception):
                 lines = str(outcome).strip().splitlines()
                 log.warning("trial %s failed: %s", trial.trial_id, lines[-1] if lines else type(outcome).__name__)
