@@ -51,9 +51,11 @@ def test_phase_one_head_reaches_the_scikit_learn_probe(tmp_path):
 
 
 def test_the_head_budget_is_steps_not_epochs():
+    """A head from a random start (a hidden layer) gets the step floor; a linear one from the probe
+    does not need it (tests/test_plan.py)."""
     _, data = digits(40)
-    model, train = frozen_random(SIZE), TrainConfig(fine_tune_epochs=0, validation="holdout", epochs=2, min_steps=60,
-                                                   patience=100)
+    model = frozen_random(SIZE, hidden_units=16)
+    train = TrainConfig(fine_tune_epochs=0, validation="holdout", epochs=2, min_steps=60, patience=100)
     result = run_training(RunConfig(DataConfig(augment="none", batch_size=32), model, train), data=data,
                           verbose=0, save="none")
     steps_per_epoch = -(-data.train.count // 32)
