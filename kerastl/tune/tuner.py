@@ -70,6 +70,7 @@ class TransferTuner(keras_tuner.Tuner):
     def __init__(self, oracle, hypermodel: TransferHyperModel, context: TrialContext | None, tune: TuneConfig,
                  directory: str, project_name: str):
         self.context, self.tune = context, tune
+        self._slots: set[int] = set()  # the claim slots that hold a tuner id the oracle knows (see `_claim`)
         super().__init__(oracle=oracle, hypermodel=hypermodel, directory=directory, project_name=project_name,
                          overwrite=False)
 
@@ -108,16 +109,21 @@ class TransferTuner(keras_tuner.Tuner):
         at the first that cannot join a population (so a search without head-only trials runs as
         KerasTuner's does); None when the search is over.
 
-        Once the oracle says stop, every slot's id is asked once more: KerasTuner forgets a tuner id
-        when it tells it to stop, and a chief ends only when it has forgotten them all."""
+        Once the oracle says stop, every slot id that ever claimed a trial is asked once more (and no
+        other): KerasTuner forgets a tuner id when it tells it to stop, and a chief ends as soon as it
+        has forgotten them all, so an id asked after that would find no chief."""
         batch, stopped = [], False
         for slot in range(count):
+            if stopped and slot not in self._slots:
+                continue
             trial = self.oracle.create_trial(f"{self.tuner_id}-{slot}")
             if trial.status == keras_tuner.engine.trial.TrialStatus.STOPPED:
                 stopped = True
+                self._slots.discard(slot)
                 continue
             if trial.status == keras_tuner.engine.trial.TrialStatus.IDLE:  # the oracle waits for results
                 break
+            self._slots.add(slot)
             batch.append(trial)
             if not self._trains_together(trial):
                 break
