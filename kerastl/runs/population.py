@@ -25,13 +25,13 @@ import keras
 
 from kerastl.config import DataConfig, RunConfig, TrainConfig
 from kerastl.data.images import ImageData
-from kerastl.errors import KerastlError
 from kerastl.models.classifier import TransferClassifier
 from kerastl.runs.plan import RunPlan, plan_run, split_for
 from kerastl.runs.run import RunResult, checked_data, execute
 from kerastl.storage import HeadStore, check_export_dir
 from kerastl.training.compile import compile_classifier
-from kerastl.training.phases import HEAD_STEPS_PER_EXECUTION, START_LOSS, TrainResult, start_head
+from kerastl.training.callbacks import NaNLoss
+from kerastl.training.phases import HEAD_STEPS_PER_EXECUTION, TrainResult, start_head
 from kerastl.training.population import PopulationHead, train_population
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,10 @@ def run_population(configs: list[RunConfig], data: ImageData, models: list[Trans
 
 
 def _check_finite(history: keras.callbacks.History) -> None:
-    """Fails a run whose head's loss became NaN or infinite in the population, as a lone run fails."""
+    """Fails a run whose head's loss became NaN or infinite in the population, as `StopOnNaN` fails a lone run."""
     for epoch, loss in enumerate(history.history.get("loss", [])):
         if not math.isfinite(loss):
-            raise KerastlError(f"training stopped: the loss became {loss} in epoch {epoch + 1}. To start over "
-                               "with a lower --learning-rate, search lower rates")
+            raise NaNLoss(epoch, loss)
 
 
 def trainable_together(plan: RunPlan) -> bool:
@@ -110,7 +109,7 @@ def batches_key(plan: RunPlan, source: DataConfig, sampling: str) -> str:
 
 def _train_together(plans: list[RunPlan], trains: list[TrainConfig], source: DataConfig) -> list:
     """Phase 1 of every plan at once (each with its training settings of `trains`), on the first plan's
-    cached features; each history as a lone run's (the probe's loss as `START_LOSS` on a probe start)."""
+    cached features; each history as a lone run's."""
     members = []
     for plan, train in zip(plans, trains):
         model = plan.model
@@ -122,9 +121,5 @@ def _train_together(plans: list[RunPlan], trains: list[TrainConfig], source: Dat
                            schedule=plan.head.schedule, steps=plan.head.steps)
         members.append(PopulationHead(head, plan.head, plan.head_start == "probe" and model.hidden is None))
     first = plans[0]
-    histories = train_population(members, first.inputs.cached, source.batch_size, source.seed,
-                                 first.inputs.class_weights, trains[0].sampling == "balanced")
-    for member, history in zip(members, histories):
-        if member.start_loss is not None:
-            history.history[START_LOSS] = [member.start_loss]
-    return histories
+    return train_population(members, first.inputs.cached, source.batch_size, source.seed,
+                            first.inputs.class_weights, trains[0].sampling == "balanced")

@@ -37,22 +37,19 @@ from kerastl.features.cache import CachedFeatures
 from kerastl.training.callbacks import KeepBest
 from kerastl.training.losses import LabelAccuracy
 from kerastl.training.phase import PhasePlan, fit_phase, history_of
-from kerastl.training.phases import HEAD_STEPS_PER_EXECUTION
+from kerastl.training.phases import HEAD_STEPS_PER_EXECUTION, START_LOSS
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
 class PopulationHead:
     """One head of a population: the compiled head model and its phase plan. `start_is_best`: the
-    head starts from a converged probe, whose validation loss (`start_loss`, set when training
-    starts) is the best to beat."""
+    head starts from a converged probe, whose validation loss is the best to beat."""
 
     model: keras.Model
     phase: PhasePlan
     start_is_best: bool = False
-    start_loss: float | None = None
 
 
 class HeadPopulation(keras.Model):
@@ -107,10 +104,10 @@ class EachHeadsBest(keras.callbacks.Callback):
     pass) goes to that head's `KeepBest`; the fit stops once every head has stopped (its patience
     or its own budget of epochs spent)."""
 
-    def __init__(self, heads: list[PopulationHead]):
+    def __init__(self, heads: list[PopulationHead], start_losses: list[float | None]):
         super().__init__()
         self.heads = heads
-        self.keepers = [KeepBest(head.phase.patience, head.start_loss) for head in heads]
+        self.keepers = [KeepBest(head.phase.patience, loss) for head, loss in zip(heads, start_losses)]
         self.histories: list[dict[str, list[float]]] = [{} for _ in heads]
         self.running = [head.phase.epochs > 0 for head in heads]
 
@@ -148,21 +145,26 @@ def train_population(
     verbose: int | str = 0,
 ) -> list[keras.callbacks.History]:
     """Trains every head of `heads` on the same `cached` (train, validation) batches at once (see the
-    module docstring); each head ends with its best weights. Returns each head's phase-1 history."""
+    module docstring); each head ends with its best weights. Returns each head's phase-1 history (with
+    the probe's loss as `START_LOSS` on a probe start)."""
     population = HeadPopulation([head.model for head in heads])
     population.compile(optimizer="sgd", steps_per_execution=HEAD_STEPS_PER_EXECUTION,  # each head applies its own
                        jit_compile=False)
     for head in heads:  # built before tracing, so the traced step creates no variables
         head.model.optimizer.build(head.model.trainable_variables)
     validation = feature_batches(cached[1], batch_size, class_weights=class_weights)
+    start = [None] * len(heads)
     if any(head.start_is_best for head in heads):  # the probes' losses as compiled: the best to beat
-        start = population.evaluate(validation, verbose=0, return_dict=True)
-        for k, head in enumerate(heads):
-            head.start_loss = float(start[f"loss_{k}"]) if head.start_is_best else None
-    best = EachHeadsBest(heads)
+        scores = population.evaluate(validation, verbose=0, return_dict=True)
+        start = [float(scores[f"loss_{k}"]) if head.start_is_best else None for k, head in enumerate(heads)]
+    best = EachHeadsBest(heads, start)
     longest = max((head.phase for head in heads), key=lambda phase: phase.epochs)
     log.info("training %d heads at once on cached features, at most %d epochs", len(heads), longest.epochs)
     fit_phase(population, longest,
               lambda first: feature_batches(cached[0], batch_size, True, seed, first, class_weights, balanced),
               validation, None, [best], verbose)
-    return [history_of(values) for values in best.histories]
+    histories = [history_of(values) for values in best.histories]
+    for history, loss in zip(histories, start):
+        if loss is not None:  # as a lone head on a probe start records it (`train_head`)
+            history.history[START_LOSS] = [loss]
+    return histories
