@@ -89,25 +89,25 @@ class TransferTuner(keras_tuner.Tuner):
             self.oracle.verbose = fit_kwargs["verbose"]
         self.on_search_begin()
         while (batch := self._claim(self.tune.population)) is not None:
-            together = [trial for trial in batch if self._trains_together(trial)]
+            joins = [self._trains_together(config.trains_head_only) for _, config in batch]
+            together = [pair for pair, join in zip(batch, joins) if join]
             if len(together) >= 2:  # first: a fine-tuning trial after them may reuse one of their heads
                 self._run_together(together)
-            for trial in batch:
-                if trial not in together or len(together) < 2:
+            for (trial, _), join in zip(batch, joins):
+                if len(together) < 2 or not join:
                     self.on_trial_begin(trial)
                     internals.run_one_trial(self, trial, *fit_args, **fit_kwargs)
                     self.on_trial_end(trial)
         self.on_search_end()
 
-    def _trains_together(self, trial) -> bool:
-        """Whether a trial can join a population: it trains a head only, in this process."""
-        alone = self.tune.isolate == "always" and self.context.can_isolate
-        return self.hypermodel.trial_config(trial.hyperparameters).trains_head_only and not alone
+    def _trains_together(self, head_only: bool) -> bool:
+        """Whether a trial can join a population: it trains a head only (`head_only`), in this process."""
+        return head_only and not (self.tune.isolate == "always" and self.context.can_isolate)
 
     def _claim(self, count: int) -> list | None:
-        """Up to `count` trials from the oracle, each under its own tuner id (`<tuner id>-<slot>`), ending
-        at the first that cannot join a population (so a search without head-only trials runs as
-        KerasTuner's does); None when the search is over.
+        """Up to `count` (trial, its config) pairs from the oracle, each trial under its own tuner id
+        (`<tuner id>-<slot>`), ending at the first that cannot join a population (so a search without
+        head-only trials runs as KerasTuner's does); None when the search is over.
 
         Once the oracle says stop, every slot id that ever claimed a trial is asked once more (and no
         other): KerasTuner forgets a tuner id when it tells it to stop, and a chief ends as soon as it
@@ -124,28 +124,27 @@ class TransferTuner(keras_tuner.Tuner):
             if trial.status == keras_tuner.engine.trial.TrialStatus.IDLE:  # the oracle waits for results
                 break
             self._slots.add(slot)
-            batch.append(trial)
-            if not self._trains_together(trial):
+            batch.append((trial, self.hypermodel.trial_config(trial.hyperparameters)))
+            if not self._trains_together(batch[-1][1].trains_head_only):
                 break
         return None if stopped and not batch else batch
 
-    def _run_together(self, trials: list) -> None:
-        """Head-only trials as one population (`TrialContext.run`); each is then reported to
-        the oracle and ended as a lone trial would be."""
+    def _run_together(self, together: list) -> None:
+        """Head-only (trial, config) pairs as one population (`TrialContext.run`); each trial is then
+        reported to the oracle and ended as a lone trial would be."""
+        trials = [trial for trial, _ in together]
         for trial in trials:
             self.on_trial_begin(trial)
             log.info("trial %s: %s (population of %d)", trial.trial_id,
                      json.dumps(shown_values(trial.hyperparameters.values)), len(trials))
         fresh_session()
-        outcomes = self.context.run(
-            [self.hypermodel.trial_config(trial.hyperparameters) for trial in trials],
-            [Path(self.get_trial_dir(trial.trial_id)) for trial in trials],
-            [trial.hyperparameters.values.get("tuner/epochs") for trial in trials])
+        outcomes = self.context.run([config for _, config in together],
+                                    [Path(self.get_trial_dir(trial.trial_id)) for trial in trials],
+                                    [trial.hyperparameters.values.get("tuner/epochs") for trial in trials])
         ended = sorted(zip(trials, outcomes), key=lambda pair: isinstance(pair[1], Exception))
         for trial, outcome in ended:  # completed ones first: enough failures in a row stop the search
             if isinstance(outcome, Exception):
-                lines = str(outcome).strip().splitlines()
-                log.warning("trial %s failed: %s", trial.trial_id, lines[-1] if lines else type(outcome).__name__)
+                _log_failure(trial.trial_id, outcome)
                 trial.status, trial.message = keras_tuner.engine.trial.TrialStatus.FAILED, str(outcome)
             else:
                 write_hparams(Path(self.get_trial_dir(trial.trial_id)) / LOGS, trial.hyperparameters.values,
@@ -171,8 +170,7 @@ class TransferTuner(keras_tuner.Tuner):
                 if isinstance(metrics, Exception):
                     raise metrics
         except Exception as error:
-            lines = str(error).strip().splitlines()
-            log.warning("trial %s failed: %s", trial.trial_id, lines[-1] if lines else type(error).__name__)
+            _log_failure(trial.trial_id, error)
             raise
         write_hparams(trial_dir / LOGS, trial.hyperparameters.values, metrics, trial.trial_id)
         return metrics
@@ -205,6 +203,12 @@ class TransferTuner(keras_tuner.Tuner):
 
 # KerasTuner would build the model repeatedly to discover the space; declaring it builds nothing
 internals.declare_space_on_init(TransferTuner, TransferTuner.declare_space)
+
+
+def _log_failure(trial_id: str, error: Exception) -> None:
+    """One line: the trial and the last line of its error."""
+    lines = str(error).strip().splitlines()
+    log.warning("trial %s failed: %s", trial_id, lines[-1] if lines else type(error).__name__)
 
 
 def write_hparams(log_dir: Path, values: dict, metrics: dict[str, float], trial_id: str) -> None:
