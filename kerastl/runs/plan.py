@@ -267,13 +267,12 @@ def _head_inputs(mc: ModelConfig, dc: DataConfig, tc: TrainConfig, data: ImageDa
     blocks = list(range(1, model.block_count() + 1)) if probing else model.feature_blocks
     views = cached_views(dc.augment, tc.cache_views)
     plain_split = data.validation if mode == "holdout" else data.train  # cv: a plain view of every image
-    # what the features and probes come from: the trials of one search load the features and fit each
-    # curve and start once, holding one copy (`HeadStore.shared`)
-    same = {"features": fingerprint, "train": data.train.fingerprint, "mode": mode, "seed": dc.seed,
-            "validation": None if data.validation is None else data.validation.fingerprint, "binary": mc.binary,
-            "views": [views, dc.augment], "folds": tc.validation.cv_folds, "auto": auto,
-            "class_weights": None if class_weights is None else [float(w) for w in class_weights]}
-    train, plain = _shared(heads, {**same, "loaded": blocks}, lambda: FeatureCache(
+    # what the features, the probe curve and the columns read come from: the trials of one search load
+    # and compute each once, holding one copy (`HeadStore.shared`); the probe start depends on more
+    source = {"features": fingerprint, "train": data.train.fingerprint, "mode": mode, "seed": dc.seed,
+              "validation": None if data.validation is None else data.validation.fingerprint,
+              "views": [views, dc.augment], "folds": tc.validation.cv_folds}
+    train, plain = _shared(heads, {**source, "loaded": blocks}, lambda: FeatureCache(
         tc.cache_dir, dc.cache_limit_mb).head_features(model, data.train, plain_split, views, dc.augment, dc.seed,
                                                       dc.batch_size, progress=verbose != 0, fingerprint=fingerprint,
                                                       blocks=blocks))
@@ -281,14 +280,15 @@ def _head_inputs(mc: ModelConfig, dc: DataConfig, tc: TrainConfig, data: ImageDa
     if probing:
         model, curve, train, plain = _probe_blocks(mc, tc.validation.cv_folds, dc.seed, len(data.class_names),
                                                    model, train, plain, mode, auto,
-                                                   lambda what, compute: _shared(heads, {**same, what: 1}, compute))
+                                                   lambda what, compute: _shared(heads, {**source, what: 1}, compute))
     key = stored = probe = all_views = None
     folds: list = []
     if heads is not None:
         key = head_key(fingerprint, data, model.feature_blocks, mc, tc, dc)
         stored = _stored_head(heads, key, model)
     binary, classes = mc.binary, len(data.class_names)
-    same["blocks"] = list(model.feature_blocks)
+    same = {**source, "binary": binary, "blocks": list(model.feature_blocks),
+            "class_weights": None if class_weights is None else [float(w) for w in class_weights]}
     if mode == "cv":
         all_views = train.features if views == 1 else np.concatenate([train.features, plain.features])
         folds = folds_of(plain.labels, tc.validation.cv_folds, dc.seed)
