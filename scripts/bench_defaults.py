@@ -33,7 +33,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import _docs  # noqa: E402  (scripts/, beside this file)
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+from bench_tuning import calibrated_weights  # noqa: E402  (scripts/, beside this file)
 from sklearn.datasets import load_digits  # noqa: E402
+
+from kerastl.config import DataConfig  # noqa: E402
+from kerastl.data.images import load_data  # noqa: E402
 
 SIZE = 96
 RUNS = (("defaults", []), ("--no-cache", ["--no-cache"]), ("--features last", ["--features", "last"]))
@@ -53,20 +57,6 @@ def write_folder(folder: Path, count: int, seed: int = 0) -> None:
         out = folder / f"digit_{label}"
         out.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).convert("RGB").save(out / f"{i:05d}.png")
-
-
-def calibrated_weights(folder: Path, data: Path) -> str:
-    """A random MobileNetV2 with BatchNorm calibrated on the images, saved to a weights file."""
-    script = (
-        "import keras, sys; from kerastl.config import DataConfig, ModelConfig; "
-        "from kerastl.data.images import load_data; from kerastl.models.classifier import build_classifier; "
-        "from kerastl.training.batchnorm import recalibrate_batchnorm; keras.utils.set_random_seed(0); "
-        f"data = load_data(DataConfig(source={str(data)!r}, augment='none'), {SIZE}); "
-        f"model = build_classifier(ModelConfig('mobilenet_v2', weights=None, image_size={SIZE}, from_scratch=False), "
-        "len(data.class_names)); recalibrate_batchnorm(model, data.train.sample()); "
-        f"model.backbone.save_weights({str(folder / 'mobilenet_v2.weights.h5')!r})")
-    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    return str(folder / "mobilenet_v2.weights.h5")
 
 
 def timed_train(data: Path, weights: str, extra: list[str], root: Path, name: str) -> tuple[float, dict]:
@@ -92,7 +82,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="kerastl-bench-defaults-"))
     rows, verdicts = [], []
     write_folder(root / "calibration", 300, seed=1)
-    weights = calibrated_weights(root, root / "calibration")
+    calibration = load_data(DataConfig(source=str(root / "calibration"), augment="none"), SIZE)
+    weights = calibrated_weights("mobilenet_v2", SIZE, calibration, root)  # bench_tuning's, on other images
     for count in args.sizes:
         data = root / f"images-{count}"
         write_folder(data, count)

@@ -29,15 +29,20 @@ HEADS = [  # linear heads from the probe start, hidden layers from a random star
 ]
 
 
-def test_heads_trained_together_score_as_lone_trials(tmp_path):
-    base = base_config(tmp_path, epochs=6, patience=2)
-    configs = [apply_values(values, base) for values in HEADS]
+def _alone_and_together(tmp_path, configs):
+    """Each config as a lone trial (lone/t<i>), then all as one population (together/t<i>): their metrics."""
     for name in ("lone", "together"):
         (tmp_path / name).mkdir()
     lone = TrialContext(tmp_path / "lone")
     alone = [lone.run([config], [tmp_path / "lone" / f"t{i}"])[0] for i, config in enumerate(configs)]
     together = TrialContext(tmp_path / "together").run(configs, [tmp_path / "together" / f"t{i}"
                                                                  for i in range(len(configs))])
+    return alone, together
+
+
+def test_heads_trained_together_score_as_lone_trials(tmp_path):
+    base = base_config(tmp_path, epochs=6, patience=2)
+    alone, together = _alone_and_together(tmp_path, [apply_values(values, base) for values in HEADS])
     for i, (one, many) in enumerate(zip(alone, together)):
         assert not isinstance(many, Exception), many
         assert abs(one["val_loss"] - many["val_loss"]) <= LOSS_TOLERANCE, (i, one, many)
@@ -47,7 +52,7 @@ def test_heads_trained_together_score_as_lone_trials(tmp_path):
         assert lone_history["epoch"] == many_history["epoch"]  # each head stopped where it would alone
         np.testing.assert_allclose(lone_history["val_loss"], many_history["val_loss"], atol=LOSS_TOLERANCE)
         result = json.loads((tmp_path / "together" / f"t{i}" / "result.json").read_text())
-        assert result["info"]["population"] == len(configs)
+        assert result["info"]["population"] == len(HEADS)
 
 
 def test_under_mixed_precision_heads_trained_together_still_score_as_lone_trials(tmp_path):
@@ -56,14 +61,9 @@ def test_under_mixed_precision_heads_trained_together_still_score_as_lone_trials
 
     base = base_config(tmp_path, epochs=4, patience=4)
     configs = [apply_values(values, base) for values in HEADS[2:]]  # hidden layers from a random start
-    for name in ("lone", "together"):
-        (tmp_path / name).mkdir()
     keras.config.set_dtype_policy("mixed_float16")
     try:
-        lone = TrialContext(tmp_path / "lone")
-        alone = [lone.run([config], [tmp_path / "lone" / f"t{i}"])[0] for i, config in enumerate(configs)]
-        together = TrialContext(tmp_path / "together").run(configs, [tmp_path / "together" / f"t{i}"
-                                                                     for i in range(len(configs))])
+        alone, together = _alone_and_together(tmp_path, configs)
     finally:
         keras.config.set_dtype_policy("float32")
     for one, many in zip(alone, together):
