@@ -210,11 +210,19 @@ class TransferClassifier(keras.Model):
 
     def head_layers_on(self, features):
         """The head (standardisation, dropout, optional hidden layer, classifier) on pooled features."""
+        x = self.head_inputs_on(features)
+        for dense in self.head_dense_layers():
+            x = dense(x)
+        return x
+
+    def head_inputs_on(self, features, training=None):
+        """The head's fixed first steps on pooled features: standardisation and dropout (no trainable weights)."""
         x = self.feature_norm(features) if self.feature_norm is not None else features
-        x = self.output_dropout(x)
-        if self.hidden is not None:
-            x = self.hidden(x)
-        return self.output_dense(x)
+        return self.output_dropout(x, training=training)
+
+    def head_dense_layers(self) -> list[layers.Dense]:
+        """The head's trainable layers, in order: the hidden layer (if any), then the classifier."""
+        return [dense for dense in (self.hidden, self.output_dense) if dense is not None]
 
     @property
     def feature_dim(self) -> int:

@@ -119,7 +119,8 @@ def _train_together(plans: list[RunPlan], trains: list[TrainConfig], source: Dat
         head = model.head_model()
         compile_classifier(head, train, plan.head.learning_rate, steps_per_execution=HEAD_STEPS_PER_EXECUTION,
                            schedule=plan.head.schedule, steps=plan.head.steps)
-        members.append(PopulationHead(head, plan.head, plan.head_start == "probe" and model.hidden is None))
+        members.append(PopulationHead(head, plan.head, plan.head_start == "probe" and model.hidden is None,
+                                      model))
     first = plans[0]
     return train_population(members, first.inputs.cached, source.batch_size, source.seed,
                             first.inputs.class_weights, trains[0].sampling == "balanced")

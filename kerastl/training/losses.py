@@ -96,12 +96,13 @@ def make_loss(name: str, binary: bool, label_smoothing: float = 0.0, mixed: bool
 
 def label_accuracy(y_true, y_pred):
     """Accuracy on integer, one-hot or mixed labels: a mixed label's class is its largest share
-    (for a one-unit model, a label above 0.5 is the positive class)."""
+    (for a one-unit model, a label above 0.5 is the positive class). `y_pred` is [batch, classes],
+    or several models' stacked, [models, batch, classes]: then each model's, [models, batch]."""
     if y_pred.shape[-1] == 1:
         truth = ops.cast(ops.reshape(y_true, (-1,)) > 0.5, "int32")
-        guess = ops.cast(ops.reshape(y_pred, (-1,)) > 0.5, "int32")
+        guess = ops.cast(y_pred[..., 0] > 0.5, "int32")
     else:
-        truth = ops.argmax(as_one_hot(y_true, y_pred), axis=-1)
+        truth = ops.argmax(as_one_hot(y_true, y_pred if len(y_pred.shape) == 2 else y_pred[0]), axis=-1)
         guess = ops.argmax(y_pred, axis=-1)
     return ops.cast(ops.equal(ops.cast(truth, "int32"), ops.cast(guess, "int32")), "float32")
 

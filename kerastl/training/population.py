@@ -35,53 +35,89 @@ import tensorflow as tf
 from kerastl.features.batches import feature_batches
 from kerastl.features.cache import CachedFeatures
 from kerastl.training.callbacks import KeepBest
-from kerastl.training.losses import LabelAccuracy
+from kerastl.models.classifier import TransferClassifier
+from kerastl.training.losses import label_accuracy
 from kerastl.training.phase import PhasePlan, fit_phase, history_of
 from kerastl.training.phases import HEAD_STEPS_PER_EXECUTION, START_LOSS
+from kerastl.training.stacked import HeadStack, stack_key
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class PopulationHead:
-    """One head of a population: the compiled head model and its phase plan. `start_is_best`: the
-    head starts from a converged probe, whose validation loss is the best to beat."""
+    """One head of a population: the compiled head model, its classifier (whose head layers the model
+    shares) and its phase plan. `start_is_best`: the head starts from a converged probe, whose
+    validation loss is the best to beat."""
 
     model: keras.Model
     phase: PhasePlan
     start_is_best: bool = False
+    classifier: TransferClassifier | None = None
 
 
 class HeadPopulation(keras.Model):
-    """K compiled head models on one input of cached features, trained by one traced step.
+    """K compiled heads on one input of cached features, trained by one traced step.
 
-    `call` returns every head's probabilities; `train_step` lowers each head's compiled loss
-    with that head's own optimizer, and reports `loss_k` and `accuracy_k` per head.
+    Heads of one shape and optimizer train as a `HeadStack` (stacked weights, one optimizer);
+    the others each with their own head model and optimizer. `call` returns every head's
+    probabilities; `train_step` lowers each head's compiled loss, and reports `loss_k` and
+    `accuracy_k` per head.
     """
 
-    def __init__(self, heads: list[keras.Model], **kwargs):
+    def __init__(self, heads: list[PopulationHead], stack: bool = True, **kwargs):
         super().__init__(name="head_population", **kwargs)
-        self.heads = list(heads)
-        self.head_losses = [keras.metrics.Mean(name=f"loss_{k}") for k in range(len(heads))]
-        self.head_accuracies = [LabelAccuracy(name=f"accuracy_{k}") for k in range(len(heads))]
+        self.heads = [head.model for head in heads]
+        groups: dict[str, list[int]] = {}
+        for k, head in enumerate(heads):
+            key = None if not stack or head.classifier is None else stack_key(head.classifier, head.model.optimizer)
+            groups.setdefault(key or f"alone {k}", []).append(k)
+        self.stacks = [(members, HeadStack([heads[k].classifier for k in members],
+                                           [heads[k].model.optimizer for k in members]))
+                       for key, members in groups.items() if not key.startswith("alone") and len(members) > 1]
+        stacked = {k for members, _ in self.stacks for k in members}
+        self.alone = [k for k in range(len(heads)) if k not in stacked]
+        self.head_losses = HeadMeans(len(heads), name="head_losses")
+        self.head_accuracies = HeadMeans(len(heads), name="head_accuracies")
+
+    def build_optimizers(self) -> None:
+        """Builds every optimizer before tracing, so the traced step creates no variables."""
+        for _, stack in self.stacks:
+            stack.optimizer.build(stack.trainable_variables)
+        for k in self.alone:
+            self.heads[k].optimizer.build(self.heads[k].trainable_variables)
 
     def call(self, features, training=False):
-        return [head(features, training=training) for head in self.heads]
+        outputs = [None] * len(self.heads)
+        for members, stack in self.stacks:
+            for k, output in zip(members, stack(features, training=training)):
+                outputs[k] = output
+        for k in self.alone:
+            outputs[k] = self.heads[k](features, training=training)
+        return outputs
+
+    def write_back(self) -> None:
+        """Each stacked head's current weights into its own head model (the others train in place)."""
+        for _, stack in self.stacks:
+            stack.write_back()
 
     @property
     def metrics(self):
-        return [*self.head_losses, *self.head_accuracies]
+        return [self.head_losses, self.head_accuracies]
 
     def train_step(self, data):
         x, y, weight = keras.utils.unpack_x_y_sample_weight(data)
-        variables = [head.trainable_variables for head in self.heads]
+        owners = [(stack.optimizer, stack.trainable_variables, members) for members, stack in self.stacks]
+        owners += [(self.heads[k].optimizer, self.heads[k].trainable_variables, [k]) for k in self.alone]
         with tf.GradientTape() as tape:
             outputs = self(x, training=True)
             losses = [head.compute_loss(x, y, out, weight) for head, out in zip(self.heads, outputs)]
-            scaled = [head.optimizer.scale_loss(loss) for head, loss in zip(self.heads, losses)]  # mixed precision
-        gradients = tape.gradient(scaled, variables)  # a sum of independent losses: each head gets its own
-        for head, grads, own in zip(self.heads, gradients, variables):
-            head.optimizer.apply(grads, own)
+            # each optimizer's share of the loss, scaled as Keras's own step scales it (mixed precision)
+            scaled = [optimizer.scale_loss(keras.ops.sum(keras.ops.stack([losses[k] for k in members])))
+                      for optimizer, _, members in owners]
+        gradients = tape.gradient(scaled, [own for _, own, _ in owners])  # the heads share no variable
+        for (optimizer, own, _), grads in zip(owners, gradients):
+            optimizer.apply(grads, own)
         return self._scores(x, y, outputs, losses, weight)
 
     def test_step(self, data):
@@ -91,12 +127,38 @@ class HeadPopulation(keras.Model):
         return self._scores(x, y, outputs, losses, weight)
 
     def _scores(self, x, y, outputs, losses, weight) -> dict:
-        """Each head's loss and accuracy so far, as Keras's own trackers average them (by batch size)."""
-        count = keras.ops.shape(x)[0]
-        for loss, out, mean, accuracy in zip(losses, outputs, self.head_losses, self.head_accuracies):
-            mean.update_state(loss, sample_weight=count)
-            accuracy.update_state(y, out, weight)
-        return {metric.name: metric.result() for metric in self.metrics}
+        """Each head's loss and accuracy so far (`loss_k`, `accuracy_k`), averaged as Keras's own
+        trackers average them: the loss by batch size, the accuracy by sample weight."""
+        self.head_losses.update_state(keras.ops.stack(losses), keras.ops.cast(keras.ops.shape(x)[0], "float32"))
+        self.head_accuracies.update_state(label_accuracy(y, keras.ops.stack(outputs)), weight)
+        values = {name: keras.ops.unstack(metric.result(), len(self.heads))
+                  for name, metric in (("loss", self.head_losses), ("accuracy", self.head_accuracies))}
+        return {f"{name}_{k}": value for name, per_head in values.items() for k, value in enumerate(per_head)}
+
+
+class HeadMeans(keras.metrics.Metric):
+    """K running means at once, one per head, each weighted as `keras.metrics.Mean` weighs its values."""
+
+    def __init__(self, heads: int, name: str):
+        super().__init__(name=name)
+        self.heads = heads
+        self.total = self.add_variable(shape=(heads,), initializer="zeros", name="total")
+        self.count = self.add_variable(shape=(heads,), initializer="zeros", name="count")
+
+    def update_state(self, values, weight=None):
+        """`values`: [heads] or [heads, batch]; `weight`: one number, or one per example ([batch])."""
+        values = keras.ops.reshape(keras.ops.cast(values, "float32"), (self.heads, -1))
+        weight = keras.ops.ones_like(values[0]) if weight is None else keras.ops.cast(weight, "float32")
+        weight = keras.ops.broadcast_to(keras.ops.reshape(weight, (1, -1)), keras.ops.shape(values))
+        self.total.assign_add(keras.ops.sum(values * weight, axis=1))
+        self.count.assign_add(keras.ops.sum(weight, axis=1))
+
+    def result(self):
+        return keras.ops.divide_no_nan(self.total, self.count)
+
+    def reset_state(self):
+        self.total.assign(keras.ops.zeros((self.heads,)))
+        self.count.assign(keras.ops.zeros((self.heads,)))
 
 
 class EachHeadsBest(keras.callbacks.Callback):
@@ -115,9 +177,13 @@ class EachHeadsBest(keras.callbacks.Callback):
         for head, keeper in zip(self.heads, self.keepers):
             keeper.set_model(head.model)
             keeper.on_train_begin()
+        # a head with no epochs to run rides along, and ends as it started
+        self.starts = [None if running else head.model.get_weights() for head, running in zip(self.heads,
+                                                                                               self.running)]
         self.model.stop_training = not any(self.running)
 
     def on_epoch_end(self, epoch, logs=None):
+        self.model.write_back()  # stacked heads' weights into their own models, for their KeepBest
         for k, (head, keeper) in enumerate(zip(self.heads, self.keepers)):
             if not self.running[k]:
                 continue
@@ -131,8 +197,11 @@ class EachHeadsBest(keras.callbacks.Callback):
         self.model.stop_training = not any(self.running)
 
     def on_train_end(self, logs=None):
-        for keeper in self.keepers:
+        self.model.write_back()
+        for head, keeper, start in zip(self.heads, self.keepers, self.starts):
             keeper.on_train_end()  # each head's best weights (its start, on a probe start that was not beaten)
+            if start is not None:
+                head.model.set_weights(start)
 
 
 def train_population(
@@ -143,15 +212,15 @@ def train_population(
     class_weights: np.ndarray | None = None,
     balanced: bool = False,
     verbose: int | str = 0,
+    stack: bool = True,
 ) -> list[keras.callbacks.History]:
     """Trains every head of `heads` on the same `cached` (train, validation) batches at once (see the
     module docstring); each head ends with its best weights. Returns each head's phase-1 history (with
     the probe's loss as `START_LOSS` on a probe start)."""
-    population = HeadPopulation([head.model for head in heads])
+    population = HeadPopulation(heads, stack)
     population.compile(optimizer="sgd", steps_per_execution=HEAD_STEPS_PER_EXECUTION,  # each head applies its own
                        jit_compile=False)
-    for head in heads:  # built before tracing, so the traced step creates no variables
-        head.model.optimizer.build(head.model.trainable_variables)
+    population.build_optimizers()
     validation = feature_batches(cached[1], batch_size, class_weights=class_weights)
     start = [None] * len(heads)
     if any(head.start_is_best for head in heads):  # the probes' losses as compiled: the best to beat
