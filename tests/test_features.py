@@ -13,6 +13,7 @@ from kerastl.cli.main import main
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from kerastl.features.batches import feature_batches
 from kerastl.features.cache import CachedFeatures, FeatureCache, cache_key
+from kerastl.features.probe import ProbeFit, choose_c_holdout, views_or_plain
 from kerastl.models.classifier import build_classifier
 from kerastl.runs.run import run_training
 from kerastl.training.phases import train_classifier
@@ -110,6 +111,39 @@ def test_augmented_views_differ_and_epochs_rotate_through_them(tmp_path):
         assert {rows[tuple(np.round(r, 5))] for x, _ in batches for r in x} == {epoch % 3}
 
 
+def test_view_zero_is_the_plain_images_and_the_others_augmented(tmp_path):
+    """Validation and serving see plain images: the views a head trains on start with them."""
+    data = digits(count=60)
+    model = frozen_cnn()
+    cache = FeatureCache(tmp_path)
+    views = cache.features(model, data.train, views=3, augment="rotate:0.3,zoom:0.3", seed=1).features
+    plain = cache.features(model, data.train).features
+    np.testing.assert_allclose(views[0], plain[0], atol=1e-5)
+    assert not np.allclose(views[1], plain[0], atol=1e-3) and not np.allclose(views[2], views[1], atol=1e-3)
+
+
+def test_augmented_views_that_hurt_the_probe_are_left_out_of_training():
+    """Augmented views whose features no longer tell the classes apart (here: noise) validate worse
+    than the plain view alone, which is then all that phase 1 reads."""
+    rng = np.random.default_rng(0)
+    labels, held = np.arange(120) % 3, np.arange(60) % 3
+    centres = rng.normal(0, 1, (3, 8)) * 2
+    plain = centres[labels] + rng.normal(0, 1, (120, 8))
+    views = np.stack([plain, rng.normal(0, 3, (120, 8)), rng.normal(0, 3, (120, 8))]).astype(np.float32)
+    validation = (centres[held] + rng.normal(0, 1, (60, 8))).astype(np.float32)
+    probe, read = views_or_plain(lambda rows: choose_c_holdout(rows, labels, validation, held, 3), views)
+    assert read == 1 and probe.estimate["val_accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("every, plain, expected", [(0.5, 0.6, 3), (0.6, 0.5, 1), (0.5, 0.5, 1), (None, 0.4, 3)])
+def test_the_plain_view_alone_is_kept_unless_every_view_validates_better(every, plain, expected):
+    def fit(rows):  # a probe whose validation loss depends only on the views it was fitted on
+        loss = plain if len(rows) == 1 else every
+        return ProbeFit(None, 1.0, np.zeros((2, 2)), np.zeros(2), {} if loss is None else {"val_loss": loss})
+
+    assert views_or_plain(fit, np.zeros((3, 10, 2)))[1] == expected  # no estimate (None): nothing to compare
+
+
 def test_fit_on_augmented_views_runs_every_epoch_on_its_view(tmp_path):
     data = digits(count=60)
     model = frozen_cnn()
@@ -203,6 +237,22 @@ def test_views_fall_back_to_one_without_augmentation(tmp_path, views):
     run_training(config, data=data, verbose=0)
     shapes = sorted(json.loads((p / "meta.json").read_text())["shape"][0] for p in (tmp_path / "cache").iterdir())
     assert shapes == sorted([1, views])  # validation is always one plain view
+
+
+def test_cross_validation_reads_its_plain_view_from_the_training_views(tmp_path):
+    data = digits(count=30)
+    config = RunConfig(
+        DataConfig(augment="rotate:0.1", batch_size=16),
+        ModelConfig("simple_cnn", weights=None, image_size=32, from_scratch=False),
+        TrainConfig(validation="cv", min_steps=0, fine_tune_min_steps=0, epochs=2, fine_tune_epochs=0,
+                    cache_views=2, cache_dir=str(tmp_path / "cache")),
+        export_dir=str(tmp_path / "run"),
+    )
+    run_training(config, data=data, verbose=0)
+    entries = [json.loads((p / "meta.json").read_text())["shape"] for p in (tmp_path / "cache").iterdir()]
+    assert [shape[0] for shape in entries] == [2]  # the plain view 0 and one augmented: extracted once
+    plan = json.loads((tmp_path / "run" / "config.json").read_text())["plan"]
+    assert plan["cached_views"] in (1, 2)
 
 
 def test_entries_over_the_memory_limit_are_memory_mapped_and_streamed(tmp_path):

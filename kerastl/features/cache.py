@@ -39,8 +39,9 @@ def default_cache_dir() -> Path:
 
 
 def cached_views(augment: str, cache_views: int) -> int:
-    """How many augmented views of each training image the cache holds: 1 when nothing augments the
-    images themselves (MixUp and CutMix mix batches: phase 1 on cached features does not mix)."""
+    """How many views of each training image the cache holds: the plain image and `cache_views` - 1
+    augmented ones; 1 (the plain image) when nothing augments the images themselves (MixUp and
+    CutMix mix batches: phase 1 on cached features does not mix)."""
     return cache_views if image_layers(augment) else 1
 
 
@@ -89,7 +90,7 @@ def cache_key(
         "views": views,
         "augment": augment if views > 1 else "none",
         "seed": seed if views > 1 else None,
-        "format": 1,
+        "format": 2,  # 2: view 0 is the plain image
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -213,7 +214,7 @@ class FeatureCache:
         fingerprint: dict | None = None,
         blocks: list[int] | None = None,
     ) -> tuple[CachedFeatures, CachedFeatures]:
-        """Training features (K views) and validation features (one plain view) for phase 1.
+        """Training features (K views, view 0 plain) and validation features (one plain view) for phase 1.
 
         The model's fingerprint (pass it when already known) is computed, and its
         extractor built, once for both. `blocks` are the blocks to read, in one
@@ -223,10 +224,12 @@ class FeatureCache:
         blocks = sorted(blocks or model.feature_blocks)
         extractor = functools.cache(lambda: model.features_model(blocks))
         key_blocks = None if blocks == [model.block_count()] else blocks
-        return (
-            self._features(fingerprint, extractor, train, views, augment, seed, batch_size, progress, key_blocks),
-            self._features(fingerprint, extractor, validation, 1, "none", seed, batch_size, False, key_blocks),
-        )
+        training = self._features(fingerprint, extractor, train, views, augment, seed, batch_size, progress, key_blocks)
+        if validation is train or (train.fingerprint and validation.fingerprint == train.fingerprint):
+            # cross-validation's plain view of the training images: their view 0, not extracted again
+            return training, CachedFeatures(training.features[:1], training.labels)
+        return training, self._features(fingerprint, extractor, validation, 1, "none", seed, batch_size, False,
+                                        key_blocks)
 
     def _features(self, fingerprint, extractor, split, views, augment, seed, batch_size, progress,
                   blocks=None) -> CachedFeatures:
@@ -246,8 +249,8 @@ class FeatureCache:
             path = staging / "features.npy"
             # streamed into their place: in memory, or over the limit into the staged file (as `load` maps it)
             features = npy_rows(path, *shape) if on_disk else np.empty(shape, np.float32)
-            for view in range(views):
-                _, labels = extract(extractor(), batches, augment if views > 1 else "none", seed + 1009 * view,
+            for view in range(views):  # view 0: the plain images, as validation and serving see them
+                _, labels = extract(extractor(), batches, augment if view > 0 else "none", seed + 1009 * view,
                                     progress, steps, out=features[view])
             labels = labels.astype(np.int32)
             if len(labels) < split.count:  # the split held fewer images than it counts

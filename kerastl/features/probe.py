@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -197,6 +198,29 @@ def choose_c_cv(views: np.ndarray, plain: np.ndarray, labels: np.ndarray, folds:
         log.info("probe: C=%g by %d-fold cross-validation, accuracy %.4f +- %.4f", best_c, len(folds),
                  best["cv_accuracy"], best["cv_accuracy_std"])
     return fit
+
+
+def views_or_plain(fit: Callable[[np.ndarray], ProbeFit], views: np.ndarray) -> tuple[ProbeFit, int]:
+    """The probe `fit` gives on every cached view ([views, n, dim], view 0 plain), or on the plain view
+    alone when that scores a validation (or cross-validated) loss at least as low. Returns the probe and
+    the views training should read (all, or 1).
+
+    Augmented views help a head when the augmentation keeps the features near the plain images'. When
+    it moves them away (interpolation smoothing textures a backbone reads, for instance), a head trained
+    on them is scored on plain images it has not learned: on noisy digits at 96 px with a randomly
+    initialised MobileNetV2, block 2's probe fell from 0.56 (plain) to 0.19 (augmented views only) and
+    0.515 (both). Nothing is compared without an estimate (too few images to fold): all views are kept.
+    """
+    every = fit(views)
+    if len(views) == 1 or not every.estimate:
+        return every, len(views)
+    plain = fit(views[:1])
+    name = "val_loss" if "val_loss" in every.estimate else "cv_loss"
+    keep = plain.estimate[name] > every.estimate[name]
+    log.info("probe: %d views (augmented) %s %.4f, the plain view alone %.4f: training reads %s", len(views),
+             name.replace("_", " "), every.estimate[name], plain.estimate[name],
+             "every view" if keep else "the plain view")
+    return (every, len(views)) if keep else (plain, 1)
 
 
 @dataclass

@@ -47,6 +47,7 @@ from kerastl.features.probe import (
     choose_c_holdout,
     folds_of,
     probe_blocks,
+    views_or_plain,
 )
 from kerastl.models.classifier import TransferClassifier, build_classifier
 from kerastl.storage import HeadStore
@@ -109,7 +110,9 @@ class RunPlan:
                 "class_weights": None if self.class_weights is None else list(self.class_weights),
                 "feature_blocks": None if self.feature_blocks is None else list(self.feature_blocks),
                 "unfreeze_blocks": self.unfreeze_blocks,
-                "head_start": self.head_start, "phases": [phase.to_dict() for phase in self.phases]}
+                "head_start": self.head_start, "phases": [phase.to_dict() for phase in self.phases],
+                # the cached views phase 1 reads (the plain one first); None: no cached features
+                "cached_views": None if self.inputs.cached is None else self.inputs.cached[0].views}
 
 
 def validation_mode(validation: ValidationConfig, data: ImageData) -> str:
@@ -289,14 +292,19 @@ def _head_inputs(mc: ModelConfig, dc: DataConfig, tc: TrainConfig, data: ImageDa
     binary, classes = mc.binary, len(data.class_names)
     same = {**source, "binary": binary, "blocks": list(model.feature_blocks),
             "class_weights": None if class_weights is None else [float(w) for w in class_weights]}
+    read = train.views  # the views phase 1 reads: every one, or the plain one when only it helps the probe
     if mode == "cv":
-        all_views = train.features if views == 1 else np.concatenate([train.features, plain.features])
         folds = folds_of(plain.labels, tc.validation.cv_folds, dc.seed)
-        probe = _shared(heads, same, lambda: choose_c_cv(all_views, plain.features[0], plain.labels, folds, classes,
-                                                         binary, dc.seed, class_weights))
+        probe, read = _shared(heads, same, lambda: views_or_plain(
+            lambda rows: choose_c_cv(rows, plain.features[0], plain.labels, folds, classes, binary, dc.seed,
+                                     class_weights), train.features))
+        all_views = train.features[:read]
     elif stored is None:
-        probe = _shared(heads, same, lambda: choose_c_holdout(train.features, train.labels, plain.features[0],
-                                                              plain.labels, classes, binary, dc.seed, class_weights))
+        probe, read = _shared(heads, same, lambda: views_or_plain(
+            lambda rows: choose_c_holdout(rows, train.labels, plain.features[0], plain.labels, classes, binary,
+                                          dc.seed, class_weights), train.features))
+    if read < train.views:
+        train = CachedFeatures(train.features[:read], train.labels)
     return PlanInputs(model, cached=(train, plain), probe=probe, curve=curve, stored=stored, head_key=key,
                       backbone_digest=fingerprint["weights"], views=all_views, folds=folds)
 
