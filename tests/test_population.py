@@ -26,6 +26,10 @@ HEADS = [  # linear heads from the probe start, hidden layers from a random star
     {"dropout": 0.2, "hidden_units": 0, "learning_rate": 1e-2, "label_smoothing": 0.1},
     {"dropout": 0.0, "hidden_units": 32, "learning_rate": 3e-3, "weight_decay": 1e-3},
     {"dropout": 0.3, "hidden_units": 32, "learning_rate": 1e-2},
+    # trains on its own in the population: an L2 penalty on its kernels is not a stacked head's
+    {"dropout": 0.1, "hidden_units": 32, "learning_rate": 3e-3, "l2": 1e-3},
+    # a cosine schedule of its own, stacked with the linear heads' constant rates
+    {"dropout": 0.0, "hidden_units": 0, "learning_rate": 1e-2, "schedule": "cosine", "weight_decay": 1e-4},
 ]
 
 
@@ -53,6 +57,28 @@ def test_heads_trained_together_score_as_lone_trials(tmp_path):
         np.testing.assert_allclose(lone_history["val_loss"], many_history["val_loss"], atol=LOSS_TOLERANCE)
         result = json.loads((tmp_path / "together" / f"t{i}" / "result.json").read_text())
         assert result["info"]["population"] == len(HEADS)
+
+
+def test_heads_of_one_shape_stack_and_the_rest_train_on_their_own(tmp_path):
+    """Stacking is an implementation detail that must not change a score: this checks what stacks."""
+    from kerastl.config import ModelConfig
+    from kerastl.models.classifier import build_classifier
+    from kerastl.training.compile import compile_classifier
+    from kerastl.training.phase import PhasePlan
+    from kerastl.training.population import HeadPopulation, PopulationHead
+
+    base = base_config(tmp_path)
+    heads = []
+    for values in HEADS:
+        config = apply_values(values, base)
+        model = build_classifier(ModelConfig(**{**config.model.to_dict(), "weights": None}), 3, seed=1)
+        head = model.head_model()
+        compile_classifier(head, config.train, schedule=config.train.head.schedule, steps=10)
+        heads.append(PopulationHead(head, PhasePlan("head", 2, 2, 1e-3, "constant"), classifier=model))
+    population = HeadPopulation(heads)
+    assert sorted(members for members, _ in population.stacks) == [[0, 1, 5], [2, 3]]
+    assert population.alone == [4]
+    assert len(HeadPopulation(heads, stack=False).alone) == len(HEADS)
 
 
 def test_under_mixed_precision_heads_trained_together_still_score_as_lone_trials(tmp_path):
