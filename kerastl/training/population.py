@@ -12,6 +12,8 @@ trains K heads together instead:
 - `HeadPopulation` holds the heads side by side, so one `fit` over the cached batches traces
   one train step that computes every head's loss and applies every head's own optimizer to
   its own variables (the heads share no variable, so each gets the gradient of its own loss);
+  heads of one shape and optimizer kind train as a `kerastl.training.stacked.HeadStack`
+  (their weights stacked, one optimizer with per-head rates and decay), the others one by one;
 - each head keeps its own best epoch (`KeepBest` on its own validation loss, from the probe's
   loss on a probe start) and its own budget of epochs; a head whose budget or patience is
   spent rides along until the last one stops, and its best weights are put back at the end.
