@@ -196,8 +196,7 @@ class TrainConfig(JsonConfig):
     patience: int = setting(5, "EarlyStopping patience in epochs", kind="count:0", metavar="N")
     feature_cache: bool = setting(True, "train the head on cached backbone features while the base is frozen",
                                   kind="bool", name="cache", group="feature cache")
-    cache_views: int = setting(4, "views cached per image when augmenting (the plain image and K-1 augmented; "
-                               "phase 1 reads them only if they help the probe); epoch e uses view e %% K",
+    cache_views: int = setting(4, "views per image when augmenting: plain + K-1 augmented; epoch e reads view e %% K",
                                kind="count:1", metavar="K", group="feature cache")
     cache_dir: str | None = setting(None, "feature cache folder", metavar="DIR", shown="~/.cache/kerastl",
                                     machine=True, group="feature cache")
