@@ -22,6 +22,19 @@ tested on every other image of 5-9. For each N it prints test accuracy and secon
     python scripts/bench_transfer.py --write-docs          # and its table into docs/benchmarks.md
 
 With `--write-docs` the table replaces the section `bench_transfer_BACKBONE` of docs/benchmarks.md.
+
+`--pretrain-seeds N` measures how the defaults hold across pretrainings instead: the backbone is
+pretrained N times (seeds 0..N-1) on the split's first classes, and each pretraining transfers
+to the same few-shot draw of the other classes. Per size it prints the defaults, the all-block
+probe (every block's pooled features concatenated and standardised, scikit-learn's logistic
+regression at a fixed C=0.1, and with C by cross-validation), the best single block (chosen on
+the test set: a ceiling), the best from-scratch model, seconds, and the mean and the worst
+pretraining of (defaults - all-block probe at C=0.1), the reference of issue 24 (targets: mean
+at least -1 point, worst at least -3). `--split even:odd` pretrains on 0,2,4,6,8 and transfers to
+the odd digits.
+
+    python scripts/bench_transfer.py --pretrain-seeds 3 --shots 1 3 5 10 20
+    python scripts/bench_transfer.py --pretrain-seeds 3 --split even:odd --backbone mobilenet_v3_small
 """
 
 from __future__ import annotations
@@ -41,19 +54,72 @@ from kerastl.cli.demo import few_shot, pretrain, probe_accuracies, scratch, time
 from kerastl.runs.folder import BACKBONE_WEIGHTS  # noqa: E402
 
 
+SPLITS = {"0-4:5-9": ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9)), "even:odd": ((0, 2, 4, 6, 8), (1, 3, 5, 7, 9))}
+
+
+def across_pretrainings(args: argparse.Namespace, work: Path) -> list[str]:
+    """The defaults against the all-block probe for each of `args.pretrain_seeds` pretrainings;
+    returns the table's lines."""
+    old, new = SPLITS[args.split]
+    weights = []
+    for seed in range(args.pretrain_seeds):
+        run, seconds = timed(pretrain, work / f"pretrain-{seed}", seed, args.backbone, old)
+        weights.append(str(run.export_dir / BACKBONE_WEIGHTS))
+        print(f"pretraining {seed}: {args.backbone} on digits {old} in {seconds:.0f} s, validation accuracy "
+              f"{run.metrics['val_accuracy']:.3f}", flush=True)
+    header = ("per class", "defaults", "s", "all-block probe C=0.1", "all-block probe CV C", "best block (test)",
+              "best scratch", "s", "defaults - probe C=0.1: mean", "worst", "chosen")
+    table = [_docs.markdown_table(header, [])]
+    print(table[0], flush=True)
+    baselines = ["simple_cnn"] + ([args.backbone] if args.backbone != "simple_cnn" else [])
+    for per_class in args.shots:
+        data, _, _ = few_shot(per_class, 0, new)
+        scratches = [(*timed(scratch, data, 0, name), name) for name in baselines]
+        best_scratch, scratch_s, _ = max((run.metrics["test_accuracy"], spent, name) for run, spent, name in scratches)
+        rows = []
+        for seed, file in enumerate(weights):
+            run, spent = timed(transfer, file, data, None, seed, args.backbone)
+            probes = probe_accuracies(file, data, args.backbone)
+            rows.append({"defaults": run.metrics["test_accuracy"], "s": spent, **probes,
+                         "chosen": f"{run.config.model.features} d{run.config.train.unfreeze_blocks}"})
+            print(f"  {per_class} per class, pretraining {seed}: defaults {rows[-1]['defaults']:.3f} "
+                  f"({rows[-1]['chosen']}), all-block probe {probes['all_fixed']:.3f}", flush=True)
+        mean = {key: float(np.mean([r[key] for r in rows])) for key in ("defaults", "s", "all_fixed", "all",
+                                                                          "best_block")}
+        gaps = [100 * (r["defaults"] - r["all_fixed"]) for r in rows]
+        table.append(f"| {per_class} | {mean['defaults']:.3f} | {mean['s']:.0f} | {mean['all_fixed']:.3f} | "
+                     f"{mean['all']:.3f} | {mean['best_block']:.3f} | {best_scratch:.3f} | {scratch_s:.0f} | "
+                     f"{np.mean(gaps):+.1f} | {min(gaps):+.1f} | {', '.join(r['chosen'] for r in rows)} |")
+        print(table[-1], flush=True)
+    print("targets (issue 24): defaults - all-block probe at C=0.1, mean >= -1 point and worst >= -3 points")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default="simple_cnn")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 3, 5, 10, 20])
     parser.add_argument("--seeds", type=int, default=1, help="few-shot draws per size, averaged")
+    parser.add_argument("--pretrain-seeds", type=int, default=0, help="pretrainings to compare across (0: one, "
+                                                                      "and the single-pretraining table)")
+    parser.add_argument("--split", choices=sorted(SPLITS), default="0-4:5-9", help="with --pretrain-seeds")
     _docs.add_flag(parser)
     args = parser.parse_args()
     section = f"bench_transfer_{args.backbone}"
+    if args.pretrain_seeds:
+        section += "_pretrainings_" + args.split.replace(":", "_to_")
     if args.write_docs:
         _docs.check_section(section)
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="bench_transfer-"))
     os.environ.setdefault("KERASTL_CACHE", str(work / "cache"))
+    if args.pretrain_seeds:
+        table = across_pretrainings(args, work)
+        if args.write_docs:
+            _docs.write_section(section, f"`{args.backbone}`, {args.pretrain_seeds} pretrainings on digits "
+                                         f"{args.split.split(':')[0]}, transferred to {args.split.split(':')[1]} "
+                                         f"({_docs.measured_with('bench_transfer')}):\n\n" + "\n".join(table))
+        return
     pretrained, seconds = timed(pretrain, work / "pretrain", 0, args.backbone)
     weights = str(pretrained.export_dir / BACKBONE_WEIGHTS)
     pretraining = (f"{args.backbone} pretrained on digits 0-4 in {seconds:.0f} s: validation accuracy "

@@ -34,3 +34,22 @@ def test_demo_compares_transfer_with_the_strongest_baselines_and_exports(tmp_pat
     assert (tmp_path / f"transfer_5-9_{SHOTS[-1]}" / "saved_model.pb").is_file()
     parity = float(report.split("max |export - Keras| = ")[1].split(")")[0])
     assert parity < 1e-5
+
+
+@pytest.mark.parametrize("per_class", [1, 3])
+def test_probe_references_on_another_split_include_the_untuned_all_block_probe(tmp_path, per_class):
+    """bench_transfer's references across pretrainings: odd digits, one image per class too (no folds)."""
+    from kerastl.cli.demo import few_shot, probe_accuracies
+    from kerastl.config import ModelConfig
+    from kerastl.models.classifier import build_classifier
+
+    model = build_classifier(ModelConfig("simple_cnn", weights=None, image_size=32), 5, seed=0)
+    weights = tmp_path / "backbone.weights.h5"
+    model.backbone.save_weights(weights)
+    data, _, _ = few_shot(per_class, 0, (1, 3, 5, 7, 9))
+    labelled = data.train.count + (data.validation.count if data.validation is not None else 0)
+    assert data.class_names == ["1", "3", "5", "7", "9"] and labelled == 5 * per_class
+    probes = probe_accuracies(str(weights), data)
+    assert {"last", "all", "all_fixed", "best_block", "best"} <= set(probes)
+    assert all(0.0 <= probes[key] <= 1.0 for key in ("last", "all", "all_fixed", "best_block"))
+    assert probes["best"] == max(probes["best_block"], probes["all"])  # the ceiling over every reading
