@@ -52,4 +52,5 @@ def test_probe_references_on_another_split_include_the_untuned_all_block_probe(t
     probes = probe_accuracies(str(weights), data)
     assert {"last", "all", "all_fixed", "best_block", "best"} <= set(probes)
     assert all(0.0 <= probes[key] <= 1.0 for key in ("last", "all", "all_fixed", "best_block"))
-    assert probes["best"] == max(probes["best_block"], probes["all"])  # the ceiling over every reading
+    if per_class == 1:  # nothing to fold: the cross-validated probe falls back to the fixed C
+        assert probes["all"] == probes["all_fixed"]

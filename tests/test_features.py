@@ -239,7 +239,7 @@ def test_views_fall_back_to_one_without_augmentation(tmp_path, views):
     assert shapes == sorted([1, views])  # validation is always one plain view
 
 
-def test_cross_validation_reads_its_plain_view_from_the_training_views(tmp_path):
+def test_cross_validation_reads_its_plain_view_from_the_training_views(tmp_path, caplog):
     data = digits(count=30)
     config = RunConfig(
         DataConfig(augment="rotate:0.1", batch_size=16),
@@ -248,11 +248,14 @@ def test_cross_validation_reads_its_plain_view_from_the_training_views(tmp_path)
                     cache_views=2, cache_dir=str(tmp_path / "cache")),
         export_dir=str(tmp_path / "run"),
     )
-    run_training(config, data=data, verbose=0)
+    with caplog.at_level(logging.INFO, logger="kerastl"):
+        run_training(config, data=data, verbose=0)
     entries = [json.loads((p / "meta.json").read_text())["shape"] for p in (tmp_path / "cache").iterdir()]
     assert [shape[0] for shape in entries] == [2]  # the plain view 0 and one augmented: extracted once
     plan = json.loads((tmp_path / "run" / "config.json").read_text())["plan"]
-    assert plan["cached_views"] in (1, 2)
+    decided = [r.getMessage() for r in caplog.records if "training reads" in r.getMessage()]
+    assert len(decided) == 1  # the choice is logged once, and the record says what it decided
+    assert plan["cached_views"] == (1 if decided[0].endswith("the plain view") else 2)
 
 
 def test_entries_over_the_memory_limit_are_memory_mapped_and_streamed(tmp_path):

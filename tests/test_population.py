@@ -30,6 +30,9 @@ HEADS = [  # linear heads from the probe start, hidden layers from a random star
     {"dropout": 0.1, "hidden_units": 32, "learning_rate": 3e-3, "l2": 1e-3},
     # a cosine schedule of its own, stacked with the linear heads' constant rates
     {"dropout": 0.0, "hidden_units": 0, "learning_rate": 1e-2, "schedule": "cosine", "weight_decay": 1e-4},
+    # another optimizer kind: a stack of its own (AdamW, with and without decay)
+    {"dropout": 0.0, "hidden_units": 0, "learning_rate": 3e-3, "optimizer": "adamw", "weight_decay": 1e-3},
+    {"dropout": 0.1, "hidden_units": 0, "learning_rate": 1e-2, "optimizer": "adamw"},
 ]
 
 
@@ -76,8 +79,9 @@ def test_heads_of_one_shape_stack_and_the_rest_train_on_their_own(tmp_path):
         compile_classifier(head, config.train, schedule=config.train.head.schedule, steps=10)
         heads.append(PopulationHead(head, PhasePlan("head", 2, 2, 1e-3, "constant"), classifier=model))
     population = HeadPopulation(heads)
-    assert sorted(members for members, _ in population.stacks) == [[0, 1, 5], [2, 3]]
+    assert sorted(members for members, _ in population.stacks) == [[0, 1, 5], [2, 3], [6, 7]]
     assert population.alone == [4]
+    assert [type(stack.optimizer).__name__ for _, stack in population.stacks] == ["Adam", "Adam", "AdamW"]
     assert len(HeadPopulation(heads, stack=False).alone) == len(HEADS)
 
 

@@ -50,7 +50,7 @@ def pretrain(output: Path, seed: int = 0, backbone: str = BACKBONE, classes: tup
     """`backbone` from scratch on digits `classes` (0-4; 20% held out); its folder has `backbone.weights.h5`."""
     x, y, names = load_digits(classes)
     config = RunConfig(DataConfig(augment=AUGMENT, seed=seed), ModelConfig(backbone, weights=None, image_size=SIZE),
-                       name=f"pretrain_0-4_{backbone}", export_dir=str(output))
+                       name=f"pretrain_{classes[0]}-{classes[-1]}_{backbone}", export_dir=str(output))
     return run_training(config, data=from_arrays(x, y, SIZE, names, validation_split=0.2, seed=seed),
                         overwrite=True, verbose=0)
 

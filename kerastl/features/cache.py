@@ -1,8 +1,8 @@
 """Backbone features: extraction, and the cache that lets phase 1 skip the frozen base.
 
 While the base is frozen, every epoch would recompute the same backbone outputs.
-Instead, the pooled features are computed once (K augmented views per image when
-augmentation is on), stored under a key that covers everything they depend on, and
+Instead, the pooled features are computed once (K views per image when augmentation
+is on: the plain image and K-1 augmented), stored under a key that covers everything they depend on, and
 the classifier's head model trains on them: it shares the classifier's head layers,
 so the classifier is trained in place.
 """

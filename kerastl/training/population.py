@@ -7,8 +7,9 @@ own train and test functions and for its own pass over the batches. `train_popul
 trains K heads together instead:
 
 - each head is a classifier's own head model, compiled by `compile_classifier` exactly as a
-  lone run compiles it: its optimizer (rate, schedule, weight decay) and its loss (label
-  smoothing, class weights as sample weights) are that head's own Keras objects;
+  lone run compiles it: its loss (label smoothing, class weights as sample weights) is that
+  head's own Keras object, and so is its optimizer (rate, schedule, weight decay), or, in a
+  stack, one optimizer of the same kind with that head's rate and decay for its slice;
 - `HeadPopulation` holds the heads side by side, so one `fit` over the cached batches traces
   one train step that computes every head's loss and applies every head's own optimizer to
   its own variables (the heads share no variable, so each gets the gradient of its own loss);
@@ -117,7 +118,7 @@ class HeadPopulation(keras.Model):
             # each optimizer's share of the loss, scaled as Keras's own step scales it (mixed precision)
             scaled = [optimizer.scale_loss(keras.ops.sum(keras.ops.stack([losses[k] for k in members])))
                       for optimizer, _, members in owners]
-        gradients = tape.gradient(scaled, [own for _, own, _ in owners])  # the heads share no variable
+        gradients = tape.gradient(scaled, [own for _, own, _ in owners])  # no head reads another's weights
         for (optimizer, own, _), grads in zip(owners, gradients):
             optimizer.apply(grads, own)
         return self._scores(x, y, outputs, losses, weight)

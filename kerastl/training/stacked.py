@@ -11,13 +11,14 @@ and one optimizer update per layer for all K, instead of K of each:
 - the stacked layers (`StackedDense`) compute every head's hidden layer and classifier at once;
 - one Keras optimizer of the heads' own class updates the stacked variables, with each head's
   learning rate (`StackedRate`: each head's own rate or schedule, per step) and weight decay as
-  tensors shaped (K, 1, 1) that broadcast over each head's slice; the optimizers kerastl makes
-  (Adam, AdamW, SGD, RMSprop, ...) update each element from its own gradient and state, so a
-  slice moves exactly as that head's own variable would;
+  tensors shaped (K, 1, 1) that broadcast over each head's slice; the optimizers that stack
+  (`ELEMENTWISE`: Adam, AdamW, SGD, RMSprop, ...) update each element from its own gradient
+  and state, so a slice moves exactly as that head's own variable would;
 - each head's loss is its own compiled loss on its slice of the output.
 
-`stack_key` says which heads can share a stack; heads with L2 or max-norm penalties, or under a
-mixed-precision policy, are trained one by one in the population instead.
+`stack_key` says which heads can share a stack; heads with L2 or max-norm penalties, another
+optimizer or gradient clipping by norm, or under a mixed-precision policy, are trained one by
+one in the population instead.
 """
 
 from __future__ import annotations
@@ -32,13 +33,17 @@ from kerastl.models.classifier import TransferClassifier
 
 # optimizer settings that may differ inside a stack: they become per-head tensors
 PER_HEAD = ("name", "learning_rate", "weight_decay")
+# optimizers whose update of each element reads only that element's gradient and state, so a stacked
+# variable's slices move as K separate variables would; others (Lamb's trust ratio, Adafactor's factored
+# RMS, Muon's matrix step) read whole variables, and gradient clipping by norm would mix heads too
+ELEMENTWISE = ("Adam", "AdamW", "Adamax", "Nadam", "SGD", "RMSprop", "Adagrad", "Adadelta", "Ftrl", "Lion")
 
 
 def stack_key(classifier: TransferClassifier, optimizer: keras.optimizers.Optimizer) -> str | None:
     """What heads must share to train in one stack (None: this head trains on its own)."""
     if classifier.l2 or classifier.max_norm or keras.config.dtype_policy().name != "float32":
         return None
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+    if type(optimizer).__name__ not in ELEMENTWISE or optimizer.clipnorm or optimizer.global_clipnorm:
         return None
     settings = {k: v for k, v in optimizer.get_config().items() if k not in PER_HEAD}
     shape = [(dense.units, keras.activations.serialize(dense.activation), dense.use_bias)
@@ -112,9 +117,10 @@ class HeadStack:
         self.layers = [StackedDense(list(denses), name=f"stacked_{i}") for i, denses in enumerate(per_layer)]
         decay = np.array([optimizer.weight_decay or 0.0 for optimizer in optimizers], "float32")
         config = {**optimizers[0].get_config(), "learning_rate": StackedRate([_rate(o) for o in optimizers]),
-                  "weight_decay": None}
+                  "weight_decay": 0.0}  # a number: AdamW refuses None
         config.pop("name")
         self.optimizer = type(optimizers[0]).from_config(config)
+        self.optimizer.weight_decay = None  # none, unless some head decays (as `make_optimizer` leaves it)
         if decay.any():  # decoupled, per head: each slice decays at its own head's rate
             self.optimizer.weight_decay = ops.convert_to_tensor(decay.reshape(-1, 1, 1))
 
