@@ -54,6 +54,11 @@ from kerastl.cli.demo import few_shot, pretrain, probe_accuracies, scratch, time
 from kerastl.runs.folder import BACKBONE_WEIGHTS  # noqa: E402
 
 
+def scratch_backbones(backbone: str) -> list[str]:
+    """The networks trained from scratch as baselines: `simple_cnn`, and the backbone itself."""
+    return ["simple_cnn"] + ([backbone] if backbone != "simple_cnn" else [])
+
+
 SPLITS = {"0-4:5-9": ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9)), "even:odd": ((0, 2, 4, 6, 8), (1, 3, 5, 7, 9))}
 
 
@@ -71,10 +76,9 @@ def across_pretrainings(args: argparse.Namespace, work: Path) -> list[str]:
               "best scratch", "s", "defaults - probe C=0.1: mean", "worst", "chosen")
     table = [_docs.markdown_table(header, [])]
     print(table[0], flush=True)
-    baselines = ["simple_cnn"] + ([args.backbone] if args.backbone != "simple_cnn" else [])
     for per_class in args.shots:
         data, _, _ = few_shot(per_class, 0, new)
-        scratches = [(*timed(scratch, data, 0, name), name) for name in baselines]
+        scratches = [(*timed(scratch, data, 0, name), name) for name in scratch_backbones(args.backbone)]
         best_scratch, scratch_s, _ = max((run.metrics["test_accuracy"], spent, name) for run, spent, name in scratches)
         rows = []
         for seed, file in enumerate(weights):
@@ -125,7 +129,7 @@ def main() -> None:
     pretraining = (f"{args.backbone} pretrained on digits 0-4 in {seconds:.0f} s: validation accuracy "
                    f"{pretrained.metrics['val_accuracy']:.3f}")
     print(pretraining)
-    baselines = ["simple_cnn"] + ([args.backbone] if args.backbone != "simple_cnn" else [])
+    baselines = scratch_backbones(args.backbone)
     header = ("per class", "defaults", "s", "last", "s", "last,d2", "s", "scratch best", "s", "phase 1",
               "probe last", "probe best", "chosen")
     table = [_docs.markdown_table(header, [])]

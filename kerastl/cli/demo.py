@@ -108,15 +108,18 @@ def probe_accuracies(weights: str, data: ImageData, backbone: str = BACKBONE) ->
     readings = {f"block {b}": block_columns(widths, [b]) for b in range(1, count + 1)}
     readings["all blocks"] = block_columns(widths, list(range(1, count + 1)))
     accuracies, folds = {}, min(5, int(np.bincount(y).min()))
+    def untuned():  # the all-block reference with no tuning at all, and the fallback where nothing can be folded
+        return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000))
+
     for name, columns in readings.items():  # one image per class cannot be folded: C=0.1 there
-        probe = make_pipeline(StandardScaler(), LogisticRegressionCV(cv=folds, max_iter=5000) if folds > 1
-                              else LogisticRegression(C=0.1, max_iter=5000))
+        probe = make_pipeline(StandardScaler(), LogisticRegressionCV(cv=folds, max_iter=5000)) if folds > 1 \
+            else untuned()
         with warnings.catch_warnings():  # scikit-learn's notices of coming changes to its defaults
             warnings.simplefilter("ignore", FutureWarning)
             probe.fit(features[:, columns], y)
         accuracies[name] = float(probe.score(test_features[:, columns], yt))
     every = readings["all blocks"]
-    fixed = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000)).fit(features[:, every], y)
+    fixed = untuned().fit(features[:, every], y)
     best = max(accuracies, key=accuracies.get)
     return {"last": accuracies[f"block {count}"], "best": accuracies[best], "best_reading": best,
             "all": accuracies["all blocks"], "all_fixed": float(fixed.score(test_features[:, every], yt)),

@@ -73,11 +73,12 @@ class HeadPopulation(keras.Model):
         self.heads = [head.model for head in heads]
         groups: dict[str, list[int]] = {}
         for k, head in enumerate(heads):
-            key = None if not stack or head.classifier is None else stack_key(head.classifier, head.model.optimizer)
-            groups.setdefault(key or f"alone {k}", []).append(k)
+            key = stack_key(head.classifier, head.model.optimizer) if stack and head.classifier else None
+            if key is not None:
+                groups.setdefault(key, []).append(k)
         self.stacks = [(members, HeadStack([heads[k].classifier for k in members],
                                            [heads[k].model.optimizer for k in members]))
-                       for key, members in groups.items() if not key.startswith("alone") and len(members) > 1]
+                       for members in groups.values() if len(members) > 1]
         stacked = {k for members, _ in self.stacks for k in members}
         self.alone = [k for k in range(len(heads)) if k not in stacked]
         self.head_losses = HeadMeans(len(heads), name="head_losses")
@@ -99,10 +100,10 @@ class HeadPopulation(keras.Model):
             outputs[k] = self.heads[k](features, training=training)
         return outputs
 
-    def write_back(self) -> None:
-        """Each stacked head's current weights into its own head model (the others train in place)."""
-        for _, stack in self.stacks:
-            stack.write_back()
+    def write_back(self, heads: list[int]) -> None:
+        """These stacked heads' current weights into their own head models (the others train in place)."""
+        for members, stack in self.stacks:
+            stack.write_back([i for i, k in enumerate(members) if k in heads])
 
     @property
     def metrics(self):
@@ -186,7 +187,8 @@ class EachHeadsBest(keras.callbacks.Callback):
         self.model.stop_training = not any(self.running)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.model.write_back()  # stacked heads' weights into their own models, for their KeepBest
+        # the running stacked heads' weights into their own models, for their KeepBest
+        self.model.write_back([k for k, running in enumerate(self.running) if running])
         for k, (head, keeper) in enumerate(zip(self.heads, self.keepers)):
             if not self.running[k]:
                 continue
@@ -199,8 +201,7 @@ class EachHeadsBest(keras.callbacks.Callback):
                 self.running[k] = False
         self.model.stop_training = not any(self.running)
 
-    def on_train_end(self, logs=None):
-        self.model.write_back()
+    def on_train_end(self, logs=None):  # every head ends on weights its KeepBest or its start kept
         for head, keeper, start in zip(self.heads, self.keepers, self.starts):
             keeper.on_train_end()  # each head's best weights (its start, on a probe start that was not beaten)
             if start is not None:

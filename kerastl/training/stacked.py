@@ -73,13 +73,11 @@ class StackedDense(layers.Layer):
         outputs = ops.matmul(inputs, self.kernel) + self.bias
         return self.activation(outputs) if activate else outputs
 
-    def write_back(self, denses: list[layers.Dense]) -> None:
-        """Puts each head's slice back into its own Dense layer."""
-        kernel, bias = np.asarray(self.kernel), np.asarray(self.bias)
-        for k, dense in enumerate(denses):
-            dense.kernel.assign(kernel[k])
-            if dense.use_bias:
-                dense.bias.assign(bias[k, 0])
+    def write_back(self, position: int, dense: layers.Dense) -> None:
+        """Puts the slice at `position` (one head's) back into that head's own Dense layer."""
+        dense.kernel.assign(self.kernel[position])
+        if dense.use_bias:
+            dense.bias.assign(self.bias[position, 0])
 
 
 class StackedRate(keras.optimizers.schedules.LearningRateSchedule):
@@ -138,8 +136,8 @@ class HeadStack:
         last = self.layers[-1]
         return [last.activation(logits) for logits in ops.unstack(last(x, activate=False), len(self.classifiers))]
 
-    def write_back(self) -> None:
-        """Each head's weights as they are now, into its own classifier's layers."""
-        per_layer = zip(*(classifier.head_dense_layers() for classifier in self.classifiers))
-        for layer, denses in zip(self.layers, per_layer):
-            layer.write_back(list(denses))
+    def write_back(self, positions: list[int]) -> None:
+        """The weights of the heads at `positions` (in this stack) as they are now, into their classifiers."""
+        for position in positions:
+            for layer, dense in zip(self.layers, self.classifiers[position].head_dense_layers()):
+                layer.write_back(position, dense)
