@@ -108,8 +108,11 @@ def test_two_workers_train_head_only_trials_as_populations_and_all_end(tmp_path)
     texts = [(logs / f"{worker}.log").read_text() for worker in ("tuner0", "tuner1")]
     started = [t for text in texts for t in _started(re.sub(r"^\S+ \S+ kerastl\.tune\.tuner ", "", text, flags=re.M))]
     assert sorted(started) == [str(i) for i in range(6)], started  # every trial exactly once over both workers
-    # the first claims of both workers make populations of 2; the last trials may run alone, by timing
+    # a claim takes 2 trials unless the oracle runs out after its first: when both workers claim at the
+    # end, each may get one of the last 2 trials, which then runs alone; every other trial is in a pair
     assert any("heads at once" in text for text in texts) and not any("failed" in text for text in texts)
     trials = json.loads((tmp_path / "p" / "trials.json").read_text())
-    assert [t["status"] for t in trials] == ["COMPLETED"] * 6 and 2 in {t["population"] for t in trials}
+    populations = [t["population"] for t in trials]
+    assert [t["status"] for t in trials] == ["COMPLETED"] * 6
+    assert set(populations) <= {2, None} and populations.count(2) >= 4, populations
     assert (tmp_path / "export" / "saved_model.pb").exists()
