@@ -85,7 +85,8 @@ def across_pretrainings(args: argparse.Namespace, work: Path) -> list[str]:
             run, spent = timed(transfer, file, data, None, seed, args.backbone)
             probes = probe_accuracies(file, data, args.backbone)
             rows.append({"defaults": run.metrics["test_accuracy"], "s": spent, **probes,
-                         "chosen": f"{run.config.model.features} d{run.config.train.unfreeze_blocks}"})
+                         "chosen": f"{run.config.model.features} d{run.config.train.unfreeze_blocks} "
+                                   f"e{run.metrics.get('cv_fine_tune_epochs', 0):.0f}"})
             print(f"  {per_class} per class, pretraining {seed}: defaults {rows[-1]['defaults']:.3f} "
                   f"({rows[-1]['chosen']}), all-block probe {probes['all_fixed']:.3f}", flush=True)
         mean = {key: float(np.mean([r[key] for r in rows])) for key in ("defaults", "s", "all_fixed", "all",

@@ -15,7 +15,7 @@ from PIL import Image
 
 from kerastl.config import RunConfig
 from kerastl.errors import KerastlError
-from kerastl.features.probe import BlockCurve
+from kerastl.features.blocks import BlockCurve
 from kerastl.reports import plots
 from kerastl.reports.card import model_card, write_model_card
 from kerastl.reports.facts import usage_snippet

@@ -13,8 +13,12 @@ from sklearn.preprocessing import StandardScaler
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from kerastl.data.images import from_arrays, load_digits
 from kerastl.errors import KerastlError
-from kerastl.features.probe import choose_blocks, probe_blocks, unfreeze_depth
+from kerastl.features.blocks import DEFAULT_DEPTH, probe_blocks, unfreeze_depth
+from kerastl.features.noise import Estimate, decide, repeated_folds
 from kerastl.models.backbones import build_backbone
+from kerastl.training.compile import compile_classifier
+from kerastl.training.crossval import fine_tune_epochs
+from kerastl.training.phases import START_LOSS
 from kerastl.models.classifier import build_classifier
 from kerastl.models.export import export_saved_model
 from kerastl.runs.folder import load_model
@@ -102,13 +106,69 @@ def test_auto_keeps_the_output_when_it_reads_best():
     signal = np.eye(4)[labels] * 3 + rng.normal(size=(120, 4))  # block 3, the output: all of it
     curve = probe_blocks(np.concatenate([noise, signal], axis=1), labels, [12, 12, 4], ["a", "b", "c"])
     assert curve.chosen == [3] and curve.accuracy[2] > 0.9 > max(curve.accuracy[:2])
-    # a tie, or an advantage within the margin, keeps the output
-    assert choose_blocks([0.80, 0.805, 0.80], [0.5, 0.4, 0.5], 0.805, 0.4) == [3]
-    assert choose_blocks([0.90, 0.70, 0.80], [0.3, 0.6, 0.5], 0.85, 0.4) == [1]
-    assert choose_blocks([0.70, 0.70, 0.80], [0.6, 0.6, 0.5], 0.90, 0.3) == [1, 2, 3]
-    assert unfreeze_depth([0.5, 0.6, 0.9], [3]) == 2  # the output reads best: the last two blocks
-    assert unfreeze_depth([0.9, 0.6, 0.5, 0.4, 0.3], [1, 2, 3, 4, 5]) == 5  # all read, block 1 best: all of them
-    assert unfreeze_depth([0.5, 0.6, 0.9, 0.7, 0.3], [3]) == 2  # block 3 alone: it and the one before
+    assert curve.unfreeze_blocks == DEFAULT_DEPTH and "scores best" in curve.rule
+
+
+def _weak_blocks(seed: int, per_class: int, strong: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Six blocks of 8 features, each with the same weak class signal in 4 of them (or, with `strong`,
+    that block alone with a strong signal and the others none), 5 classes."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(5), per_class)
+    blocks = []
+    for b in range(1, 7):
+        signal = 0.0 if strong not in (None, b) else 4.0 if strong == b else 0.8
+        blocks.append(np.concatenate([np.eye(5)[labels][:, :4] * signal + rng.normal(size=(len(labels), 4)),
+                                      rng.normal(size=(len(labels), 4))], axis=1))
+    return np.concatenate(blocks, axis=1), labels
+
+
+@pytest.mark.parametrize("seed", [4, 9])
+def test_a_block_that_wins_the_folds_by_chance_keeps_the_robust_reading(seed):
+    features, labels = _weak_blocks(seed, per_class=3)  # every block alike: any winner wins by chance
+    curve = probe_blocks(features, labels, [8] * 6, list("abcdef"))
+    best = int(np.argmax(curve.accuracy))
+    assert best != 5 and curve.accuracy[best] > curve.accuracy[-1] + 0.1  # the old margin (0.01) would switch
+    assert curve.chosen in ([6], [1, 2, 3, 4, 5, 6])  # the output, or all blocks: never the lucky block
+    assert f"block {best + 1} within noise" in curve.rule and "kept" in curve.rule
+    assert curve.unfreeze_blocks == DEFAULT_DEPTH
+    assert all(se > 0 for se in curve.accuracy_se) and curve.splits.startswith("5x 3-fold on 15 images")
+    recorded = curve.to_dict()
+    assert recorded["rule"] == curve.rule and recorded["blocks"][best]["accuracy_se"] == curve.accuracy_se[best]
+    assert "+-" in curve.summary() and curve.rule in curve.summary()
+
+
+def test_a_truly_dominant_block_is_chosen_and_deepens_fine_tuning():
+    features, labels = _weak_blocks(0, per_class=5, strong=2)  # block 2 carries the signal, the others noise
+    curve = probe_blocks(features, labels, [8] * 6, list("abcdef"))
+    assert curve.chosen == [2] and "block 2 beats all blocks" in curve.rule  # all beat the output, block 2 all
+    assert curve.unfreeze_blocks == DEFAULT_DEPTH  # block 2 read and best: it and the one before
+    # read with the output's noise, block 2 beating block 6 by far: fine-tuning reaches back to block 2
+    estimates = {f"block {b}": Estimate.of([(a, 1.0 - a)] * 3) for b, a in enumerate([0.4, 0.9, 0.5, 0.4, 0.4, 0.3],
+                                                                                      start=1)}
+    splits = repeated_folds(np.repeat(np.arange(3), 3), 3, repeats=1)
+    estimates = {name: Estimate(e.accuracy + np.array([0.0, 0.05, -0.05]), e.loss) for name, e in estimates.items()}
+    assert unfreeze_depth(estimates, [6], splits)[0] == 5
+
+
+def test_choices_break_ties_by_loss_and_need_more_than_the_noise():
+    flat = np.array([0.5, 0.7, 0.6])
+    estimates = {"robust": Estimate(flat, np.full(3, 0.9)), "a": Estimate(flat, np.full(3, 0.8)),
+                 "b": Estimate(flat + 0.05, np.full(3, 1.0))}
+    assert decide({"robust": estimates["robust"], "a": estimates["a"]}, "robust", 0.5).best == "a"  # a tie: loss
+    decision = decide(estimates, "robust", 0.5)
+    assert decision.best == "b" and decision.chosen == "b"  # the same gain on every split: no noise
+    noisy = {**estimates, "b": Estimate(flat + np.array([0.3, -0.2, 0.1]), np.full(3, 1.0))}
+    assert decide(noisy, "robust", 0.5).chosen == "robust"
+    assert not repeated_folds(np.array([0, 1, 2, 2])).splits  # one image in some class: nothing to estimate
+    loo = repeated_folds(np.repeat(np.arange(3), 2))  # k-fold would leave one image per class to train on
+    assert loo.kind == "leave-one-out" and len(loo) == 6
+    assert repeated_folds(np.repeat(np.arange(5), 10)).describe(50) == "3x 5-fold on 50 images"
+
+
+def test_one_image_per_class_reads_the_robust_reading():
+    features, labels = _weak_blocks(0, per_class=1, strong=2)
+    curve = probe_blocks(features, labels, [8] * 6, list("abcdef"))
+    assert curve.chosen == [6] and curve.folds == 0 and "too few images" in curve.rule
 
 
 def test_fine_tuning_depth_counts_back_from_the_deepest_block_read():
@@ -217,3 +277,34 @@ def test_folds_of_different_sizes_fine_tune_for_the_same_epochs(monkeypatch):
     assert [len(accuracy) for _, accuracy in curves] == [seen["epochs"] + 1] * 5
     if result.history.phase2 is not None:  # the mean curve over folds, when fine-tuning kept its changes
         assert len(result.history.phase2.history["cv_loss"]) == seen["epochs"] + 1
+
+
+def test_fine_tuning_runs_only_when_the_folds_agree_it_helps_and_for_the_fewest_epochs_within_noise():
+    steady = np.array([[1.00, 0.80, 0.70, 0.69], [1.10, 0.85, 0.74, 0.76], [0.90, 0.70, 0.61, 0.60]])
+    epochs, rule = fine_tune_epochs(steady, 0.5)
+    assert epochs == 2 and "one SE" in rule  # epoch 3 is lowest on average, epoch 2 within its noise
+    noisy = np.array([[1.0, 0.5], [1.0, 1.3], [1.0, 0.9]])  # lower on average, higher in one fold of three
+    epochs, rule = fine_tune_epochs(noisy, 0.5)
+    assert epochs == 0 and "within noise" in rule
+    assert fine_tune_epochs(np.array([[0.5, 0.6], [0.5, 0.7]]), 1.0)[0] == 0
+
+
+@pytest.mark.parametrize("settings", [
+    {},  # the defaults
+    {"label_smoothing": 0.1, "learning_rate": 0.1},  # epochs that can only make it worse: they are undone
+])
+def test_a_probe_start_never_ends_phase_one_with_a_higher_validation_loss_than_the_probe(settings):
+    _, data = digits(40, test=False)
+    model = frozen_random(SIZE, dropout=0.5)  # training-mode noise on the features
+    train = TrainConfig(fine_tune_epochs=0, validation="holdout", epochs=8, patience=3, **settings)
+    result = run_training(RunConfig(DataConfig(augment="light"), model, train), data=data, verbose=0, save="none")
+    history = result.history.phase1.history
+    probe_loss = history[START_LOSS][0]
+    head = result.model.head_model()
+    compile_classifier(head, result.config.train)  # the validation loss as phase 1 compiled it
+    plain = result.plan.inputs.cached[1]
+    ended = head.evaluate(plain.features[0], plain.labels, verbose=0, return_dict=True)["loss"]
+    assert ended <= probe_loss + 1e-5
+    assert ended == pytest.approx(min([probe_loss, *history["val_loss"]]), abs=1e-5)  # the best of them kept
+    if settings:
+        assert len(result.history.phase1.epoch) == 3 and min(history["val_loss"]) > probe_loss  # patience: worse

@@ -30,7 +30,7 @@ from sklearn.preprocessing import StandardScaler
 
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from kerastl.data.images import ImageData, from_arrays, load_digits
-from kerastl.features.probe import block_columns
+from kerastl.features.blocks import block_columns
 from kerastl.models.classifier import build_classifier
 from kerastl.models.export import load_export
 from kerastl.runs.folder import BACKBONE_WEIGHTS

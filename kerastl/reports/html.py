@@ -215,7 +215,9 @@ def _training_section(run: RunFiles) -> str:
         _facts(phases(run)),
         _figure(_png(plots.plot_path(run.folder, "curves")), "training curves", "loss and accuracy per epoch, by phase"),
         _figure(_png(plots.plot_path(run.folder, "probe")), "probe curve",
-                f"linear-probe accuracy per block ({probe.get('folds', '?')}-fold); the head reads block(s) {chosen}"),
+                f"linear-probe accuracy per block ({probe.get('splits') or str(probe.get('folds', '?')) + '-fold'}, "
+                f"bars: one standard error); the head reads block(s) {chosen}"
+                + (f" ({probe['rule']})" if probe.get("rule") else "")),
         "" if run.history else f'<p class="note">Training history: {NOT_RECORDED}.</p>'])
 
 

@@ -227,13 +227,17 @@ def plot_class_counts(counts: dict[str, list[int]], class_names: list[str], path
 
 
 def plot_probe_curve(accuracy: list[float], all_accuracy: float, chosen: list[int], folds: int,
-                     path: Target) -> Path | BinaryIO:
-    """A PNG of the probe accuracy per block, all blocks as a line, and the blocks the head reads."""
+                     path: Target, se: list[float] | None = None, all_se: float | None = None) -> Path | BinaryIO:
+    """A PNG of the probe accuracy per block (with its standard error `se`, as bars), all blocks as a
+    line (its band: `all_se`), and the blocks the head reads."""
     blocks = np.arange(1, len(accuracy) + 1)
     figure = Figure(figsize=(max(5.0, 0.35 * len(blocks) + 2), 3.2), dpi=DPI)
     axes = figure.subplots()
-    axes.plot(blocks, accuracy, marker="o", label="one block")
+    axes.errorbar(blocks, accuracy, yerr=None if se is None else np.nan_to_num(se), marker="o", capsize=3,
+                  label="one block")
     axes.axhline(all_accuracy, color="tab:green", linestyle="--", label="all blocks")
+    if all_se is not None and np.isfinite(all_se):
+        axes.axhspan(all_accuracy - all_se, all_accuracy + all_se, color="tab:green", alpha=0.12)
     axes.scatter(chosen, [accuracy[b - 1] for b in chosen], s=120, facecolors="none", edgecolors="tab:red",
                  label="read by the head", zorder=3)
     axes.set_xlabel("block (the last is the backbone's output)")
@@ -320,6 +324,7 @@ def draw_run_plots(folder: str | Path) -> list[Path]:
         drawn.append(plot_reliability(evaluation["reliability"], evaluation["ece"], plot_path(folder, "reliability")))
     if probe is not None:
         accuracy = [block["accuracy"] for block in probe["blocks"]]
+        se = [block.get("accuracy_se", float("nan")) for block in probe["blocks"]]  # 0.2's probe.json: none
         drawn.append(plot_probe_curve(accuracy, probe["all"]["accuracy"], probe["chosen"], probe["folds"],
-                                      plot_path(folder, "probe")))
+                                      plot_path(folder, "probe"), se, probe["all"].get("accuracy_se")))
     return drawn

@@ -39,7 +39,7 @@ from kerastl.config import DataConfig, RunConfig
 from kerastl.data.images import load_data
 from kerastl.errors import KerastlError
 from kerastl.features.cache import weights_digest
-from kerastl.features.probe import BlockCurve
+from kerastl.features.blocks import BlockCurve
 from kerastl.models.classifier import TransferClassifier, build_classifier
 from kerastl.models.export import CONFIG_FILE, export_saved_model, read_labels, write_labels
 from kerastl.models.litert import LITE_FILE, REPRESENTATIVE_IMAGES, LiteExport, check_quantize, export_litert

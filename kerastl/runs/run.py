@@ -11,6 +11,7 @@ KerasTuner hands it, writing nothing). Trials trained as a population go through
 from __future__ import annotations
 
 import copy
+import dataclasses
 import errno
 import logging
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from kerastl.data.augment import mixes_labels, parse_augment
 from kerastl.data.images import ImageData, load_data
 from kerastl.errors import KerastlError
 from kerastl.features.cache import CachedFeatures
-from kerastl.features.probe import BlockCurve
+from kerastl.features.blocks import BlockCurve
 from kerastl.models.classifier import TransferClassifier
 from kerastl.runs.checks import resolve_run_config
 from kerastl.runs.folder import LOGS, write_run_folder
@@ -207,6 +208,9 @@ def execute(plan: RunPlan, config: RunConfig, verbose: int | str = "auto",
         metrics.update(score(*predicted, "test_"))
         held = ("test", data.test, predicted)
     log.debug("metrics: %s", metrics)
+    curve = inputs.curve
+    if curve is not None and history.fine_tune_rule is not None:
+        curve = dataclasses.replace(curve, fine_tune_rule=history.fine_tune_rule)
     evaluation = wrong = None
     if save == "export" and held is not None:  # the held-out split's full evaluation, for the report
         name, split, (probabilities, labels) = held
@@ -220,12 +224,12 @@ def execute(plan: RunPlan, config: RunConfig, verbose: int | str = "auto",
     class_names = None if data is None else data.class_names
     if save != "none":
         write_run_folder(folder, model, class_names, config, history, metrics, export=save == "export",
-                         backbone_digest=inputs.backbone_digest, curve=inputs.curve, logs=logs,
+                         backbone_digest=inputs.backbone_digest, curve=curve, logs=logs,
                          evaluation=evaluation, wrong_images=wrong, plan=plan.to_dict(),
                          data=describe_data(data, config.data, plan.validation_mode, plan.folds)
                          if save == "export" else None)
     return RunResult(model, history, class_names, metrics, folder if save != "none" else None, config,
-                     reused_head=plan.head_start == "stored", curve=inputs.curve, plan=plan)
+                     reused_head=plan.head_start == "stored", curve=curve, plan=plan)
 
 
 def _head_predictions(model: TransferClassifier, validation: CachedFeatures) -> tuple[np.ndarray, np.ndarray]:

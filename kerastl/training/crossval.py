@@ -36,6 +36,7 @@ from kerastl.data.pipelines import budget_steps, is_mixed, skip_epochs, training
 from kerastl.errors import KerastlError
 from kerastl.features.batches import feature_batches
 from kerastl.features.cache import CachedFeatures
+from kerastl.features.noise import corrected_se, z_for
 from kerastl.features.probe import ProbeFit, fit_probe, rows_of
 from kerastl.models.classifier import TransferClassifier
 from kerastl.storage import replace_file
@@ -116,7 +117,8 @@ def train_cross_validated(
     fine = phases[1] if len(phases) > 1 else None
     if not folds or not unfreeze_top(model, fine, config.unfreeze_from):
         if not folds:
-            log.info("too few images per class to cross-validate: no fine-tuning")
+            result.fine_tune_rule = "too few images per class to cross-validate fine-tuning: none"
+            log.info("no fine-tuning: %s", result.fine_tune_rule)
         model.freeze_backbone()
         return result, estimate
     start = model.get_weights()
@@ -133,7 +135,8 @@ def train_cross_validated(
             continue
         model.set_weights(start)
         x, y = rows_of(views, labels, train, data_config.seed)  # the fold's own probe: its held-out images stay unseen
-        start_head(model, fit_probe(x, y, probe.c, num_classes, model.binary, class_weight=class_weights))
+        start_head(model, fit_probe(x, y, probe.c, num_classes, model.binary, class_weight=class_weights,
+                                     widths=probe.widths))
         batches = pipeline(train)
         extra = compile_fine_tuning(model, config, batches, fine)  # a fresh optimizer for every fold
         held_split = split_of_arrays(images[held], labels[held], model.image_size)
@@ -145,18 +148,19 @@ def train_cross_validated(
         _keep_fold(backup_dir, number, curves[-1])
         log.info("fine-tuning fold %d/%d: held-out loss %.4f -> best %.4f", number, len(folds),
                  curves[-1][0][0], min(curves[-1][0]))
-    losses = np.mean([c[0] for c in curves], axis=0)
+    per_fold = np.array([c[0] for c in curves])  # [fold, epoch] held-out losses
+    losses = per_fold.mean(axis=0)
     accuracies = np.array([c[1] for c in curves])
-    best = int(np.argmin(losses))
+    best, rule = fine_tune_epochs(per_fold, held_fraction(folds))
+    result.fine_tune_rule = rule
     result.phase2 = history_of({"cv_loss": list(losses), "cv_accuracy": list(accuracies.mean(axis=0))})
     model.set_weights(start)
     if best == 0:
-        log.info("fine-tuning did not lower the cross-validated loss (%.4f): phase 1 is kept", losses[0])
+        log.info("no fine-tuning: %s", rule)
         model.freeze_backbone()
         result.phase2 = None
         return result, estimate
-    log.info("fine-tuning for %d epochs lowers the cross-validated loss %.4f -> %.4f", best, losses[0],
-             losses[best])
+    log.info("fine-tuning for %d epochs: %s", best, rule)
     everything = pipeline(np.arange(len(labels)))
     # the folds' timetable (schedule, openings), stopped at the best epoch they found
     extra = compile_fine_tuning(model, config, everything, fine, validated=False)
@@ -166,6 +170,33 @@ def train_cross_validated(
     estimate.update(cv_loss=float(losses[best]), cv_accuracy=float(accuracies[:, best].mean()),
                     cv_accuracy_std=float(accuracies[:, best].std()), cv_fine_tune_epochs=float(best))
     return result, estimate
+
+
+def held_fraction(folds: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """n_held / n_train of the folds (Nadeau and Bengio's correction, `kerastl.features.noise`)."""
+    return float(np.mean([len(held) / max(len(train), 1) for train, held in folds]))
+
+
+def fine_tune_epochs(per_fold: np.ndarray, fraction: float, z: float = z_for(2)) -> tuple[int, str]:
+    """Phase 2's length from the folds' held-out losses [fold, epoch] (epoch 0: phase 1 alone), and why.
+
+    No phase 2 (the robust choice) unless the epoch of lowest mean loss beats epoch 0 by more than
+    `z` corrected standard errors of their paired difference over folds; then the fewest epochs whose
+    loss is within one such standard error of that minimum (Breiman's one-standard-error rule).
+    """
+    losses = per_fold.mean(axis=0)
+    best = int(np.argmin(losses))
+    if best == 0:
+        return 0, f"fine-tuning did not lower the cross-validated loss ({losses[0]:.4f})"
+    gain, se = float(losses[0] - losses[best]), corrected_se(per_fold[:, 0] - per_fold[:, best], fraction)
+    if not gain > z * se:
+        return 0, f"its best, {losses[best]:.4f} after {best} epochs, is within noise of phase 1's " \
+                  f"{losses[0]:.4f} (gain {gain:.4f}, SE {se:.4f})"
+    shortest = next(e for e in range(1, best + 1)
+                    if losses[e] - losses[best] <= np.nan_to_num(corrected_se(per_fold[:, e] - per_fold[:, best],
+                                                                              fraction)))
+    return shortest, f"cross-validated loss {losses[0]:.4f} -> {losses[shortest]:.4f} (the fewest epochs within " \
+                     f"one SE of the best, {losses[best]:.4f} after {best}; gain {gain:.4f} > {z:.2f} SE {se:.4f})"
 
 
 def cross_validate(model: TransferClassifier, data: ImageData, phases: tuple[PhasePlan, ...],

@@ -21,7 +21,7 @@ import keras
 import tensorflow as tf
 
 from kerastl.config import PhaseConfig, TrainConfig
-from kerastl.features.probe import DEFAULT_DEPTH
+from kerastl.features.blocks import DEFAULT_DEPTH
 from kerastl.training.callbacks import EpochSnapshots, KeepBest, StopOnNaN, restore_snapshot
 
 PHASES = ("head", "fine_tune", "scratch")  # the head on a frozen base, fine-tuning, or every layer from scratch

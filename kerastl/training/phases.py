@@ -51,10 +51,12 @@ START_LOSS = "start_val_loss"  # phase 1's starting (probe) loss, in its history
 
 @dataclass
 class TrainResult:
-    """The Keras histories of both phases (phase2 is None when there was none)."""
+    """The Keras histories of both phases (phase2 is None when there was none), and on small data
+    the rule that decided whether phase 2 ran and for how long (`kerastl.training.crossval`)."""
 
     phase1: keras.callbacks.History
     phase2: keras.callbacks.History | None = None
+    fine_tune_rule: str | None = None
 
     def to_dict(self) -> dict[str, dict[str, list[float]]]:
         """Both histories as plain lists, with the epochs each phase ran."""
