@@ -17,7 +17,7 @@ from kerastl.features.blocks import DEFAULT_DEPTH, probe_blocks, unfreeze_depth
 from kerastl.features.noise import Estimate, decide, repeated_folds
 from kerastl.models.backbones import build_backbone
 from kerastl.training.compile import compile_classifier
-from kerastl.training.crossval import fine_tune_epochs
+from kerastl.training.crossval import choose_fine_tune_epochs
 from kerastl.training.phases import START_LOSS
 from kerastl.models.classifier import build_classifier
 from kerastl.models.export import export_saved_model
@@ -169,6 +169,15 @@ def test_one_image_per_class_reads_the_robust_reading():
     features, labels = _weak_blocks(0, per_class=1, strong=2)
     curve = probe_blocks(features, labels, [8] * 6, list("abcdef"))
     assert curve.chosen == [6] and curve.folds == 0 and "too few images" in curve.rule
+    fixed = probe_blocks(features, labels, [8] * 6, list("abcdef"), fixed=[2, 4])  # features set by the user
+    assert fixed.chosen == [2, 4] and "features setting" in fixed.rule and fixed.unfreeze_blocks == DEFAULT_DEPTH
+
+
+def test_blocks_set_by_the_user_are_read_and_the_depth_counts_back_from_them():
+    features, labels = _weak_blocks(0, per_class=5, strong=2)
+    curve = probe_blocks(features, labels, [8] * 6, list("abcdef"), fixed=[5])
+    assert curve.chosen == [5] and "features setting" in curve.rule
+    assert curve.unfreeze_blocks == 4 and "from block 2" in curve.depth_rule  # block 2 beats block 5: 2..5
 
 
 def test_fine_tuning_depth_counts_back_from_the_deepest_block_read():
@@ -280,13 +289,13 @@ def test_folds_of_different_sizes_fine_tune_for_the_same_epochs(monkeypatch):
 
 
 def test_fine_tuning_runs_only_when_the_folds_agree_it_helps_and_for_the_fewest_epochs_within_noise():
-    steady = np.array([[1.00, 0.80, 0.70, 0.69], [1.10, 0.85, 0.74, 0.76], [0.90, 0.70, 0.61, 0.60]])
-    epochs, rule = fine_tune_epochs(steady, 0.5)
-    assert epochs == 2 and "one SE" in rule  # epoch 3 is lowest on average, epoch 2 within its noise
+    steady = np.array([[1.00, 0.80, 0.70, 0.67], [1.10, 0.85, 0.74, 0.76], [0.90, 0.70, 0.61, 0.57]])
+    epochs, rule = choose_fine_tune_epochs(steady, 0.5)
+    assert epochs == 2 and "after 3" in rule  # epoch 3 is lowest on average, epoch 2 within its noise
     noisy = np.array([[1.0, 0.5], [1.0, 1.3], [1.0, 0.9]])  # lower on average, higher in one fold of three
-    epochs, rule = fine_tune_epochs(noisy, 0.5)
+    epochs, rule = choose_fine_tune_epochs(noisy, 0.5)
     assert epochs == 0 and "within noise" in rule
-    assert fine_tune_epochs(np.array([[0.5, 0.6], [0.5, 0.7]]), 1.0)[0] == 0
+    assert choose_fine_tune_epochs(np.array([[0.5, 0.6], [0.5, 0.7]]), 1.0)[0] == 0
 
 
 @pytest.mark.parametrize("settings", [

@@ -71,6 +71,7 @@ class BlockCurve:
                 "fine_tune_rule": self.fine_tune_rule}
 
     def reading(self) -> str:
+        """The blocks read, in words."""
         last = len(self.names)
         return ("the backbone's output" if self.chosen == [last] else "all blocks" if len(self.chosen) == last
                 else "block " + ",".join(map(str, self.chosen)))
@@ -89,13 +90,14 @@ class BlockCurve:
 
 
 def probe_blocks(features: np.ndarray, labels: np.ndarray, widths: list[int], names: list[str],
-                 folds: int = 5, seed: int = 0) -> BlockCurve:
+                 folds: int = 5, seed: int = 0, fixed: list[int] | None = None) -> BlockCurve:
     """Probes (fixed C) of each block's features and of their concatenation, on the same repeated folds.
 
     Args:
         features: [n, sum(widths)] pooled features of every block, in block order.
         widths: each block's width.
         names: each block's last layer.
+        fixed: the blocks the head reads when the user set them (the curve then only sets the depth).
     """
     if len(labels) > 300:  # three folds are enough to rank blocks when there are images to spare
         folds = min(folds, 3)
@@ -109,10 +111,11 @@ def probe_blocks(features: np.ndarray, labels: np.ndarray, widths: list[int], na
     last = len(widths)
     if not splits:  # nothing to cross-validate: the robust reading, at the default depth
         nan = [float("nan")] * last
-        return BlockCurve(names, nan, nan, float("nan"), float("nan"), robust_blocks(last), DEFAULT_DEPTH, 0,
-                          len(labels), nan, splits=splits.describe(len(labels)),
-                          rule=f"too few images per class to cross-validate: {ROBUST_WORDS[PRIOR]}, the robust "
-                               f"reading", depth_rule="the default")
+        rule = FIXED if fixed else f"too few images per class to cross-validate: {ROBUST_WORDS[PRIOR]}, the " \
+                                  f"robust reading"
+        return BlockCurve(names, nan, nan, float("nan"), float("nan"), list(fixed or robust_blocks(last)),
+                          DEFAULT_DEPTH, 0, len(labels), nan, splits=splits.describe(len(labels)), rule=rule,
+                          depth_rule="the default")
     candidates = {f"block {b}": (block_columns(widths, [b]), None) for b in range(1, last + 1)}
     candidates[ALL] = (np.arange(int(np.sum(widths))), tuple(widths))  # each block weighed alike (`Standardizer`)
     estimates = {name: Estimate.of([probe_scores(fit_probe(features[train][:, cols], labels[train], PROBE_C,
@@ -120,18 +123,21 @@ def probe_blocks(features: np.ndarray, labels: np.ndarray, widths: list[int], na
                                                  features[held][:, cols], labels[held])
                                     for train, held in splits])
                  for name, (cols, weigh) in candidates.items()}
-    decision = choose_blocks(estimates, splits)
-    chosen = blocks_of(decision.chosen, last)
+    rule, chosen = FIXED, list(fixed or [])
+    if not fixed:
+        decision = choose_blocks(estimates, splits)
+        rule, chosen = decision.rule, blocks_of(decision.chosen, last)
     depth, depth_rule = unfreeze_depth(estimates, chosen, splits)
     per_block = [estimates[f"block {b}"] for b in range(1, last + 1)]
     fraction = splits.held_fraction
     return BlockCurve(names, [e.mean for e in per_block], [e.mean_loss for e in per_block], estimates[ALL].mean,
                       estimates[ALL].mean_loss, chosen, depth, splits.k, len(labels),
                       [e.se(fraction) for e in per_block], estimates[ALL].se(fraction), splits.describe(len(labels)),
-                      decision.rule, depth_rule)
+                      rule, depth_rule)
 
 
 ROBUST_WORDS = {"output": "the backbone's output", "all": "all blocks"}
+FIXED = "the blocks the features setting names"
 
 
 def robust_blocks(last: int) -> list[int]:

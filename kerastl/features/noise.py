@@ -17,7 +17,8 @@ whether phase 2 runs and for how long) therefore follows one rule:
   best of m candidates is the one most flattered by chance, z is Bonferroni's for
   m - 1 one-sided comparisons at `ALPHA` (1.28 for one alternative, 2.13 for 6,
   2.39 for 12): when no candidate is better, the robust one is replaced in at most
-  about `ALPHA` of the choices.
+  about `ALPHA` of the decisions (a choice made in two steps, as the blocks are, in at
+  most about twice that).
 
 `Estimate` holds a candidate's per-split scores, `decide` applies the rule and
 says in words which part of it decided.
@@ -26,6 +27,7 @@ says in words which part of it decided.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +37,7 @@ from sklearn.model_selection import RepeatedStratifiedKFold
 ALPHA = 0.1  # how often a choice may leave the robust candidate when none is better
 MAX_REPEATS = 5  # repeats of k-fold at most ...
 TARGET_PREDICTIONS = 150  # ... and at least enough for this many held-out predictions per candidate
+MAX_LEAVE_ONE_OUT = 100  # images leave-one-out splits at most (one fit per image and candidate)
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class Splits:
     def __len__(self) -> int:
         return len(self.splits)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         return iter(self.splits)
 
     @property
@@ -59,6 +62,7 @@ class Splits:
         return len(held) / max(len(train), 1)
 
     def describe(self, images: int) -> str:
+        """The splits in words, as the summary line and `probe.json` show them."""
         if not self.splits:
             return f"no splits ({images} images)"
         if self.kind == "leave-one-out":
@@ -71,7 +75,8 @@ def repeated_folds(labels: np.ndarray, folds: int = 5, seed: int = 0, repeats: i
     """The splits every candidate of a choice is scored on.
 
     k is `folds`, or the smallest class's count when lower. When k-fold would leave fewer than 2 images
-    of the smallest class in training, leave-one-out instead; with a single image in some class, none.
+    of the smallest class in training, leave-one-out instead (it leaves every other class whole), up to
+    `MAX_LEAVE_ONE_OUT` images; above that, repeated 2-fold. With a single image in some class, none.
     `repeats` (default: enough for `TARGET_PREDICTIONS` held-out predictions, at most `MAX_REPEATS`).
     """
     labels = np.asarray(labels)
@@ -80,7 +85,7 @@ def repeated_folds(labels: np.ndarray, folds: int = 5, seed: int = 0, repeats: i
     if smallest < 2:
         return Splits([], "")
     k = min(folds, smallest)
-    if smallest - math.ceil(smallest / k) < 2:
+    if smallest - math.ceil(smallest / k) < 2 and len(labels) <= MAX_LEAVE_ONE_OUT:
         every = np.arange(len(labels))
         return Splits([(np.delete(every, i), np.array([i])) for i in every], "leave-one-out", len(labels), 1)
     if repeats is None:
@@ -115,9 +120,6 @@ class Estimate:
         """The corrected standard error of the mean accuracy."""
         return corrected_se(self.accuracy, held_fraction)
 
-    def to_dict(self, held_fraction: float) -> dict[str, float]:
-        return {"accuracy": self.mean, "accuracy_se": self.se(held_fraction), "loss": self.mean_loss}
-
 
 def corrected_se(values: np.ndarray, held_fraction: float) -> float:
     """Nadeau and Bengio's corrected standard error of the mean of per-split `values`."""
@@ -136,10 +138,6 @@ class Decision:
     margin: float  # best's mean accuracy minus the robust candidate's
     se: float  # corrected standard error of that paired difference
     rule: str
-
-    def to_dict(self) -> dict:
-        return {"chosen": self.chosen, "best": self.best, "margin": self.margin, "margin_se": self.se,
-                "rule": self.rule}
 
 
 def z_for(candidates: int, alpha: float = ALPHA) -> float:

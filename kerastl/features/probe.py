@@ -154,7 +154,8 @@ def probe_scores(fit: ProbeFit, x: np.ndarray, y: np.ndarray) -> tuple[float, fl
 
 def folds_of(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified k-fold (train, validation) image indices; k is at most the smallest class's count."""
-    k = min(folds, int(np.bincount(labels).min()))
+    present = np.bincount(labels)
+    k = min(folds, int(present[present > 0].min()))  # a class with no image is absent, not a class of 0
     if k < 2:
         return []
     return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels))

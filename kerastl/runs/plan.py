@@ -5,7 +5,7 @@
   labelled images) and the folds;
 - the class weights;
 - the blocks the head reads and the fine-tuning depth (`features="auto"` and
-  `unfreeze_blocks="auto"` are read off a probe curve on cached features, `kerastl.features.probe`);
+  `unfreeze_blocks="auto"` are read off a probe curve on cached features, `kerastl.features.blocks`);
 - the head's start: a head stored by an earlier search trial, a converged linear probe, or
   random (a hidden layer, or every layer from scratch);
 - a `PhasePlan` per phase: epochs raised to the step floor (not for a linear head that starts
@@ -18,7 +18,6 @@ executes the plan and writes `plan` into `config.json`.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -328,9 +327,8 @@ def _probe_blocks(model_config: ModelConfig, folds: int, seed: int, num_classes:
     x, y = (np.asarray(plain.features[0]), plain.labels) if mode == "cv" else (np.asarray(train.features[0]),
                                                                               train.labels)
     widths = model.block_widths(list(range(1, model.block_count() + 1)))
-    curve = copy.copy(once("curve", lambda: probe_blocks(x, y, widths, model.block_names(), folds, seed)))
-    if not choose:
-        curve.chosen = model.feature_blocks
+    fixed = None if choose else list(model.feature_blocks)
+    curve = once(f"curve {fixed}", lambda: probe_blocks(x, y, widths, model.block_names(), folds, seed, fixed))
     log.debug("%s", curve.summary())
     if curve.chosen != model.feature_blocks:
         model = build_classifier(model_config, num_classes, seed, backbone=model.backbone, feature_blocks=curve.chosen)

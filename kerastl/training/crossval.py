@@ -151,7 +151,7 @@ def train_cross_validated(
     per_fold = np.array([c[0] for c in curves])  # [fold, epoch] held-out losses
     losses = per_fold.mean(axis=0)
     accuracies = np.array([c[1] for c in curves])
-    best, rule = fine_tune_epochs(per_fold, held_fraction(folds))
+    best, rule = choose_fine_tune_epochs(per_fold, held_fraction(folds))
     result.fine_tune_rule = rule
     result.phase2 = history_of({"cv_loss": list(losses), "cv_accuracy": list(accuracies.mean(axis=0))})
     model.set_weights(start)
@@ -177,12 +177,16 @@ def held_fraction(folds: list[tuple[np.ndarray, np.ndarray]]) -> float:
     return float(np.mean([len(held) / max(len(train), 1) for train, held in folds]))
 
 
-def fine_tune_epochs(per_fold: np.ndarray, fraction: float, z: float = z_for(2)) -> tuple[int, str]:
+def choose_fine_tune_epochs(per_fold: np.ndarray, fraction: float, z: float = z_for(2)) -> tuple[int, str]:
     """Phase 2's length from the folds' held-out losses [fold, epoch] (epoch 0: phase 1 alone), and why.
 
     No phase 2 (the robust choice) unless the epoch of lowest mean loss beats epoch 0 by more than
     `z` corrected standard errors of their paired difference over folds; then the fewest epochs whose
     loss is within one such standard error of that minimum (Breiman's one-standard-error rule).
+
+    `z` is one comparison's (1.28), not Bonferroni's over the epochs: the epochs are one smooth,
+    ordered curve whose neighbours differ by a few optimizer steps, not independent candidates, and
+    a correction for 100 of them (z 3.1) would forbid fine-tuning on every small dataset.
     """
     losses = per_fold.mean(axis=0)
     best = int(np.argmin(losses))
