@@ -7,7 +7,7 @@ keeps the backbone's output unless all blocks, or then a single block, beat it b
 more than the noise; `unfreeze_depth` reads the fine-tuning depth off the same curve
 by the same rule.
 
-Why the output is the reading kept (`PRIOR`): across 3 pretrainings, 2 splits and 1
+Why the output is the reading kept: across 3 pretrainings, 2 splits and 1
 to 20 images per class, all blocks read 2 to 15 points below the output on
 `simple_cnn` (3 blocks) and 7 to 23 points above it on MobileNetV3Small (12 blocks).
 Neither is safe to keep blindly, and with one image per class, where nothing can be
@@ -27,10 +27,6 @@ from kerastl.features.probe import PROBE_C, RANK_TOL, fit_probe, probe_scores
 MAX_PROBE_IMAGES = 1000  # images the block probes cross-validate on
 DEFAULT_DEPTH = 2  # fine-tuning depth when the head reads the output, or when no probe curve chose
 ALL = "all blocks"
-# the reading kept unless another beats it by more than the noise, and the one read when nothing can be
-# estimated (one image per class). Measured across 3 pretrainings x 2 splits x 2 backbones x 1-20 images
-# per class: docs/architecture.md
-PRIOR = "output"
 
 
 def block_columns(widths: list[int], blocks: list[int]) -> np.ndarray:
@@ -111,18 +107,21 @@ def probe_blocks(features: np.ndarray, labels: np.ndarray, widths: list[int], na
     last = len(widths)
     if not splits:  # nothing to cross-validate: the robust reading, at the default depth
         nan = [float("nan")] * last
-        rule = FIXED if fixed else f"too few images per class to cross-validate: {ROBUST_WORDS[PRIOR]}, the " \
-                                  f"robust reading"
-        return BlockCurve(names, nan, nan, float("nan"), float("nan"), list(fixed or robust_blocks(last)),
+        rule = FIXED if fixed else "too few images per class to cross-validate: the backbone's output, the " \
+                                   "robust reading"
+        return BlockCurve(names, nan, nan, float("nan"), float("nan"), list(fixed or [last]),
                           DEFAULT_DEPTH, 0, len(labels), nan, splits=splits.describe(len(labels)), rule=rule,
                           depth_rule="the default")
-    candidates = {f"block {b}": (block_columns(widths, [b]), None) for b in range(1, last + 1)}
-    candidates[ALL] = (np.arange(int(np.sum(widths))), tuple(widths))  # each block weighed alike (`Standardizer`)
-    estimates = {name: Estimate.of([probe_scores(fit_probe(features[train][:, cols], labels[train], PROBE_C,
-                                                           num_classes, tol=RANK_TOL, widths=weigh),
-                                                 features[held][:, cols], labels[held])
-                                    for train, held in splits])
-                 for name, (cols, weigh) in candidates.items()}
+    edges = np.cumsum([0, *widths])
+    candidates = {f"block {b}": (slice(edges[b - 1], edges[b]), None) for b in range(1, last + 1)}
+    candidates[ALL] = (slice(0, edges[-1]), tuple(widths))  # each block weighed alike (`Standardizer`)
+    scores: dict[str, list] = {name: [] for name in candidates}
+    for train, held in splits:  # each split's rows taken once; a candidate's columns are a view of them
+        x, x_held = features[train], features[held]
+        for name, (cols, weigh) in candidates.items():
+            fit = fit_probe(x[:, cols], labels[train], PROBE_C, num_classes, tol=RANK_TOL, widths=weigh)
+            scores[name].append(probe_scores(fit, x_held[:, cols], labels[held]))
+    estimates = {name: Estimate.of(values) for name, values in scores.items()}
     rule, chosen = FIXED, list(fixed or [])
     if not fixed:
         decision = choose_blocks(estimates, splits)
@@ -136,13 +135,7 @@ def probe_blocks(features: np.ndarray, labels: np.ndarray, widths: list[int], na
                       rule, depth_rule)
 
 
-ROBUST_WORDS = {"output": "the backbone's output", "all": "all blocks"}
 FIXED = "the blocks the features setting names"
-
-
-def robust_blocks(last: int) -> list[int]:
-    """The blocks `PRIOR` reads, of a backbone with `last` blocks."""
-    return [last] if PRIOR == "output" else list(range(1, last + 1))
 
 
 def blocks_of(candidate: str, last: int) -> list[int]:
@@ -153,8 +146,8 @@ def blocks_of(candidate: str, last: int) -> list[int]:
 def choose_blocks(estimates: dict[str, Estimate], splits: Splits) -> Decision:
     """The reading the head takes, in two steps of `kerastl.features.noise.decide`.
 
-    1. The two readings chosen before any data, the backbone's output and all blocks: `PRIOR`,
-       unless the other beats it by more than the noise of one comparison.
+    1. The two readings chosen before any data, the backbone's output and all blocks: the output,
+       unless all blocks beat it by more than the noise of one comparison.
     2. A single block found by the probes replaces that only when it beats it by more than the noise
        of the best of them all (the multiple-comparison z).
 
@@ -162,7 +155,7 @@ def choose_blocks(estimates: dict[str, Estimate], splits: Splits) -> Decision:
     """
     last = sum(name.startswith("block ") for name in estimates)
     pair = {name: estimates[name] for name in (f"block {last}", ALL)}
-    first = decide(pair, f"block {last}" if PRIOR == "output" else ALL, splits.held_fraction)
+    first = decide(pair, f"block {last}", splits.held_fraction)
     second = decide(estimates, first.chosen, splits.held_fraction)
     if second.chosen != first.chosen or second.best not in pair:
         return Decision(second.chosen, second.best, second.margin, second.se, f"{first.rule}; {second.rule}")

@@ -57,9 +57,7 @@ class Splits:
 
     @property
     def held_fraction(self) -> float:
-        """n_held / n_train of one split (Nadeau and Bengio's correction)."""
-        train, held = self.splits[0]
-        return len(held) / max(len(train), 1)
+        return held_fraction(self.splits)
 
     def describe(self, images: int) -> str:
         """The splits in words, as the summary line and `probe.json` show them."""
@@ -69,6 +67,11 @@ class Splits:
             return f"leave-one-out on {images} images"
         times = f"{self.repeats}x " if self.repeats > 1 else ""
         return f"{times}{self.k}-fold on {images} images"
+
+
+def held_fraction(splits: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """n_held / n_train of (train, held-out) splits, on average: Nadeau and Bengio's correction."""
+    return float(np.mean([len(held) / max(len(train), 1) for train, held in splits]))
 
 
 def repeated_folds(labels: np.ndarray, folds: int = 5, seed: int = 0, repeats: int | None = None) -> Splits:

@@ -84,7 +84,6 @@ class ProbeFit:
     kernel: np.ndarray
     bias: np.ndarray
     estimate: dict[str, float] = field(default_factory=dict)
-    widths: tuple[int, ...] | None = None  # the widths of the blocks read, which weigh them (see `Standardizer`)
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         logits = self.standardizer(features) @ self.kernel + self.bias
@@ -143,7 +142,7 @@ def probe_path(x: np.ndarray, y: np.ndarray, cs, num_classes: int, binary: bool 
             warnings.simplefilter("ignore", ConvergenceWarning)
             model.set_params(C=c).fit(rows, y)
         kernel, bias = _dense_weights(model, num_classes, binary)
-        yield ProbeFit(standardizer, c, kernel, bias, widths=None if widths is None else tuple(widths))
+        yield ProbeFit(standardizer, c, kernel, bias)
 
 
 def probe_scores(fit: ProbeFit, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

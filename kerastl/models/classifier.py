@@ -184,6 +184,10 @@ class TransferClassifier(keras.Model):
         index = self._block_layers()
         return [int(self.backbone.layers[index[b - 1]].output.shape[-1]) for b in blocks]
 
+    def read_widths(self) -> tuple[int, ...]:
+        """The width of each block the head reads, in order (their standardisation weighs them by it)."""
+        return tuple(self.block_widths(self.feature_blocks))
+
     def _backbone_maps(self, images, blocks: list[int] | None = None) -> list:
         """The feature maps of `blocks` (default: those the head reads), BatchNorm in inference mode.
 

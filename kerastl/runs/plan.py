@@ -286,7 +286,7 @@ def _head_inputs(mc: ModelConfig, dc: DataConfig, tc: TrainConfig, data: ImageDa
     same = {**source, "binary": binary, "blocks": list(model.feature_blocks),
             "class_weights": None if class_weights is None else [float(w) for w in class_weights]}
     read = train.views  # the views phase 1 reads: every one, or the plain one when only it helps the probe
-    widths = block_weights(model)
+    widths = model.read_widths()
     if mode == "cv":
         folds = folds_of(plain.labels, tc.validation.cv_folds, dc.seed)
         probe, read = _shared(heads, same, lambda: views_or_plain(
@@ -301,12 +301,6 @@ def _head_inputs(mc: ModelConfig, dc: DataConfig, tc: TrainConfig, data: ImageDa
         train = CachedFeatures(train.features[:read], train.labels)
     return PlanInputs(model, cached=(train, plain), probe=probe, curve=curve, stored=stored, head_key=key,
                       backbone_digest=fingerprint["weights"], views=all_views, folds=folds)
-
-
-def block_weights(model: TransferClassifier) -> tuple[int, ...]:
-    """The widths that weigh the blocks a head reads in its standardisation (see
-    `kerastl.features.probe.Standardizer`)."""
-    return tuple(model.block_widths(model.feature_blocks))
 
 
 def _shared(heads: HeadStore | None, parts: dict, compute):
@@ -346,7 +340,7 @@ def _probe_pipelines(dc: DataConfig, model: TransferClassifier, train: tf.data.D
     x, y = extract(extractor, train.take(steps))
     xv, yv = extract(extractor, validation)
     return choose_c_holdout(x[None], y, xv, yv, model.num_classes, model.binary, dc.seed, class_weights,
-                            block_weights(model))
+                            model.read_widths())
 
 
 def _stored_head(heads: HeadStore, key: str, model: TransferClassifier) -> keras.callbacks.History | None:

@@ -36,7 +36,7 @@ from kerastl.data.pipelines import budget_steps, is_mixed, skip_epochs, training
 from kerastl.errors import KerastlError
 from kerastl.features.batches import feature_batches
 from kerastl.features.cache import CachedFeatures
-from kerastl.features.noise import corrected_se, z_for
+from kerastl.features.noise import corrected_se, held_fraction, z_for
 from kerastl.features.probe import ProbeFit, fit_probe, rows_of
 from kerastl.models.classifier import TransferClassifier
 from kerastl.storage import replace_file
@@ -136,7 +136,7 @@ def train_cross_validated(
         model.set_weights(start)
         x, y = rows_of(views, labels, train, data_config.seed)  # the fold's own probe: its held-out images stay unseen
         start_head(model, fit_probe(x, y, probe.c, num_classes, model.binary, class_weight=class_weights,
-                                     widths=probe.widths))
+                                     widths=model.read_widths()))
         batches = pipeline(train)
         extra = compile_fine_tuning(model, config, batches, fine)  # a fresh optimizer for every fold
         held_split = split_of_arrays(images[held], labels[held], model.image_size)
@@ -170,11 +170,6 @@ def train_cross_validated(
     estimate.update(cv_loss=float(losses[best]), cv_accuracy=float(accuracies[:, best].mean()),
                     cv_accuracy_std=float(accuracies[:, best].std()), cv_fine_tune_epochs=float(best))
     return result, estimate
-
-
-def held_fraction(folds: list[tuple[np.ndarray, np.ndarray]]) -> float:
-    """n_held / n_train of the folds (Nadeau and Bengio's correction, `kerastl.features.noise`)."""
-    return float(np.mean([len(held) / max(len(train), 1) for train, held in folds]))
 
 
 def choose_fine_tune_epochs(per_fold: np.ndarray, fraction: float, z: float = z_for(2)) -> tuple[int, str]:
