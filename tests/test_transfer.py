@@ -229,23 +229,23 @@ def test_small_data_cross_validates_and_large_data_holds_out():
 @pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
 @pytest.mark.parametrize("ratio", [0.01, 1000.0])
 def test_cross_validated_fine_tuning_keeps_its_changes_only_when_the_estimate_improves(ratio):
-    _, data = digits(4)
+    _, data = digits(8)  # at 4 per class a gentle rate's gain is within the noise of 4 folds, as it should be
     config = RunConfig(DataConfig(augment="none", batch_size=8),
                        frozen_random(SIZE),
                        TrainConfig(fine_tune_epochs=30, fine_tune_min_steps=0, unfreeze_blocks=1,
                                    learning_rate=0.01, fine_tune_lr_ratio=ratio))
     frozen = build_classifier(config.model, 5, DataConfig().seed).backbone.get_weights()  # as the run builds it
     result = run_training(config, data=data, verbose=0, save="none")
-    assert result.metrics["cv_folds"] == 4
+    assert result.metrics["cv_folds"] == 5
     phase2 = result.history.phase2
     if ratio > 1:  # a learning rate of 10 wrecks the backbone in every fold: phase 1 is kept, untouched
         assert phase2 is None and "cv_fine_tune_epochs" not in result.metrics
         for kept, before in zip(result.model.backbone.get_weights(), frozen):
             np.testing.assert_array_equal(kept, before)
-    else:  # a gentle one lowers the held-out loss: fine-tuning runs for the epochs at the curve's minimum
-        losses = phase2.history["cv_loss"]
+    else:  # a gentle one lowers the held-out loss beyond the noise: fine-tuning runs, for the fewest epochs
+        losses = phase2.history["cv_loss"]  # within one SE of the curve's minimum, so never past it
         chosen = int(result.metrics["cv_fine_tune_epochs"])
-        assert 0 < chosen <= 30 and losses[chosen] == min(losses) < losses[0]
+        assert 0 < chosen <= int(np.argmin(losses)) and losses[chosen] < losses[0]
         assert result.metrics["cv_loss"] == pytest.approx(losses[chosen])
 
 
@@ -296,6 +296,8 @@ def test_fine_tuning_runs_only_when_the_folds_agree_it_helps_and_for_the_fewest_
     epochs, rule = choose_fine_tune_epochs(noisy, 0.5)
     assert epochs == 0 and "within noise" in rule
     assert choose_fine_tune_epochs(np.array([[0.5, 0.6], [0.5, 0.7]]), 1.0)[0] == 0
+    wild = np.array([[1.0, 0.3, 0.9, 0.60], [1.0, 1.9, 0.9, 0.62], [1.0, 1.1, 0.9, 0.58]])  # epoch 1: worse, noisy
+    assert choose_fine_tune_epochs(wild, 0.5)[0] == 3  # never an epoch that scores worse than phase 1
 
 
 @pytest.mark.parametrize("settings", [

@@ -177,7 +177,8 @@ def choose_fine_tune_epochs(per_fold: np.ndarray, fraction: float, z: float = z_
 
     No phase 2 (the robust choice) unless the epoch of lowest mean loss beats epoch 0 by more than
     `z` corrected standard errors of their paired difference over folds; then the fewest epochs whose
-    loss is within one such standard error of that minimum (Breiman's one-standard-error rule).
+    loss is within one standard error of that minimum (Breiman's one-standard-error rule) and that
+    themselves beat epoch 0 by more than the noise, so never an epoch that scores worse than phase 1.
 
     `z` is one comparison's (1.28), not Bonferroni's over the epochs: the epochs are one smooth,
     ordered curve whose neighbours differ by a few optimizer steps, not independent candidates, and
@@ -191,11 +192,16 @@ def choose_fine_tune_epochs(per_fold: np.ndarray, fraction: float, z: float = z_
     if not gain > z * se:
         return 0, f"its best, {losses[best]:.4f} after {best} epochs, is within noise of phase 1's " \
                   f"{losses[0]:.4f} (gain {gain:.4f}, SE {se:.4f})"
+
+    def se_of(a: int, b: int) -> float:
+        return float(np.nan_to_num(corrected_se(per_fold[:, a] - per_fold[:, b], fraction)))
+
+    # within noise of the best and beyond noise of phase 1: a noisy early epoch is never taken over epoch 0
     shortest = next(e for e in range(1, best + 1)
-                    if losses[e] - losses[best] <= np.nan_to_num(corrected_se(per_fold[:, e] - per_fold[:, best],
-                                                                              fraction)))
-    return shortest, f"cross-validated loss {losses[0]:.4f} -> {losses[shortest]:.4f} (the fewest epochs within " \
-                     f"one SE of the best, {losses[best]:.4f} after {best}; gain {gain:.4f} > {z:.2f} SE {se:.4f})"
+                    if losses[e] - losses[best] <= se_of(e, best) and losses[0] - losses[e] > z * se_of(0, e))
+    return shortest, f"cross-validated loss {losses[0]:.4f} -> {losses[shortest]:.4f} (the fewest epochs beyond " \
+                     f"noise of phase 1 and within one SE of the best, {losses[best]:.4f} after {best}; " \
+                     f"gain {gain:.4f} > {z:.2f} SE {se:.4f})"
 
 
 def cross_validate(model: TransferClassifier, data: ImageData, phases: tuple[PhasePlan, ...],
