@@ -137,6 +137,14 @@ def test_a_block_that_wins_the_folds_by_chance_keeps_the_robust_reading(seed):
     assert "+-" in curve.summary() and curve.rule in curve.summary()
 
 
+@pytest.mark.parametrize("seed", [0, 5])
+def test_a_signal_spread_over_every_block_is_read_from_all_of_them_by_the_lower_loss(seed):
+    features, labels = _weak_blocks(seed, per_class=3)  # each block a weak share of it: together it is strong
+    curve = probe_blocks(features, labels, [8] * 6, list("abcdef"))
+    assert curve.chosen == [1, 2, 3, 4, 5, 6] and curve.all_loss < curve.loss[-1]
+    assert curve.rule.startswith("all blocks scores better than block 6 in loss")  # peers: no margin asked
+
+
 def test_a_truly_dominant_block_is_chosen_and_deepens_fine_tuning():
     features, labels = _weak_blocks(0, per_class=5, strong=2)  # block 2 carries the signal, the others noise
     curve = probe_blocks(features, labels, [8] * 6, list("abcdef"))
@@ -159,6 +167,10 @@ def test_choices_break_ties_by_loss_and_need_more_than_the_noise():
     assert decision.best == "b" and decision.chosen == "b"  # the same gain on every split: no noise
     noisy = {**estimates, "b": Estimate(flat + np.array([0.3, -0.2, 0.1]), np.full(3, 1.0))}
     assert decide(noisy, "robust", 0.5).chosen == "robust"
+    finer = {"robust": estimates["robust"], "a": Estimate(flat, np.array([0.78, 0.81, 0.80]))}  # same hits, surer
+    assert decide(finer, "robust", 0.5).chosen == "robust"  # accuracy cannot tell them apart
+    by_loss = decide(finer, "robust", 0.5, by="loss")
+    assert by_loss.chosen == "a" and by_loss.margin == pytest.approx(0.103, abs=1e-3) and "in loss" in by_loss.rule
     assert not repeated_folds(np.array([0, 1, 2, 2])).splits  # one image in some class: nothing to estimate
     loo = repeated_folds(np.repeat(np.arange(3), 2))  # k-fold would leave one image per class to train on
     assert loo.kind == "leave-one-out" and len(loo) == 6

@@ -9,7 +9,8 @@ whether phase 2 runs and for how long) therefore follows one rule:
   stratified k-fold, or leave-one-out where k-fold would leave fewer than 2 images
   of some class in training;
 - the best candidate is the one with the highest mean accuracy, ties broken by the
-  lower cross-validated loss (never by position);
+  lower cross-validated loss (never by position), or, where the choice is made by
+  loss, the one with the lowest mean log loss;
 - it replaces the choice's robust candidate only when it beats it by more than
   z standard errors of their paired difference. The standard error is Nadeau and
   Bengio's (2003) corrected one, since the training sets of the splits overlap:
@@ -138,7 +139,7 @@ class Decision:
 
     chosen: str
     best: str
-    margin: float  # best's mean accuracy minus the robust candidate's
+    margin: float  # best's mean accuracy minus the robust candidate's (by loss: the robust's loss minus best's)
     se: float  # corrected standard error of that paired difference
     rule: str
 
@@ -148,17 +149,30 @@ def z_for(candidates: int, alpha: float = ALPHA) -> float:
     return float(norm.ppf(1.0 - alpha / max(candidates - 1, 1)))
 
 
-def decide(estimates: dict[str, Estimate], robust: str, held_fraction: float, z: float | None = None) -> Decision:
-    """The robust candidate unless the best one (highest mean accuracy, then lowest loss) beats it by
-    more than `z` (default `z_for(len(estimates))`) corrected standard errors of their paired
-    difference on the same splits."""
+def decide(estimates: dict[str, Estimate], robust: str, held_fraction: float, z: float | None = None,
+           by: str = "accuracy") -> Decision:
+    """The robust candidate unless the best one beats it by more than `z` (default
+    `z_for(len(estimates))`) corrected standard errors of their paired difference on the same splits.
+
+    `by="accuracy"`: the best has the highest mean accuracy, then the lowest loss. `by="loss"`: the
+    lowest mean cross-validated log loss, a proper score that resolves more than 0/1 accuracy on a
+    few held-out images (the margin is then the loss saved).
+    """
     z = z_for(len(estimates)) if z is None else z
-    best = max(estimates, key=lambda name: (round(estimates[name].mean, 9), -estimates[name].mean_loss))
-    difference = estimates[best].accuracy - estimates[robust].accuracy
+    if by == "loss":
+        best = min(estimates, key=lambda name: (round(estimates[name].mean_loss, 9), -estimates[name].mean))
+        difference = estimates[robust].loss - estimates[best].loss
+    else:
+        best = max(estimates, key=lambda name: (round(estimates[name].mean, 9), -estimates[name].mean_loss))
+        difference = estimates[best].accuracy - estimates[robust].accuracy
     margin, se = float(difference.mean()), corrected_se(difference, held_fraction)
     if best == robust:
         return Decision(robust, best, 0.0, 0.0, f"{robust} scores best")
+    what = "in loss " if by == "loss" else ""
     if margin > z * se:  # a nan se (a single split) never passes
-        return Decision(best, best, margin, se, f"{best} beats {robust} by {margin:.3f} > {z:.2f} SE ({se:.3f})")
-    return Decision(robust, best, margin, se, f"{best} within noise of {robust} ({margin:+.3f}, SE {se:.3f}): "
+        if z == 0:  # peers: the better estimate takes it
+            return Decision(best, best, margin, se, f"{best} scores better than {robust} {what}by {margin:.3f} "
+                                                    f"(SE {se:.3f})")
+        return Decision(best, best, margin, se, f"{best} beats {robust} {what}by {margin:.3f} > {z:.2f} SE ({se:.3f})")
+    return Decision(robust, best, margin, se, f"{best} within noise of {robust} {what}({margin:+.3f}, SE {se:.3f}): "
                                               f"{robust} kept")
