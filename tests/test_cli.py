@@ -103,6 +103,19 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, image_folder,
     assert not export.exists()
 
 
+def test_an_unknown_flag_gets_the_closest_one_in_one_line(capsys):
+    cases = {("train", "--data", "x", "--image_size", "32"): "--image_size (did you mean --image-size?)",
+             ("train", "--data", "x", "--lr", "0.01"): "--lr (did you mean --learning-rate?)",
+             ("predict", "--model", "m", "a.png", "--jsn"): "--jsn (did you mean --json?)",
+             ("train", "--data", "x", "--zzzz", "extra"): "unrecognized arguments: --zzzz\n"}
+    for argv, message in cases.items():
+        assert main(list(argv)) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err  # the flag's value is not named again
+    assert main(["train", "--data", "x", "--epochs", "1", "stray"]) == 2
+    assert "unrecognized arguments: 'stray'" in capsys.readouterr().err
+
+
 def test_predict_reports_missing_images(tmp_path, capsys, fails_cleanly):
     from kerastl.config import ModelConfig
     from kerastl.models.classifier import build_classifier

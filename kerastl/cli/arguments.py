@@ -6,6 +6,8 @@ No TensorFlow here: `--help` and bad flags answer before it loads (see `kerastl.
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 from typing import Any
 
 from kerastl.choices import QUANTIZE, parse_class_weight, parse_features
@@ -17,10 +19,41 @@ from kerastl.tune.config import SPACE_FIELDS, TUNE_SETTINGS
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line and exit code 2."""
+    """An ArgumentParser whose errors are one line and exit code 2, and whose unknown flags get a
+    "did you mean" from the flags of the command they were given to."""
+
+    commands: dict[str, argparse.ArgumentParser] = {}  # set on the top parser: each command's own
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self.commands.get(getattr(parsed, "command", None) or "", self)
+            flags = set(re.findall(r"(?<![\w-])--?[A-Za-z][\w-]*", command.format_help() + self.format_help()))
+            self.error(unknown_flags(unknown, sorted(flags)))
+        return parsed
 
     def error(self, message: str):
         self.exit(2, f"kerastl: error: {message}\n")
+
+
+def unknown_flags(unknown: list[str], flags: list[str]) -> str:
+    """One line naming each unknown argument, with the closest known flag where one is close (by
+    spelling, `--image_size` for `--image-size`, or by initials, `--lr` for `--learning-rate`)."""
+    parts, after_flag = [], False
+    for token in unknown:
+        name = token.split("=", 1)[0]
+        if not name.startswith("-"):
+            if not after_flag:  # a value right after an unknown flag is that flag's, not named again
+                parts.append(repr(token))
+            after_flag = False
+            continue
+        after_flag = "=" not in token
+        wanted = name.replace("_", "-").lower()
+        initials = [flag for flag in flags if flag.startswith("--") and "-" in flag[2:]
+                    and "--" + "".join(word[0] for word in flag[2:].split("-")) == wanted]
+        guess = initials or difflib.get_close_matches(wanted, flags, n=1, cutoff=0.6)
+        parts.append(f"{name} (did you mean {guess[0]}?)" if guess else name)
+    return "unrecognized arguments: " + ", ".join(parts)
 
 
 def _count(min_value: int):
@@ -117,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging and TensorFlow's native log")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.commands = sub.choices  # each command's parser, for "did you mean" among its flags
     train = sub.add_parser(
         "train", help="train a classifier (frozen base, then fine-tuning) and export it",
         description="Train a classifier and export it. A killed run resumes from its last completed epoch when "
