@@ -22,7 +22,9 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line and exit code 2, and whose unknown flags get a
     "did you mean" from the flags of the command they were given to."""
 
-    commands: dict[str, argparse.ArgumentParser] = {}  # set on the top parser: each command's own
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}  # on the top parser: each command's own
 
     def parse_args(self, args=None, namespace=None):
         parsed, unknown = self.parse_known_args(args, namespace)
