@@ -61,6 +61,8 @@ _EXPORTS = {
     "run_training": "kerastl.runs.run",
     "export_saved_model": "kerastl.models.export",
     "load_export": "kerastl.models.export",
+    "Predictions": "kerastl.models.predict",
+    "predict_images": "kerastl.models.predict",
     "export_litert": "kerastl.models.litert",
     "load_litert": "kerastl.models.litert",
     "load_model": "kerastl.runs.folder",

@@ -1,10 +1,14 @@
 """The `kerastl` command, called through `main(argv)`."""
 
 import argparse
+import csv
+import io
 import json
 import re
 
-from helpers import SMALL
+import numpy as np
+from helpers import SMALL, write_class_folder
+from PIL import Image
 
 from kerastl.cli.arguments import build_parser
 from kerastl.cli.main import main
@@ -116,17 +120,41 @@ def test_an_unknown_flag_gets_the_closest_one_in_one_line(capsys):
     assert "unrecognized arguments: 'stray'" in capsys.readouterr().err
 
 
-def test_predict_reports_missing_images(tmp_path, capsys, fails_cleanly):
+def test_predict_takes_folders_and_skips_files_that_do_not_decode(tmp_path, capsys, fails_cleanly):
     from kerastl.config import ModelConfig
     from kerastl.models.classifier import build_classifier
     from kerastl.models.export import export_saved_model
 
     model = build_classifier(ModelConfig("simple_cnn", weights=None, image_size=16), 2)
     export_saved_model(model, tmp_path / "m", ["a", "b"])
+    photos = tmp_path / "photos"
+    write_class_folder(photos, per_class=3, colours={"x": (200, 0, 0), "y/deeper": (0, 0, 200)})  # two levels
+    (photos / "notes.jpg").write_text("a text file named .jpg")  # not an image by its first bytes
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, "PNG")
+    (photos / "y" / "cut.png").write_bytes(buffer.getvalue()[:60])  # a PNG header, then nothing
     capsys.readouterr()  # drop the setup's own log lines
-    fails_cleanly(["predict", "--model", str(tmp_path / "m"), str(tmp_path / "nope.jpg")], "does not exist")
-    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
-    fails_cleanly(["predict", "--model", str(tmp_path / "m"), str(tmp_path / "bad.jpg")], "cannot decode")
+    model = str(tmp_path / "m")
+
+    assert main(["predict", "--model", model, str(photos), "--batch-size", "4"]) == 1
+    out, err = capsys.readouterr()
+    predicted = [line.split(": ")[0] for line in out.splitlines()]
+    images = sorted((photos / "x").iterdir()) + sorted((photos / "y" / "deeper").iterdir())
+    assert predicted == [str(path) for path in images]  # recursively, in folder order
+    assert f"skipped {photos / 'notes.jpg'} (not an image" in err and f"skipped {photos / 'y' / 'cut.png'}" in err
+    assert "predicted 6 images, skipped 2 files" in err and "Traceback" not in err
+
+    assert main(["predict", "--model", model, "--csv", str(photos / "x"), str(images[0])]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0] == ["image", "class", "probability", "a", "b"] and len(rows) == 5
+    assert rows[1][0] == str(images[0]) and rows[-1][0] == str(images[0])
+    assert abs(float(rows[1][3]) + float(rows[1][4]) - 1) < 1e-5 and rows[1][1] in ("a", "b")
+
+    fails_cleanly(["predict", "--model", model, "--strict", str(photos)], "notes.jpg (not an image")
+    fails_cleanly(["predict", "--model", model, "--strict", str(photos / "y")], "cut.png (cannot be decoded")
+    fails_cleanly(["predict", "--model", model, str(tmp_path / "nope.jpg")], "nope.jpg does not exist")
+    fails_cleanly(["predict", "--model", model, str(photos / "notes.jpg")], "no JPEG, PNG, GIF or BMP images")
+    fails_cleanly(["predict", "--model", model, "--json", "--csv", "a.png"], "not allowed with argument")
 
 
 def test_help_documents_every_flag(capsys):

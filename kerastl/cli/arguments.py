@@ -160,11 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(train)
     train.add_argument("--restart", action="store_true",
                        help="discard an unfinished run into the same export folder instead of resuming it")
-    predict = sub.add_parser("predict", help="classify images with an exported model")
+    predict = sub.add_parser(
+        "predict", help="classify images with an exported model",
+        description="Classify image files, and every image under folders (recursively), in batches. A file that "
+        "does not decode is named on stderr and skipped; the exit status is then 1 (--strict stops instead).")
     predict.add_argument("--model", required=True, metavar="DIR", help="an export folder, or a .tflite file")
-    predict.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, GIF or BMP files")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, GIF or BMP files, or folders of them")
     predict.add_argument("--top-k", type=_count(1), default=3, metavar="K", help="classes to show (3)")
-    predict.add_argument("--json", action="store_true", help="one JSON object per image")
+    output = predict.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON object per image")
+    output.add_argument("--csv", action="store_true", help="CSV: a header, then one row per image")
+    predict.add_argument("--batch-size", type=_count(1), default=32, metavar="N", help="images read at once (32)")
+    predict.add_argument("--strict", action="store_true", help="stop at the first file that is not an image")
     extract = sub.add_parser(
         "extract", help="save pooled backbone features of a source's training images (all of a class folder or "
         "digits; CIFAR-10's 50,000 training images) to an .npz file")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import importlib.util
 import json
 import logging
@@ -24,6 +25,7 @@ from kerastl.cli.arguments import build_parser
 from kerastl.cli.quiet import filtered_native_stderr, import_tensorflow, native_log_wanted
 from kerastl.config import SETTINGS, DataConfig, ModelConfig, RunConfig, normalize_weights, read_config_file
 from kerastl.data.checks import check_data, check_table
+from kerastl.data.imagefiles import describe, list_image_files, skipped_line
 from kerastl.data.tables import check_data_source, is_csv
 from kerastl.errors import KerastlError
 from kerastl.models.backbones import REGISTRY, check_weights, get_spec, list_backbones, resolve_size
@@ -155,21 +157,37 @@ def _is_litert(model: str) -> bool:
 def _predict(args: argparse.Namespace) -> int:
     if not _is_litert(args.model) and not os.path.isfile(os.path.join(args.model, "saved_model.pb")):
         raise KerastlError(f"{args.model} is not a kerastl export (no saved_model.pb)")
-    for path in args.images:
-        if not os.path.isfile(path):
-            raise KerastlError(f"image file {path} does not exist")
+    listing = list_image_files(args.images)  # before TensorFlow loads: a missing path is one line
+    if args.strict and listing.skipped:
+        raise KerastlError(f"{skipped_line(listing.skipped[0])} is not an image; without --strict it is skipped")
+    if not listing.paths:
+        shown = f": {describe(listing.skipped, 3)}" if listing.skipped else ""
+        raise KerastlError(f"no JPEG, PNG, GIF or BMP images in {' '.join(args.images)}{shown}")
     import_tensorflow(args.verbose)
     from kerastl.models.litert import load_exported
+    from kerastl.models.predict import iter_predictions
 
-    model = load_exported(args.model)
-    probabilities = model.predict_files(args.images)
-    for path, row, top in zip(args.images, probabilities, model.top_k(probabilities, args.top_k)):
-        if args.json:
-            print(json.dumps({"image": path, "top": [{"class": c, "probability": p} for c, p in top],
-                              "probabilities": dict(zip(model.class_names, map(float, row)))}))
-        else:
-            print(f"{path}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
-    return 0
+    model, skipped, count = load_exported(args.model), [], 0
+    writer = csv.writer(sys.stdout, lineterminator="\n") if args.csv else None
+    if writer:
+        writer.writerow(["image", "class", "probability", *model.class_names])
+    for paths, probabilities in iter_predictions(model, listing, args.batch_size, args.strict, skipped):
+        count += len(paths)
+        for path, row, top in zip(paths, probabilities, model.top_k(probabilities, args.top_k)):
+            if writer:
+                writer.writerow([path, top[0][0], f"{top[0][1]:.6f}", *(f"{p:.6f}" for p in row)])
+            elif args.json:
+                print(json.dumps({"image": path, "top": [{"class": c, "probability": p} for c, p in top],
+                                  "probabilities": dict(zip(model.class_names, map(float, row)))}))
+            else:
+                print(f"{path}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
+        sys.stdout.flush()
+    for finding in skipped:
+        print(f"kerastl: skipped {skipped_line(finding)}", file=sys.stderr)
+    if skipped:
+        print(f"kerastl: predicted {count} images, skipped {len(skipped)} files (exit status 1; --strict stops "
+              "at the first)", file=sys.stderr)
+    return 1 if skipped else 0
 
 
 def _extract(args: argparse.Namespace) -> int:

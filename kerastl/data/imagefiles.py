@@ -41,7 +41,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from PIL import Image
 
@@ -216,6 +216,32 @@ def list_class_folder(root: str | os.PathLike, min_classes: int = 2) -> FolderLi
     return listing
 
 
+def list_image_files(inputs: Sequence[str | os.PathLike]) -> FolderListing:
+    """The image files to predict: each file as given, and every file under each folder
+    (recursively, sorted), judged by their first bytes as `list_class_folder` judges them.
+
+    Files that are not JPEG, PNG, GIF or BMP by content are `SKIPPED` findings; hidden
+    files and folders are `IGNORED`. `class_names` is empty and every label is -1.
+
+    Raises:
+        KerastlError: a path that does not exist.
+    """
+    listing = FolderListing(Path("."), [], [], [])
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            _walk_class(path, path, -1, listing)
+        elif path.is_file():
+            if problem := _sniff(str(path), str(path)):
+                listing.findings.append(problem)
+            else:
+                listing.paths.append(str(path))
+                listing.labels.append(-1)
+        else:
+            raise KerastlError(f"{item} does not exist (pass image files or folders of them)")
+    return listing
+
+
 def _bmp_problem(head: bytes, size: int) -> str | None:
     """Why TensorFlow's BMP decoder would fail on or misread this BMP, or None when it reads it right."""
     if len(head) < 34:
@@ -325,6 +351,12 @@ def check_files(listing: FolderListing, decode: Decoder | None = None, workers: 
     findings = listing.findings + [f for found in results for f in found]
     return FolderListing(listing.root, listing.class_names, [listing.paths[i] for i in keep],
                          [listing.labels[i] for i in keep], findings)
+
+
+def skipped_line(finding: Finding) -> str:
+    """`notes.jpg (not an image: not JPEG, PNG, GIF or BMP)`: one skipped file, for people."""
+    detail = f": {finding.detail}" if finding.detail else ""
+    return f"{finding.path} ({finding.finding}{detail})"
 
 
 def describe(findings: list[Finding], limit: int = 20) -> str:

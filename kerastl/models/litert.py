@@ -231,17 +231,21 @@ class LiteModel:
             out.append(np.array(interpreter.get_tensor(exit_["index"])))
         return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 
-    def predict_files(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
-        """Probabilities for image files on disk (JPEG, PNG, GIF, BMP), decoded as the SavedModel's
-        `serve_bytes` decodes them."""
+    def predict_bytes(self, encoded: Sequence[bytes]) -> np.ndarray:
+        """Probabilities for encoded image files (JPEG, PNG, GIF, BMP), decoded as the SavedModel's
+        `serve_bytes` decodes them; one that does not decode is a `KerastlError`."""
         images = []
-        for path, data in zip(paths, read_image_files(paths)):
+        for data in encoded:
             try:
                 image = tf.io.decode_image(data, channels=3, expand_animations=False)
-            except tf.errors.InvalidArgumentError:
-                raise KerastlError(f"cannot decode the image {path}") from None
+            except tf.errors.InvalidArgumentError as error:
+                raise KerastlError(f"cannot decode an image: {error.message.splitlines()[0]}") from None
             images.append(tf.image.resize(tf.cast(image, tf.float32), (self.image_size, self.image_size)).numpy())
-        return self.predict(np.stack(images))
+        return self.predict(np.stack(images) if images else np.zeros((0, self.image_size, self.image_size, 3)))
+
+    def predict_files(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
+        """Probabilities for image files on disk (see `kerastl.models.predict` for many files that may fail)."""
+        return self.predict_bytes(read_image_files(paths))
 
     def top_k(self, probabilities: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:
         """The k most probable (class name, probability) pairs for each row."""
