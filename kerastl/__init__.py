@@ -59,6 +59,7 @@ _EXPORTS = {
     "plan_run": "kerastl.runs.plan",
     "RunResult": "kerastl.runs.run",
     "run_training": "kerastl.runs.run",
+    "ImageClassifier": "kerastl.runs.estimator",
     "export_saved_model": "kerastl.models.export",
     "load_export": "kerastl.models.export",
     "Predictions": "kerastl.models.predict",

@@ -5,6 +5,8 @@ line read them.
 
 from __future__ import annotations
 
+import difflib
+
 from kerastl.errors import KerastlError
 
 
@@ -73,3 +75,14 @@ def parse_class_weight(text: str) -> str | dict[str, float] | list[float]:
 
 # the scores a search may optimise, and their direction (the search wing and the reports read it)
 OBJECTIVES = {"val_accuracy": "max", "val_loss": "min", "val_macro_f1": "max", "val_auc": "max"}
+
+
+def closest_name(wanted: str, names: list[str], separator: str = "-") -> str | None:
+    """The known name closest to a mistyped one: by initials (`lr` for `learning-rate`), else by
+    spelling (`image_size` for `image-size`); None when none is close. `separator` joins words."""
+    prefix = wanted[: len(wanted) - len(wanted.lstrip("-"))]
+    wanted = prefix + wanted[len(prefix):].replace("_" if separator == "-" else "-", separator).lower()
+    initials = [name for name in names if name.startswith(prefix) and separator in name[len(prefix):]
+                and prefix + "".join(word[0] for word in name[len(prefix):].split(separator)) == wanted]
+    guess = initials or difflib.get_close_matches(wanted, names, n=1, cutoff=0.6)
+    return guess[0] if guess else None

@@ -6,11 +6,10 @@ No TensorFlow here: `--help` and bad flags answer before it loads (see `kerastl.
 from __future__ import annotations
 
 import argparse
-import difflib
 import re
 from typing import Any
 
-from kerastl.choices import QUANTIZE, parse_class_weight, parse_features
+from kerastl.choices import QUANTIZE, closest_name, parse_class_weight, parse_features
 from kerastl.cli.quiet import NATIVE_LOG_VARIABLE
 from kerastl.config import SETTINGS
 from kerastl.errors import KerastlError
@@ -50,11 +49,8 @@ def unknown_flags(unknown: list[str], flags: list[str]) -> str:
             after_flag = False
             continue
         after_flag = "=" not in token
-        wanted = name.replace("_", "-").lower()
-        initials = [flag for flag in flags if flag.startswith("--") and "-" in flag[2:]
-                    and "--" + "".join(word[0] for word in flag[2:].split("-")) == wanted]
-        guess = initials or difflib.get_close_matches(wanted, flags, n=1, cutoff=0.6)
-        parts.append(f"{name} (did you mean {guess[0]}?)" if guess else name)
+        guess = closest_name(name, [flag for flag in flags if flag.startswith("--")])
+        parts.append(f"{name} (did you mean {guess}?)" if guess else name)
     return "unrecognized arguments: " + ", ".join(parts)
 
 

@@ -40,7 +40,8 @@ class PredictsBytes(Protocol):
 
 @dataclass
 class Predictions:
-    """Probabilities [images, classes] for `paths`, in order, and the files `skipped` (`Finding`s)."""
+    """Probabilities [images, classes] for `paths`, in order (no paths for pixel arrays), and the files
+    `skipped` (`Finding`s)."""
 
     paths: list[str]
     probabilities: np.ndarray
@@ -48,7 +49,7 @@ class Predictions:
     skipped: list[Finding] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.probabilities)
 
     @property
     def classes(self) -> list[str]:
