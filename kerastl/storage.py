@@ -88,7 +88,7 @@ def check_export_dir(path: str | os.PathLike, overwrite: bool, create_parent: bo
     if path.exists() and not path.is_dir():
         raise KerastlError(f"export path {path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise KerastlError(f"export folder {path} is not empty; choose another or pass overwrite")
+        raise KerastlError(f"export folder {path} is not empty; choose another or pass overwrite=True")
     check_parent(path, create_parent)
 
 

@@ -115,7 +115,7 @@ def test_imagenet_download_failure_names_the_file_and_the_ways_out(offline):
     assert "cannot download ImageNet weights for mobilenet_v2" in message
     assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5" in message
     assert str(offline / "models") in message
-    assert "weights=PATH" in message and "weights=none" in message
+    assert "weights=PATH" in message and "weights=None" in message
     assert "\n" not in message
 
 

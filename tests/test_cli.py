@@ -107,6 +107,21 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, image_folder,
     assert not export.exists()
 
 
+def test_errors_name_flags_and_a_refused_run_leaves_nothing(tmp_path, image_folder, fails_cleanly, offline):
+    export = tmp_path / "runs" / "flowers"
+    export.parent.mkdir()
+    train = ["train", "--data", str(image_folder), "--export", str(export)]
+    # ImageNet weights cannot be downloaded: refused before training, with no .partial folder or lock left
+    fails_cleanly([*train, "-q", "--backbone", "mobilenet_v2", "--image-size", "96"], "or pass --weights PATH to a local")
+    assert not export.exists() and not (tmp_path / "runs" / "flowers.partial").exists()
+    fails_cleanly([*train, "--backbone", "simple_cnn"], "pass --weights none (train from scratch) or a weights file")
+    (export / "old").mkdir(parents=True)
+    fails_cleanly([*train, *SMALL], "choose another or pass --overwrite")
+    (image_folder / "red" / "notes.jpg").write_text("not an image")
+    fails_cleanly([*train, *SMALL, "--overwrite", "--strict"], "or pass --no-strict to skip them")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["flowers"]
+
+
 def test_an_unknown_flag_gets_the_closest_one_in_one_line(capsys):
     cases = {("train", "--data", "x", "--image_size", "32"): "--image_size (did you mean --image-size?)",
              ("train", "--data", "x", "--lr", "0.01"): "--lr (did you mean --learning-rate?)",

@@ -111,7 +111,7 @@ def test_a_damaged_backup_falls_back_to_the_previous_copy_or_fails_with_one_line
     assert meta["epoch"] == 2 and len(meta["history"]["loss"]) == 2
     earlier = folders[0] / "state.json"
     earlier.write_text("{not json")
-    with pytest.raises(KerastlError, match="--restart") as caught:
+    with pytest.raises(KerastlError, match="restart=True") as caught:
         restore_snapshot(tmp_path / "snapshots", model)
     assert "\n" not in str(caught.value)
 
@@ -146,7 +146,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_backup(tmp_path, image_folde
                        export_dir=str(tmp_path / "run"))
     with pytest.raises(KerastlError, match="NaN|nan") as caught:
         run_training(config, callbacks=[Poison()], verbose=0)
-    assert "\n" not in str(caught.value) and "--restart" in str(caught.value)
+    assert "\n" not in str(caught.value) and "restart=True" in str(caught.value)
     assert not (tmp_path / "run").exists()
     snapshots = sorted(p.name for p in (tmp_path / "run.partial" / "backup" / "phase1").iterdir())
     assert snapshots == ["epoch-00002", "epoch-00003"]

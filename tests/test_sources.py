@@ -57,6 +57,12 @@ def test_a_csv_of_a_class_folder_gives_the_folders_classes_and_labels(image_fold
     assert held.validation.class_counts(3).tolist() == [2, 2, 2] and held.train.class_counts(3).tolist() == [6, 6, 6]
 
 
+def test_a_csv_named_without_a_folder_reads_from_the_current_one(image_folder, tmp_path, monkeypatch):
+    write_csv(tmp_path / "labels.csv", folder_rows(image_folder, tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert from_csv("labels.csv", 16, validation_split=0.0).train.count == 24  # "." beside absolute image paths
+
+
 def test_a_split_column_puts_each_row_in_the_split_it_names(tmp_path):
     rows = grey_rows(tmp_path / "greys")
     splits = ["train"] * 6 + ["val", "Validation", "validation", "validation", "test", " TEST "]

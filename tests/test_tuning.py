@@ -329,7 +329,7 @@ def test_a_project_folder_of_version_0_1_is_refused_with_what_to_do(tmp_path):
     project.mkdir()
     config = base_config(tmp_path)
     (project / "search.json").write_text(json.dumps({"run": config.to_dict(), "tune": {}}))  # 0.1: no format
-    with pytest.raises(KerastlError, match="started by kerastl 0.1.*--restart"):
+    with pytest.raises(KerastlError, match="started by kerastl 0.1.*restart=True"):
         run_search(config, TuneConfig(max_trials=1, project_dir=str(project), space=HEAD_SPACE))
 
 

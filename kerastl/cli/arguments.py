@@ -29,12 +29,38 @@ class _Parser(argparse.ArgumentParser):
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:
             command = self.commands.get(getattr(parsed, "command", None) or "", self)
-            flags = set(re.findall(r"(?<![\w-])--?[A-Za-z][\w-]*", command.format_help() + self.format_help()))
-            self.error(unknown_flags(unknown, sorted(flags)))
+            self.error(unknown_flags(unknown, sorted(_flags(command) | _flags(self))))
         return parsed
+
+    def all_flags(self) -> set[str]:
+        """Every flag of every command, as its help shows it."""
+        return set().union(_flags(self), *map(_flags, self.commands.values()))
 
     def error(self, message: str):
         self.exit(2, f"kerastl: error: {message}\n")
+
+
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    return set(re.findall(r"(?<![\w-])--?[A-Za-z][\w-]*", parser.format_help()))
+
+
+_PARAMETER = re.compile(r"\b([a-z][a-z0-9_]*)=(True|False|None|[^\s,;)]+)")
+
+
+def in_flags(message: str, flags: set[str]) -> str:
+    """A library message in the command line's words: each `name=value` that is a flag becomes the
+    flag (`weights=None` -> `--weights none`, `overwrite=True` -> `--overwrite`, `strict=False` ->
+    `--no-strict`); anything else is left as it is."""
+    def flag(match: re.Match) -> str:
+        name, value = match.group(1).replace("_", "-"), match.group(2)
+        if f"--{name}" not in flags:
+            return match.group(0)
+        if value in ("True", "False"):
+            switch = f"--{name}" if value == "True" else f"--no-{name}"
+            return switch if switch in flags else match.group(0)
+        return f"--{name} {'none' if value == 'None' else value}"
+
+    return _PARAMETER.sub(flag, message)
 
 
 def unknown_flags(unknown: list[str], flags: list[str]) -> str:
@@ -134,7 +160,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--config", metavar="FILE", help="a run config, JSON or TOML (tables [data], [model], [train], "
                    "and [tune] for a search); flags override its values")
     o.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    o.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no notes: only warnings, errors and results")
     o.add_argument("--format", choices=["savedmodel", "tflite"], default="savedmodel",
                    help="tflite: also write model.tflite (LiteRT) beside the SavedModel (savedmodel)")
     o.add_argument("--quantize", choices=QUANTIZE, default="none", help="the model.tflite's quantization (none)")

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kerastl.cli.arguments import build_parser
+from kerastl.cli.arguments import build_parser, in_flags
 from kerastl.cli.quiet import filtered_native_stderr, import_tensorflow, native_log_wanted
 from kerastl.config import SETTINGS, DataConfig, ModelConfig, RunConfig, normalize_weights, read_config_file
 from kerastl.data.checks import check_data, check_table
@@ -356,21 +356,24 @@ COMMANDS = {"train": _train, "tune": _tune, "predict": _predict, "evaluate": _ev
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command in `argv` (default: sys.argv[1:]); returns the exit code."""
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as stop:  # --help (0) or a flag error (2, already printed as one line)
         return int(stop.code or 0)
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("kerastl")
     logger.handlers[:] = [handler]
-    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    quiet = getattr(args, "quiet", False)  # -q: no progress bars and no notes, only warnings and errors
+    logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO)
     logger.propagate = False  # TensorFlow's absl gives the root logger a handler of its own
 
     try:
         return COMMANDS[args.command](args)
-    except KerastlError as error:
-        print(f"kerastl: error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, always
+    except KerastlError as error:  # one line, always, naming flags where the library names parameters
+        message = in_flags(" ".join(str(error).split()), parser.all_flags())
+        print(f"kerastl: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -199,7 +199,7 @@ def _usable_files(listings: list[imagefiles.FolderListing], strict: bool,
         hint = f"run `kerastl check-data` on {' and '.join(roots)}"
         if strict and found:
             raise KerastlError(f"{len(found)} files cannot be used as images: {imagefiles.describe(found, 3)}; "
-                               f"fix or remove them, or turn strict off to skip them; {hint} to list every problem")
+                               f"fix or remove them, or pass strict=False to skip them; {hint} to list every problem")
         return found, hint
 
     skipped_in(listings)
@@ -305,7 +305,7 @@ def from_table(table: LabelTable, image_size: int | HasImageSize, validation_spl
     if skipped:
         problem = f"{len(skipped)} files of {table.name} cannot be used as images: {imagefiles.describe(skipped, 20)}"
         if strict:
-            raise KerastlError(f"{problem}; fix or remove their rows, or turn strict off to skip them")
+            raise KerastlError(f"{problem}; fix or remove their rows, or pass strict=False to skip them")
         log.warning("skipped %s", problem)
     errors = table.errors(min_classes)
     if errors:

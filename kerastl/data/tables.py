@@ -97,7 +97,8 @@ class LabelTable:
     def usable(self, decode: Decoder | None = None) -> tuple[LabelTable, list[Finding]]:
         """The rows whose file can be used, and what was found about the files (see
         `kerastl.data.imagefiles.check_files`: each is decoded once, by `decode` or Pillow)."""
-        root = Path(os.path.commonpath([str(self.root), *{os.path.dirname(p) for p in self.paths}]))
+        folders = {os.path.dirname(os.path.abspath(path)) for path in self.paths}  # "." for a CSV named bare
+        root = Path(os.path.commonpath([os.path.abspath(self.root), *folders]))
         listing = FolderListing(root, self.class_names, list(self.paths), list(range(len(self.paths))))
         checked = check_files(listing, decode)  # labelled by row index: the rows kept
         return self.rows(checked.labels), checked.findings

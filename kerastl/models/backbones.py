@@ -174,7 +174,7 @@ def check_weights(spec: BackboneSpec, weights: str | None) -> None:
     if weights is None or (weights == "imagenet" and spec.imagenet):
         return
     if weights == "imagenet":
-        raise KerastlError(f"{spec.name} has no ImageNet weights; pass weights=none or a weights file")
+        raise KerastlError(f"{spec.name} has no ImageNet weights; pass weights=None (train from scratch) or a weights file, weights=PATH")
     if not os.path.isfile(weights):
         raise KerastlError(f"weights file {weights} does not exist")
     if is_legacy_full_model(weights):
@@ -207,7 +207,7 @@ def _imagenet_download_error(spec: BackboneSpec, error: Exception) -> KerastlErr
     cache = os.path.join(keras_home(), "models")
     return KerastlError(
         f"cannot download ImageNet weights for {spec.name} (no network?): put {filename} in "
-        f"{cache}/, or pass weights=PATH to a local weights file, or weights=none"
+        f"{cache}/, or pass weights=PATH to a local weights file, or weights=None"
     )
 
 

@@ -46,7 +46,7 @@ from kerastl.runs.folder import HISTORY_FILE, METRICS_FILE, export_folder_litert
 from kerastl.runs.run import checked_config, run_training
 from kerastl.runs.scoring import evaluate_data, evaluate_folder
 from kerastl.settings import set_setting
-from kerastl.storage import check_export_dir, staged_folder
+from kerastl.storage import check_export_dir, check_parent, staged_folder
 from kerastl.training.phases import TrainResult
 
 # settings a keyword may not set: the data comes to `fit`, the folder to `fit`/`export`
@@ -108,6 +108,7 @@ class ImageClassifier:
             scratch = tempfile.mkdtemp(prefix="kerastl-")
             config.export_dir = str(Path(scratch) / "run")
         else:
+            check_parent(export_dir, create=True)
             config.export_dir = str(export_dir)
         loaded = self._data(data, validation_data, class_names, config)
         try:

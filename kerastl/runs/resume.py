@@ -122,13 +122,13 @@ class RunState:
         try:
             values = json.loads(path.read_text())
         except (OSError, ValueError):
-            raise KerastlError(f"the unfinished run in {self.folder} is damaged; rerun with --restart to start "
+            raise KerastlError(f"the unfinished run in {self.folder} is damaged; rerun with restart=True to start "
                                "over") from None
         if values.get("digest") != digest:
             if not self.has_progress():  # it failed before its first epoch: nothing to keep
                 return None
             raise KerastlError(f"{self.folder} holds an unfinished run of another config; rerun that command to "
-                               "finish it, or pass --restart to discard it")
+                               "finish it, or pass restart=True to discard it")
         return values
 
     def check(self, digest: str, restart: bool = False) -> None:
@@ -175,13 +175,20 @@ class RunState:
             self._write({**values, "data": fingerprint})
         elif known != fingerprint:
             raise KerastlError(f"the training images changed since the unfinished run in {self.folder} started; "
-                               "pass --restart to start over on them")
+                               "pass restart=True to start over on them")
 
     def release(self) -> None:
         """Unlocks, keeping the state for a later run to resume."""
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+
+    def abandon(self) -> None:
+        """After a failure: removes the state when there is nothing to resume (no epoch snapshot or
+        finished phase), so a run refused before training leaves nothing behind; then unlocks."""
+        if self._lock is not None and not self.has_progress():
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self.release()
 
     def finish(self) -> None:
         """Removes the state of a run whose folder is written, then unlocks."""

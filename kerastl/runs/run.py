@@ -140,6 +140,7 @@ def run_training(
     if pipelines is None:  # read (and checked) before the folder is locked or anything is written
         data, mode = split_for(config.train.validation, checked_data(config.data, config.model.image_size, data))
     state = RunState(folder).acquire(config.to_dict(), config.digest(), named, restart) if save == "export" else None
+    finished = False
     try:
         if state is not None and pipelines is None:
             state.check_data(data.train.fingerprint)
@@ -147,18 +148,19 @@ def run_training(
         result = execute(plan, config, verbose, callbacks, heads, save, state)
         if state is not None:
             state.finish()  # under the lock: no other run can have started in the folder meanwhile
+        finished = True
     except NaNLoss as error:
         best = sorted(state.backup_dir.rglob("best.npz")) if state is not None else []
         kept = f"; the best weights before it are kept in {best[-1].parent}" if best else ""
-        raise KerastlError(f"training stopped: {error}{kept}. To start over with a lower --learning-rate, "
-                           "pass --restart") from None
+        raise KerastlError(f"training stopped: {error}{kept}. To start over, pass restart=True and a lower "
+                           "learning_rate=RATE") from None
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         raise disk_full_error(error, f"the run's files beside {folder}") from None
     finally:
-        if state is not None:
-            state.release()
+        if state is not None and not finished:
+            state.abandon()  # failed before its first snapshot (weights missing, say): no .partial left
     return result
 
 

@@ -202,5 +202,5 @@ def restore_snapshot(directory: str | os.PathLike, model: keras.Model, keep_best
         meta["best_weights"] = best
         return meta
     raise KerastlError(f"{what} in {directory} is damaged and has no good earlier copy; "
-                       "rerun with --restart to start over")
+                       "rerun with restart=True to start over")
 

@@ -123,8 +123,8 @@ def claim_project(project: Path, run: dict[str, Any], tune: TuneConfig, restart:
                             tune=TuneConfig.from_dict(previous["tune"]).to_dict())
         if previous.get("format") != PROJECT_FORMAT:
             raise KerastlError(f"project folder {project} holds a search started by kerastl 0.1, which this version "
-                               "cannot resume: finish it with kerastl 0.1, or start over with --restart "
-                               "(restart=True), or choose another folder")
+                               "cannot resume: finish it with kerastl 0.1, or start over with "
+                               "restart=True, or choose another folder")
         free = {"workers", "max_trials", "project_dir", "name", "export_dir", "isolate", "mixed_precision",
                 "max_failures", "population"}  # may change between runs: they change how trials run, not what they find
 
@@ -134,7 +134,7 @@ def claim_project(project: Path, run: dict[str, Any], tune: TuneConfig, restart:
         record_now = {**record, "run": RunConfig.from_dict(run).experiment_dict()}  # the machine's may change
         if any(settled(previous[k]) != settled(record_now[k]) for k in ("run", "tune")):
             raise KerastlError(f"project folder {project} holds a different search; resume it with the same "
-                               "settings, start over with --restart (restart=True), or choose another folder")
+                               "settings, start over with restart=True, or choose another folder")
     project.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
 
