@@ -86,3 +86,45 @@ def closest_name(wanted: str, names: list[str], separator: str = "-") -> str | N
                 and prefix + "".join(word[0] for word in name[len(prefix):].split(separator)) == wanted]
     guess = initials or difflib.get_close_matches(wanted, names, n=1, cutoff=0.6)
     return guess[0] if guess else None
+
+
+# augmentation: image layer -> default strength; mixer (mixes labels too) -> default; presets (`kerastl.data.augment`)
+AUGMENT_LAYERS = {"flip": 0.0, "vflip": 0.0, "rotate": 0.1, "zoom": 0.1, "translate": 0.1, "contrast": 0.2,
+                  "brightness": 0.2, "randaugment": 0.5, "augmix": 0.3}
+AUGMENT_MIXERS = {"mixup": 0.2, "cutmix": 1.0}
+AUGMENT_PRESETS = {
+    "none": "",
+    "light": "flip,rotate:0.05,zoom:0.1",
+    "standard": "flip,rotate:0.1,zoom:0.15,translate:0.1,contrast:0.1",
+    "strong": "flip,randaugment:0.5,zoom:0.2",
+    "randaugment": "flip,randaugment:0.5",
+    "augmix": "flip,augmix:0.3",
+    "mixup": "flip,rotate:0.05,zoom:0.1,mixup:0.2",
+    "cutmix": "flip,rotate:0.05,zoom:0.1,cutmix:1.0",
+}
+
+
+def parse_augment(spec: str) -> list[tuple[str, float]]:
+    """Parses a preset name or a comma list like "flip,rotate:0.2" into (name, factor) pairs."""
+    spec = AUGMENT_PRESETS.get(spec, spec)
+    pairs = []
+    known = {**AUGMENT_LAYERS, **AUGMENT_MIXERS}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, factor = item.partition(":")
+        if name not in known:
+            close = closest_name(name, [*AUGMENT_PRESETS, *known], separator="_")
+            hint = f" (did you mean {close}?)" if close else ""
+            raise KerastlError(f"unknown augmentation {name!r}{hint}; presets: {', '.join(AUGMENT_PRESETS)}; "
+                               f"layers: {', '.join(known)}")
+        try:
+            value = float(factor) if factor else known[name]
+        except ValueError:
+            raise KerastlError(f"augmentation factor {factor!r} for {name} is not a number") from None
+        if value < 0:
+            raise KerastlError(f"augmentation factor for {name} must be 0 or more, got {value}")
+        if name in AUGMENT_MIXERS and value <= 0:
+            raise KerastlError(f"augmentation factor for {name} must be above 0, got {value}")
+        pairs.append((name, value))
+    if sum(name in AUGMENT_MIXERS for name, _ in pairs) > 1:
+        raise KerastlError(f"augmentation {spec!r} names more than one of {', '.join(AUGMENT_MIXERS)}: choose one")
+    return pairs

@@ -27,6 +27,7 @@ from kerastl.choices import (
     SCHEDULES,
     VALIDATION_MODES,
     normalize_weights,
+    parse_augment,
     parse_class_weight,
     parse_features,
 )
@@ -72,6 +73,7 @@ class DataConfig(JsonConfig):
             raise KerastlError("validation_split + test_split must leave some training data")
         if self.batch_size < 1:
             raise KerastlError(f"batch_size must be at least 1, got {self.batch_size}")
+        parse_augment(self.augment)
 
 
 @dataclass

@@ -143,3 +143,14 @@ def test_local_weights_file_round_trips(tmp_path):
 def test_every_entry_has_sane_sizes():
     for spec in REGISTRY.values():
         assert 16 <= spec.min_size <= spec.default_size <= 600
+
+
+def test_a_loosely_matched_backbone_name_is_announced(caplog):
+    from kerastl.config import ModelConfig, RunConfig
+    from kerastl.runs.checks import resolve_run_config
+
+    with caplog.at_level("WARNING", logger="kerastl"):
+        resolved = resolve_run_config(RunConfig(model=ModelConfig("mobilenetv3_small", weights=None)))
+        exact = resolve_run_config(RunConfig(model=ModelConfig("mobilenet_v3_small", weights=None)))
+    assert resolved.model.backbone == exact.model.backbone == "mobilenet_v3_small"
+    assert [r.getMessage() for r in caplog.records] == ["backbone mobilenetv3_small: using mobilenet_v3_small"]

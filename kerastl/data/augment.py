@@ -11,65 +11,28 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from kerastl.errors import KerastlError
+from kerastl.choices import parse_augment
 
 _VALUE_RANGE = (0.0, 255.0)
 
-# name -> (layer factory taking a strength factor and a seed, default factor)
+# name -> layer factory taking a strength factor and a seed (the names, defaults and presets: `kerastl.choices`)
 LAYERS = {
-    "flip": (lambda f, seed: layers.RandomFlip("horizontal", seed=seed), 0.0),
-    "vflip": (lambda f, seed: layers.RandomFlip("vertical", seed=seed), 0.0),
-    "rotate": (lambda f, seed: layers.RandomRotation(f, seed=seed), 0.1),
-    "zoom": (lambda f, seed: layers.RandomZoom(f, seed=seed), 0.1),
-    "translate": (lambda f, seed: layers.RandomTranslation(f, f, seed=seed), 0.1),
-    "contrast": (lambda f, seed: layers.RandomContrast(f, value_range=_VALUE_RANGE, seed=seed), 0.2),
-    "brightness": (lambda f, seed: layers.RandomBrightness(f, value_range=_VALUE_RANGE, seed=seed), 0.2),
-    "randaugment": (lambda f, seed: layers.RandAugment(value_range=_VALUE_RANGE, factor=f, seed=seed), 0.5),
-    "augmix": (lambda f, seed: layers.AugMix(value_range=_VALUE_RANGE, factor=f, seed=seed), 0.3),
+    "flip": lambda f, seed: layers.RandomFlip("horizontal", seed=seed),
+    "vflip": lambda f, seed: layers.RandomFlip("vertical", seed=seed),
+    "rotate": lambda f, seed: layers.RandomRotation(f, seed=seed),
+    "zoom": lambda f, seed: layers.RandomZoom(f, seed=seed),
+    "translate": lambda f, seed: layers.RandomTranslation(f, f, seed=seed),
+    "contrast": lambda f, seed: layers.RandomContrast(f, value_range=_VALUE_RANGE, seed=seed),
+    "brightness": lambda f, seed: layers.RandomBrightness(f, value_range=_VALUE_RANGE, seed=seed),
+    "randaugment": lambda f, seed: layers.RandAugment(value_range=_VALUE_RANGE, factor=f, seed=seed),
+    "augmix": lambda f, seed: layers.AugMix(value_range=_VALUE_RANGE, factor=f, seed=seed),
 }
 
-# name -> (layer factory taking its factor and a seed, default factor); each mixes images and labels
+# name -> layer factory taking its factor and a seed; each mixes images and labels
 MIXERS = {
-    "mixup": (lambda f, seed: layers.MixUp(alpha=f, seed=seed), 0.2),  # Beta(alpha, alpha) mixing weights
-    "cutmix": (lambda f, seed: layers.CutMix(factor=f, seed=seed), 1.0),  # Beta(factor, factor) patch areas
+    "mixup": lambda f, seed: layers.MixUp(alpha=f, seed=seed),  # Beta(alpha, alpha) mixing weights
+    "cutmix": lambda f, seed: layers.CutMix(factor=f, seed=seed),  # Beta(factor, factor) patch areas
 }
-
-PRESETS = {
-    "none": "",
-    "light": "flip,rotate:0.05,zoom:0.1",
-    "standard": "flip,rotate:0.1,zoom:0.15,translate:0.1,contrast:0.1",
-    "strong": "flip,randaugment:0.5,zoom:0.2",
-    "randaugment": "flip,randaugment:0.5",
-    "augmix": "flip,augmix:0.3",
-    "mixup": "flip,rotate:0.05,zoom:0.1,mixup:0.2",
-    "cutmix": "flip,rotate:0.05,zoom:0.1,cutmix:1.0",
-}
-
-
-def parse_augment(spec: str) -> list[tuple[str, float]]:
-    """Parses a preset name or a comma list like "flip,rotate:0.2" into (name, factor) pairs."""
-    spec = PRESETS.get(spec, spec)
-    pairs = []
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        name, _, factor = item.partition(":")
-        known = {**LAYERS, **MIXERS}
-        if name not in known:
-            raise KerastlError(
-                f"unknown augmentation {name!r}; presets: {', '.join(PRESETS)}; "
-                f"layers: {', '.join(known)}"
-            )
-        try:
-            value = float(factor) if factor else known[name][1]
-        except ValueError:
-            raise KerastlError(f"augmentation factor {factor!r} for {name} is not a number") from None
-        if value < 0:
-            raise KerastlError(f"augmentation factor for {name} must be 0 or more, got {value}")
-        if name in MIXERS and value <= 0:
-            raise KerastlError(f"augmentation factor for {name} must be above 0, got {value}")
-        pairs.append((name, value))
-    if sum(name in MIXERS for name, _ in pairs) > 1:
-        raise KerastlError(f"augmentation {spec!r} names more than one of {', '.join(MIXERS)}: choose one")
-    return pairs
 
 
 def image_layers(spec: str) -> list[tuple[str, float]]:
@@ -86,7 +49,7 @@ def build_augmenter(spec: str, seed: int | None = None) -> keras.Sequential | No
     if not pairs:
         return None
     stack = [
-        LAYERS[name][0](factor, None if seed is None else seed + i) for i, (name, factor) in enumerate(pairs)
+        LAYERS[name](factor, None if seed is None else seed + i) for i, (name, factor) in enumerate(pairs)
     ]
     return keras.Sequential(stack, name="augmentation")
 
@@ -96,7 +59,7 @@ def build_mixer(spec: str, seed: int | None = None) -> layers.Layer | None:
     with one-hot labels and returns both mixed."""
     for name, factor in parse_augment(spec):
         if name in MIXERS:
-            return MIXERS[name][0](factor, seed)
+            return MIXERS[name](factor, seed)
     return None
 
 

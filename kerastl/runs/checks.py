@@ -11,6 +11,7 @@ The data source itself is checked by `kerastl.data.tables.check_data_source`.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from kerastl.data.tables import check_data_source
 from kerastl.models.backbones import check_weights, get_spec, resolve_size
 from kerastl.runs.resume import RunState, unfinished_run
 from kerastl.storage import check_export_dir
+
+log = logging.getLogger(__name__)
 
 DEFAULT_EXPORT_ROOT = Path("saved_models")
 
@@ -34,6 +37,8 @@ def resolve_run_config(config: RunConfig, find_unfinished: bool = False) -> RunC
     config.validate()
     config.model.weights = normalize_weights(config.model.weights)
     spec = get_spec(config.model.backbone)
+    if config.model.backbone != spec.name:  # matched ignoring case, '_' and '-': say so, in case it was a typo
+        log.warning("backbone %s: using %s", config.model.backbone, spec.name)
     config.model.backbone = spec.name
     config.model.image_size = resolve_size(spec, config.model.image_size)
     check_weights(spec, config.model.weights)
