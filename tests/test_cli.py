@@ -7,7 +7,7 @@ import json
 import re
 
 import numpy as np
-from helpers import SMALL, write_class_folder
+from helpers import SMALL, noisy_pixels, write_class_folder
 from PIL import Image
 
 from kerastl.cli.arguments import build_parser
@@ -120,6 +120,23 @@ def test_errors_name_flags_and_a_refused_run_leaves_nothing(tmp_path, image_fold
     (image_folder / "red" / "notes.jpg").write_text("not an image")
     fails_cleanly([*train, *SMALL, "--overwrite", "--strict"], "or pass --no-strict to skip them")
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["flowers"]
+
+
+def test_a_model_at_chance_and_a_flag_that_does_nothing_are_each_one_line(tmp_path, capsys):
+    same = noisy_pixels((120, 120, 120))  # every image of every class the same: nothing to learn
+    for name in ("cat", "dog", "fox"):
+        (tmp_path / "same" / name).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(same).save(tmp_path / "same" / name / f"{i}.png")
+    export = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "same"), "--export", str(export), *SMALL[:-1],
+                 "--validation", "holdout", "--fine-tune-epochs", "2", "--unfreeze-blocks", "1"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert "--fine-tune-epochs 2, --unfreeze-blocks 1 do nothing in this run: with --weights none every layer " \
+           "trains from the start, in one phase" in err
+    warning = [line for line in err if "no better than chance" in line]
+    assert len(warning) == 1 and "validation accuracy is 0.333 on 6 images" in warning[0]
+    assert 'id="trivial"' in (export / "report.html").read_text()
 
 
 def test_an_unknown_flag_gets_the_closest_one_in_one_line(capsys):

@@ -254,3 +254,18 @@ def test_the_report_gives_each_phase_as_the_run_planned_it(tmp_path):
     facts = dict(phases(RunFiles(tmp_path, config, {"val_accuracy": 0.5}, history=history)))
     assert facts["validation"] == "none: every labelled image trained, with no validation estimate"
     assert facts["phase 1"].endswith("4 epochs, learning rate 0.005")
+
+
+def test_a_model_no_better_than_a_trivial_one_is_named():
+    from kerastl.reports.baselines import trivial_model_warning
+
+    names = ["cat", "dog", "fox"]
+    balanced = {"train": [8, 8, 8], "validation": [2, 2, 2]}
+    assert "no better than chance (0.333 on 3 balanced classes)" in trivial_model_warning(
+        {"val_accuracy": 1 / 3}, balanced, names)
+    assert trivial_model_warning({"val_accuracy": 0.5}, balanced, names) is None
+    skewed = {"train": [30, 5, 5], "test": [6, 1, 1]}
+    message = trivial_model_warning({"val_accuracy": 0.9, "test_accuracy": 0.75}, skewed, names)
+    assert "always answering 'cat' (0.750)" in message and "test accuracy is 0.750 on 8 images" in message
+    assert "cross-validated" in trivial_model_warning({"cv_accuracy": 0.7}, {"train": [30, 5, 5]}, names)
+    assert trivial_model_warning({"cv_accuracy": 0.7}, {}, names) is None  # nothing to compare with

@@ -349,6 +349,17 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _FlagsFormatter(logging.Formatter):
+    """The library's log lines in the command line's words (`in_flags`: `weights=None` -> `--weights none`)."""
+
+    def __init__(self, flags: set[str]):
+        super().__init__("%(message)s")
+        self.flags = flags
+
+    def format(self, record: logging.LogRecord) -> str:
+        return in_flags(super().format(record), self.flags)
+
+
 COMMANDS = {"train": _train, "tune": _tune, "predict": _predict, "evaluate": _evaluate, "export": _export,
             "report": _report,
             "extract": _extract, "backbones": _backbones, "check-data": _check_data, "demo": _demo}
@@ -362,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as stop:  # --help (0) or a flag error (2, already printed as one line)
         return int(stop.code or 0)
     handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_FlagsFormatter(parser.all_flags()))
     logger = logging.getLogger("kerastl")
     logger.handlers[:] = [handler]
     quiet = getattr(args, "quiet", False)  # -q: no progress bars and no notes, only warnings and errors

@@ -35,6 +35,7 @@ from kerastl.choices import OBJECTIVES
 from kerastl.config import read_json
 from kerastl.errors import KerastlError
 from kerastl.reports import plots
+from kerastl.reports.baselines import trivial_model_warning
 from kerastl.reports.card import write_model_card
 from kerastl.reports.facts import (
     NOT_RECORDED,
@@ -84,6 +85,7 @@ img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
 figure { margin: .8rem 0; } figcaption { color: #57606a; font-size: .9rem; }
 pre { background: #f6f8fa; border: 1px solid #d0d7de; padding: .8rem; overflow-x: auto; font-size: .85rem; }
 .note { color: #57606a; } .warning { color: #9a6700; }
+.box { border: 2px solid #9a6700; background: #fff8c5; padding: .6rem .9rem; border-radius: 6px; }
 """
 
 SCRIPT = """
@@ -229,7 +231,10 @@ def _metrics_section(run: RunFiles) -> str:
         per_class = f"<h3>Per class ({split} split)</h3>" + _table(classes, sortable=True, footer=averages)
     else:
         per_class = '<p class="note">Per-class scores: not evaluated (no evaluation.json).</p>'
+    data = run.data or {}
+    trivial = trivial_model_warning(run.metrics, data.get("counts") or {}, run.labels or data.get("class_names") or [])
     return _section("metrics", "Metrics", [
+        f'<p class="box warning" id="trivial">Warning: {escape(trivial)}.</p>' if trivial else "",
         _table((["metric", "value", "measured on"], [list(r) for r in rows])) if rows
         else '<p class="note">No metrics recorded.</p>',
         per_class,

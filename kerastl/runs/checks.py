@@ -11,19 +11,19 @@ The data source itself is checked by `kerastl.data.tables.check_data_source`.
 from __future__ import annotations
 
 import copy
-import logging
 import time
 from pathlib import Path
 
-from kerastl.config import RunConfig, normalize_weights
+from kerastl.config import SETTINGS, RunConfig, normalize_weights
 from kerastl.data.tables import check_data_source
 from kerastl.models.backbones import check_weights, get_spec, resolve_size
 from kerastl.runs.resume import RunState, unfinished_run
 from kerastl.storage import check_export_dir
 
-log = logging.getLogger(__name__)
-
 DEFAULT_EXPORT_ROOT = Path("saved_models")
+# what only phase 2, or a head on a pretrained backbone, reads: nothing, when every layer trains from the start
+FINE_TUNING_SETTINGS = ("fine_tune_epochs", "fine_tune_min_steps", "fine_tune_schedule", "fine_tune_lr_ratio",
+                        "unfreeze_blocks", "unfreeze_from", "layer_decay", "gradual_unfreeze", "features")
 
 
 def resolve_run_config(config: RunConfig, find_unfinished: bool = False) -> RunConfig:
@@ -37,8 +37,6 @@ def resolve_run_config(config: RunConfig, find_unfinished: bool = False) -> RunC
     config.validate()
     config.model.weights = normalize_weights(config.model.weights)
     spec = get_spec(config.model.backbone)
-    if config.model.backbone != spec.name:  # matched ignoring case, '_' and '-': say so, in case it was a typo
-        log.warning("backbone %s: using %s", config.model.backbone, spec.name)
     config.model.backbone = spec.name
     config.model.image_size = resolve_size(spec, config.model.image_size)
     check_weights(spec, config.model.weights)
@@ -50,6 +48,30 @@ def resolve_run_config(config: RunConfig, find_unfinished: bool = False) -> RunC
     if found is not None:
         config.name, config.export_dir = found
     return config
+
+
+def setting_notes(config: RunConfig) -> list[str]:
+    """One line for each thing a user may not expect this run to do with its settings: a backbone
+    name taken by a loose match, and settings that do nothing in this run (fine-tuning settings
+    when every layer trains from scratch). Parameters are named `name=value`."""
+    notes = []
+    spec = get_spec(config.model.backbone)
+    if config.model.backbone != spec.name:  # matched ignoring case, '_' and '-': say so, in case it was a typo
+        notes.append(f"backbone {config.model.backbone}: using {spec.name}")
+    weights, scratch = normalize_weights(config.model.weights), config.model.from_scratch
+    if (weights is None) if scratch is None else scratch:  # the flags hold "none" until the config is resolved
+        changed = []
+        for name in FINE_TUNING_SETTINGS:
+            value = config
+            for part in SETTINGS[name].path:
+                value = getattr(value, part)
+            if value != SETTINGS[name].default:
+                changed.append(f"{name}={value}")
+        if changed:
+            why = "weights=None" if weights is None else "from_scratch=True"
+            notes.append(f"{', '.join(changed)} {'does' if len(changed) == 1 else 'do'} nothing in this run: with "
+                         f"{why} every layer trains from the start, in one phase")
+    return notes
 
 
 def check_output(export_dir: str, chosen: bool, overwrite: bool) -> None:

@@ -14,7 +14,7 @@ import copy
 import dataclasses
 import errno
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +28,8 @@ from kerastl.errors import KerastlError
 from kerastl.features.cache import CachedFeatures
 from kerastl.features.blocks import BlockCurve
 from kerastl.models.classifier import TransferClassifier
-from kerastl.runs.checks import resolve_run_config
+from kerastl.reports.baselines import trivial_model_warning
+from kerastl.runs.checks import resolve_run_config, setting_notes
 from kerastl.runs.folder import LOGS, write_run_folder
 from kerastl.runs.plan import Pipelines, RunPlan, plan_run, split_for
 from kerastl.runs.resume import RunState
@@ -61,6 +62,7 @@ class RunResult:
     curve: BlockCurve | None = None
     plan: RunPlan | None = None
     population: int = 1  # runs whose phase 1 trained together with this one's (`kerastl.runs.population`)
+    warnings: list[str] = field(default_factory=list)  # logged at the end: a model no better than a trivial one
 
     @property
     def probe(self) -> BlockCurve | None:
@@ -127,7 +129,10 @@ def run_training(
     ```
     """
     named, config_export_dir = bool(config.name or config.export_dir), config.export_dir
+    notes = setting_notes(config) if save == "export" else []  # a search's trials are told once, by the search
     config = checked_config(config, find_unfinished=save == "export")
+    for note in notes:
+        log.warning(note)
     folder = Path(config.export_dir)
     if isinstance(data, tuple):  # 0.2 took the pipelines as `data`
         data, pipelines = None, data
@@ -149,6 +154,8 @@ def run_training(
         if state is not None:
             state.finish()  # under the lock: no other run can have started in the folder meanwhile
         finished = True
+        for warning in result.warnings if save == "export" else []:  # a search reports its own best
+            log.warning(warning)
     except NaNLoss as error:
         best = sorted(state.backup_dir.rglob("best.npz")) if state is not None else []
         kept = f"; the best weights before it are kept in {best[-1].parent}" if best else ""
@@ -230,8 +237,12 @@ def execute(plan: RunPlan, config: RunConfig, verbose: int | str = "auto",
                          evaluation=evaluation, wrong_images=wrong, plan=plan.to_dict(),
                          data=describe_data(data, config.data, plan.validation_mode, plan.folds)
                          if save == "export" else None)
+    counts = {} if data is None else {name: split.class_counts(len(data.class_names)).tolist() for name, split in
+                                      (("train", data.train), ("validation", data.validation), ("test", data.test))
+                                      if split is not None}
+    trivial = trivial_model_warning(metrics, counts, class_names or [])
     return RunResult(model, history, class_names, metrics, folder if save != "none" else None, config,
-                     reused_head=plan.head_start == "stored", curve=curve, plan=plan)
+                     reused_head=plan.head_start == "stored", curve=curve, plan=plan, warnings=[trivial] * bool(trivial))
 
 
 def _head_predictions(model: TransferClassifier, validation: CachedFeatures) -> tuple[np.ndarray, np.ndarray]:
