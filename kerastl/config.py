@@ -21,16 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kerastl.choices import (
-    LOSSES,
-    SAMPLING,
-    SCHEDULES,
-    VALIDATION_MODES,
-    normalize_weights,
-    parse_augment,
-    parse_class_weight,
-    parse_features,
-)
+from kerastl.choices import (LOSSES, SAMPLING, SCHEDULES, VALIDATION_MODES, normalize_weights, parse_augment,
+                             parse_class_weight, parse_features)
 from kerastl.errors import KerastlError
 from kerastl.settings import (
     JsonConfig,

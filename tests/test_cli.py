@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 from helpers import SMALL, noisy_pixels, write_class_folder
@@ -137,6 +138,13 @@ def test_a_model_at_chance_and_a_flag_that_does_nothing_are_each_one_line(tmp_pa
     warning = [line for line in err if "no better than chance" in line]
     assert len(warning) == 1 and "validation accuracy is 0.333 on 6 images" in warning[0]
     assert 'id="trivial"' in (export / "report.html").read_text()
+    wrong = json.loads((export / "evaluation.json").read_text())["most_wrong"]  # 4 of the 6: wrong by file
+    assert len(wrong) == 4 and all(Path(row["path"]).parent.parent == tmp_path / "same" for row in wrong)
+    assert wrong[0]["path"] in (export / "report.html").read_text()
+    assert main(["evaluate", "--model", str(export), "--data", str(tmp_path / "same")]) == 0
+    out = capsys.readouterr().out
+    assert "most confidently wrong (image, true, predicted, confidence):" in out
+    assert f"  {wrong[0]['path']}  {wrong[0]['true']} -> {wrong[0]['predicted']}" in out
 
 
 def test_an_unknown_flag_gets_the_closest_one_in_one_line(capsys):

@@ -240,15 +240,17 @@ def test_the_report_gives_each_phase_as_the_run_planned_it(tmp_path):
 
     config = RunConfig().to_dict()  # patience 5, learning rate 0.001, fine-tuning at 0.1 of it
     config["plan"] = {"validation_mode": "holdout", "folds": 0, "phases": [
-        {"name": "head", "epochs": 100, "patience": 50, "learning_rate": 0.001, "schedule": "constant"},
+        {"name": "head", "epochs": 100, "patience": 50, "learning_rate": 0.001, "schedule": "constant",
+         "steps_per_epoch": 3},
         {"name": "fine_tune", "epochs": 10, "patience": 5, "learning_rate": 2e-05, "schedule": "cosine"}]}
     history = {"phase1": {"loss": [1.0] * 4, "val_loss": [1.0] * 4},
                "phase2": {"loss": [1.0] * 3, "val_loss": [1.0] * 3}}
     facts = dict(phases(RunFiles(tmp_path, config, {"val_accuracy": 0.5}, history=history)))
     assert facts["phase 1"].endswith("4 epochs, learning rate 0.001")
     assert facts["phase 2"].endswith("3 epochs, learning rate 2e-05")  # the plan's, not 0.001 x 0.1
-    assert facts["validation"] == ("holdout: early stopping on the validation split's loss (patience 50, raised with "
-                                   "the epochs from 5)")
+    assert facts["validation"] == ("holdout: early stopping on the validation split's loss (patience 50; the step "
+                                   "floor of 300 optimizer steps (3 per epoch) raised phase 1 from 10 to 100 epochs, "
+                                   "and the patience with them from 5)")  # why a 10-epoch run ran 100
     config["plan"].update(validation_mode="cv", folds=0)  # cross-validation without cached features: no folds
     config["plan"]["phases"][0].update(name="scratch", learning_rate=0.005)  # phase 1 from scratch: its own name
     facts = dict(phases(RunFiles(tmp_path, config, {"val_accuracy": 0.5}, history=history)))
@@ -269,3 +271,20 @@ def test_a_model_no_better_than_a_trivial_one_is_named():
     assert "always answering 'cat' (0.750)" in message and "test accuracy is 0.750 on 8 images" in message
     assert "cross-validated" in trivial_model_warning({"cv_accuracy": 0.7}, {"train": [30, 5, 5]}, names)
     assert trivial_model_warning({"cv_accuracy": 0.7}, {}, names) is None  # nothing to compare with
+
+
+def test_each_metric_appears_once_and_epochs_are_whole_numbers(tmp_path, monkeypatch):
+    from kerastl.reports import plots
+    from kerastl.reports.facts import RunFiles, metric_rows
+
+    evaluation = {"split": "validation", "count": 6, "accuracy": 0.5, "top_k": 3, "top_k_accuracy": 1.0, "ece": 0.1}
+    run = RunFiles(tmp_path, RunConfig().to_dict(), {"val_accuracy": 0.5, "val_loss": 0.9}, evaluation=evaluation)
+    labels = [label for label, _, _ in metric_rows(run)]
+    assert labels.count("accuracy") == 1 and "top-3 accuracy" in labels and "expected calibration error" in labels
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path, **kwargs: drawn.append(figure) or path)
+    plots.plot_curves({"phase1": {"loss": [1.0, 0.8, 0.7], "val_loss": [1.1, 0.9, 0.8]},
+                       "phase2": {"loss": [0.6, 0.5], "val_loss": [0.7, 0.7]}}, tmp_path / "curves.png")
+    ticks = [tick for axes in drawn[0].axes for tick in axes.get_xticks()]
+    assert ticks and all(float(tick).is_integer() for tick in ticks)  # no epoch 1.5

@@ -17,7 +17,7 @@ SEARCH = ["tune", "--data", "digits", "--backbone", "simple_cnn", "--weights", "
 
 @pytest.mark.parametrize("extra, match", [
     (["--search", "nonsense=1,2"], "unknown search settings"),
-    (["--search", "dropout"], "name=values"),
+    (["--search", "dropout"], "NAME=VALUES"),
     (["--search", "learning_rate=0:0.1:log"], "log range needs min > 0"),
     (["--search", "backbone=simple_cnn,nonet"], "unknown backbone"),
     (["--objective", "f1"], "invalid choice"),

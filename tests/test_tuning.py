@@ -30,7 +30,7 @@ def test_search_settings_parse_as_choices_ranges_and_fixed_values():
     assert parse_setting("dropout=0:0.5:0.1") == ("dropout", {"min": 0, "max": 0.5, "step": 0.1})
     assert parse_setting("backbone=mobilenet_v2,resnet50") == ("backbone", ["mobilenet_v2", "resnet50"])
     assert parse_setting("fine-tune-epochs=3") == ("fine_tune_epochs", 3)
-    with pytest.raises(KerastlError, match="name=values"):
+    with pytest.raises(KerastlError, match="NAME=VALUES"):
         parse_setting("dropout")
 
 

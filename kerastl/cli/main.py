@@ -160,14 +160,14 @@ def _predict(args: argparse.Namespace) -> int:
     listing = list_image_files(args.images)  # before TensorFlow loads: a missing path is one line
     if args.strict and listing.skipped:
         raise KerastlError(f"{skipped_line(listing.skipped[0])} is not an image; without --strict it is skipped")
-    if not listing.paths:
-        shown = f": {describe(listing.skipped, 3)}" if listing.skipped else ""
-        raise KerastlError(f"no JPEG, PNG, GIF or BMP images in {' '.join(args.images)}{shown}")
     import_tensorflow(args.verbose)
     from kerastl.models.litert import load_exported
     from kerastl.models.predict import iter_predictions
 
-    model, skipped, count = load_exported(args.model), [], 0
+    model, skipped, count = load_exported(args.model), [], 0  # a model that cannot load is named first
+    if not listing.paths:
+        shown = f": {describe(listing.skipped, 3)}" if listing.skipped else ""
+        raise KerastlError(f"no JPEG, PNG, GIF or BMP images in {' '.join(args.images)}{shown}")
     writer = csv.writer(sys.stdout, lineterminator="\n") if args.csv else None
     if writer:
         writer.writerow(["image", "class", "probability", *model.class_names])

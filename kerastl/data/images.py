@@ -4,9 +4,8 @@ Sources: a folder with one subfolder per class, a CSV label table (read by
 `kerastl.data.tables.read_label_table`; `kerastl.data.sources` adds DataFrames and `tf.data`
 datasets), numpy arrays, CIFAR-10 and scikit-learn's bundled digits. Every source becomes an
 `ImageData`: class names plus unbatched splits of (uint8 image resized to the backbone's size, int label).
-`Split.batches` turns a split into a pipeline: parallel decode and resize, cache
-(before augmentation, so augmented images differ every epoch), shuffle, batch,
-augment, prefetch.
+`Split.batches` turns a split into a pipeline: parallel decode and resize, cache (before
+augmentation, so augmented images differ every epoch), shuffle, batch, augment, prefetch.
 """
 
 from __future__ import annotations
@@ -52,6 +51,7 @@ class Split:
     image_size: int
     fingerprint: str = ""  # changes whenever the split's images or labels change
     labels: np.ndarray | None = None  # every image's label, in order, when known without reading images
+    paths: list[str] | None = None  # every image's file, in order, when the images came from files
 
     def class_counts(self, num_classes: int) -> np.ndarray:
         """Images per class (read from the labels, or from the dataset when they are not known)."""
@@ -108,11 +108,11 @@ class Split:
 def merge_splits(first: Split, second: Split) -> Split:
     """One split holding both splits' images (the first's, then the second's)."""
     digest = hashlib.sha256((first.fingerprint + second.fingerprint).encode()).hexdigest()
-    labels = None
-    if first.labels is not None and second.labels is not None:
-        labels = np.concatenate([first.labels, second.labels])
+    both = first.labels is not None and second.labels is not None
+    labels = np.concatenate([first.labels, second.labels]) if both else None
+    paths = first.paths + second.paths if first.paths is not None and second.paths is not None else None
     return Split(first.dataset.concatenate(second.dataset), first.count + second.count, first.image_size, digest,
-                 labels)
+                 labels, paths)
 
 
 @dataclass
@@ -229,7 +229,7 @@ def _file_split(paths: list[str], labels: list[int], image_size: int) -> Split:
     for path, label in zip(paths, labels):
         stat = os.stat(path)
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{label}\n".encode())
-    return Split(ds, len(paths), image_size, digest.hexdigest(), np.asarray(labels, np.int32))
+    return Split(ds, len(paths), image_size, digest.hexdigest(), np.asarray(labels, np.int32), list(paths))
 
 
 def from_folder(

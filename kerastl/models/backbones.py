@@ -174,7 +174,8 @@ def check_weights(spec: BackboneSpec, weights: str | None) -> None:
     if weights is None or (weights == "imagenet" and spec.imagenet):
         return
     if weights == "imagenet":
-        raise KerastlError(f"{spec.name} has no ImageNet weights; pass weights=None (train from scratch) or a weights file, weights=PATH")
+        raise KerastlError(f"{spec.name} has no ImageNet weights; pass weights=None (train from scratch) or a "
+                           "weights file, weights=PATH")
     if not os.path.isfile(weights):
         raise KerastlError(f"weights file {weights} does not exist")
     if is_legacy_full_model(weights):

@@ -34,6 +34,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 CLIP = 1e-7  # probabilities are clipped to [CLIP, 1] for the loss
 WEAK_MARGIN = 0.1  # a class is weak when its F1 is more than this below the macro F1
 MAX_WEAK = 5
+MAX_WRONG_LINES = 8  # of the most confidently wrong predictions, in `format`
 NAME_WIDTH = 24  # class names longer than this are shortened in `Evaluation.format`
 MATRIX_MAX_CLASSES = 20  # more classes than this: `format` lists the top confusions, not the matrix
 SMALL_CLASS = 10  # `data_warnings`: fewer training images than this in a class is a warning
@@ -108,6 +110,10 @@ class Evaluation:
                              f"{r['confidence'][b]:>10.4f} {r['accuracy'][b]:>8.4f}")
         weak = ", ".join(self.weak_classes) if self.weak_classes else "none"
         lines += ["", f"weak classes (F1 more than {WEAK_MARGIN} below the macro F1): {weak}"]
+        if self.most_wrong:
+            lines += ["", "most confidently wrong (image, true, predicted, confidence):"]
+            lines += [f"  {row.get('path', '#' + str(row['index']))}  {row['true']} -> {row['predicted']} "
+                      f"{row['confidence']:.3f}" for row in self.most_wrong[:MAX_WRONG_LINES]]
         return "\n".join(lines)
 
 
@@ -194,7 +200,7 @@ def _average(labels, predicted, present, average: str) -> dict:
 
 
 def evaluate_predictions(probabilities, labels, class_names: list[str], split: str = "validation", top_k: int = 3,
-                         bins: int = 10, wrong: int = 16) -> Evaluation:
+                         bins: int = 10, wrong: int = 16, paths: Sequence[str] | None = None) -> Evaluation:
     """The `Evaluation` of predicted probabilities against integer labels.
 
     Args:
@@ -205,6 +211,7 @@ def evaluate_predictions(probabilities, labels, class_names: list[str], split: s
         top_k: for `top_k_accuracy` (at most K).
         bins: equal-width confidence bins for the ECE and the reliability table.
         wrong: how many of the most confidently wrong predictions to keep.
+        paths: each image's file, when the images came from files: `most_wrong` names them.
 
     Example:
     ```python
@@ -240,7 +247,8 @@ def evaluate_predictions(probabilities, labels, class_names: list[str], split: s
     ece, reliability = _reliability(confidence, correct, bins)
     wrong_rows = np.flatnonzero(~correct)
     wrong_rows = wrong_rows[np.argsort(-confidence[wrong_rows], kind="stable")][: max(0, wrong)]
-    most_wrong = [{"index": int(i), "true": class_names[labels[i]], "predicted": class_names[predicted[i]],
+    most_wrong = [{"index": int(i), **({"path": str(paths[i])} if paths is not None else {}),
+                   "true": class_names[labels[i]], "predicted": class_names[predicted[i]],
                    "confidence": float(confidence[i])} for i in wrong_rows]
     weak = sorted((row for row in per_class if row["f1"] < macro["f1"] - WEAK_MARGIN), key=lambda row: row["f1"])
     evaluation = Evaluation(

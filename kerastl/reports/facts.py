@@ -1,13 +1,13 @@
 """What a run folder says, in words: the readers and phrases the model card and the HTML report share.
 
-`read_run(folder)` reads only the run folder's files: `config.json` (with the run's plan) and
-`metrics.json`, and, where present, `history.json`, `metadata.json`, `labels.txt`, `data.json`,
-`evaluation.json` and `probe.json`, which the functions below turn into (label, text) pairs,
-tables and sentences. A missing optional file reads "not recorded", never an error.
+`read_run(folder)` reads only the run folder's files: `config.json` (with the plan), `metrics.json` and, if present,
+`history.json`, `metadata.json`, `labels.txt`, `data.json`, `evaluation.json` and `probe.json`, which the functions
+below turn into (label, text) pairs, tables and sentences. A missing optional file reads "not recorded", never an
+error.
 
-Every metric says what it was measured on, because the numbers mean different things:
-`test_*` on the held-out test split; `val_*` on the validation split, which also chose the epochs
-and settings and so is optimistic; `cv_*` a cross-validated estimate over k folds. No TensorFlow.
+Every metric says what it was measured on, because the numbers mean different things: `test_*` on the held-out
+test split; `val_*` on the validation split, which also chose the epochs and settings and so is optimistic; `cv_*`
+a cross-validated estimate over k folds. No TensorFlow.
 """
 
 from __future__ import annotations
@@ -102,8 +102,7 @@ def read_run(folder: str | Path, location: str | Path | None = None) -> RunFiles
             missing = not (folder / name).is_file()
             raise KerastlError(f"{folder} has no {name}: it is not a kerastl run folder" if missing
                                else f"{folder / name} is not a JSON object; was the run folder damaged?")
-    labels_path = folder / "labels.txt"
-    labels = labels_path.read_text().splitlines() if labels_path.is_file() else None
+    labels = (folder / "labels.txt").read_text().splitlines() if (folder / "labels.txt").is_file() else None
     optional = {name: read_optional_json(folder / f"{name}.json") for name in
                 ("history", "metadata", "data", "evaluation", "probe")}
     return RunFiles(folder, required["config.json"], required["metrics.json"], labels=labels,
@@ -112,10 +111,8 @@ def read_run(folder: str | Path, location: str | Path | None = None) -> RunFiles
 
 def number(value: Any, digits: int = 4) -> str:
     """A score for people: `digits` decimals; "n/a" for NaN; "not recorded" for None."""
-    if value is None:
-        return NOT_RECORDED
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return NOT_RECORDED if value is None else str(value)
     if isinstance(value, float) and math.isnan(value):
         return "n/a"
     return str(value) if isinstance(value, int) else f"{value:.{digits}f}"
@@ -163,9 +160,8 @@ def counts_table(run: RunFiles) -> Table | None:
 
 def recorded_warnings(run: RunFiles) -> list[str]:
     """data.json's warnings, and the files that could not be read."""
-    data = run.data or {}
-    skipped = data.get("skipped_files")
-    return [str(w) for w in data.get("warnings") or []] + (
+    skipped = (run.data or {}).get("skipped_files")
+    return [str(w) for w in (run.data or {}).get("warnings") or []] + (
         [f"{skipped} files could not be read as images and were skipped"] if skipped else [])
 
 
@@ -254,8 +250,11 @@ def phases(run: RunFiles) -> list[tuple[str, str]]:
            ("phase 2", "did not run (no fine-tuning)" if second is None else f"fine-tuning {unfreeze_text(run)}: "
                        f"{second}, learning rate {NOT_RECORDED if fine_rate is None else f'{fine_rate:g}'}")]
     folds = run.metrics.get("cv_folds") or run.plan.get("folds", train.get("cv_folds"))
-    patience = head.get("patience", train.get("patience", "?"))
-    raised = "" if patience == train.get("patience", patience) else f", raised with the epochs from {train['patience']}"
+    patience, epochs, planned = head.get("patience", train.get("patience")), train.get("epochs"), head.get("epochs")
+    per_epoch = f" ({head['steps_per_epoch']} per epoch)" if head.get("steps_per_epoch") else ""
+    raised = "" if not (epochs and planned and planned > epochs) else (  # the step floor set the length: say so
+        f"; the step floor of {train.get('min_steps')} optimizer steps{per_epoch} raised phase 1 from {epochs} to "
+        f"{planned} epochs, and the patience with them from {train.get('patience')}")
     cv = (f"{int(folds) if folds else 'k'}-fold cross-validation on every labelled image, then trained on them all"
           if folds != 0 else "none: every labelled image trained, with no validation estimate")
     out.append(("validation", cv if mode == "cv" else
@@ -312,7 +311,8 @@ def metric_rows(run: RunFiles) -> list[tuple[str, str, str]]:
         split = str(evaluation.get("split", "?"))
         prefix = {"test": "test_", "validation": "val_"}.get(split, split + "_")
         where = measured_on(run, prefix, evaluation.get("count") or 0) + ", by evaluation.json"
-        rows.append(("accuracy", number(evaluation.get("accuracy")), where))
+        if prefix + "accuracy" not in metrics:  # each metric once: the run's own score is listed above
+            rows.append(("accuracy", number(evaluation.get("accuracy")), where))
         if evaluation.get("top_k_accuracy") is not None:
             rows.append((f"top-{evaluation.get('top_k', 'k')} accuracy", number(evaluation["top_k_accuracy"]), where))
         if evaluation.get("ece") is not None:

@@ -260,7 +260,8 @@ def _mistakes_section(run: RunFiles) -> str:
         _figure(picture, "the most confidently wrong predictions", "the most confident wrong predictions"),
         f'<p class="note">{escape(why)}</p>' if why else "",
         _table((["image", "true", "predicted", "confidence"],
-                [[str(w.get("index")), str(w.get("true")), str(w.get("predicted")), number(w.get("confidence"), 3)]
+                [[str(w.get("path", w.get("index"))), str(w.get("true")), str(w.get("predicted")),
+                  number(w.get("confidence"), 3)]
                  for w in wrong])) if wrong else ""])
 
 

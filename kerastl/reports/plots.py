@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from kerastl.choices import OBJECTIVES
 from kerastl.errors import KerastlError
@@ -108,6 +109,8 @@ def plot_curves(history: dict, path: Target) -> Path | BinaryIO:
         offset += length
     for panel, axes in panels.items():
         axes.set_title(panel)
+        axes.set_xlim(0.5, offset + 0.5)  # both panels over every epoch, even one without its metric
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         axes.set_xlabel("epoch")
         axes.set_ylabel(panel)
         if any(not line.get_label().startswith("_") for line in axes.lines):  # the fine-tuning line has none
@@ -175,7 +178,8 @@ def plot_reliability(reliability: dict, ece: float, path: Target) -> Path | Bina
 
 
 def plot_wrong(images, rows: list[dict], path: Target, columns: int = 4) -> Path | BinaryIO:
-    """A grid of the most confidently wrong images, each titled with its true and predicted class."""
+    """A grid of the most confidently wrong images, each titled with its file name (when `rows` have a
+    "path"), true and predicted class."""
     if len(images) != len(rows):
         raise KerastlError(f"there are {len(images)} images but {len(rows)} wrong predictions to title them")
     if len(rows) == 0:
@@ -188,8 +192,9 @@ def plot_wrong(images, rows: list[dict], path: Target, columns: int = 4) -> Path
         hspace=0.9 / 2.6))).reshape(-1)
     for axes, image, row in zip(grid, images, rows):
         axes.imshow(np.asarray(image, dtype=np.uint8))
-        axes.set_title(f"true: {_short(row['true'])}\npred: {_short(row['predicted'])} ({row['confidence']:.2f})",
-                       fontsize=9)
+        name = f"{_short(Path(row['path']).name)}\n" if row.get("path") else ""  # the file, to find and fix
+        axes.set_title(f"{name}true: {_short(row['true'])}\npred: {_short(row['predicted'])} "
+                       f"({row['confidence']:.2f})", fontsize=9)
     for axes in grid:
         axes.set_axis_off()
     return _save(figure, path, tight=False)

@@ -14,7 +14,7 @@ import copy
 import time
 from pathlib import Path
 
-from kerastl.config import SETTINGS, RunConfig, normalize_weights
+from kerastl.config import SETTINGS, ModelConfig, RunConfig, TrainConfig, normalize_weights
 from kerastl.data.tables import check_data_source
 from kerastl.models.backbones import check_weights, get_spec, resolve_size
 from kerastl.runs.resume import RunState, unfinished_run
@@ -50,20 +50,21 @@ def resolve_run_config(config: RunConfig, find_unfinished: bool = False) -> RunC
     return config
 
 
-def setting_notes(config: RunConfig) -> list[str]:
+def setting_notes(model: ModelConfig, train: TrainConfig) -> list[str]:
     """One line for each thing a user may not expect this run to do with its settings: a backbone
     name taken by a loose match, and settings that do nothing in this run (fine-tuning settings
     when every layer trains from scratch). Parameters are named `name=value`."""
     notes = []
-    spec = get_spec(config.model.backbone)
-    if config.model.backbone != spec.name:  # matched ignoring case, '_' and '-': say so, in case it was a typo
-        notes.append(f"backbone {config.model.backbone}: using {spec.name}")
-    weights, scratch = normalize_weights(config.model.weights), config.model.from_scratch
+    spec = get_spec(model.backbone)
+    if model.backbone != spec.name:  # matched ignoring case, '_' and '-': say so, in case it was a typo
+        notes.append(f"backbone {model.backbone}: using {spec.name}")
+    weights, scratch = normalize_weights(model.weights), model.from_scratch
     if (weights is None) if scratch is None else scratch:  # the flags hold "none" until the config is resolved
         changed = []
         for name in FINE_TUNING_SETTINGS:
-            value = config
-            for part in SETTINGS[name].path:
+            first, *rest = SETTINGS[name].path
+            value = {"model": model, "train": train}[first]
+            for part in rest:
                 value = getattr(value, part)
             if value != SETTINGS[name].default:
                 changed.append(f"{name}={value}")

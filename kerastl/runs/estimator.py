@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from kerastl.choices import closest_name
-from kerastl.config import SETTINGS, ModelConfig, RunConfig
+from kerastl.config import SETTINGS, DataConfig, ModelConfig, RunConfig
 from kerastl.data.images import ImageData, from_arrays
 from kerastl.data.sources import from_dataset
 from kerastl.errors import KerastlError
@@ -110,7 +110,17 @@ class ImageClassifier:
         else:
             check_parent(export_dir, create=True)
             config.export_dir = str(export_dir)
-        loaded = self._data(data, validation_data, class_names, config)
+        loaded = None
+        if isinstance(data, (str, os.PathLike)):  # a source run_training reads
+            if validation_data is not None and not isinstance(validation_data, (str, os.PathLike)):
+                raise KerastlError("validation_data for a data folder must be a folder too")
+            config.data.source = str(data)
+            config.data.validation_dir = None if validation_data is None else str(validation_data)
+        elif isinstance(data, ImageData):
+            loaded = data
+        else:
+            size = checked_config(config).model.image_size
+            loaded = _in_memory(data, validation_data, class_names, config.data, size)
         try:
             result = run_training(config, data=loaded, overwrite=overwrite, verbose=verbose)
         except BaseException:
@@ -124,33 +134,6 @@ class ImageClassifier:
         self.class_names, self.folder, self._exported = list(result.class_names), Path(result.export_dir), None
         self.config = result.config
         return self.history
-
-    def _data(self, data: Any, validation: Any, class_names: Sequence[str] | None,
-              config: RunConfig) -> ImageData | None:
-        """`data` as `ImageData`, or None with `config.data` pointing at a source run_training reads."""
-        if isinstance(data, ImageData):
-            return data
-        if isinstance(data, (str, os.PathLike)):
-            config.data.source = str(data)
-            if validation is not None:
-                if not isinstance(validation, (str, os.PathLike)):
-                    raise KerastlError("validation_data for a data folder must be a folder too")
-                config.data.validation_dir = str(validation)
-            return None
-        size = checked_config(config).model.image_size
-        dc = config.data
-        if isinstance(data, tf.data.Dataset):
-            names = class_names or getattr(data, "class_names", None)
-            if not names:
-                raise KerastlError("a tf.data.Dataset carries no class names: pass class_names=[...]")
-            return from_dataset(data, names, size, validation, validation_split=dc.validation_split,
-                                test_split=dc.test_split, seed=dc.seed)
-        if isinstance(data, tuple) and len(data) == 2:
-            given = None if validation is None else tuple(validation)
-            return from_arrays(data[0], data[1], size, list(class_names) if class_names else None,
-                               dc.validation_split, dc.test_split, dc.seed, given)
-        raise KerastlError(f"data must be a folder, a CSV file, (x, y) arrays or a tf.data.Dataset, not "
-                           f"{type(data).__name__}")
 
     def _folder(self) -> Path:
         if self.folder is None:
@@ -224,3 +207,19 @@ class ImageClassifier:
     def __repr__(self) -> str:
         state = f"fitted, {len(self.class_names)} classes, {self.folder}" if self.folder else "not fitted"
         return f"ImageClassifier({self.config.model.backbone!r}, {state})"
+
+
+def _in_memory(data: Any, validation: Any, class_names: Sequence[str] | None, dc: DataConfig, size: int) -> ImageData:
+    """(x, y) arrays or a `tf.data.Dataset` (with `validation` of the same kind) as `ImageData` at `size`."""
+    if isinstance(data, tf.data.Dataset):
+        names = class_names or getattr(data, "class_names", None)
+        if not names:
+            raise KerastlError("a tf.data.Dataset carries no class names: pass class_names=[...]")
+        return from_dataset(data, names, size, validation, validation_split=dc.validation_split,
+                            test_split=dc.test_split, seed=dc.seed)
+    if isinstance(data, tuple) and len(data) == 2:
+        given = None if validation is None else tuple(validation)
+        return from_arrays(data[0], data[1], size, list(class_names) if class_names else None,
+                           dc.validation_split, dc.test_split, dc.seed, given)
+    raise KerastlError(f"data must be a folder, a CSV file, (x, y) arrays or a tf.data.Dataset, not "
+                       f"{type(data).__name__}")

@@ -94,6 +94,17 @@ class RunPlan:
     def model(self) -> TransferClassifier:
         return self.inputs.model
 
+    def steps_summary(self) -> str:
+        """The optimizer steps the plan allows at most, phase by phase (early stopping may end them sooner)."""
+        names = {"head": "phase 1", "fine_tune": "phase 2", "scratch": "training from scratch"}
+        parts = [f"{names[phase.name]} {phase.epochs} epochs" + (f" x {phase.steps_per_epoch} = {phase.steps:,}"
+                                                                  if phase.steps else "")
+                 for phase in self.phases if phase.epochs > 0]
+        if not parts:
+            return "no optimizer steps: the head is the converged probe"
+        folds = f", in each of {self.folds} folds and then on every image" if self.validation_mode == "cv" else ""
+        return f"optimizer steps at most: {'; '.join(parts)}{folds} (early stopping may end sooner)"
+
     def to_dict(self) -> dict[str, Any]:
         """The choices, as `config.json` records them under "plan"."""
         return {"validation_mode": self.validation_mode, "folds": self.folds,

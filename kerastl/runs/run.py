@@ -129,7 +129,7 @@ def run_training(
     ```
     """
     named, config_export_dir = bool(config.name or config.export_dir), config.export_dir
-    notes = setting_notes(config) if save == "export" else []  # a search's trials are told once, by the search
+    notes = setting_notes(config.model, config.train) if save == "export" else []  # not each of a search's trials
     config = checked_config(config, find_unfinished=save == "export")
     for note in notes:
         log.warning(note)
@@ -150,6 +150,8 @@ def run_training(
         if state is not None and pipelines is None:
             state.check_data(data.train.fingerprint)
         plan = plan_run(config, data, model, heads, verbose, mode, pipelines)
+        if save == "export":
+            log.info(plan.steps_summary())
         result = execute(plan, config, verbose, callbacks, heads, save, state)
         if state is not None:
             state.finish()  # under the lock: no other run can have started in the folder meanwhile
@@ -242,7 +244,8 @@ def execute(plan: RunPlan, config: RunConfig, verbose: int | str = "auto",
                                       if split is not None}
     trivial = trivial_model_warning(metrics, counts, class_names or [])
     return RunResult(model, history, class_names, metrics, folder if save != "none" else None, config,
-                     reused_head=plan.head_start == "stored", curve=curve, plan=plan, warnings=[trivial] * bool(trivial))
+                     reused_head=plan.head_start == "stored", curve=curve, plan=plan,
+                     warnings=[trivial] if trivial else [])
 
 
 def _head_predictions(model: TransferClassifier, validation: CachedFeatures) -> tuple[np.ndarray, np.ndarray]:

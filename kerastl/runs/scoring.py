@@ -74,7 +74,7 @@ def evaluate_split(probabilities: np.ndarray, labels: np.ndarray, split: Split, 
                    top_k: int = 3) -> tuple[Evaluation, np.ndarray]:
     """The evaluation of predictions on `split` (in its order), and the images of its most
     confidently wrong predictions (uint8, in `most_wrong` order)."""
-    evaluation = evaluate_predictions(probabilities, labels, class_names, name, top_k=top_k)
+    evaluation = evaluate_predictions(probabilities, labels, class_names, name, top_k=top_k, paths=split.paths)
     return evaluation, images_at(split, [row["index"] for row in evaluation.most_wrong])
 
 
