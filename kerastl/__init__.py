@@ -6,12 +6,14 @@ or encoded images and returns class probabilities. Search both phases' settings
 with KerasTuner (`run_search`, `TransferHyperModel`).
 
 The names below are imported when first used (PEP 562), so `import kerastl`
-does not import TensorFlow.
+does not import TensorFlow; the first name that needs it imports it without its native
+start-up lines, as the command line does (`KERASTL_TF_LOG=1` shows them).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 from kerastl.version import __version__
 
@@ -76,9 +78,17 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
+# modules that import without TensorFlow: the configs, the errors, the reports and the data checks
+_LIGHT = ("kerastl.config", "kerastl.errors", "kerastl.tune.config", "kerastl.reports.", "kerastl.data.checks")
+
+
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'kerastl' has no attribute {name!r}")
+    if "tensorflow" not in sys.modules and not _EXPORTS[name].startswith(_LIGHT):
+        # as quietly as the command line: TensorFlow's native start-up lines are kept off stderr
+        # (KERASTL_TF_LOG=1 shows them; importing TensorFlow before kerastl shows them too)
+        importlib.import_module("kerastl.quiet").import_tensorflow()
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value

@@ -28,7 +28,7 @@ def main() -> None:
     if args.write_docs:
         _docs.check_section("bench_reports")
 
-    from kerastl.cli.quiet import import_tensorflow
+    from kerastl.quiet import import_tensorflow
 
     import_tensorflow()
     from kerastl.config import DataConfig, ModelConfig, RunConfig

@@ -62,9 +62,9 @@ def test_bad_input_answers_in_one_line_before_tensorflow_is_imported(tmp_path, i
 
 
 @pytest.mark.slow  # over 10 s on 2 cores: CI runs it with -m slow
-def test_tensorflows_start_up_lines_stay_off_the_terminal_unless_asked_for():
-
-    code = "from kerastl.cli.quiet import import_tensorflow; import_tensorflow()"
+@pytest.mark.parametrize("code", ["from kerastl.quiet import import_tensorflow; import_tensorflow()",
+                                  "import kerastl; kerastl.ImageClassifier"])  # the CLI's way, and Python's
+def test_tensorflows_start_up_lines_stay_off_the_terminal_unless_asked_for(code):
     quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**_env(), "KERASTL_TF_LOG": ""})
     assert not [line for line in quiet.stderr.splitlines() if re.match(NATIVE_LINE, line)], quiet.stderr
@@ -79,7 +79,7 @@ def _env() -> dict:
 
 
 def test_real_native_errors_still_reach_the_terminal(capfd):
-    from kerastl.cli.quiet import filtered_native_stderr
+    from kerastl.quiet import filtered_native_stderr
 
     with filtered_native_stderr():
         os.write(2, b"I0000 00:00:1795614494.482421    4532 port.cc:153] oneDNN custom operations are on.\n")
@@ -97,3 +97,25 @@ def test_a_normal_train_prints_no_native_log_line(image_folder, tmp_path):
         capture_output=True, text=True, env={**_env(), "KERASTL_CACHE": os.environ["KERASTL_CACHE"]})
     assert run.returncode == 0, run.stderr
     assert not [line for line in run.stderr.splitlines() if re.match(NATIVE_LINE, line)], run.stderr
+
+
+@pytest.mark.slow  # a subprocess that loads TensorFlow: CI runs it with -m slow
+def test_piped_progress_is_one_line_per_epoch_without_escape_codes(image_folder, tmp_path):
+    weights = tmp_path / "backbone.weights.h5"  # a pretrained start: cached features, phase 1 on them, then phase 2
+    script = ("import sys; from kerastl import ImageClassifier\n"
+              "clf = ImageClassifier('simple_cnn', weights=sys.argv[1], image_size=16, epochs=2, fine_tune_epochs=2,"
+              " unfreeze_blocks=1, validation='holdout', min_steps=0, fine_tune_min_steps=0)\n")
+    build = ("import sys; from kerastl import ModelConfig, build_classifier\n"
+             "build_classifier(ModelConfig('simple_cnn', weights=None, image_size=16, from_scratch=False), 3)"
+             ".backbone.save_weights(sys.argv[1])")
+    subprocess.run([sys.executable, "-c", build, str(weights)], check=True, capture_output=True)
+    fit = script + f"clf.fit({str(image_folder)!r}, export_dir={str(tmp_path / 'run')!r})\n"
+    run = subprocess.run([sys.executable, "-c", fit, str(weights)], capture_output=True, text=True,
+                         env={**_env(), "KERASTL_CACHE": os.environ["KERASTL_CACHE"]})  # stdout is a pipe
+    assert run.returncode == 0, run.stderr
+    assert "\x1b" not in run.stdout and "\r" not in run.stdout  # no bars redrawn in place, no colours
+    lines = run.stdout.splitlines()
+    epochs = [i for i, line in enumerate(lines) if re.fullmatch(r"Epoch \d+/\d+", line)]
+    assert len(epochs) == 4  # both phases, each epoch once
+    assert all(re.match(r"(\d+)/\1 - ", lines[i + 1]) for i in epochs)  # "3/3 - 0s - ...": the right totals
+    assert not [line for line in run.stderr.splitlines() if re.match(NATIVE_LINE, line)], run.stderr  # Python too

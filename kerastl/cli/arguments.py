@@ -10,9 +10,9 @@ import re
 from typing import Any
 
 from kerastl.choices import QUANTIZE, closest_name, parse_class_weight, parse_features
-from kerastl.cli.quiet import NATIVE_LOG_VARIABLE
 from kerastl.config import SETTINGS
 from kerastl.errors import KerastlError
+from kerastl.quiet import NATIVE_LOG_VARIABLE
 from kerastl.settings import GROUPS, Setting
 from kerastl.tune.config import SPACE_FIELDS, TUNE_SETTINGS
 

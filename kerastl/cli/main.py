@@ -4,7 +4,7 @@
 code; bad input prints one line on stderr and returns 2. Every check that needs
 no TensorFlow (`kerastl.runs.checks`) runs before TensorFlow is imported, so
 `--help` and bad input answer at once; TensorFlow's native start-up lines are
-kept off the terminal (`kerastl.cli.quiet`) unless `--verbose` or `KERASTL_TF_LOG=1`.
+kept off the terminal (`kerastl.quiet`) unless `--verbose` or `KERASTL_TF_LOG=1`.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from typing import Sequence
 import numpy as np
 
 from kerastl.cli.arguments import build_parser, in_flags
-from kerastl.cli.quiet import filtered_native_stderr, import_tensorflow, native_log_wanted
 from kerastl.config import SETTINGS, DataConfig, ModelConfig, RunConfig, normalize_weights, read_config_file
 from kerastl.data.checks import check_data, check_table
 from kerastl.data.imagefiles import describe, list_image_files, skipped_line
 from kerastl.data.tables import check_data_source, is_csv
 from kerastl.errors import KerastlError
 from kerastl.models.backbones import REGISTRY, check_weights, get_spec, list_backbones, resolve_size
+from kerastl.quiet import filtered_native_stderr, import_tensorflow, native_log_wanted
 from kerastl.runs.checks import check_run, check_search
 from kerastl.settings import set_setting
 from kerastl.storage import check_parent, replace_file

@@ -193,7 +193,7 @@ class FeatureCache:
         augment: str = "none",
         seed: int = 0,
         batch_size: int = 64,
-        progress: bool = False,
+        progress: bool | int = False,
     ) -> CachedFeatures:
         """The split's pooled features: from the cache, else extracted and stored."""
         extractor = functools.cache(model.features_model)
@@ -210,7 +210,7 @@ class FeatureCache:
         augment: str = "none",
         seed: int = 0,
         batch_size: int = 64,
-        progress: bool = False,
+        progress: bool | int = False,
         fingerprint: dict | None = None,
         blocks: list[int] | None = None,
     ) -> tuple[CachedFeatures, CachedFeatures]:

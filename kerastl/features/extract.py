@@ -56,7 +56,7 @@ def extract(
     batches: tf.data.Dataset,
     augment: str = "none",
     seed: int | None = None,
-    progress: bool = False,
+    progress: bool | int = False,
     steps: int | None = None,
     out: np.ndarray | RowWriter | None = None,
 ) -> tuple[dict[str, np.ndarray] | np.ndarray | RowWriter, np.ndarray]:
@@ -64,14 +64,14 @@ def extract(
 
     Args:
         augment: an augmentation spec applied before extraction (one random view).
-        progress: show a Keras progress bar of `steps` batches.
+        progress: show a Keras progress bar of `steps` batches (2: one line at the end, for a log file).
         out: a preallocated [rows, dim] array or `RowWriter` (one feature output) that
             the features are written into batch by batch, instead of being collected
             and concatenated; it is returned as the features, its first len(labels)
             rows filled.
     """
     augmenter = build_augmenter(augment, seed=seed)
-    bar = keras.utils.Progbar(steps, unit_name="batch") if progress else None
+    bar = keras.utils.Progbar(steps, unit_name="batch", verbose=int(progress)) if progress else None  # 2: one line
     outputs, labels, rows = [], [], 0
     for step, (images, y, *_) in enumerate(batches, start=1):  # sample weights, if any, are not features
         if augmenter is not None:
@@ -131,7 +131,7 @@ def extract_features(
     data: ImageData,
     layers: Sequence[str] | None = None,
     batch_size: int = 64,
-    progress: bool = False,
+    progress: bool | int = False,
 ) -> dict[str, np.ndarray]:
     """Pooled features of every image in `data.train` through `config`'s backbone and preprocessing.
 

@@ -21,6 +21,7 @@ removed with the estimator. Keyword settings are the config's fields under their
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,6 +40,7 @@ from kerastl.data.sources import from_dataset
 from kerastl.errors import KerastlError
 from kerastl.models.export import ExportedModel, load_export, read_labels
 from kerastl.models.predict import Predictions, predict_images
+from kerastl.quiet import filtered_native_stderr, native_log_wanted
 from kerastl.reports.card import write_model_card
 from kerastl.reports.evaluation import Evaluation
 from kerastl.reports.html import write_run_report
@@ -186,8 +188,9 @@ class ImageClassifier:
                 if (staging / "report.html").is_file():  # they show where the model is loaded from
                     write_model_card(staging, path)
                     write_run_report(staging, path)
-        if format == "tflite":
-            export_folder_litert(path, quantize=quantize)
+        if format == "tflite":  # the converter's native summary kept off stderr, as on the command line
+            with contextlib.nullcontext() if native_log_wanted() else filtered_native_stderr():
+                export_folder_litert(path, quantize=quantize)
         return path
 
     @classmethod

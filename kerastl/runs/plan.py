@@ -281,8 +281,8 @@ def _head_inputs(mc: ModelConfig, dc: DataConfig, tc: TrainConfig, data: ImageDa
               "views": [views, dc.augment], "folds": tc.validation.cv_folds}
     train, plain = _shared(heads, {**source, "loaded": blocks}, lambda: FeatureCache(
         tc.cache_dir, dc.cache_limit_mb).head_features(model, data.train, plain_split, views, dc.augment, dc.seed,
-                                                      dc.batch_size, progress=verbose != 0, fingerprint=fingerprint,
-                                                      blocks=blocks))
+                                                      dc.batch_size, progress=verbose if isinstance(verbose, int) else 1,
+                                                      fingerprint=fingerprint, blocks=blocks))
     curve = None
     if probing:
         model, curve, train, plain = _probe_blocks(mc, tc.validation.cv_folds, dc.seed, len(data.class_names),

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import errno
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -106,7 +107,8 @@ def run_training(
         config: the run's settings; registry defaults are resolved first.
         data: loaded data (skips `config.data.source`).
         overwrite: replace a non-empty run folder.
-        verbose: Keras `fit` verbosity.
+        verbose: Keras `fit` verbosity; "auto": progress bars on a terminal, one line per epoch when
+            the output goes to a file or a pipe (no escape codes).
         model: a classifier already built for this config (KerasTuner's `build(hp)`).
         callbacks: extra Keras callbacks for both phases.
         heads: a store of phase-1 heads: a head trained before on the same features
@@ -129,6 +131,7 @@ def run_training(
     ```
     """
     named, config_export_dir = bool(config.name or config.export_dir), config.export_dir
+    verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose
     notes = setting_notes(config.model, config.train) if save == "export" else []  # not each of a search's trials
     config = checked_config(config, find_unfinished=save == "export")
     for note in notes:
