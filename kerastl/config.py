@@ -172,7 +172,7 @@ class TrainConfig(JsonConfig):
                                          kind="blocks", metavar="K", search=21)
     unfreeze_from: str | None = setting(None, "or: train phase 2 from this backbone layer on", metavar="LAYER")
     optimizer: str = setting("adam", "Keras optimizer name", metavar="NAME", search=7)
-    loss: str = setting("auto", "; ".join(f"{name}: {what}" for name, what in LOSSES.items()), kind="choice",
+    loss: str = setting("auto", f"{', '.join(LOSSES)}; what each is: docs/recipes.md", kind="choice",
                         choices=tuple(LOSSES), metavar="NAME", search=10)
     learning_rate: float = setting(1e-3, "phase-1 learning rate", kind="positive", metavar="LR", search=8)
     label_smoothing: float = setting(0.0, "cross-entropy label smoothing", kind="fraction", metavar="F", search=9)

@@ -207,6 +207,11 @@ def test_help_documents_every_flag(capsys):
                  "--unfreeze-blocks", "--batch-size", "--augment", "--export", "--config", "--features",
                  "--validation", "--min-steps", "--cv-folds"):
         assert flag in named and flag in text, flag
+    key = text.split("the flags that matter")[1].split("advanced:")[0]  # first, the flags a first run needs
+    assert re.findall(r"^  (--[\w-]+)", key, re.M) == ["--data", "--backbone", "--weights", "--image-size",
+                                                       "--epochs", "--export"]
+    assert text.startswith("usage: kerastl train --data SRC [--backbone NAME]") and text.count("advanced: ") >= 5
+    assert all(len(action.help) <= 160 for action in flags), [a.option_strings for a in flags if len(a.help) > 160]
     for action in flags:  # every flag the parser takes is listed, with a line saying what it does
         assert action.help and action.help != argparse.SUPPRESS and action.help.strip(), action.option_strings
         for flag in action.option_strings:

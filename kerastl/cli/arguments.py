@@ -150,11 +150,20 @@ def _add_setting(group: Any, item: Setting) -> None:
     group.add_argument(item.flag, **options)
 
 
+# the flags a first run needs, listed first in `train --help` and `tune --help`; the rest are "advanced"
+KEY_FLAGS = ("data", "backbone", "weights", "image_size", "epochs", "export")
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    """The run's settings as flags, one group per part of the config (derived from `SETTINGS`)."""
-    groups = {name: p.add_argument_group(GROUP_TITLES.get(name, name)) for name in GROUPS}
+    """The run's settings as flags (derived from `SETTINGS`): the key flags first, then one
+    "advanced" group per part of the config, each flag with a short help line (docs/ has the rest)."""
+    p.usage = "%(prog)s --data SRC [--backbone NAME] [--weights W] [--image-size N] [--epochs N] [--export DIR] [...]"
+    key = p.add_argument_group("the flags that matter (advanced ones follow; docs/training.md explains them)")
+    for name in KEY_FLAGS:
+        _add_setting(key, SETTINGS[name])
+    groups = {name: p.add_argument_group(f"advanced: {GROUP_TITLES.get(name, name)}") for name in GROUPS}
     for item in SETTINGS.values():
-        if not item.hidden:
+        if not item.hidden and item.name not in KEY_FLAGS:
             _add_setting(groups[item.group], item)
     o = groups["output"]
     o.add_argument("--config", metavar="FILE", help="a run config, JSON or TOML (tables [data], [model], [train], "
