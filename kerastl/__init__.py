@@ -88,7 +88,7 @@ def __getattr__(name: str):
     if "tensorflow" not in sys.modules and not _EXPORTS[name].startswith(_LIGHT):
         # as quietly as the command line: TensorFlow's native start-up lines are kept off stderr
         # (KERASTL_TF_LOG=1 shows them; importing TensorFlow before kerastl shows them too)
-        importlib.import_module("kerastl.quiet").import_tensorflow()
+        importlib.import_module("kerastl.quiet").import_tensorflow(later_errors_only=False)
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value

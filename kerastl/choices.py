@@ -83,7 +83,7 @@ def closest_name(wanted: str, names: list[str], separator: str = "-") -> str | N
     prefix = wanted[: len(wanted) - len(wanted.lstrip("-"))]
     wanted = prefix + wanted[len(prefix):].replace("_" if separator == "-" else "-", separator).lower()
     initials = [name for name in names if name.startswith(prefix) and separator in name[len(prefix):]
-                and prefix + "".join(word[0] for word in name[len(prefix):].split(separator)) == wanted]
+                and prefix + "".join(word[:1] for word in name[len(prefix):].split(separator)) == wanted]
     guess = initials or difflib.get_close_matches(wanted, names, n=1, cutoff=0.6)
     return guess[0] if guess else None
 

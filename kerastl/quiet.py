@@ -81,18 +81,20 @@ def filtered_native_stderr() -> Iterator[None]:
             log.debug("kept %d lines of TensorFlow's start-up log off the terminal", dropped[0])
 
 
-def import_tensorflow(verbose: bool = False) -> None:
+def import_tensorflow(verbose: bool = False, later_errors_only: bool = True) -> None:
     """Imports TensorFlow and initialises its devices, without its native start-up lines.
 
-    Sets `TF_CPP_MIN_LOG_LEVEL=2` (errors only, later in the run) unless the user
-    set it. With `verbose` or `KERASTL_TF_LOG=1`, nothing is filtered.
+    With `later_errors_only` (the command line), sets `TF_CPP_MIN_LOG_LEVEL=2` (errors only, later
+    in the run) unless the user set it; a Python session keeps its own setting. With `verbose` or
+    `KERASTL_TF_LOG=1`, nothing is filtered.
     """
     if verbose or native_log_wanted():
         import tensorflow as tf
 
         tf.config.list_physical_devices()
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if later_errors_only:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with filtered_native_stderr():
         import tensorflow as tf
 

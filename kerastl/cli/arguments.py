@@ -48,9 +48,9 @@ _PARAMETER = re.compile(r"\b([a-z][a-z0-9_]*)=(True|False|None|[^\s,;)]+)")
 
 
 def in_flags(message: str, flags: set[str]) -> str:
-    """A library message in the command line's words: each `name=value` that is a flag becomes the
-    flag (`weights=None` -> `--weights none`, `overwrite=True` -> `--overwrite`, `strict=False` ->
-    `--no-strict`); anything else is left as it is."""
+    """A library message in the command line's words: each name=value that is a flag becomes the
+    flag (weights=None -> --weights none, overwrite=True -> --overwrite, strict=False -> --no-strict);
+    anything else is left as it is, and so is text in quotes or backquotes."""
     def flag(match: re.Match) -> str:
         name, value = match.group(1).replace("_", "-"), match.group(2)
         if f"--{name}" not in flags:
@@ -60,7 +60,9 @@ def in_flags(message: str, flags: set[str]) -> str:
             return switch if switch in flags else match.group(0)
         return f"--{name} {'none' if value == 'None' else value}"
 
-    return _PARAMETER.sub(flag, message)
+    # the user's own text ('...') and examples (`...`) are left as they are
+    parts = re.split(r"('[^']*'|`[^`]*`)", message)
+    return "".join(part if index % 2 else _PARAMETER.sub(flag, part) for index, part in enumerate(parts))
 
 
 def unknown_flags(unknown: list[str], flags: list[str]) -> str:

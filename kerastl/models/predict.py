@@ -101,7 +101,7 @@ def iter_predictions(model: PredictsBytes, listing: FolderListing, batch_size: i
 
 def _skip(finding: Finding, strict: bool, skipped: list[Finding]) -> None:
     if strict:
-        raise KerastlError(f"cannot predict {skipped_line(finding)}; without strict, such files are skipped")
+        raise KerastlError(f"cannot predict {skipped_line(finding)}; without strict=True such files are skipped")
     log.debug("skipped %s", skipped_line(finding))
     skipped.append(finding)
 

@@ -41,14 +41,13 @@ from kerastl.errors import KerastlError
 from kerastl.models.export import ExportedModel, load_export, read_labels
 from kerastl.models.predict import Predictions, predict_images
 from kerastl.quiet import filtered_native_stderr, native_log_wanted
-from kerastl.reports.card import write_model_card
 from kerastl.reports.evaluation import Evaluation
-from kerastl.reports.html import write_run_report
-from kerastl.runs.folder import HISTORY_FILE, METRICS_FILE, export_folder_litert, load_model, read_config
+from kerastl.runs.folder import (HISTORY_FILE, METRICS_FILE, copy_run_folder, export_folder_litert, load_model,
+                                 read_config)
 from kerastl.runs.run import checked_config, run_training
 from kerastl.runs.scoring import evaluate_data, evaluate_folder
 from kerastl.settings import set_setting
-from kerastl.storage import check_export_dir, check_parent, staged_folder
+from kerastl.storage import check_export_dir, check_parent
 from kerastl.training.phases import TrainResult
 
 # settings a keyword may not set: the data comes to `fit`, the folder to `fit`/`export`
@@ -105,6 +104,20 @@ class ImageClassifier:
             verbose: Keras `fit` verbosity.
         """
         config = RunConfig.from_dict(self.config.to_dict())
+        loaded = None
+        if isinstance(data, (str, os.PathLike)):  # a source run_training reads
+            if validation_data is not None and not isinstance(validation_data, (str, os.PathLike)):
+                raise KerastlError("validation_data for a data folder must be a folder too")
+            config.data.source = str(data)
+            if validation_data is not None:  # else the validation_dir setting, if any
+                config.data.validation_dir = str(validation_data)
+        else:  # images in memory: no folder of an earlier fit is this run's source
+            config.data.source, config.data.validation_dir, config.data.test_dir = "", None, None
+            if isinstance(data, ImageData):
+                loaded = data
+            else:
+                size = checked_config(config).model.image_size
+                loaded = _in_memory(data, validation_data, class_names, config.data, size)
         scratch = None
         if export_dir is None:
             scratch = tempfile.mkdtemp(prefix="kerastl-")
@@ -112,17 +125,6 @@ class ImageClassifier:
         else:
             check_parent(export_dir, create=True)
             config.export_dir = str(export_dir)
-        loaded = None
-        if isinstance(data, (str, os.PathLike)):  # a source run_training reads
-            if validation_data is not None and not isinstance(validation_data, (str, os.PathLike)):
-                raise KerastlError("validation_data for a data folder must be a folder too")
-            config.data.source = str(data)
-            config.data.validation_dir = None if validation_data is None else str(validation_data)
-        elif isinstance(data, ImageData):
-            loaded = data
-        else:
-            size = checked_config(config).model.image_size
-            loaded = _in_memory(data, validation_data, class_names, config.data, size)
         try:
             result = run_training(config, data=loaded, overwrite=overwrite, verbose=verbose)
         except BaseException:
@@ -166,8 +168,8 @@ class ImageClassifier:
         if isinstance(images, (str, os.PathLike)):
             images = [images]
         if isinstance(images, np.ndarray):
-            probabilities = np.concatenate([exported.predict(images[start:start + batch_size])
-                                            for start in range(0, len(images), batch_size)])
+            rows = [exported.predict(images[start:start + batch_size]) for start in range(0, len(images), batch_size)]
+            probabilities = np.concatenate(rows) if rows else np.zeros((0, len(exported.class_names)), np.float32)
             return Predictions([], probabilities, exported.class_names)
         return predict_images(exported, list(images), batch_size, strict)
 
@@ -180,14 +182,7 @@ class ImageClassifier:
         source, path = self._folder(), Path(path)
         if path.resolve() != source.resolve():
             check_export_dir(path, overwrite, create_parent=True)
-            with staged_folder(path, "replace") as staging:
-                shutil.copytree(source, staging, dirs_exist_ok=True)
-                record = json.loads((staging / "config.json").read_text())
-                record["export_dir"] = str(path)
-                (staging / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-                if (staging / "report.html").is_file():  # they show where the model is loaded from
-                    write_model_card(staging, path)
-                    write_run_report(staging, path)
+            copy_run_folder(source, path)
         if format == "tflite":  # the converter's native summary kept off stderr, as on the command line
             with contextlib.nullcontext() if native_log_wanted() else filtered_native_stderr():
                 export_folder_litert(path, quantize=quantize)

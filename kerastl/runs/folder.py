@@ -44,7 +44,8 @@ from kerastl.models.classifier import TransferClassifier, build_classifier
 from kerastl.models.export import CONFIG_FILE, export_saved_model, read_labels, write_labels
 from kerastl.models.litert import LITE_FILE, REPRESENTATIVE_IMAGES, LiteExport, check_quantize, export_litert
 from kerastl.reports.evaluation import Evaluation
-from kerastl.reports.html import write_run_files
+from kerastl.reports.card import write_model_card
+from kerastl.reports.html import write_run_files, write_run_report
 from kerastl.reports.plots import plot_path, plot_wrong
 from kerastl.storage import HEAD_WEIGHTS, disk_full_error, staged_folder
 from kerastl.training.phases import TrainResult
@@ -253,6 +254,20 @@ def _from_version_0_1(folder: Path, loaded: keras.Model) -> TransferClassifier:
         raise KerastlError(f"{advice} ({str(error).splitlines()[0]})") from None
     log.info("read %s as a kerastl 0.1 run folder", folder)
     return model
+
+
+def copy_run_folder(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """A copy of a run folder at `target`, swapped in whole: its `config.json` records the new folder, and
+    its model card and report say to load the model from there (`kerastl.ImageClassifier.export`)."""
+    target = Path(target)
+    with staged_folder(target, "replace") as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        record = json.loads((staging / CONFIG_FILE).read_text())
+        write_json(staging / CONFIG_FILE, {**record, "export_dir": str(target)})
+        if (staging / "report.html").is_file():
+            write_model_card(staging, target)
+            write_run_report(staging, target)
+    return target
 
 
 def export_folder_litert(folder: str | os.PathLike, out: str | os.PathLike | None = None, quantize: str = "none",

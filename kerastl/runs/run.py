@@ -34,7 +34,7 @@ from kerastl.runs.checks import resolve_run_config, setting_notes
 from kerastl.runs.folder import LOGS, write_run_folder
 from kerastl.runs.plan import Pipelines, RunPlan, plan_run, split_for
 from kerastl.runs.resume import RunState
-from kerastl.runs.scoring import describe_data, evaluate_split, predict_split, score
+from kerastl.runs.scoring import describe_data, evaluate_split, predict_split, score, split_counts
 from kerastl.storage import HeadStore, check_export_dir, disk_full_error
 from kerastl.training.callbacks import NaNLoss
 from kerastl.training.compile import make_optimizer
@@ -131,7 +131,8 @@ def run_training(
     ```
     """
     named, config_export_dir = bool(config.name or config.export_dir), config.export_dir
-    verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose
+    if verbose == "auto":  # bars on a terminal or in a notebook, one line per epoch in a file or a pipe
+        verbose = 1 if sys.stdout.isatty() or "ipykernel" in sys.modules else 2
     notes = setting_notes(config.model, config.train) if save == "export" else []  # not each of a search's trials
     config = checked_config(config, find_unfinished=save == "export")
     for note in notes:
@@ -242,10 +243,7 @@ def execute(plan: RunPlan, config: RunConfig, verbose: int | str = "auto",
                          evaluation=evaluation, wrong_images=wrong, plan=plan.to_dict(),
                          data=describe_data(data, config.data, plan.validation_mode, plan.folds)
                          if save == "export" else None)
-    counts = {} if data is None else {name: split.class_counts(len(data.class_names)).tolist() for name, split in
-                                      (("train", data.train), ("validation", data.validation), ("test", data.test))
-                                      if split is not None}
-    trivial = trivial_model_warning(metrics, counts, class_names or [])
+    trivial = trivial_model_warning(metrics, {} if data is None else split_counts(data), class_names or [])
     return RunResult(model, history, class_names, metrics, folder if save != "none" else None, config,
                      reused_head=plan.head_start == "stored", curve=curve, plan=plan,
                      warnings=[trivial] if trivial else [])

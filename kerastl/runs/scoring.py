@@ -92,14 +92,19 @@ def images_at(split: Split, indices: list[int]) -> np.ndarray:
     return np.stack(found) if indices else np.zeros((0, size, size, 3), np.uint8)
 
 
+def split_counts(data: ImageData) -> dict[str, list[int]]:
+    """Images per class of each split the data has, as `data.json` records them."""
+    splits = {"train": data.train, "validation": data.validation, "test": data.test}
+    return {name: split.class_counts(len(data.class_names)).tolist() for name, split in splits.items()
+            if split is not None}
+
+
 def describe_data(data: ImageData, dc: DataConfig, mode: str, folds: int = 0) -> dict:
     """What a run trained and was measured on (`dc`: its data settings), as `data.json` records it:
     sources, images per class per split, the validation mode (with the `folds` cross-validation
     used) and warnings about small or imbalanced classes. In "cv" mode the training split holds
     every labelled image."""
-    names = data.class_names
-    splits = {"train": data.train, "validation": data.validation, "test": data.test}
-    counts = {name: split.class_counts(len(names)).tolist() for name, split in splits.items() if split is not None}
+    names, counts = data.class_names, split_counts(data)
     source = dc.source or "the in-memory data"  # the Python API's arrays or ImageData
     held = {"validation": (dc.validation_dir, dc.validation_split), "test": (dc.test_dir, dc.test_split)}
     sources = {"train": data.origins.get("train") or dc.source or "in-memory images (the Python API)"}

@@ -59,7 +59,7 @@ def parse_setting(text: str) -> tuple[str, Any]:
     name, sep, spec = text.partition("=")
     name = name.strip().replace("-", "_")
     if not sep or not spec:
-        raise KerastlError(f"--search wants NAME=VALUES (dropout=0.1,0.3), got {text!r}")
+        raise KerastlError(f"--search wants NAME=VALUES (`dropout=0.1,0.3`), got {text!r}")
     if "," in spec:
         return name, [_number(part) for part in spec.split(",") if part]
     if ":" in spec:
