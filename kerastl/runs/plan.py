@@ -102,7 +102,8 @@ class RunPlan:
                  for phase in self.phases if phase.epochs > 0]
         if not parts:
             return "no optimizer steps: the head is the converged probe"
-        folds = f", in each of {self.folds} folds and then on every image" if self.validation_mode == "cv" else ""
+        folds = f", in each of {self.folds} folds and then on every image" if self.validation_mode == "cv" and \
+            self.folds else ""
         return f"optimizer steps at most: {'; '.join(parts)}{folds} (early stopping may end sooner)"
 
     def to_dict(self) -> dict[str, Any]:
