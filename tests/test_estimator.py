@@ -90,6 +90,7 @@ def test_export_then_load_gives_the_same_classifier(fitted, tmp_path):
         clf.export(tmp_path / "flowers")
 
 
+@pytest.mark.slow  # three fits, over 10 s on 2 cores
 def test_fit_takes_arrays_and_datasets(weights, tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     colours = np.array([(255, 0, 0), (0, 255, 0)], np.float32)

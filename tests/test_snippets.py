@@ -31,16 +31,19 @@ from kerastl.settings import set_setting
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-SUBSTITUTIONS = {'"efficientnet_b0"': '"simple_cnn"', 'weights="imagenet"': "weights=WEIGHTS", "max_trials=20": "max_trials=2"}
+SUBSTITUTIONS = {'"efficientnet_b0"': '"simple_cnn"', 'weights="imagenet"': "weights=WEIGHTS",
+                 "max_trials=20": "max_trials=2"}
 COLOURS = {"daisy": (240, 240, 240), "roses": (220, 20, 60), "tulips": (250, 200, 0)}
 SIZE = 16  # the prebuilt export's image size
+TRAINS = re.compile(r"\.fit\(|run_training\(|train_classifier\(|run_search\(")
 
 
 def snippets() -> list:
     found = []
     for page in PAGES:
         blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(), re.S | re.M)
-        found += [pytest.param(code, id=f"{page.name}:{number}", marks=[pytest.mark.slow] * ("run_search" in code))
+        found += [pytest.param(code, id=f"{page.name}:{number}",  # one that trains takes over 10 s: CI's slow pass
+                               marks=[pytest.mark.slow] * bool(TRAINS.search(code)))
                   for number, code in enumerate(blocks, 1)]
     return found
 
