@@ -7,7 +7,8 @@ with KerasTuner (`run_search`, `TransferHyperModel`).
 
 The names below are imported when first used (PEP 562), so `import kerastl`
 does not import TensorFlow; the first name that needs it imports it without its native
-start-up lines, as the command line does (`KERASTL_TF_LOG=1` shows them).
+start-up lines, as the command line does, and sets `TF_CPP_MIN_LOG_LEVEL=2` for TensorFlow's later
+native notices unless it is set already (`KERASTL_TF_LOG=1` shows everything).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def __getattr__(name: str):
     if "tensorflow" not in sys.modules and not _EXPORTS[name].startswith(_LIGHT):
         # as quietly as the command line: TensorFlow's native start-up lines are kept off stderr
         # (KERASTL_TF_LOG=1 shows them; importing TensorFlow before kerastl shows them too)
-        importlib.import_module("kerastl.quiet").import_tensorflow(later_errors_only=False)
+        importlib.import_module("kerastl.quiet").import_tensorflow()
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value

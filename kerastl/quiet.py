@@ -84,8 +84,8 @@ def filtered_native_stderr() -> Iterator[None]:
 def import_tensorflow(verbose: bool = False, later_errors_only: bool = True) -> None:
     """Imports TensorFlow and initialises its devices, without its native start-up lines.
 
-    With `later_errors_only` (the command line), sets `TF_CPP_MIN_LOG_LEVEL=2` (errors only, later
-    in the run) unless the user set it; a Python session keeps its own setting. With `verbose` or
+    With `later_errors_only`, sets `TF_CPP_MIN_LOG_LEVEL=2` (native errors only, later in the run:
+    no "Memory patch applied" notices mid-training) unless the user set it. With `verbose` or
     `KERASTL_TF_LOG=1`, nothing is filtered.
     """
     if verbose or native_log_wanted():
