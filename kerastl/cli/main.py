@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import importlib.util
 import json
 import logging
@@ -352,12 +353,18 @@ class _StderrHandler(logging.StreamHandler):
 class _FlagsFormatter(logging.Formatter):
     """The library's log lines in the command line's words (`in_flags`: `weights=None` -> `--weights none`)."""
 
-    def __init__(self, flags: set[str]):
+    def __init__(self, parser: argparse.ArgumentParser):
         super().__init__("%(message)s")
-        self.flags = flags
+        self.parser = parser
+
+    @functools.cached_property
+    def flags(self) -> set[str]:
+        """Every flag of every command: read from the help texts once, when a message first needs them."""
+        return self.parser.all_flags()
 
     def format(self, record: logging.LogRecord) -> str:
-        return in_flags(super().format(record), self.flags)
+        message = super().format(record)
+        return in_flags(message, self.flags) if "=" in message else message
 
 
 COMMANDS = {"train": _train, "tune": _tune, "predict": _predict, "evaluate": _evaluate, "export": _export,
@@ -373,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as stop:  # --help (0) or a flag error (2, already printed as one line)
         return int(stop.code or 0)
     handler = _StderrHandler()
-    handler.setFormatter(_FlagsFormatter(parser.all_flags()))
+    handler.setFormatter(_FlagsFormatter(parser))
     logger = logging.getLogger("kerastl")
     logger.handlers[:] = [handler]
     quiet = getattr(args, "quiet", False)  # -q: no progress bars and no notes, only warnings and errors
@@ -383,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except KerastlError as error:  # one line, always, naming flags where the library names parameters
-        message = in_flags(" ".join(str(error).split()), parser.all_flags())
+        message = in_flags(" ".join(str(error).split()), handler.formatter.flags)
         print(f"kerastl: error: {message}", file=sys.stderr)
         return 2
 

@@ -51,7 +51,7 @@ from kerastl.storage import check_export_dir, check_parent
 from kerastl.training.phases import TrainResult
 
 # settings a keyword may not set: the data comes to `fit`, the folder to `fit`/`export`
-_NOT_KEYWORDS = ("data", "export", "backbone", "weights", "image_size")
+_NOT_KEYWORDS = ("data", "export")
 FORMATS = ("saved_model", "tflite")
 
 
@@ -196,8 +196,9 @@ class ImageClassifier:
         clf = cls(config.model.backbone, config.model.weights, config.model.image_size)
         clf.config, clf.folder, clf.class_names = config, path, read_labels(path)
         clf.model = load_model(path)
-        if (path / HISTORY_FILE).is_file() and "phase1" in json.loads((path / HISTORY_FILE).read_text()):
-            clf.history = TrainResult.from_dict(json.loads((path / HISTORY_FILE).read_text()))
+        history = json.loads((path / HISTORY_FILE).read_text()) if (path / HISTORY_FILE).is_file() else {}
+        if "phase1" in history:
+            clf.history = TrainResult.from_dict(history)
         if (path / METRICS_FILE).is_file():
             clf.metrics = json.loads((path / METRICS_FILE).read_text())
         return clf
