@@ -108,12 +108,16 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, image_folder,
     assert not export.exists()
 
 
-def test_errors_name_flags_and_a_refused_run_leaves_nothing(tmp_path, image_folder, fails_cleanly, offline):
+def test_errors_name_flags_and_a_refused_run_leaves_nothing(tmp_path, image_folder, fails_cleanly, offline, capsys):
     export = tmp_path / "runs" / "flowers"
     export.parent.mkdir()
     train = ["train", "--data", str(image_folder), "--export", str(export)]
-    # ImageNet weights cannot be downloaded: refused before training, with no .partial folder or lock left
-    fails_cleanly([*train, "-q", "--backbone", "mobilenet_v2", "--image-size", "96"], "or pass --weights PATH to a local")
+    # ImageNet weights cannot be downloaded: refused before training (after the plan's notes), leaving no .partial
+    # folder or lock
+    assert main([*train, "-q", "--backbone", "mobilenet_v2", "--image-size", "96"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("kerastl: error: ") and "or pass --weights PATH to a local" in err[-1], err
+    assert not any("kerastl: error" in line or "Traceback" in line for line in err[:-1]), err
     assert not export.exists() and not (tmp_path / "runs" / "flowers.partial").exists()
     fails_cleanly([*train, "--backbone", "simple_cnn"], "pass --weights none (train from scratch) or a weights file")
     (export / "old").mkdir(parents=True)

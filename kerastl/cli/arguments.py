@@ -172,7 +172,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    "and [tune] for a search); flags override its values")
     o.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     o.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress bars and no notes: only warnings, errors and results")
+                   help="no progress bars: the run's one-line notes, warnings and results only")
     o.add_argument("--format", choices=["savedmodel", "tflite"], default="savedmodel",
                    help="tflite: also write model.tflite (LiteRT) beside the SavedModel (savedmodel)")
     o.add_argument("--quantize", choices=QUANTIZE, default="none", help="the model.tflite's quantization (none)")

@@ -383,8 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(_FlagsFormatter(parser))
     logger = logging.getLogger("kerastl")
     logger.handlers[:] = [handler]
-    quiet = getattr(args, "quiet", False)  # -q: no progress bars and no notes, only warnings and errors
-    logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO)
+    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)  # -q hides progress bars, not the run's lines
     logger.propagate = False  # TensorFlow's absl gives the root logger a handler of its own
 
     try:
