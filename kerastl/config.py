@@ -23,6 +23,7 @@ from typing import Any
 
 from kerastl.choices import (LOSSES, SAMPLING, SCHEDULES, VALIDATION_MODES, normalize_weights, parse_augment,
                              parse_class_weight, parse_features)
+from kerastl.devices import DeviceConfig
 from kerastl.errors import KerastlError
 from kerastl.settings import (
     JsonConfig,
@@ -326,13 +327,14 @@ class RunConfig(JsonConfig):
     data: DataConfig = group(DataConfig, DataConfig, group="data")
     model: ModelConfig = group(ModelConfig, ModelConfig, group="model")
     train: TrainConfig = group(TrainConfig, TrainConfig, group="training")
+    devices: DeviceConfig = group(DeviceConfig, DeviceConfig, group="devices")
     name: str = setting("", "run name", shown="backbone-date-time")
     export_dir: str | None = setting(None, "output folder", name="export", metavar="DIR", shown="saved_models/NAME")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
         values = {key: value for key, value in values.items() if key not in LEGACY_KEYS}
-        parts = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+        parts = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "devices": DeviceConfig}
         nested = {key: kind.from_dict(values.pop(key, {})) for key, kind in parts.items()}
         known = {"name", "export_dir"}
         unknown = sorted(set(values) - known)
@@ -344,6 +346,7 @@ class RunConfig(JsonConfig):
         self.data.validate()
         self.model.validate()
         self.train.validate()
+        self.devices.validate()
 
     def experiment_dict(self) -> dict[str, Any]:
         """`to_dict` without the machine's settings (cache folder, memory budget): what `config.json`
@@ -353,8 +356,11 @@ class RunConfig(JsonConfig):
     def digest(self) -> str:
         """A digest of the experiment this (resolved) config sets, not of its name, folder or machine settings
         (another `--cache-dir` finds the same unfinished run). It is taken over the 0.2 layout (`flat_train`)
-        with the machine's settings at their defaults, so that a run 0.2 left unfinished resumes."""
+        with the machine's settings at their defaults, so that a run 0.2 left unfinished resumes (devices
+        at their defaults are left out for the same reason)."""
         values = _machine_settings(self.to_dict(), drop=False)
+        if self.devices.is_default:
+            values.pop("devices")
         values["train"] = flat_train(values["train"])
         values.pop("name", None)
         values.pop("export_dir", None)

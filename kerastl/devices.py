@@ -1,68 +1,99 @@
-"""Devices: find GPUs, turn on memory growth, pick the device, mixed precision, CPU threads.
-
-On a CPU-only machine the same code runs on the CPU. Mixed precision is for GPUs;
-the classifier's softmax stays float32 either way (see `kerastl.models.classifier`).
-How a search spreads its workers over GPUs is `kerastl.tune.distribute`'s business.
+"""Devices, as settings: the strategy, the precision and XLA a run asks for (`DeviceConfig`), and the
+choices "auto" makes from what a machine has. No TensorFlow here: the config and the command line
+check these before TensorFlow loads. `kerastl.training.distribute` turns them into a
+`tf.distribute` strategy, a Keras dtype policy and `jit_compile`.
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import os
 from dataclasses import dataclass
+from typing import Any
 
-import keras
-import tensorflow as tf
+from kerastl.errors import KerastlError
+from kerastl.settings import JsonConfig, setting
 
-log = logging.getLogger(__name__)
+STRATEGIES = ("auto", "one", "mirrored", "multiworker")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+SWITCHES = ("auto", "on", "off")
+LR_SCALINGS = ("none", "linear")
+THREADS_VARIABLE = "KERASTL_THREADS"  # a search worker's share of a CPU (see kerastl.tune.distribute)
+MIXED_FLOAT16_CAPABILITY = (7, 0)  # tensor cores: float16 pays from Volta (compute capability 7.0) on
 
 
 @dataclass
-class DeviceSetup:
-    """What `setup_devices` found and chose."""
+class DeviceConfig(JsonConfig):
+    """Where and how a run computes; recorded in `config.json` and the card, with what "auto" chose.
 
-    gpus: list[str]
-    device: str
-    mixed_precision: bool
-
-
-def list_gpus() -> list[str]:
-    """Names of the GPUs TensorFlow can see (after any CUDA_VISIBLE_DEVICES)."""
-    return [gpu.name for gpu in tf.config.list_physical_devices("GPU")]
-
-
-THREADS_VARIABLE = "KERASTL_THREADS"  # a worker's share of a CPU (see kerastl.tune.distribute)
-
-
-def setup_devices(mixed_precision: bool | None = None, threads: int | None = None) -> DeviceSetup:
-    """Prepares this process: GPU memory growth, mixed precision, CPU threads.
-
-    Call it before building any model. Memory growth stops one process from taking
-    every GPU's memory up front, so other workers and the system can share.
-
-    Args:
-        mixed_precision: float16 compute on GPUs; None means "when a GPU is visible".
-            On a CPU it is never turned on (it is slower there).
-        threads: TensorFlow intra-op threads; default: $KERASTL_THREADS, the share
-            a search gave this worker of a CPU, if set.
+    `batch_size` (in `DataConfig`) stays the global batch: each of N replicas takes batch/N.
     """
-    threads = threads or int(os.environ.get(THREADS_VARIABLE) or 0) or None
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # already initialised: growth must be set before first use
-            log.debug("memory growth for %s could not be changed (GPU already in use)", gpu.name)
-    if threads:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-        except RuntimeError:
-            log.debug("TensorFlow threads already fixed")
-    mixed = bool(gpus) if mixed_precision is None else bool(mixed_precision and gpus)
-    if mixed_precision and not gpus:
-        log.warning("mixed precision needs a GPU; none is visible, so training stays float32")
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
-    device = "/GPU:0" if gpus else "/CPU:0"
-    log.info("devices: %s; trials run on %s%s", [g.name for g in gpus] or "CPU only", device,
-             " with mixed precision" if mixed else "")
-    return DeviceSetup([g.name for g in gpus], device, mixed)
+
+    strategy: str = setting("auto", "auto (mirrored over every GPU when there are several, else one device), one, "
+                            "mirrored, or multiworker (MultiWorkerMirroredStrategy from TF_CONFIG)", kind="choice",
+                            choices=STRATEGIES, group="devices")
+    precision: str = setting("auto", "auto (mixed_float16 on GPUs of compute capability 7.0 or more, else float32), "
+                             "float32, mixed_float16 or mixed_bfloat16", kind="choice", choices=PRECISIONS,
+                             group="devices")
+    jit_compile: str = setting("auto", "XLA: auto (on for one GPU when the model allows it, off on a CPU and under "
+                               "tf.distribute), on or off", kind="choice", choices=SWITCHES, group="devices")
+    lr_scaling: str = setting("none", "none, or linear: the learning rates times the number of replicas",
+                              kind="choice", choices=LR_SCALINGS, group="devices")
+
+    def validate(self) -> None:
+        for name, allowed in (("strategy", STRATEGIES), ("precision", PRECISIONS), ("jit_compile", SWITCHES),
+                              ("lr_scaling", LR_SCALINGS)):
+            if getattr(self, name) not in allowed:
+                raise KerastlError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.strategy == "multiworker":
+            read_tf_config()
+
+    @property
+    def is_default(self) -> bool:
+        return self == DeviceConfig()
+
+
+def read_tf_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """`TF_CONFIG`, checked: a cluster with workers (a chief too, optionally) and this task's type and index.
+    Missing or malformed, it is a one-line `KerastlError` saying what to set."""
+    raw = (os.environ if environ is None else environ).get("TF_CONFIG")
+    example = ('e.g. TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+               '"task": {"type": "worker", "index": 0}}\' on the first host, index 1 on the second')
+    if not raw:
+        raise KerastlError(f"strategy=multiworker needs TF_CONFIG, naming every worker and this one ({example})")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise KerastlError(f"TF_CONFIG is not valid JSON ({error}); {example}") from None
+    cluster = value.get("cluster") if isinstance(value, dict) else None
+    task = value.get("task") if isinstance(value, dict) else None
+    if not isinstance(cluster, dict) or not isinstance(task, dict):
+        raise KerastlError(f"TF_CONFIG needs a 'cluster' and a 'task' object; {example}")
+    hosts = {kind: cluster.get(kind) for kind in ("chief", "worker") if cluster.get(kind) is not None}
+    if not hosts or not all(isinstance(h, list) and h and all(isinstance(a, str) and ":" in a for a in h)
+                            for h in hosts.values()):
+        raise KerastlError(f"TF_CONFIG's cluster needs a 'worker' (and optionally a 'chief') list of host:port; "
+                           f"{example}")
+    kind, index = task.get("type"), task.get("index")
+    if kind not in hosts or not isinstance(index, int) or not 0 <= index < len(hosts[kind]):
+        raise KerastlError(f"TF_CONFIG's task {task} is not one of its cluster's {sorted(hosts)} entries; {example}")
+    return value
+
+
+def is_chief(tf_config: dict[str, Any]) -> bool:
+    """Whether this task writes the run's files: the chief, or worker 0 when there is no chief."""
+    task, cluster = tf_config["task"], tf_config["cluster"]
+    return task["type"] == "chief" or (task["type"] == "worker" and task["index"] == 0 and "chief" not in cluster)
+
+
+def auto_strategy(gpus: int) -> str:
+    """What strategy="auto" takes: mirrored over several GPUs, one device otherwise."""
+    return "mirrored" if gpus > 1 else "one"
+
+
+def auto_precision(capabilities: list[tuple[int, int]]) -> str:
+    """What precision="auto" takes: mixed_float16 when every GPU has compute capability 7.0 or more
+    (tensor cores), float32 on CPUs (bfloat16 measured 0.5x float32 there) and older GPUs."""
+    if capabilities and all(c >= MIXED_FLOAT16_CAPABILITY for c in capabilities):
+        return "mixed_float16"
+    return "float32"

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from kerastl.errors import KerastlError
 
-GROUPS = ("data", "model", "training", "validation", "feature cache", "output")
+GROUPS = ("data", "model", "training", "validation", "feature cache", "devices", "output")
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -254,12 +254,10 @@ def test_head_keeps_a_float32_softmax_under_mixed_precision():
 
 
 def test_devices_fall_back_to_the_cpu_and_pin_one_gpu_per_worker():
-    from kerastl.devices import setup_devices
+    from kerastl.training.distribute import setup_devices
     from kerastl.tune.distribute import worker_environments
 
-    setup = setup_devices(mixed_precision=True)
-    assert setup.device == "/CPU:0" and not setup.mixed_precision  # no GPU here: float32 on the CPU
-    assert keras.config.dtype_policy().name == "float32"
+    assert setup_devices("one").device == "/CPU:0" and setup_devices("mirrored").device == "/CPU:0"  # no GPU here
     assert [env["CUDA_VISIBLE_DEVICES"] for env in worker_environments(3, gpus=2)] == ["0", "1", "0"]
     assert worker_environments(2, gpus=0, cpu_count=4) == [{"CUDA_VISIBLE_DEVICES": "", "KERASTL_THREADS": "2"}] * 2
 

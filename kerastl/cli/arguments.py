@@ -19,10 +19,11 @@ from kerastl.tune.config import SPACE_FIELDS, TUNE_SETTINGS
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line and exit code 2, and whose unknown flags get a
-    "did you mean" from the flags of the command they were given to."""
+    "did you mean" from the flags of the command they were given to. Flags are never abbreviated: `--lr`
+    would be taken for `--lr-scaling`."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
         self.commands: dict[str, argparse.ArgumentParser] = {}  # on the top parser: each command's own
 
     def parse_args(self, args=None, namespace=None):

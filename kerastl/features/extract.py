@@ -73,10 +73,8 @@ def extract(
     augmenter = build_augmenter(augment, seed=seed)
     bar = keras.utils.Progbar(steps, unit_name="batch", verbose=int(progress)) if progress else None  # 2: one line
     outputs, labels, rows = [], [], 0
-    for step, (images, y, *_) in enumerate(batches, start=1):  # sample weights, if any, are not features
-        if augmenter is not None:
-            images = augmenter(images, training=True)
-        batch = extractor.predict_on_batch(images)
+    for step, (images, y) in enumerate(_predicted(extractor, batches, augmenter), start=1):
+        batch = keras.tree.map_structure(np.asarray, images)
         if out is None:
             outputs.append(batch)
         else:
@@ -84,7 +82,7 @@ def extract(
                 raise KerastlError(f"more images than the {len(out)} rows allocated for their features")
             out[rows : rows + len(batch)] = batch
         rows += len(batch)
-        labels.append(class_indices(y.numpy()))
+        labels.append(class_indices(y))
         if bar is not None:
             bar.update(step)
     if rows == 0:
@@ -96,6 +94,34 @@ def extract(
     else:
         features = np.concatenate(outputs)
     return features, np.concatenate(labels)
+
+
+def _predicted(extractor: keras.Model, batches: tf.data.Dataset, augmenter: keras.Layer | None):
+    """(features, labels) of each batch, in order. Under a `tf.distribute` strategy of several replicas
+    (see `kerastl.training.distribute`), each replica takes its share of every batch and the shares are
+    gathered back in order; the augmentation runs in the input pipeline."""
+    batches = batches.map(lambda images, y, *_: (images, y))  # sample weights, if any, are not features
+    strategy = tf.distribute.get_strategy()
+    if strategy.num_replicas_in_sync == 1:
+        for images, y in batches:
+            if augmenter is not None:
+                images = augmenter(images, training=True)
+            yield extractor.predict_on_batch(images), y.numpy()
+        return
+    if augmenter is not None:
+        batches = batches.map(lambda images, y: (augmenter(images, training=True), y))
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    distributed = strategy.experimental_distribute_dataset(batches.with_options(options))
+
+    @tf.function
+    def step(images, y):
+        features = strategy.run(lambda x: extractor(x, training=False), args=(images,))
+        return strategy.gather(features, axis=0), strategy.gather(y, axis=0)
+
+    for images, y in distributed:
+        features, y = step(images, y)
+        yield features, y.numpy()
 
 
 class RowWriter:

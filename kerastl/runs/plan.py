@@ -41,6 +41,7 @@ from kerastl.features.blocks import BlockCurve, block_columns, probe_blocks
 from kerastl.features.probe import MAX_ROWS, ProbeFit, choose_c_cv, choose_c_holdout, folds_of, views_or_plain
 from kerastl.models.classifier import TransferClassifier, build_classifier
 from kerastl.storage import HeadStore
+from kerastl.training.distribute import DevicePlan
 from kerastl.training.phase import PhasePlan, batches_per_epoch, fine_tune_depth, plan_phases
 from kerastl.training.phases import TrainResult
 
@@ -81,6 +82,13 @@ class RunPlan:
     head_start: str  # one of HEAD_STARTS
     phases: tuple[PhasePlan, ...]  # phase 1, then fine-tuning when there is any
     inputs: PlanInputs = field(compare=False, repr=False)
+    devices: dict[str, Any] | None = None  # `DevicePlan.to_dict()`: strategy, replicas, precision, XLA
+
+    def on_devices(self, devices: DevicePlan) -> RunPlan:
+        """This plan on `devices`: the phases' rates times its learning-rate scale, its XLA setting."""
+        phases = tuple(dataclasses.replace(phase, learning_rate=phase.learning_rate * devices.lr_scale,
+                                           jit_compile=devices.jit_compile) for phase in self.phases)
+        return dataclasses.replace(self, phases=phases, devices=devices.to_dict())
 
     @property
     def head(self) -> PhasePlan:
@@ -113,6 +121,7 @@ class RunPlan:
                 "feature_blocks": None if self.feature_blocks is None else list(self.feature_blocks),
                 "unfreeze_blocks": self.unfreeze_blocks,
                 "head_start": self.head_start, "phases": [phase.to_dict() for phase in self.phases],
+                "devices": self.devices,
                 # the cached views phase 1 reads (the plain one first); None: no cached features
                 "cached_views": None if self.inputs.cached is None else self.inputs.cached[0].views}
 

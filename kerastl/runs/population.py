@@ -118,7 +118,7 @@ def _train_together(plans: list[RunPlan], trains: list[TrainConfig], source: Dat
             start_head(model, plan.inputs.probe)
         head = model.head_model()
         compile_classifier(head, train, plan.head.learning_rate, steps_per_execution=HEAD_STEPS_PER_EXECUTION,
-                           schedule=plan.head.schedule, steps=plan.head.steps)
+                           schedule=plan.head.schedule, steps=plan.head.steps, jit_compile=plan.head.jit_compile)
         members.append(PopulationHead(head, plan.head, plan.head_start == "probe" and model.hidden is None,
                                       model))
     first = plans[0]

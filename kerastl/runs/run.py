@@ -10,11 +10,13 @@ KerasTuner hands it, writing nothing). Trials trained as a population go through
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import errno
 import logging
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,6 +41,7 @@ from kerastl.storage import HeadStore, check_export_dir, disk_full_error
 from kerastl.training.callbacks import NaNLoss
 from kerastl.training.compile import make_optimizer
 from kerastl.training.crossval import cross_validate
+from kerastl.training.distribute import plan_devices
 from kerastl.training.losses import make_loss
 from kerastl.training.phases import TrainResult, train_phase1, train_phase2
 
@@ -130,51 +133,61 @@ def run_training(
     result.metrics["val_accuracy"], result.export_dir
     ```
     """
-    named, config_export_dir = bool(config.name or config.export_dir), config.export_dir
-    if verbose == "auto":  # bars on a terminal or in a notebook, one line per epoch in a file or a pipe
-        verbose = 1 if sys.stdout.isatty() or "ipykernel" in sys.modules else 2
-    notes = setting_notes(config.model, config.train) if save == "export" else []  # not each of a search's trials
-    config = checked_config(config, find_unfinished=save == "export")
-    for note in notes:
-        log.warning(note)
-    folder = Path(config.export_dir)
-    if isinstance(data, tuple):  # 0.2 took the pipelines as `data`
-        data, pipelines = None, data
-    if pipelines is not None and (model is None or save != "none"):
-        raise KerastlError("training on (train, validation) pipelines needs the model built for them and "
-                           "save='none': pipelines carry no class names to build or export with")
-    if save != "none":
-        check_export_dir(folder, overwrite, create_parent=config_export_dir is None)
-    mode = None
-    if pipelines is None:  # read (and checked) before the folder is locked or anything is written
-        data, mode = split_for(config.train.validation, checked_data(config.data, config.model.image_size, data))
-    state = RunState(folder).acquire(config.to_dict(), config.digest(), named, restart) if save == "export" else None
-    finished = False
-    try:
-        if state is not None and pipelines is None:
-            state.check_data(data.train.fingerprint)
-        plan = plan_run(config, data, model, heads, verbose, mode, pipelines)
-        if save == "export":
-            log.info(plan.steps_summary())
-        result = execute(plan, config, verbose, callbacks, heads, save, state)
-        if state is not None:
-            state.finish()  # under the lock: no other run can have started in the folder meanwhile
-        finished = True
-        for warning in result.warnings if save == "export" else []:  # a search reports its own best
-            log.warning(warning)
-    except NaNLoss as error:
-        best = sorted(state.backup_dir.rglob("best.npz")) if state is not None else []
-        kept = f"; the best weights before it are kept in {best[-1].parent}" if best else ""
-        raise KerastlError(f"training stopped: {error}{kept}. To start over, pass restart=True and a lower "
-                           "learning_rate=RATE") from None
-    except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise disk_full_error(error, f"the run's files beside {folder}") from None
-    finally:
-        if state is not None and not finished:
-            state.abandon()  # failed before its first snapshot (weights missing, say): no .partial left
-    return result
+    config.devices.validate()  # a bad TF_CONFIG is one line, before any TensorFlow work
+    devices = plan_devices(config.devices, config.data.batch_size)  # first: MultiWorkerMirroredStrategy must be
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(devices.scope())
+        if not devices.chief:  # a multiworker worker writes its folder and cache where it removes them after
+            temporary = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kerastl-worker-")))
+            config = copy.deepcopy(config)
+            config.export_dir, config.train.cache_dir = str(temporary / "run"), str(temporary / "cache")
+        named, config_export_dir = bool(config.name or config.export_dir), config.export_dir
+        if verbose == "auto":  # bars on a terminal or in a notebook, one line per epoch in a file or a pipe
+            verbose = 1 if sys.stdout.isatty() or "ipykernel" in sys.modules else 2
+        notes = setting_notes(config.model, config.train) if save == "export" else []  # not each of a search's trials
+        config = checked_config(config, find_unfinished=save == "export")
+        for note in notes:
+            log.warning(note)
+        folder = Path(config.export_dir)
+        if isinstance(data, tuple):  # 0.2 took the pipelines as `data`
+            data, pipelines = None, data
+        if pipelines is not None and (model is None or save != "none"):
+            raise KerastlError("training on (train, validation) pipelines needs the model built for them and "
+                               "save='none': pipelines carry no class names to build or export with")
+        if save != "none":
+            check_export_dir(folder, overwrite, create_parent=config_export_dir is None)
+        mode = None
+        if pipelines is None:  # read (and checked) before the folder is locked or anything is written
+            data, mode = split_for(config.train.validation, checked_data(config.data, config.model.image_size, data))
+        state = (RunState(folder).acquire(config.to_dict(), config.digest(), named, restart)
+                 if save == "export" else None)
+        finished = False
+        try:
+            if state is not None and pipelines is None:
+                state.check_data(data.train.fingerprint)
+            plan = plan_run(config, data, model, heads, verbose, mode, pipelines).on_devices(devices)
+            if save == "export":
+                log.info(devices.summary())
+                log.info(plan.steps_summary())
+            result = execute(plan, config, verbose, callbacks, heads, save, state)
+            if state is not None:
+                state.finish()  # under the lock: no other run can have started in the folder meanwhile
+            finished = True
+            for warning in result.warnings if save == "export" else []:  # a search reports its own best
+                log.warning(warning)
+        except NaNLoss as error:
+            best = sorted(state.backup_dir.rglob("best.npz")) if state is not None else []
+            kept = f"; the best weights before it are kept in {best[-1].parent}" if best else ""
+            raise KerastlError(f"training stopped: {error}{kept}. To start over, pass restart=True and a lower "
+                               "learning_rate=RATE") from None
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise disk_full_error(error, f"the run's files beside {folder}") from None
+        finally:
+            if state is not None and not finished:
+                state.abandon()  # failed before its first snapshot (weights missing, say): no .partial left
+        return result
 
 
 def checked_data(source: DataConfig, size: int, data: ImageData | None) -> ImageData:

@@ -51,6 +51,7 @@ def compile_classifier(
     steps: int | None = None,
     layer_rates: LayerRates | None = None,
     mixed: bool = False,
+    jit_compile: bool | str = "auto",
 ) -> None:
     """Compiles `model` (a classifier or its head model) with a fresh optimizer, the loss and accuracy.
 
@@ -64,6 +65,7 @@ def compile_classifier(
         steps: the phase's step budget (a cosine schedule spans it).
         layer_rates: per-block rate multipliers for the backbone's variables (phase 2).
         mixed: training labels are mixed (MixUp, CutMix): a loss and an accuracy that take them.
+        jit_compile: XLA: True, False or Keras's "auto" (the phase's plan says which).
     """
     binary = model.output_shape[-1] == 1
     rate = config.learning_rate if learning_rate is None else learning_rate
@@ -73,8 +75,11 @@ def compile_classifier(
     else:  # weight decay per variable, scaled with its rate (see LayerRates.attach)
         optimizer = make_optimizer(config.optimizer, rate)
         layer_rates.attach(optimizer, config.weight_decay)
+    if tf.distribute.get_strategy().num_replicas_in_sync > 1:  # Keras's multi-step loop fails under several
+        steps_per_execution = 1  # replicas ("You must feed a value for placeholder"): one step per call there
     model.compile(optimizer=optimizer, loss=make_loss(config.loss, binary, config.label_smoothing, mixed),
-                  metrics=[LabelAccuracy() if mixed else "accuracy"], steps_per_execution=steps_per_execution)
+                  metrics=[LabelAccuracy() if mixed else "accuracy"], steps_per_execution=steps_per_execution,
+                  jit_compile=jit_compile)
 
 
 def compile_fine_tuning(model: TransferClassifier, config: TrainConfig, train_data: tf.data.Dataset,
@@ -96,5 +101,6 @@ def compile_fine_tuning(model: TransferClassifier, config: TrainConfig, train_da
                  ", ".join(f"{rate:.3g}" for rate in rates.rates),
                  f", opening at epochs {[first_epoch + e + 1 for e in opening]}" if opening else "")
     compile_classifier(model, config, phase.learning_rate, schedule=phase.schedule,
-                       steps=budget_steps(phase.epochs, train_data), layer_rates=rates, mixed=is_mixed(train_data))
+                       steps=budget_steps(phase.epochs, train_data), layer_rates=rates, mixed=is_mixed(train_data),
+                       jit_compile=phase.jit_compile)
     return [*extra, *plateau_callbacks(phase.schedule, phase.patience, validated)]

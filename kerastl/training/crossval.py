@@ -104,11 +104,12 @@ def train_cross_validated(
     phase1 = history_of({key: [value] for key, value in estimate.items()} or {"cv_loss": [float("nan")]})
     head = phases[0]
     if model.hidden is not None:  # no closed form: a fixed budget of steps from the standardised start
-        compile_classifier(model.head_model(), config, head.learning_rate, steps_per_execution=HEAD_STEPS_PER_EXECUTION,
-                           schedule=head.schedule, steps=head.steps)
+        head_model = model.head_model()  # the one compiled is the one fitted
+        compile_classifier(head_model, config, head.learning_rate, steps_per_execution=HEAD_STEPS_PER_EXECUTION,
+                           schedule=head.schedule, steps=head.steps, jit_compile=head.jit_compile)
         cached = CachedFeatures(views, labels)
         balanced = config.sampling == "balanced"
-        phase1 = fit_phase(model.head_model(), head, lambda first: feature_batches(
+        phase1 = fit_phase(head_model, head, lambda first: feature_batches(
             cached, data_config.batch_size, True, data_config.seed, first, class_weights, balanced), None, None, [],
             verbose)
         log.info("a hidden layer has no cross-validated estimate and is not fine-tuned on small data")
@@ -229,7 +230,8 @@ def cross_validate(model: TransferClassifier, data: ImageData, phases: tuple[Pha
         batches = training_batches(data.train, data_config, config, len(data.class_names), model.binary,
                                    class_weights)
         compile_classifier(model, config, head.learning_rate, schedule=head.schedule,
-                           steps=budget_steps(head.epochs, batches), mixed=is_mixed(batches))
+                           steps=budget_steps(head.epochs, batches), mixed=is_mixed(batches),
+                           jit_compile=head.jit_compile)
         history = fit_phase(model, head, lambda first: skip_epochs(batches, first), None, None,
                             [*(callbacks or []), *tensorboard_logs(log_dir, "phase1")], verbose,
                             backup_dir / "phase1" if backup_dir else None)

@@ -39,6 +39,8 @@ class PhasePlan:
         schedule: one of `kerastl.config.SCHEDULES`.
         steps_per_epoch: batches in one epoch; None when a pipeline's length is unknown.
         unfreeze: fine-tuning only: the backbone blocks it trains, or the layer name it trains from.
+        jit_compile: XLA, as `compile` takes it (True, False or Keras's "auto"; see
+            `kerastl.training.distribute.DevicePlan`).
     """
 
     name: str
@@ -48,6 +50,7 @@ class PhasePlan:
     schedule: str
     steps_per_epoch: int | None = None
     unfreeze: int | str | None = None
+    jit_compile: bool | str = "auto"
 
     def to_dict(self) -> dict:
         return asdict(self)

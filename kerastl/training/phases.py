@@ -132,7 +132,7 @@ def train_head(
     """
     # head steps take microseconds: run many per call so Python overhead does not dominate
     compile_classifier(head, config, phase.learning_rate, steps_per_execution=HEAD_STEPS_PER_EXECUTION,
-                       schedule=phase.schedule, steps=phase.steps)
+                       schedule=phase.schedule, steps=phase.steps, jit_compile=phase.jit_compile)
     validation = feature_batches(cached[1], batch_size, class_weights=class_weights)
     initial = head.evaluate(validation, verbose=0, return_dict=True)["loss"] if start_is_best else None
     stop = KeepBest(phase.patience, initial)
@@ -261,15 +261,16 @@ def train_phase1(
     initial, drawn = None, 0
     if stored is not None:
         history = stored
-        compile_classifier(model, config)
+        compile_classifier(model, config, jit_compile=phase.jit_compile)
     elif cached is not None and not scratch:
         history, _ = train_head(model.head_model(), cached, config, phase, batch_size, seed, callbacks=extra,
                                 verbose=verbose, start_is_best=probe_start and model.hidden is None,
                                 snapshots=snapshots, class_weights=class_weights)
-        compile_classifier(model, config)  # as the plain path leaves it
+        compile_classifier(model, config, jit_compile=phase.jit_compile)  # as the plain path leaves it
     else:
         compile_classifier(model, config, phase.learning_rate, schedule=phase.schedule,
-                           steps=budget_steps(phase.epochs, train_data), mixed=is_mixed(train_data))
+                           steps=budget_steps(phase.epochs, train_data), mixed=is_mixed(train_data),
+                           jit_compile=phase.jit_compile)
         if probe_start and model.hidden is None:  # the head is the probe: its loss, as compiled, is the best so far
             initial = model.evaluate(validation_data, verbose=0, return_dict=True)["loss"]
         stop = KeepBest(phase.patience, initial)

@@ -21,6 +21,8 @@ SPACE_FIELDS: dict[str, Setting] = dict(sorted(((name, item) for name, item in S
                                                key=lambda pair: pair[1].search))
 AUTO_OBJECTIVE = "auto"  # val_accuracy, or val_macro_f1 when the classes are imbalanced (see IMBALANCE_RATIO)
 
+TRIAL_STRATEGIES = ("one", "mirrored")
+
 
 @dataclass
 class TuneConfig(JsonConfig):
@@ -41,7 +43,10 @@ class TuneConfig(JsonConfig):
             worker per GPU, or 1 without GPUs.
         isolate: run each trial in its own process: "auto" (trials that run the
             backbone: fine-tuning, no cache, from scratch), "always" or "never".
-        mixed_precision: float16 compute on GPUs; None means "when there is a GPU".
+        trial_strategy: "one": each trial on one device (with GPUs, a worker per GPU); "mirrored": each
+            trial over every GPU of its worker (`DeviceConfig.strategy` "mirrored"), one worker per host.
+        mixed_precision: 0.2's switch, read from older `search.json` files: True is precision
+            "mixed_float16", False "float32" (see `kerastl.devices.DeviceConfig.precision`).
         max_failures: stop the search after this many failed trials in a row.
         population: head-only trials that run in this process are claimed from the oracle this
             many at a time (as parallel workers claim them) and their heads trained together on
@@ -59,7 +64,9 @@ class TuneConfig(JsonConfig):
                            "there are GPUs; 0: one per GPU", kind="count:0", metavar="N")
     isolate: str = setting("auto", "one process per trial: auto does so for trials that run the backbone",
                            kind="choice", choices=ISOLATION)
-    mixed_precision: bool | None = setting(None, "float16 compute on GPUs", kind="bool", shown="on when there is a GPU")
+    trial_strategy: str = setting("one", "one: each trial on one device, a worker per GPU; mirrored: each trial "
+                                  "over every GPU of its worker", kind="choice", choices=TRIAL_STRATEGIES)
+    mixed_precision: bool | None = setting(None, "0.2: --precision instead", kind="bool", hidden=True)
     max_failures: int = setting(3, "stop after N failed trials in a row", kind="count:1", metavar="N")
     population: int = setting(32, "head-only trials on cached features trained at once, in one graph (1: one at "
                               "a time)", kind="count:1", metavar="N")
@@ -75,6 +82,8 @@ class TuneConfig(JsonConfig):
         for name in ("max_trials", "max_failures", "population"):
             if getattr(self, name) < 1:
                 raise KerastlError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.trial_strategy not in TRIAL_STRATEGIES:
+            raise KerastlError(f"trial_strategy must be one of {list(TRIAL_STRATEGIES)}, got {self.trial_strategy!r}")
         if self.workers < 0:
             raise KerastlError(f"workers must be 0 or more, got {self.workers}")
         if self.hyperband_factor < 2:

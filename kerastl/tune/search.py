@@ -28,7 +28,7 @@ from kerastl.choices import IMBALANCE_RATIO, OBJECTIVES
 from kerastl.config import DataConfig, RunConfig
 from kerastl.data.images import ImageData, load_data
 from kerastl.data.sources import labelled_counts
-from kerastl.devices import list_gpus, setup_devices
+from kerastl.training.distribute import list_gpus, setup_devices
 from kerastl.errors import KerastlError
 from kerastl.models.classifier import TransferClassifier
 from kerastl.models.export import CONFIG_FILE
@@ -84,6 +84,11 @@ def prepare(config: RunConfig, tune: TuneConfig) -> tuple[RunConfig, TuneConfig]
     base = RunConfig.from_dict(config.to_dict())
     base.name, base.export_dir = resolved.name, resolved.export_dir
     tune.space = check_space(DEFAULT_SPACE if tune.space is None else tune.space, base)
+    if tune.mixed_precision is not None and base.devices.precision == "auto":  # 0.2's switch folds into precision
+        base.devices.precision = "mixed_float16" if tune.mixed_precision else "float32"
+    tune.mixed_precision = None
+    if tune.trial_strategy == "mirrored":
+        base.devices.strategy = "mirrored"
     return base, tune
 
 
@@ -126,7 +131,7 @@ def claim_project(project: Path, run: dict[str, Any], tune: TuneConfig, restart:
                                "cannot resume: finish it with kerastl 0.1, or start over with "
                                "restart=True, or choose another folder")
         free = {"workers", "max_trials", "project_dir", "name", "export_dir", "isolate", "mixed_precision",
-                "max_failures", "population"}  # may change between runs: they change how trials run, not what they find
+                "max_failures", "population", "trial_strategy", "devices"}  # may change between runs: they change how trials run, not what they find
 
         def settled(part: dict) -> dict:
             return {k: v for k, v in part.items() if k not in free}
@@ -150,7 +155,7 @@ def read_search(project: Path) -> tuple[RunConfig, TuneConfig]:
 def search_here(hypermodel: TransferHyperModel, tune: TuneConfig, data: ImageData | None,
                 verbose: int | str = 0) -> TransferTuner:
     """Runs trials of `hypermodel` in this process (the single-process search, or one worker of many)."""
-    setup = setup_devices(tune.mixed_precision)
+    setup = setup_devices(tune.trial_strategy)
     context = TrialContext(tune.project_dir, data, setup.device, verbose)
     tuner = make_tuner(hypermodel, tune, context)
     try:
@@ -207,7 +212,7 @@ def run_search(
     hypermodel = TransferHyperModel(base, tune.space)
     workers, gpus = tune.workers, len(list_gpus())
     if workers == 0:
-        workers = gpus if gpus > 1 else 1
+        workers = gpus if gpus > 1 and tune.trial_strategy == "one" else 1
     role = os.environ.get("KERASTUNER_TUNER_ID", "") if "KERASTUNER_ORACLE_IP" in os.environ else ""
     if role and "chief" not in role:  # one worker of a search spread over machines: run trials, export nothing
         search_here(hypermodel, tune, data, verbose)
@@ -217,7 +222,7 @@ def run_search(
     elif workers > 1:
         if data is not None:
             raise KerastlError("several workers load the data themselves: give a data source, not in-memory data")
-        launch(tune, workers, gpus)
+        launch(tune, workers, gpus if tune.trial_strategy == "one" else 0)
         tuner = make_tuner(hypermodel, tune, None)  # reloads the finished search's state
     else:
         tuner = search_here(hypermodel, tune, data, verbose)

@@ -12,6 +12,7 @@ process of its own (`python -m kerastl.tune.worker trial DIR`, reading
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,7 +30,7 @@ import tensorflow as tf
 
 from kerastl.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from kerastl.data.images import ImageData, load_data
-from kerastl.devices import setup_devices
+from kerastl.training.distribute import setup_devices
 from kerastl.models.classifier import TransferClassifier, build_classifier
 from kerastl.runs.population import run_population
 from kerastl.runs.run import RunResult, checked_config, run_training
@@ -125,7 +126,7 @@ class TrialContext:
             if isinstance(config, RunConfig):
                 sizes.setdefault(config.model.image_size, []).append(i)
         outcomes: dict[int, RunResult | Exception] = {}
-        with tf.device(self.device):
+        with tf.device(self.device) if self.device else contextlib.nullcontext():  # "": each trial mirrored
             for members in sizes.values():
                 group = [prepared[i] for i in members]
                 data = dataclasses.replace(self.data(group[0].data, group[0].model.image_size), test=None)
@@ -177,12 +178,12 @@ def needs_process(head_only: bool, isolate: str) -> bool:
 
 
 def run_in_process(config: dict[str, Any], trial_dir: Path, project_dir: Path, budget: int | None,
-                   mixed_precision: bool | None) -> dict[str, float]:
+                   trial_strategy: str = "one") -> dict[str, float]:
     """Runs one trial of `config` (`RunConfig.to_dict`) in a fresh Python process
     (`python -m kerastl.tune.worker trial DIR`); returns its metrics."""
     trial_dir.mkdir(parents=True, exist_ok=True)
     request = {"config": config, "project_dir": str(project_dir), "budget": budget,
-               "mixed_precision": mixed_precision}
+               "trial_strategy": trial_strategy}
     (trial_dir / REQUEST_FILE).write_text(json.dumps(request, indent=2))
     (trial_dir / RESULT_FILE).unlink(missing_ok=True)
     with open(trial_dir / LOG_FILE, "w") as out:
@@ -199,7 +200,7 @@ def run_in_process(config: dict[str, Any], trial_dir: Path, project_dir: Path, b
 def serve_request(trial_dir: Path) -> None:
     """The trial process: runs the trial that `request.json` in `trial_dir` asks for."""
     request = json.loads((trial_dir / REQUEST_FILE).read_text())
-    setup = setup_devices(request["mixed_precision"])
+    setup = setup_devices(request.get("trial_strategy", "one"))
     context = TrialContext(request["project_dir"], device=setup.device, verbose=2)
     outcome = context.run([RunConfig.from_dict(request["config"])], [trial_dir], [request["budget"]])[0]
     if isinstance(outcome, Exception):

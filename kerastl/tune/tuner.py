@@ -163,7 +163,7 @@ class TransferTuner(keras_tuner.Tuner):
         try:
             if isolated:
                 metrics = run_in_process(config.to_dict(), trial_dir, Path(self.project_dir), budget,
-                                         self.tune.mixed_precision)
+                                         self.tune.trial_strategy)
             else:
                 fresh_session()
                 metrics = self.context.run([config], [trial_dir], [budget])[0]

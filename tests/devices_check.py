@@ -1,0 +1,75 @@
+"""Run in a subprocess by tests/test_devices.py: the CPU split into 2 logical devices, then one check.
+
+`python devices_check.py CHECK OUT` writes CHECK's findings as JSON to OUT. The split must come
+before TensorFlow does anything else, hence a process of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from helpers import base_config  # noqa: E402
+
+from kerastl.data.images import load_data  # noqa: E402
+from kerastl.features.extract import extract  # noqa: E402
+from kerastl.models.classifier import build_classifier  # noqa: E402
+from kerastl.runs.run import run_training  # noqa: E402
+from kerastl.training.distribute import _mirrored  # noqa: E402
+
+
+def extraction(tmp: Path) -> dict:
+    """Features of 70 images (batches of 32: the last one uneven) on one device and over 2 replicas."""
+    data = load_data(base_config(tmp).data, 16)
+    model = build_classifier(base_config(tmp).model, 10, seed=0)
+    batches = data.train.batches(32, cache_limit_mb=0).take(3)
+    one, labels_one = extract(model.features_model(), batches.unbatch().take(70).batch(32))
+    with _mirrored(("/device:CPU:0", "/device:CPU:1")).scope():
+        two, labels_two = extract(model.features_model(), batches.unbatch().take(70).batch(32))
+    return {"rows": [len(one), len(two)], "labels_equal": bool((labels_one == labels_two).all()),
+            "max_difference": float(np.abs(one - two).max())}
+
+
+def training(tmp: Path) -> dict:
+    """Both phases (the head on cached features, then the top block) and cross-validation, one device
+    against mirrored over 2 replicas, with the same global batch and seed."""
+    found = {}
+    for mode in ("holdout", "cv"):
+        for strategy in ("one", "mirrored"):
+            keras.utils.set_random_seed(0)
+            (tmp / f"{mode}-{strategy}").mkdir()
+            config = base_config(tmp / f"{mode}-{strategy}", epochs=3, fine_tune_epochs=2, unfreeze_blocks=1,
+                                 validation=mode, cv_folds=2, patience=10)
+            config.model.dropout = 0.0  # each replica draws its own dropout masks
+            if mode == "holdout":
+                config.model.hidden_units = 16  # a head trained by steps, not only the closed-form probe
+            config.devices.strategy = strategy
+            result = run_training(config, verbose=0, save="export")
+            plan = json.loads((Path(config.export_dir) / "config.json").read_text())["plan"]["devices"]
+            found[f"{mode}-{strategy}"] = {"weights": [w.tolist() for w in result.model.get_weights()[-4:]],
+                                           "metrics": result.metrics, "devices": plan,
+                                           "epochs": {name: len(phase["loss"]) for name, phase in
+                                                      result.history.to_dict().items() if "loss" in phase}}
+    return found
+
+
+def scratch(tmp: Path) -> dict:
+    """From scratch (BatchNorm calibrated on each replica's share) over 2 replicas: it learns."""
+    config = base_config(tmp, epochs=6)
+    config.model.from_scratch, config.model.features = True, "auto"
+    config.devices.strategy = "mirrored"
+    result = run_training(config, verbose=0, save="none")
+    return {"metrics": result.metrics}
+
+
+if __name__ == "__main__":
+    check, out = sys.argv[1], Path(sys.argv[2])
+    out.write_text(json.dumps({"extraction": extraction, "training": training, "scratch": scratch}[check](out.parent)))
