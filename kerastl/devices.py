@@ -19,7 +19,12 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 SWITCHES = ("auto", "on", "off")
 LR_SCALINGS = ("none", "linear")
 THREADS_VARIABLE = "KERASTL_THREADS"  # a search worker's share of a CPU (see kerastl.tune.distribute)
-MIXED_FLOAT16_CAPABILITY = (7, 0)  # tensor cores: float16 pays from Volta (compute capability 7.0) on
+MIXED_FLOAT16_CAPABILITY = (7, 0)
+# Keras 3's `fit` fails under MultiWorkerMirroredStrategy (measured with Keras 3.15 and TensorFlow 2.21, on
+# two workers on one host: the first batch cannot be reduced, and with that step skipped the metrics fail next)
+MULTIWORKER_BLOCKED = ("strategy=multiworker cannot run yet: Keras 3's fit fails under TensorFlow's "
+                       "MultiWorkerMirroredStrategy (keras-team/keras#20585); on one host, strategy=mirrored uses "
+                       "every GPU")  # tensor cores: float16 pays from Volta (compute capability 7.0) on
 
 
 @dataclass
@@ -47,6 +52,7 @@ class DeviceConfig(JsonConfig):
                 raise KerastlError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.strategy == "multiworker":
             read_tf_config()
+            raise KerastlError(MULTIWORKER_BLOCKED)
 
     @property
     def is_default(self) -> bool:
@@ -78,12 +84,6 @@ def read_tf_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
     if kind not in hosts or not isinstance(index, int) or not 0 <= index < len(hosts[kind]):
         raise KerastlError(f"TF_CONFIG's task {task} is not one of its cluster's {sorted(hosts)} entries; {example}")
     return value
-
-
-def is_chief(tf_config: dict[str, Any]) -> bool:
-    """Whether this task writes the run's files: the chief, or worker 0 when there is no chief."""
-    task, cluster = tf_config["task"], tf_config["cluster"]
-    return task["type"] == "chief" or (task["type"] == "worker" and task["index"] == 0 and "chief" not in cluster)
 
 
 def auto_strategy(gpus: int) -> str:

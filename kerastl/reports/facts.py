@@ -213,12 +213,12 @@ def model_facts(run: RunFiles) -> list[tuple[str, str]]:
             + (f"{model['hidden_units']} hidden units, " if model.get("hidden_units") else "no hidden layer, ")
             + ("one sigmoid unit" if model.get("binary") else "softmax")) if model else NOT_RECORDED
     names = run.class_names
+    version = (run.metadata or {}).get("kerastl_version")
     return [("backbone", str(model.get("backbone", NOT_RECORDED))), ("weights", weights_text(model)),
             ("image size", f"{size} x {size} (resized inside the model)" if size else "the backbone's default"),
             ("head", head), ("features read", features_text(run)), ("blocks unfrozen", unfreeze_text(run)),
             ("classes", f"{len(names)}: {', '.join(names)}" if names else NOT_RECORDED),
-            ("written by", f"kerastl {run.metadata['kerastl_version']}" if (run.metadata or {}).get(
-                "kerastl_version") else NOT_RECORDED)]
+            ("written by", f"kerastl {version}" if version else NOT_RECORDED)]
 
 
 def _ran(run: RunFiles, name: str) -> str | None:
@@ -261,6 +261,10 @@ def phases(run: RunFiles) -> list[tuple[str, str]]:
                 f"{mode}: early stopping on the validation split's loss (patience {patience}{raised})"))
     out.append(("optimizer", f"{train.get('optimizer', NOT_RECORDED)}, loss {train.get('loss', NOT_RECORDED)}, "
                 f"label smoothing {train.get('label_smoothing', 0)}, weight decay {train.get('weight_decay', 0)}"))
+    d = run.plan.get("devices")  # since 0.3
+    out.append(("devices", NOT_RECORDED if not d else f"{d['strategy']} ({d['replicas']} replica(s): "
+                f"{', '.join(d['devices'])}), batch {d['batch_size']}, precision {d['precision']}, XLA "
+                f"{'on' if d['xla'] else 'off'}, learning rates x{d['lr_scale']:g}"))
     model = run.model
     out.append(("recipe", f"class weights {train.get('class_weight', 'none')}, sampling "
                 f"{train.get('sampling', 'shuffle')}, schedules {train.get('schedule', 'constant')} / "
@@ -327,11 +331,9 @@ def per_class_table(run: RunFiles) -> Table | None:
         return None
     rows = [[str(row.get("class")), *(number(row.get(k), 3) for k in ("precision", "recall", "f1")),
              str(row.get("support", ""))] for row in evaluation["per_class"]]
-    for name in ("macro_avg", "weighted_avg"):
-        if evaluation.get(name):
-            avg = evaluation[name]
-            rows.append([name.replace("_", " "), *(number(avg.get(k), 3) for k in ("precision", "recall", "f1")),
-                         str(avg.get("support", ""))])
+    for name, avg in ((name, evaluation[name]) for name in ("macro_avg", "weighted_avg") if evaluation.get(name)):
+        rows.append([name.replace("_", " "), *(number(avg.get(k), 3) for k in ("precision", "recall", "f1")),
+                     str(avg.get("support", ""))])
     return ["class", "precision", "recall", "F1", "support"], rows
 
 
@@ -354,9 +356,8 @@ def limitations(run: RunFiles) -> list[str]:
     out.append(f"Trained on {counts['train']} images" + (f" of {len(names)} classes (the smallest class has "
                f"{min(train_counts)})." if train_counts and names else ".") if "train" in counts else
                "The number of training images is not recorded.")
-    if run.evaluation:
-        out.append(f"Evaluated on {run.evaluation.get('count', '?')} images of the {run.evaluation.get('split')} "
-                   "split.")
+    if evaluation := run.evaluation:
+        out.append(f"Evaluated on {evaluation.get('count', '?')} images of the {evaluation.get('split')} split.")
     elif "test" in counts:
         out.append(f"The test metrics are measured on {counts['test']} images.")
     if not any(key.startswith("test_") for key in run.metrics) and recorded_validation_mode(run) != "cv":
@@ -370,9 +371,7 @@ def limitations(run: RunFiles) -> list[str]:
 
 def usage_snippet(folder: str | Path, location: str | Path | None = None) -> str:
     """How to load and call the run folder's model: Python with TensorFlow alone, then the kerastl commands.
-
-    The snippet names `location` (default: `folder`), where the folder will be read from.
-    """
+    The snippet names `location` (default: `folder`), where the folder will be read from."""
     run_exported = (Path(folder) / "saved_model.pb").is_file() or bool(
         (read_optional_json(Path(folder) / "metadata.json") or {}).get("export"))
     folder = Path(location or folder).resolve()

@@ -16,7 +16,6 @@ import dataclasses
 import errno
 import logging
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -133,14 +132,10 @@ def run_training(
     result.metrics["val_accuracy"], result.export_dir
     ```
     """
-    config.devices.validate()  # a bad TF_CONFIG is one line, before any TensorFlow work
-    devices = plan_devices(config.devices, config.data.batch_size)  # first: MultiWorkerMirroredStrategy must be
+    config.devices.validate()  # one line, before any TensorFlow work
+    devices = plan_devices(config.devices, config.data.batch_size)
     with contextlib.ExitStack() as stack:
         stack.enter_context(devices.scope())
-        if not devices.chief:  # a multiworker worker writes its folder and cache where it removes them after
-            temporary = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kerastl-worker-")))
-            config = copy.deepcopy(config)
-            config.export_dir, config.train.cache_dir = str(temporary / "run"), str(temporary / "cache")
         named, config_export_dir = bool(config.name or config.export_dir), config.export_dir
         if verbose == "auto":  # bars on a terminal or in a notebook, one line per epoch in a file or a pipe
             verbose = 1 if sys.stdout.isatty() or "ipykernel" in sys.modules else 2

@@ -21,8 +21,7 @@ from typing import Any, Iterator
 import keras
 import tensorflow as tf
 
-from kerastl.devices import (THREADS_VARIABLE, DeviceConfig, auto_precision, auto_strategy, is_chief,
-                             read_tf_config)
+from kerastl.devices import THREADS_VARIABLE, DeviceConfig, auto_precision, auto_strategy
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,6 @@ class DevicePlan:
             layer supports XLA; off on a CPU and under tf.distribute).
         xla: whether XLA is expected on, for the record.
         lr_scale: the learning rates' multiplier (`lr_scaling`: linear -> replicas).
-        chief: whether this process writes the run's files (always, but for a multiworker worker).
         batch_size: the global batch.
     """
 
@@ -93,7 +91,6 @@ class DevicePlan:
     jit_compile: bool | str
     xla: bool
     lr_scale: float
-    chief: bool
     batch_size: int
     tf_strategy: tf.distribute.Strategy = field(repr=False, compare=False, default=None)
 
@@ -129,24 +126,16 @@ class DevicePlan:
 
 
 def plan_devices(config: DeviceConfig, batch_size: int) -> DevicePlan:
-    """The devices, precision and XLA setting of a run (call it before any other TensorFlow work:
-    MultiWorkerMirroredStrategy must be created first). Choices that cannot be had here (mixed_float16
-    on a CPU, mirrored over one device) are warned about in one line, and the run goes on without them."""
+    """The devices, precision and XLA setting of a run. Choices that cannot be had here (mixed_float16 on a
+    CPU, mirrored over one device) are warned about in one line, and the run goes on without them."""
     gpus = prepare_process()
     name = auto_strategy(len(gpus)) if config.strategy == "auto" else config.strategy
-    chief = True
-    if name == "multiworker":
-        chief = is_chief(read_tf_config())
-        strategy = _multiworker()
-        devices = [d.name for d in tf.config.list_logical_devices("GPU" if gpus else "CPU")][:max(1, len(gpus))]
-    else:
-        devices = [d.name for d in tf.config.list_logical_devices("GPU" if gpus else "CPU")]
-        if name == "mirrored" and len(devices) < 2:
-            log.warning("strategy mirrored: only one device (%s) is visible, so this run uses it alone",
-                        devices[0])
-            name = "one"
-        strategy = _mirrored(tuple(devices)) if name == "mirrored" else tf.distribute.get_strategy()
-        devices = devices if name == "mirrored" else devices[:1]
+    devices = [d.name for d in tf.config.list_logical_devices("GPU" if gpus else "CPU")]
+    if name == "mirrored" and len(devices) < 2:
+        log.warning("strategy mirrored: only one device (%s) is visible, so this run uses it alone", devices[0])
+        name = "one"
+    strategy = _mirrored(tuple(devices)) if name == "mirrored" else tf.distribute.get_strategy()
+    devices = devices if name == "mirrored" else devices[:1]
     precision, policy = config.precision, keras.mixed_precision.global_policy().name
     if precision == "auto" and policy != "float32":  # a policy the caller set stays
         precision = policy
@@ -161,14 +150,9 @@ def plan_devices(config: DeviceConfig, batch_size: int) -> DevicePlan:
     jit = {"on": True, "off": False}.get(config.jit_compile, "auto" if gpus else False)
     xla = jit is True or (jit == "auto" and replicas == 1)
     scale = float(replicas) if config.lr_scaling == "linear" else 1.0
-    return DevicePlan(name, replicas, devices, precision, jit, xla, scale, chief, batch_size, strategy)
+    return DevicePlan(name, replicas, devices, precision, jit, xla, scale, batch_size, strategy)
 
 
 @functools.lru_cache(maxsize=None)
 def _mirrored(devices: tuple[str, ...]) -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy(list(devices))
-
-
-@functools.lru_cache(maxsize=None)
-def _multiworker() -> tf.distribute.Strategy:  # one per process: TensorFlow allows no second
-    return tf.distribute.MultiWorkerMirroredStrategy()

@@ -87,8 +87,8 @@ def prepare(config: RunConfig, tune: TuneConfig) -> tuple[RunConfig, TuneConfig]
     if tune.mixed_precision is not None and base.devices.precision == "auto":  # 0.2's switch folds into precision
         base.devices.precision = "mixed_float16" if tune.mixed_precision else "float32"
     tune.mixed_precision = None
-    if tune.trial_strategy == "mirrored":
-        base.devices.strategy = "mirrored"
+    if base.devices.strategy == "auto":  # a trial's devices are the search's choice (--trial-strategy)
+        base.devices.strategy = tune.trial_strategy
     return base, tune
 
 
