@@ -26,6 +26,7 @@ _EXPORTS = {
     "TrainConfig": "kerastl.config",
     "PhaseConfig": "kerastl.config",
     "ValidationConfig": "kerastl.config",
+    "DeviceConfig": "kerastl.devices",
     "KerastlError": "kerastl.errors",
     "build_backbone": "kerastl.models.backbones",
     "get_spec": "kerastl.models.backbones",
@@ -80,7 +81,8 @@ __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
 # modules that import without TensorFlow: the configs, the errors, the reports and the data checks
-_LIGHT = ("kerastl.config", "kerastl.errors", "kerastl.tune.config", "kerastl.reports.", "kerastl.data.checks")
+_LIGHT = ("kerastl.config", "kerastl.devices", "kerastl.errors", "kerastl.tune.config", "kerastl.reports.",
+          "kerastl.data.checks")
 
 
 def __getattr__(name: str):

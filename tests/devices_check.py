@@ -60,7 +60,30 @@ def training(tmp: Path) -> dict:
                                            "metrics": result.metrics, "devices": plan, "history": history,
                                            "epochs": {name: len(v) for name, v in history.items()}}
     found["scratch"] = scratch(tmp / "scratch")
+    found["resume"] = resume(tmp / "resume")
     return found
+
+
+def resume(tmp: Path) -> dict:
+    """A mirrored run from scratch stopped after its third epoch, then the same call again: it resumes."""
+
+    class Stop(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 2:
+                raise KeyboardInterrupt  # as Ctrl-C would
+
+    tmp.mkdir()
+    config = base_config(tmp, epochs=5, patience=10)
+    config.model.from_scratch, config.model.features = True, "auto"
+    config.devices.strategy = "mirrored"
+    try:
+        run_training(config, verbose=0, callbacks=[Stop()])
+    except KeyboardInterrupt:
+        pass
+    partial = sorted(p.name for p in (tmp / "export.partial" / "backup" / "phase1").iterdir())
+    result = run_training(config, verbose=0)
+    return {"snapshots": partial, "epochs": len(result.history.to_dict()["phase1"]["loss"]),
+            "finished": (tmp / "export" / "saved_model.pb").is_file(), "metrics": result.metrics}
 
 
 def scratch(tmp: Path) -> dict:

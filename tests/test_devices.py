@@ -23,7 +23,7 @@ from kerastl.devices import DeviceConfig, auto_precision, auto_strategy, read_tf
 from kerastl.errors import KerastlError
 from kerastl.runs.run import run_training
 from kerastl.tune.config import TuneConfig
-from kerastl.tune.search import prepare
+from kerastl.tune.search import prepare, run_search
 
 CHECK = Path(__file__).parent / "devices_check.py"
 WORKERS = {"cluster": {"worker": ["127.0.0.1:20001", "127.0.0.1:20002"]}, "task": {"type": "worker", "index": 0}}
@@ -96,8 +96,14 @@ def test_what_cannot_be_had_here_is_one_warning_and_the_card_records_what_ran(tm
     assert "- devices: one (1 replica(s): /device:CPU:0), batch 8, precision float32, XLA off" in card
 
 
-def test_a_mixed_precision_export_takes_and_returns_float32_like_keras(tmp_path):
-    config = base_config(tmp_path, epochs=2, fine_tune_epochs=1, unfreeze_blocks=1, fine_tune_min_steps=0)
+def _small(tmp_path: Path, folder: Path, **train) -> RunConfig:
+    config = base_config(tmp_path, validation="holdout", **train)
+    config.data.source, config.data.batch_size = str(folder), 8
+    return config
+
+
+def test_a_mixed_precision_export_takes_and_returns_float32_like_keras(tmp_path, image_folder):
+    config = _small(tmp_path, image_folder, epochs=2, fine_tune_epochs=1, unfreeze_blocks=1)
     config.devices.precision = "mixed_bfloat16"  # asked for, it runs on a CPU too (slower than float32 there)
     result = run_training(config, verbose=0)
     model = result.model
@@ -112,10 +118,10 @@ def test_a_mixed_precision_export_takes_and_returns_float32_like_keras(tmp_path)
     assert np.allclose(probabilities.numpy().sum(axis=1), 1.0, atol=1e-3)
 
 
-def test_mixed_float16_scales_its_loss(tmp_path):
+def test_mixed_float16_scales_its_loss(tmp_path, image_folder):
     keras.mixed_precision.set_global_policy("mixed_float16")  # a policy the caller set stays under auto
     try:
-        config = base_config(tmp_path, epochs=1, feature_cache=False)
+        config = _small(tmp_path, image_folder, epochs=1, feature_cache=False)
         config.model.from_scratch, config.model.features = True, "auto"
         result = run_training(config, verbose=0, save="none")
     finally:
@@ -141,8 +147,8 @@ def test_extraction_over_two_replicas_gives_one_devices_features_in_order(tmp_pa
     assert found["max_difference"] < 1e-5
 
 
-@pytest.mark.slow  # about 90 s: four runs and one from scratch, each over 2 logical CPUs; CI runs it
-def test_a_mirrored_run_matches_one_device_in_both_phases_and_cross_validation(tmp_path):
+@pytest.mark.slow  # about 2 minutes: four runs, one from scratch and one resumed, over 2 logical CPUs; CI runs it
+def test_a_mirrored_run_matches_one_device_in_both_phases_and_cross_validation_and_resumes(tmp_path):
     found = _check("training", tmp_path)
     for mode in ("holdout", "cv"):
         one, mirrored = found[f"{mode}-one"], found[f"{mode}-mirrored"]
@@ -163,3 +169,17 @@ def test_a_mirrored_run_matches_one_device_in_both_phases_and_cross_validation(t
     scratch = found["scratch"]
     assert scratch["metrics"]["val_accuracy"] > 0.5  # BatchNorm calibrated and trained from scratch, over 2 replicas
     assert scratch["devices"]["lr_scale"] == 2.0 and scratch["learning_rate"] == pytest.approx(2e-3)
+    resumed = found["resume"]  # stopped after epoch 3 of 5, then run again: it goes on from its last snapshot
+    assert resumed["snapshots"] and resumed["finished"] and resumed["epochs"] == 5, resumed
+
+
+@pytest.mark.slow  # over 10 s: a search of two trials; CI runs it
+def test_a_search_with_mirrored_trials_on_one_device_says_so_once_and_runs(tmp_path, caplog):
+    config = base_config(tmp_path)
+    tune = TuneConfig(max_trials=2, trial_strategy="mirrored", project_dir=str(tmp_path / "p"),
+                      space={"dropout": [0.0, 0.2]}, population=1)
+    with caplog.at_level("WARNING", logger="kerastl"):
+        result = run_search(config, tune)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("kerastl")]
+    assert warnings == ["trial strategy mirrored: no GPU is visible, so each trial runs on one device"], warnings
+    assert len(result.trials) == 2 and all(row["status"] == "COMPLETED" for row in result.trials)

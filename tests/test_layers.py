@@ -22,8 +22,9 @@ MAX_LINES = 400
 MAX_TAKING_RUN_CONFIG = 15
 # what must import without TensorFlow (or Keras): the package, the command line before a command
 # runs, the reports, and the checks that run before TensorFlow loads
-LIGHT = ("kerastl", "kerastl.cli.main", "kerastl.config", "kerastl.data.tables", "kerastl.data.imagefiles",
-         "kerastl.runs.checks", "kerastl.reports.evaluation", "kerastl.reports.plots", "kerastl.reports.html",
+LIGHT = ("kerastl", "kerastl.cli.main", "kerastl.config", "kerastl.devices", "kerastl.data.tables",
+         "kerastl.data.imagefiles", "kerastl.runs.checks", "kerastl.reports.evaluation", "kerastl.reports.plots",
+         "kerastl.reports.html",
          "kerastl.reports.card", "kerastl.reports.facts", "kerastl.tune.config")
 
 

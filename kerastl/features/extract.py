@@ -116,7 +116,8 @@ def _predicted(extractor: keras.Model, batches: tf.data.Dataset, augmenter: kera
 
     @tf.function
     def step(images, y):
-        features = strategy.run(lambda x: extractor(x, training=False), args=(images,))
+        features = strategy.run(lambda x: keras.tree.map_structure(  # float32: collectives take no bfloat16
+            lambda f: tf.cast(f, tf.float32), extractor(x, training=False)), args=(images,))
         return strategy.gather(features, axis=0), strategy.gather(y, axis=0)
 
     for images, y in distributed:

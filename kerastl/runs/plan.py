@@ -35,9 +35,9 @@ from kerastl.data.images import ImageData, merge_splits
 from kerastl.data.pipelines import class_weights as weigh_classes
 from kerastl.data.pipelines import training_batches, weighted
 from kerastl.errors import KerastlError
+from kerastl.features.blocks import BlockCurve, block_columns, probe_blocks
 from kerastl.features.cache import CachedFeatures, FeatureCache, cached_views, model_fingerprint
 from kerastl.features.extract import extract
-from kerastl.features.blocks import BlockCurve, block_columns, probe_blocks
 from kerastl.features.probe import MAX_ROWS, ProbeFit, choose_c_cv, choose_c_holdout, folds_of, views_or_plain
 from kerastl.models.classifier import TransferClassifier, build_classifier
 from kerastl.storage import HeadStore

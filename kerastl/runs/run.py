@@ -27,8 +27,8 @@ from kerastl.config import DataConfig, RunConfig
 from kerastl.data.augment import mixes_labels, parse_augment
 from kerastl.data.images import ImageData, load_data
 from kerastl.errors import KerastlError
-from kerastl.features.cache import CachedFeatures
 from kerastl.features.blocks import BlockCurve
+from kerastl.features.cache import CachedFeatures
 from kerastl.models.classifier import TransferClassifier
 from kerastl.reports.baselines import trivial_model_warning
 from kerastl.runs.checks import resolve_run_config, setting_notes

@@ -28,7 +28,6 @@ from kerastl.choices import IMBALANCE_RATIO, OBJECTIVES
 from kerastl.config import DataConfig, RunConfig
 from kerastl.data.images import ImageData, load_data
 from kerastl.data.sources import labelled_counts
-from kerastl.training.distribute import list_gpus, setup_devices
 from kerastl.errors import KerastlError
 from kerastl.models.classifier import TransferClassifier
 from kerastl.models.export import CONFIG_FILE
@@ -46,6 +45,7 @@ from kerastl.runs.folder import (
 from kerastl.runs.run import checked_config
 from kerastl.runs.scoring import describe_data, evaluate_split, predict_split, score
 from kerastl.storage import check_export_dir
+from kerastl.training.distribute import list_gpus, setup_devices
 from kerastl.training.phases import TrainResult
 from kerastl.tune.config import AUTO_OBJECTIVE, TuneConfig
 from kerastl.tune.distribute import launch, serve_chief
@@ -130,8 +130,9 @@ def claim_project(project: Path, run: dict[str, Any], tune: TuneConfig, restart:
             raise KerastlError(f"project folder {project} holds a search started by kerastl 0.1, which this version "
                                "cannot resume: finish it with kerastl 0.1, or start over with "
                                "restart=True, or choose another folder")
+        # may change between runs: they change how trials run, not what they find
         free = {"workers", "max_trials", "project_dir", "name", "export_dir", "isolate", "mixed_precision",
-                "max_failures", "population", "trial_strategy", "devices"}  # may change between runs: they change how trials run, not what they find
+                "max_failures", "population", "trial_strategy", "devices"}
 
         def settled(part: dict) -> dict:
             return {k: v for k, v in part.items() if k not in free}
@@ -209,8 +210,12 @@ def run_search(
     check_export_dir(export_dir, overwrite)
     project = Path(tune.project_dir)
     claim_project(project, base.to_dict(), tune, restart)
-    hypermodel = TransferHyperModel(base, tune.space)
     workers, gpus = tune.workers, len(list_gpus())
+    if tune.trial_strategy == "mirrored" and gpus < 2:
+        log.warning("trial strategy mirrored: %s, so each trial runs on one device", f"{gpus} GPU visible" if gpus
+                    else "no GPU is visible")
+        base.devices.strategy = "one"
+    hypermodel = TransferHyperModel(base, tune.space)
     if workers == 0:
         workers = gpus if gpus > 1 and tune.trial_strategy == "one" else 1
     role = os.environ.get("KERASTUNER_TUNER_ID", "") if "KERASTUNER_ORACLE_IP" in os.environ else ""
