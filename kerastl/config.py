@@ -356,11 +356,10 @@ class RunConfig(JsonConfig):
     def digest(self) -> str:
         """A digest of the experiment this (resolved) config sets, not of its name, folder or machine settings
         (another `--cache-dir` finds the same unfinished run). It is taken over the 0.2 layout (`flat_train`)
-        with the machine's settings at their defaults, so that a run 0.2 left unfinished resumes (devices
-        at their defaults are left out for the same reason)."""
-        values = _machine_settings(self.to_dict(), drop=False)
-        if self.devices.is_default:
-            values.pop("devices")
+        with the machine's settings at their defaults, so that a run 0.2 left unfinished resumes (and only the
+        device settings that change what it learns: `DeviceConfig.learned`)."""
+        values = {**_machine_settings(self.to_dict(), drop=False), "devices": self.devices.learned()}
+        values = {key: value for key, value in values.items() if value is not None}
         values["train"] = flat_train(values["train"])
         values.pop("name", None)
         values.pop("export_dir", None)

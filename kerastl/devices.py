@@ -19,12 +19,13 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 SWITCHES = ("auto", "on", "off")
 LR_SCALINGS = ("none", "linear")
 THREADS_VARIABLE = "KERASTL_THREADS"  # a search worker's share of a CPU (see kerastl.tune.distribute)
-MIXED_FLOAT16_CAPABILITY = (7, 0)
+MIXED_FLOAT16_CAPABILITY = (7, 0)  # tensor cores: float16 pays from Volta (compute capability 7.0) on
+REFERENCE_BATCH = 32  # the batch the default learning rates are chosen for (`DataConfig.batch_size`'s default)
 # Keras 3's `fit` fails under MultiWorkerMirroredStrategy (measured with Keras 3.15 and TensorFlow 2.21, on
 # two workers on one host: the first batch cannot be reduced, and with that step skipped the metrics fail next)
 MULTIWORKER_BLOCKED = ("strategy=multiworker cannot run yet: Keras 3's fit fails under TensorFlow's "
                        "MultiWorkerMirroredStrategy (keras-team/keras#20585); on one host, strategy=mirrored uses "
-                       "every GPU")  # tensor cores: float16 pays from Volta (compute capability 7.0) on
+                       "every GPU")
 
 
 @dataclass
@@ -34,16 +35,16 @@ class DeviceConfig(JsonConfig):
     `batch_size` (in `DataConfig`) stays the global batch: each of N replicas takes batch/N.
     """
 
-    strategy: str = setting("auto", "auto (mirrored over every GPU when there are several, else one device), one, "
-                            "mirrored, or multiworker (MultiWorkerMirroredStrategy from TF_CONFIG)", kind="choice",
+    strategy: str = setting("auto", "auto: mirrored over every GPU when there are several, else one device "
+                            "(multiworker: refused for now, docs/devices.md)", kind="choice",
                             choices=STRATEGIES, group="devices")
-    precision: str = setting("auto", "auto (mixed_float16 on GPUs of compute capability 7.0 or more, else float32), "
-                             "float32, mixed_float16 or mixed_bfloat16", kind="choice", choices=PRECISIONS,
+    precision: str = setting("auto", "auto: mixed_float16 on GPUs of compute capability 7.0 or more, else float32",
+                             kind="choice", choices=PRECISIONS,
                              group="devices")
-    jit_compile: str = setting("auto", "XLA: auto (on for one GPU when the model allows it, off on a CPU and under "
-                               "tf.distribute), on or off", kind="choice", choices=SWITCHES, group="devices")
-    lr_scaling: str = setting("none", "none, or linear: the learning rates times the number of replicas",
-                              kind="choice", choices=LR_SCALINGS, group="devices")
+    jit_compile: str = setting("auto", "XLA; auto: on for one GPU when the model allows it, off on a CPU and over "
+                               "several replicas", kind="choice", choices=SWITCHES, group="devices")
+    lr_scaling: str = setting("none", f"linear: the learning rates times batch / {REFERENCE_BATCH} (raise "
+                              "--batch-size with the GPUs)", kind="choice", choices=LR_SCALINGS, group="devices")
 
     def validate(self) -> None:
         for name, allowed in (("strategy", STRATEGIES), ("precision", PRECISIONS), ("jit_compile", SWITCHES),
@@ -54,9 +55,11 @@ class DeviceConfig(JsonConfig):
             read_tf_config()
             raise KerastlError(MULTIWORKER_BLOCKED)
 
-    @property
-    def is_default(self) -> bool:
-        return self == DeviceConfig()
+    def learned(self) -> dict[str, str] | None:
+        """The settings that change what a run learns (precision, learning-rate scaling), for the run digest;
+        None at their defaults. Where it computes (strategy, XLA) is left out: a run resumes on other devices."""
+        learned = {"precision": self.precision, "lr_scaling": self.lr_scaling}
+        return None if learned == {"precision": "auto", "lr_scaling": "none"} else learned
 
 
 def read_tf_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
@@ -89,6 +92,11 @@ def read_tf_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
 def auto_strategy(gpus: int) -> str:
     """What strategy="auto" takes: mirrored over several GPUs, one device otherwise."""
     return "mirrored" if gpus > 1 else "one"
+
+
+def lr_scale(config: DeviceConfig, batch_size: int) -> float:
+    """The learning rates' multiplier: 1, or for linear scaling the global batch over `REFERENCE_BATCH`."""
+    return batch_size / REFERENCE_BATCH if config.lr_scaling == "linear" else 1.0
 
 
 def auto_precision(capabilities: list[tuple[int, int]]) -> str:

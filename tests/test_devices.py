@@ -17,6 +17,7 @@ import pytest
 import tensorflow as tf
 from helpers import SMALL, base_config
 
+from kerastl.cli.arguments import build_parser
 from kerastl.cli.main import main
 from kerastl.config import RunConfig
 from kerastl.devices import DeviceConfig, auto_precision, auto_strategy, read_tf_config
@@ -44,12 +45,22 @@ def test_auto_takes_every_gpu_and_float16_only_where_it_pays():
     assert auto_precision([(7, 0), (6, 1)]) == "float32"  # one GPU without tensor cores
 
 
-def test_device_settings_round_trip_and_reach_the_command_line():
+def test_device_settings_round_trip_through_json_and_are_flags_of_train_and_tune():
+    args = build_parser().parse_args(["train", "--data", "x", "--strategy", "mirrored", "--precision",
+                                      "mixed_bfloat16", "--jit-compile", "off", "--lr-scaling", "linear"])
+    assert (args.strategy, args.precision, args.jit_compile, args.lr_scaling) == ("mirrored", "mixed_bfloat16",
+                                                                                  "off", "linear")
+    assert build_parser().parse_args(["tune", "--data", "x", "--trial-strategy", "mirrored"]).trial_strategy == \
+        "mirrored"
     config = RunConfig()
     config.devices = DeviceConfig("mirrored", "mixed_bfloat16", "off", "linear")
     again = RunConfig.from_dict(json.loads(json.dumps(config.to_dict())))
-    assert again.devices == config.devices and again.digest() != RunConfig().digest()
-    assert RunConfig.from_dict({k: v for k, v in RunConfig().to_dict().items() if k != "devices"}).devices.is_default
+    assert again.devices == config.devices and again.digest() != RunConfig().digest()  # precision changes results
+    where = RunConfig()
+    where.devices = DeviceConfig(strategy="mirrored", jit_compile="on")  # where it computes: the same run resumes
+    assert where.digest() == RunConfig().digest()
+    assert RunConfig.from_dict({k: v for k, v in RunConfig().to_dict().items() if k != "devices"}).devices == \
+        DeviceConfig()
     with pytest.raises(KerastlError, match="precision must be one of"):
         DeviceConfig(precision="float16").validate()
 
@@ -61,7 +72,7 @@ def test_device_settings_round_trip_and_reach_the_command_line():
     (json.dumps({**WORKERS, "task": {"type": "worker", "index": 5}}), "is not one of its cluster's"),
     (json.dumps(WORKERS), "keras-team/keras#20585"),
 ])
-def test_multiworker_input_is_one_line_before_tensorflow_and_writes_nothing(tmp_path, monkeypatch, image_folder,
+def test_multiworker_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, image_folder,
                                                                              fails_cleanly, tf_config, message):
     if tf_config is None:
         monkeypatch.delenv("TF_CONFIG", raising=False)
@@ -89,11 +100,12 @@ def test_what_cannot_be_had_here_is_one_warning_and_the_card_records_what_ran(tm
                                  "lr_scaling": "linear"}  # as asked: the plan says what ran
     plan = config["plan"]
     assert plan["devices"] == {"strategy": "one", "replicas": 1, "devices": ["/device:CPU:0"], "precision": "float32",
-                               "xla": False, "lr_scale": 1.0, "batch_size": 8, "per_replica_batch": 8.0}
-    assert plan["phases"][0]["learning_rate"] == pytest.approx(0.002)  # linear scaling over 1 replica: x1
+                               "xla": False, "lr_scale": 0.25, "batch_size": 8, "per_replica_batch": 8}
+    assert plan["phases"][0]["learning_rate"] == pytest.approx(0.0005)  # linear scaling: 0.002 x 8 / 32
     assert plan["phases"][0]["jit_compile"] is False
     card = (export / "MODEL_CARD.md").read_text()
-    assert "- devices: one (1 replica(s): /device:CPU:0), batch 8, precision float32, XLA off" in card
+    assert "- devices: one (1 replica(s): /device:CPU:0), batch 8, precision float32, XLA off, learning rates x0.25" \
+        in card
 
 
 def _small(tmp_path: Path, folder: Path, **train) -> RunConfig:
@@ -139,11 +151,16 @@ def test_a_search_folds_0_2s_mixed_precision_into_precision_and_places_its_trial
     assert base.devices.strategy == "mirrored" and base.devices.precision == "auto"
     with pytest.raises(KerastlError, match="trial_strategy must be one of"):
         prepare(config, TuneConfig(trial_strategy="all"))
+    with pytest.raises(KerastlError, match="workers=1"):  # a worker per GPU would leave each trial none
+        prepare(config, TuneConfig(trial_strategy="mirrored", workers=2))
+    config.devices.strategy = "mirrored"
+    with pytest.raises(KerastlError, match="places its trials with trial_strategy"):
+        prepare(config, TuneConfig(space={"dropout": [0.0, 0.2]}))
 
 
 def test_extraction_over_two_replicas_gives_one_devices_features_in_order(tmp_path):
     found = _check("extraction", tmp_path)
-    assert found["rows"] == [70, 70] and found["labels_equal"]  # 32 + 32 + 6: the last batch split unevenly
+    assert found["rows"] == [65, 65] and found["labels_equal"]  # 32 + 32 + 1: a replica gets none of the last
     assert found["max_difference"] < 1e-5
 
 
@@ -153,7 +170,7 @@ def test_a_mirrored_run_matches_one_device_in_both_phases_and_cross_validation_a
     for mode in ("holdout", "cv"):
         one, mirrored = found[f"{mode}-one"], found[f"{mode}-mirrored"]
         assert mirrored["devices"]["strategy"] == "mirrored" and mirrored["devices"]["replicas"] == 2
-        assert mirrored["devices"]["per_replica_batch"] == 32.0
+        assert mirrored["devices"]["per_replica_batch"] == 32
         assert one["epochs"] == mirrored["epochs"]
         # tf.data reshuffles each epoch in another order once a dataset is distributed, so the runs are not
         # bit-identical. Measured: each epoch's training loss within 3.5%, the weights within 0.034; phase 2's
@@ -168,9 +185,11 @@ def test_a_mirrored_run_matches_one_device_in_both_phases_and_cross_validation_a
             assert abs(one["metrics"][key] - mirrored["metrics"][key]) <= tolerance + 1e-6, key
     scratch = found["scratch"]
     assert scratch["metrics"]["val_accuracy"] > 0.5  # BatchNorm calibrated and trained from scratch, over 2 replicas
-    assert scratch["devices"]["lr_scale"] == 2.0 and scratch["learning_rate"] == pytest.approx(2e-3)
+    assert scratch["devices"]["lr_scale"] == 2.0 and scratch["learning_rate"] == pytest.approx(2e-3)  # 64 / 32
     resumed = found["resume"]  # stopped after epoch 3 of 5, then run again: it goes on from its last snapshot
     assert resumed["snapshots"] and resumed["finished"] and resumed["epochs"] == 5, resumed
+    done = int(resumed["snapshots"][-1].split("-")[1])  # epoch-00003: the last completed epoch kept
+    assert done >= 1 and resumed["trained_again"] == 5 - done, resumed  # not from the start
 
 
 @pytest.mark.slow  # over 10 s: a search of two trials; CI runs it
@@ -183,3 +202,18 @@ def test_a_search_with_mirrored_trials_on_one_device_says_so_once_and_runs(tmp_p
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("kerastl")]
     assert warnings == ["trial strategy mirrored: no GPU is visible, so each trial runs on one device"], warnings
     assert len(result.trials) == 2 and all(row["status"] == "COMPLETED" for row in result.trials)
+
+
+@pytest.mark.slow  # about 90 s: eight processes; CI runs it
+def test_the_device_benchmark_measures_every_combination_against_float32_on_one_device():
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_devices.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--backbones", "simple_cnn", "--size", "32",
+                           "--steps", "2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| simple_cnn")]
+    combos = {(row[1], row[2], row[3]) for row in rows}
+    assert combos == {(p, x, r) for p in ("float32", "mixed_bfloat16") for x, r in
+                      (("off", "1"), ("on", "1"), ("off", "2"), ("off (asked: on)", "2"))}, done.stdout
+    baseline = next(row for row in rows if row[1:4] == ["float32", "off", "1"])
+    assert baseline[5] == "1.00" and baseline[7].startswith("1.00")
+    assert all(float(row[4]) > 0 and float(row[6]) > 0 for row in rows)

@@ -170,7 +170,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             _add_setting(groups[item.group], item)
     o = groups["output"]
     o.add_argument("--config", metavar="FILE", help="a run config, JSON or TOML (tables [data], [model], [train], "
-                   "and [tune] for a search); flags override its values")
+                   "[devices], and [tune] for a search); flags override its values")
     o.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     o.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bars: the run's one-line notes, warnings and results only")

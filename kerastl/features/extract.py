@@ -99,30 +99,44 @@ def extract(
 def _predicted(extractor: keras.Model, batches: tf.data.Dataset, augmenter: keras.Layer | None):
     """(features, labels) of each batch, in order. Under a `tf.distribute` strategy of several replicas
     (see `kerastl.training.distribute`), each replica takes its share of every batch and the shares are
-    gathered back in order; the augmentation runs in the input pipeline."""
-    batches = batches.map(lambda images, y, *_: (images, y))  # sample weights, if any, are not features
+    gathered back in order; the augmentation runs in the input pipeline. A batch is padded to a multiple
+    of the replicas (its last image repeated, the copies dropped after), so that no replica gets none."""
+    batches = batches.map(lambda images, y, *_: (images, y), num_parallel_calls=tf.data.AUTOTUNE)  # no weights
     strategy = tf.distribute.get_strategy()
-    if strategy.num_replicas_in_sync == 1:
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1:
         for images, y in batches:
             if augmenter is not None:
                 images = augmenter(images, training=True)
             yield extractor.predict_on_batch(images), y.numpy()
         return
     if augmenter is not None:
-        batches = batches.map(lambda images, y: (augmenter(images, training=True), y))
+        batches = batches.map(lambda images, y: (augmenter(images, training=True), y),
+                              num_parallel_calls=tf.data.AUTOTUNE)
+
+    def padded(images, y):
+        rows = tf.shape(images)[0]
+        extra = tf.math.floormod(-rows, replicas)
+        kept = tf.cast(tf.range(rows + extra) < rows, tf.int32)  # collectives take no bool
+        return tf.concat([images, tf.repeat(images[-1:], extra, axis=0)], 0), tf.concat(
+            [y, tf.repeat(y[-1:], extra, axis=0)], 0), kept
+
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    distributed = strategy.experimental_distribute_dataset(batches.with_options(options))
+    distributed = strategy.experimental_distribute_dataset(
+        batches.map(padded, num_parallel_calls=tf.data.AUTOTUNE).with_options(options))
 
     @tf.function
-    def step(images, y):
+    def step(images, y, kept):
         features = strategy.run(lambda x: keras.tree.map_structure(  # float32: collectives take no bfloat16
             lambda f: tf.cast(f, tf.float32), extractor(x, training=False)), args=(images,))
-        return strategy.gather(features, axis=0), strategy.gather(y, axis=0)
+        kept = strategy.gather(kept, axis=0) > 0
+        gathered = keras.tree.map_structure(lambda f: tf.boolean_mask(strategy.gather(f, axis=0), kept), features)
+        return gathered, tf.boolean_mask(strategy.gather(y, axis=0), kept)
 
-    for images, y in distributed:
-        features, y = step(images, y)
-        yield features, y.numpy()
+    for images, y, kept in distributed:
+        features, labels = step(images, y, kept)
+        yield features, labels.numpy()
 
 
 class RowWriter:

@@ -31,6 +31,7 @@ from kerastl.runs.run import RunResult, checked_data, execute
 from kerastl.storage import HeadStore, check_export_dir
 from kerastl.training.compile import compile_classifier
 from kerastl.training.callbacks import NaNLoss
+from kerastl.training.distribute import plan_devices
 from kerastl.training.phases import HEAD_STEPS_PER_EXECUTION, TrainResult, start_head
 from kerastl.training.population import PopulationHead, train_population
 
@@ -49,7 +50,8 @@ def run_population(configs: list[RunConfig], data: ImageData, models: list[Trans
         try:
             check_export_dir(Path(config.export_dir), True)
             split, mode = split_for(config.train.validation, checked_data(config.data, config.model.image_size, data))
-            plans[i] = plan_run(config, split, model, heads, verbose, mode)
+            devices = plan_devices(config.devices, config.data.batch_size)  # one device: the caller's placement
+            plans[i] = plan_run(config, split, model, heads, verbose, mode).on_devices(devices)
         except Exception as error:  # noqa: BLE001 - one trial's failure is that trial's
             results[i] = error
     groups: dict[str, list[int]] = {}

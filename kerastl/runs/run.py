@@ -10,7 +10,6 @@ KerasTuner hands it, writing nothing). Trials trained as a population go through
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import errno
@@ -134,8 +133,10 @@ def run_training(
     """
     config.devices.validate()  # one line, before any TensorFlow work
     devices = plan_devices(config.devices, config.data.batch_size)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(devices.scope())
+    if model is not None and devices.replicas > 1 and model.distribute_strategy is not devices.tf_strategy:
+        raise KerastlError(f"the model passed in was built outside the strategy of {devices.replicas} replicas this "
+                           "run trains under: build it inside `plan_devices(...).scope()`, or pass strategy='one'")
+    with devices.scope():
         named, config_export_dir = bool(config.name or config.export_dir), config.export_dir
         if verbose == "auto":  # bars on a terminal or in a notebook, one line per epoch in a file or a pipe
             verbose = 1 if sys.stdout.isatty() or "ipykernel" in sys.modules else 2

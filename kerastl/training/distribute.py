@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import keras
 import tensorflow as tf
 
-from kerastl.devices import THREADS_VARIABLE, DeviceConfig, auto_precision, auto_strategy
+from kerastl.devices import THREADS_VARIABLE, DeviceConfig, auto_precision, auto_strategy, lr_scale
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,15 @@ def prepare_process(threads: int | None = None) -> list:
     return gpus
 
 
-def setup_devices(trial_strategy: str = "one", threads: int | None = None) -> DeviceSetup:
-    """Prepares a search worker's process (see `prepare_process`) and places its trials: on its first
-    GPU (`trial_strategy` "one": a worker per GPU), or each over all its GPUs ("mirrored"). The
-    precision is each trial's run config's (`DeviceConfig.precision`)."""
+def setup_devices(trial_strategy: str = "one", precision: str = "auto", threads: int | None = None) -> DeviceSetup:
+    """Prepares a search worker's process (see `prepare_process`), sets the dtype policy its trials' models are
+    built in (`precision`, as `resolve_precision` takes it) and places its trials: on its first GPU
+    (`trial_strategy` "one": a worker per GPU), or each over all its GPUs ("mirrored")."""
     gpus = prepare_process(threads)
+    keras.mixed_precision.set_global_policy(resolve_precision(precision, gpus))
     device = "" if trial_strategy == "mirrored" and gpus else "/GPU:0" if gpus else "/CPU:0"
-    log.info("devices: %s; trials run %s", [g.name for g in gpus] or "CPU only",
-             f"on {device}" if device else f"over all {len(gpus)} GPUs")
+    log.info("devices: %s; trials run %s in %s", [g.name for g in gpus] or "CPU only",
+             f"on {device}" if device else f"over all {len(gpus)} GPUs", keras.mixed_precision.global_policy().name)
     return DeviceSetup([g.name for g in gpus], device)
 
 
@@ -73,14 +74,14 @@ class DevicePlan:
     """What a run computes on, resolved from its `DeviceConfig` and the machine.
 
     Attributes:
-        strategy: "one", "mirrored" or "multiworker", as resolved.
-        replicas: the strategy's replicas in sync (all workers' devices, under multiworker).
+        strategy: "one" or "mirrored", as resolved.
+        replicas: the strategy's replicas in sync.
         devices: this process's devices that take part.
         precision: the Keras dtype policy's name.
         jit_compile: what `compile` gets: True, False, or Keras's "auto" (on for one GPU when every
             layer supports XLA; off on a CPU and under tf.distribute).
         xla: whether XLA is expected on, for the record.
-        lr_scale: the learning rates' multiplier (`lr_scaling`: linear -> replicas).
+        lr_scale: the learning rates' multiplier (`lr_scaling` linear: the global batch over 32).
         batch_size: the global batch.
     """
 
@@ -101,14 +102,15 @@ class DevicePlan:
                 "batch_size": self.batch_size, "per_replica_batch": self.per_replica_batch}
 
     @property
-    def per_replica_batch(self) -> float:
-        return self.batch_size / self.replicas
+    def per_replica_batch(self) -> int:
+        """The largest share of a global batch a replica computes."""
+        return -(-self.batch_size // self.replicas)
 
     def summary(self) -> str:
         """Every automatic choice, in one line."""
         where = (f"{self.strategy} over {self.replicas} replicas ({', '.join(self.devices)})" if self.replicas > 1
                  else f"one device ({self.devices[0]})")
-        share = f" = {self.per_replica_batch:g} per replica" if self.replicas > 1 else ""
+        share = f" = {self.per_replica_batch} per replica at most" if self.replicas > 1 else ""
         scale = f"; learning rates x{self.lr_scale:g} (linear scaling)" if self.lr_scale != 1 else ""
         return (f"devices: {where}; batch {self.batch_size}{share}; precision {self.precision}; "
                 f"XLA {'on' if self.xla else 'off'}{scale}")
@@ -127,34 +129,50 @@ class DevicePlan:
 
 def plan_devices(config: DeviceConfig, batch_size: int) -> DevicePlan:
     """The devices, precision and XLA setting of a run. Choices that cannot be had here (mixed_float16 on a
-    CPU, mirrored over one device) are warned about in one line, and the run goes on without them."""
+    CPU, mirrored over one device, XLA under several replicas) are warned about in one line, and the run goes on
+    without them. A strategy whose scope the caller entered is the run's (with a note when it differs)."""
     gpus = prepare_process()
     name = auto_strategy(len(gpus)) if config.strategy == "auto" else config.strategy
     devices = [d.name for d in tf.config.list_logical_devices("GPU" if gpus else "CPU")]
-    if name == "mirrored" and len(devices) < 2:
-        log.warning("strategy mirrored: only one device (%s) is visible, so this run uses it alone", devices[0])
-        name = "one"
-    strategy = _mirrored(tuple(devices)) if name == "mirrored" else tf.distribute.get_strategy()
-    devices = devices if name == "mirrored" else devices[:1]
-    precision, policy = config.precision, keras.mixed_precision.global_policy().name
-    if precision == "auto" and policy != "float32":  # a policy the caller set stays
-        precision = policy
-    elif precision == "auto":
-        capabilities = [tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0))
-                        for gpu in gpus]
-        precision = auto_precision([tuple(c) for c in capabilities])
-    elif precision == "mixed_float16" and not gpus:
-        log.warning("precision mixed_float16 needs a GPU; none is visible, so this run computes in float32")
-        precision = "float32"
+    if tf.distribute.has_strategy():  # the caller's own scope (KerasTuner's distribution_strategy, say)
+        strategy = tf.distribute.get_strategy()
+        name = "mirrored" if strategy.num_replicas_in_sync > 1 else "one"
+        devices = list(getattr(strategy.extended, "worker_devices", devices[:1]))
+        if config.strategy not in ("auto", name):
+            log.warning("strategy %s: the caller's %s is entered, so this run uses it", config.strategy,
+                        type(strategy).__name__)
+    else:
+        if name == "mirrored" and len(devices) < 2:
+            log.warning("strategy mirrored: only one device (%s) is visible, so this run uses it alone", devices[0])
+            name = "one"
+        strategy = _mirrored(tuple(devices)) if name == "mirrored" else tf.distribute.get_strategy()
+        devices = devices if name == "mirrored" else devices[:1]
+    precision = resolve_precision(config.precision, gpus)
     replicas = strategy.num_replicas_in_sync
     jit = {"on": True, "off": False}.get(config.jit_compile, "auto" if gpus else False)
     if jit is True and replicas > 1:  # measured failing (2 logical CPUs); Keras's own auto leaves it off there
         log.warning("jit_compile=on: Keras's XLA-compiled step fails under a strategy of %d replicas, so this run "
                     "trains without XLA", replicas)
-        jit = False
-    xla = jit is True or (jit == "auto" and replicas == 1)
-    scale = float(replicas) if config.lr_scaling == "linear" else 1.0
-    return DevicePlan(name, replicas, devices, precision, jit, xla, scale, batch_size, strategy)
+    if replicas > 1:
+        jit = False  # explicitly: Keras's auto would turn it on for a model built outside the strategy's scope
+    return DevicePlan(name, replicas, devices, precision, jit, jit is True or (jit == "auto" and bool(gpus)),
+                      lr_scale(config, batch_size), batch_size, strategy)
+
+
+def resolve_precision(asked: str, gpus: list) -> str:
+    """What `--precision` takes here: "auto" keeps a dtype policy the caller set, else mixed_float16 on GPUs of
+    compute capability 7.0 or more and float32 elsewhere; mixed_float16 without a GPU is float32, with a warning."""
+    policy = keras.mixed_precision.global_policy().name
+    if asked == "auto" and policy != "float32":  # a policy the caller set stays
+        return policy
+    if asked == "auto":
+        capabilities = [tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0))
+                        for gpu in gpus]
+        return auto_precision([tuple(c) for c in capabilities])
+    if asked == "mixed_float16" and not gpus:
+        log.warning("precision mixed_float16 needs a GPU; none is visible, so this run computes in float32")
+        return "float32"
+    return asked
 
 
 @functools.lru_cache(maxsize=None)

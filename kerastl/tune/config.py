@@ -66,7 +66,8 @@ class TuneConfig(JsonConfig):
                            kind="choice", choices=ISOLATION)
     trial_strategy: str = setting("one", "one: each trial on one device, a worker per GPU; mirrored: each trial "
                                   "over every GPU of its worker", kind="choice", choices=TRIAL_STRATEGIES)
-    mixed_precision: bool | None = setting(None, "0.2: --precision instead", kind="bool", hidden=True)
+    mixed_precision: bool | None = setting(None, "0.2's switch: --no-mixed-precision is --precision float32",
+                                           kind="bool", shown="")
     max_failures: int = setting(3, "stop after N failed trials in a row", kind="count:1", metavar="N")
     population: int = setting(32, "head-only trials on cached features trained at once, in one graph (1: one at "
                               "a time)", kind="count:1", metavar="N")
@@ -82,6 +83,9 @@ class TuneConfig(JsonConfig):
         for name in ("max_trials", "max_failures", "population"):
             if getattr(self, name) < 1:
                 raise KerastlError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.trial_strategy == "mirrored" and self.workers > 1:
+            raise KerastlError("trial_strategy=mirrored runs each trial over every GPU of one worker: give workers=1 "
+                               "(or 0), or trial_strategy=one for a worker per GPU")
         if self.trial_strategy not in TRIAL_STRATEGIES:
             raise KerastlError(f"trial_strategy must be one of {list(TRIAL_STRATEGIES)}, got {self.trial_strategy!r}")
         if self.workers < 0:

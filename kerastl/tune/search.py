@@ -87,8 +87,10 @@ def prepare(config: RunConfig, tune: TuneConfig) -> tuple[RunConfig, TuneConfig]
     if tune.mixed_precision is not None and base.devices.precision == "auto":  # 0.2's switch folds into precision
         base.devices.precision = "mixed_float16" if tune.mixed_precision else "float32"
     tune.mixed_precision = None
-    if base.devices.strategy == "auto":  # a trial's devices are the search's choice (--trial-strategy)
-        base.devices.strategy = tune.trial_strategy
+    if base.devices.strategy not in ("auto", tune.trial_strategy):
+        raise KerastlError(f"a search places its trials with trial_strategy (one or mirrored), not strategy="
+                           f"{base.devices.strategy}")
+    base.devices.strategy = tune.trial_strategy  # a trial's devices are the search's choice
     return base, tune
 
 
@@ -132,10 +134,11 @@ def claim_project(project: Path, run: dict[str, Any], tune: TuneConfig, restart:
                                "restart=True, or choose another folder")
         # may change between runs: they change how trials run, not what they find
         free = {"workers", "max_trials", "project_dir", "name", "export_dir", "isolate", "mixed_precision",
-                "max_failures", "population", "trial_strategy", "devices"}
+                "max_failures", "population", "trial_strategy"}
 
-        def settled(part: dict) -> dict:
-            return {k: v for k, v in part.items() if k not in free}
+        def settled(part: dict) -> dict:  # where trials compute may change too (strategy, XLA), not their precision
+            devices = {k: v for k, v in part.get("devices", {}).items() if k not in ("strategy", "jit_compile")}
+            return {**{k: v for k, v in part.items() if k not in free}, "devices": devices}
 
         record_now = {**record, "run": RunConfig.from_dict(run).experiment_dict()}  # the machine's may change
         if any(settled(previous[k]) != settled(record_now[k]) for k in ("run", "tune")):
@@ -156,7 +159,7 @@ def read_search(project: Path) -> tuple[RunConfig, TuneConfig]:
 def search_here(hypermodel: TransferHyperModel, tune: TuneConfig, data: ImageData | None,
                 verbose: int | str = 0) -> TransferTuner:
     """Runs trials of `hypermodel` in this process (the single-process search, or one worker of many)."""
-    setup = setup_devices(tune.trial_strategy)
+    setup = setup_devices(tune.trial_strategy, hypermodel.base.devices.precision)
     context = TrialContext(tune.project_dir, data, setup.device, verbose)
     tuner = make_tuner(hypermodel, tune, context)
     try:

@@ -130,16 +130,18 @@ class TrialContext:
             for members in sizes.values():
                 group = [prepared[i] for i in members]
                 data = dataclasses.replace(self.data(group[0].data, group[0].model.image_size), test=None)
-                models = [self.classifier(c.model, len(data.class_names), c.data.seed) if c.trains_head_only
-                          else None for c in group]
-                if len(group) > 1:
+                mirrored = group[0].devices.strategy == "mirrored"  # models built in each run's own scope, alone
+                models = [self.classifier(c.model, len(data.class_names), c.data.seed)
+                          if c.trains_head_only and not mirrored else None for c in group]
+                if len(group) > 1 and not mirrored:
                     outcomes.update(zip(members, run_population(group, data, models, self.heads, self.verbose)))
                     continue
-                try:
-                    outcomes[members[0]] = run_training(group[0], data, overwrite=True, verbose=self.verbose,
-                                                        model=models[0], heads=self.heads, save="weights")
-                except Exception as error:  # noqa: BLE001 - reported as the trial's outcome
-                    outcomes[members[0]] = error
+                for i, config, model in zip(members, group, models):  # one alone (or each mirrored trial)
+                    try:
+                        outcomes[i] = run_training(config, data, overwrite=True, verbose=self.verbose, model=model,
+                                                   heads=self.heads, save="weights")
+                    except Exception as error:  # noqa: BLE001 - reported as the trial's outcome
+                        outcomes[i] = error
         shared = {"seconds": round((time.perf_counter() - start) / max(len(configs), 1), 3),
                   "memory_mb": round(memory_mb(), 1), "device": self.device}
         if gpu:  # flat across trials when every trial gives its memory back
@@ -200,7 +202,8 @@ def run_in_process(config: dict[str, Any], trial_dir: Path, project_dir: Path, b
 def serve_request(trial_dir: Path) -> None:
     """The trial process: runs the trial that `request.json` in `trial_dir` asks for."""
     request = json.loads((trial_dir / REQUEST_FILE).read_text())
-    setup = setup_devices(request.get("trial_strategy", "one"))
+    precision = request["config"].get("devices", {}).get("precision", "auto")
+    setup = setup_devices(request.get("trial_strategy", "one"), precision)
     context = TrialContext(request["project_dir"], device=setup.device, verbose=2)
     outcome = context.run([RunConfig.from_dict(request["config"])], [trial_dir], [request["budget"]])[0]
     if isinstance(outcome, Exception):
