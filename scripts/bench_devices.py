@@ -110,8 +110,10 @@ def main() -> None:
     print("| backbone | precision | XLA | replicas | extraction img/s | x | training img/s | x |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        base = next(r for r in rows if r["backbone"] == row["backbone"] and r["precision"] == "float32"
-                    and r["jit"] == "off" and r["replicas"] == 1)
+        base = next((r for r in rows if r["backbone"] == row["backbone"] and r["precision"] == "float32"
+                     and r["jit"] == "off" and r["replicas"] == 1), None)
+        if base is None:  # the baseline failed (its line above says why): no ratios for this backbone
+            base = {"extraction": float("nan"), "training": float("nan")}
         xla = "on" if row["xla"] else "off (asked: on)" if row["jit"] == "on" else "off"
         print(f"| {row['backbone']} | {row['precision']} | {xla} | {row['replicas']} | "
               f"{row['extraction']:.1f} | {row['extraction'] / base['extraction']:.2f} | {row['training']:.1f} | "

@@ -254,7 +254,7 @@ def test_head_keeps_a_float32_softmax_under_mixed_precision():
 
 
 def test_devices_fall_back_to_the_cpu_and_pin_one_gpu_per_worker():
-    from kerastl.training.distribute import setup_devices
+    from kerastl.tune.distribute import setup_devices
     from kerastl.tune.distribute import worker_environments
 
     assert setup_devices("one").device == "/CPU:0" and setup_devices("mirrored").device == "/CPU:0"  # no GPU here

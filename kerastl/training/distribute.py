@@ -6,7 +6,7 @@ strategy's scope keep it, and their `fit`, `evaluate` and `predict` split every 
 replicas (feature extraction does the same, see `kerastl.features.extract`). `--batch-size` stays
 the global batch. The classifier's softmax stays float32 under mixed precision (see
 `kerastl.models.classifier`), and Keras scales the loss of a mixed_float16 model itself.
-How a search spreads its workers over GPUs is `kerastl.tune.distribute`'s business.
+How a search spreads its workers and trials over GPUs is `kerastl.tune.distribute`'s business.
 """
 
 from __future__ import annotations
@@ -24,14 +24,6 @@ import tensorflow as tf
 from kerastl.devices import THREADS_VARIABLE, DeviceConfig, auto_precision, auto_strategy, lr_scale
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DeviceSetup:
-    """What `setup_devices` found and chose for a search worker's trials."""
-
-    gpus: list[str]
-    device: str  # where its trials are placed ("": nowhere in particular, each trial mirrored over every GPU)
 
 
 def list_gpus() -> list[str]:
@@ -55,18 +47,6 @@ def prepare_process(threads: int | None = None) -> list:
         except RuntimeError:
             log.debug("TensorFlow threads already fixed")
     return gpus
-
-
-def setup_devices(trial_strategy: str = "one", precision: str = "auto", threads: int | None = None) -> DeviceSetup:
-    """Prepares a search worker's process (see `prepare_process`), sets the dtype policy its trials' models are
-    built in (`precision`, as `resolve_precision` takes it) and places its trials: on its first GPU
-    (`trial_strategy` "one": a worker per GPU), or each over all its GPUs ("mirrored")."""
-    gpus = prepare_process(threads)
-    keras.mixed_precision.set_global_policy(resolve_precision(precision, gpus))
-    device = "" if trial_strategy == "mirrored" and gpus else "/GPU:0" if gpus else "/CPU:0"
-    log.info("devices: %s; trials run %s in %s", [g.name for g in gpus] or "CPU only",
-             f"on {device}" if device else f"over all {len(gpus)} GPUs", keras.mixed_precision.global_policy().name)
-    return DeviceSetup([g.name for g in gpus], device)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Processes of a distributed search: KerasTuner's chief and workers on this machine.
+"""Processes of a distributed search: KerasTuner's chief and workers on this machine, and where a worker's
+trials run (`setup_devices`).
 
 The chief serves KerasTuner's oracle over gRPC; each worker is a process running
 `python -m kerastl.tune.worker search PROJECT` with KerasTuner's own variables
@@ -17,16 +18,40 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import keras
 
 from kerastl.devices import THREADS_VARIABLE
 from kerastl.errors import KerastlError
+from kerastl.training.distribute import prepare_process, resolve_precision
 from kerastl.tune.config import TuneConfig
 from kerastl.tune.internals import search_finished, serve_oracle
 
 log = logging.getLogger(__name__)
 
 CHIEF_GRACE_S = 60
+
+
+@dataclass
+class DeviceSetup:
+    """What `setup_devices` found and chose for a search worker's trials."""
+
+    gpus: list[str]
+    device: str  # where its trials are placed ("": nowhere in particular, each trial mirrored over every GPU)
+
+
+def setup_devices(trial_strategy: str = "one", precision: str = "auto", threads: int | None = None) -> DeviceSetup:
+    """Prepares a search worker's process (see `prepare_process`), sets the dtype policy its trials' models are
+    built in (`precision`, as `resolve_precision` takes it) and places its trials: on its first GPU
+    (`trial_strategy` "one": a worker per GPU), or each over all its GPUs ("mirrored")."""
+    gpus = prepare_process(threads)
+    keras.mixed_precision.set_global_policy(resolve_precision(precision, gpus))
+    device = "" if trial_strategy == "mirrored" and gpus else "/GPU:0" if gpus else "/CPU:0"
+    log.info("devices: %s; trials run %s in %s", [g.name for g in gpus] or "CPU only",
+             f"on {device}" if device else f"over all {len(gpus)} GPUs", keras.mixed_precision.global_policy().name)
+    return DeviceSetup([g.name for g in gpus], device)
 
 
 def worker_environments(workers: int, gpus: int, cpu_count: int | None = None) -> list[dict[str, str]]:

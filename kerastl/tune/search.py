@@ -45,10 +45,10 @@ from kerastl.runs.folder import (
 from kerastl.runs.run import checked_config
 from kerastl.runs.scoring import describe_data, evaluate_split, predict_split, score
 from kerastl.storage import check_export_dir
-from kerastl.training.distribute import list_gpus, setup_devices
+from kerastl.training.distribute import list_gpus
 from kerastl.training.phases import TrainResult
 from kerastl.tune.config import AUTO_OBJECTIVE, TuneConfig
-from kerastl.tune.distribute import launch, serve_chief
+from kerastl.tune.distribute import launch, serve_chief, setup_devices
 from kerastl.tune.hypermodel import TransferHyperModel
 from kerastl.tune.space import DEFAULT_SPACE, check_space
 from kerastl.tune.tables import trial_table, write_tables

@@ -34,7 +34,7 @@ from kerastl.models.classifier import TransferClassifier, build_classifier
 from kerastl.runs.population import run_population
 from kerastl.runs.run import RunResult, checked_config, run_training
 from kerastl.storage import HeadStore
-from kerastl.training.distribute import setup_devices
+from kerastl.tune.distribute import setup_devices
 
 RESULT_FILE = "result.json"
 REQUEST_FILE = "request.json"
