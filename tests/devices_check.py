@@ -36,8 +36,9 @@ def extraction(tmp: Path) -> dict:
     one, labels_one = extract(model.features_model(), batches.unbatch().take(65).batch(32))
     with plan_devices(DeviceConfig("mirrored"), 32).scope():
         two, labels_two = extract(model.features_model(), batches.unbatch().take(65).batch(32))
+    forced = plan_devices(DeviceConfig("mirrored", jit_compile="on"), 32)  # XLA asked for over 2 replicas
     return {"rows": [len(one), len(two)], "labels_equal": bool((labels_one == labels_two).all()),
-            "max_difference": float(np.abs(one - two).max())}
+            "max_difference": float(np.abs(one - two).max()), "forced_xla": [forced.jit_compile, forced.xla]}
 
 
 def training(tmp: Path) -> dict:

@@ -257,7 +257,12 @@ def test_devices_fall_back_to_the_cpu_and_pin_one_gpu_per_worker():
     from kerastl.tune.distribute import setup_devices
     from kerastl.tune.distribute import worker_environments
 
-    assert setup_devices("one").device == "/CPU:0" and setup_devices("mirrored").device == "/CPU:0"  # no GPU here
+    from kerastl.devices import DeviceConfig
+
+    one, mirrored = setup_devices(DeviceConfig("one")), setup_devices(DeviceConfig("mirrored", "mixed_float16"))
+    assert one.device == "/CPU:0" and mirrored.device == "/CPU:0"  # no GPU here
+    assert (one.precision, mirrored.precision) == ("float32", "float32")  # mixed_float16 needs a GPU
+    assert keras.config.dtype_policy().name == "float32"
     assert [env["CUDA_VISIBLE_DEVICES"] for env in worker_environments(3, gpus=2)] == ["0", "1", "0"]
     assert worker_environments(2, gpus=0, cpu_count=4) == [{"CUDA_VISIBLE_DEVICES": "", "KERASTL_THREADS": "2"}] * 2
 

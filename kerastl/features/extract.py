@@ -73,8 +73,7 @@ def extract(
     augmenter = build_augmenter(augment, seed=seed)
     bar = keras.utils.Progbar(steps, unit_name="batch", verbose=int(progress)) if progress else None  # 2: one line
     outputs, labels, rows = [], [], 0
-    for step, (images, y) in enumerate(_predicted(extractor, batches, augmenter), start=1):
-        batch = keras.tree.map_structure(np.asarray, images)
+    for step, (batch, y) in enumerate(_predicted(extractor, batches, augmenter), start=1):
         if out is None:
             outputs.append(batch)
         else:
@@ -101,15 +100,15 @@ def _predicted(extractor: keras.Model, batches: tf.data.Dataset, augmenter: kera
     (see `kerastl.training.distribute`), each replica takes its share of every batch and the shares are
     gathered back in order; the augmentation runs in the input pipeline. A batch is padded to a multiple
     of the replicas (its last image repeated, the copies dropped after), so that no replica gets none."""
-    batches = batches.map(lambda images, y, *_: (images, y), num_parallel_calls=tf.data.AUTOTUNE)  # no weights
     strategy = tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
     if replicas == 1:
-        for images, y in batches:
+        for images, y, *_ in batches:  # sample weights, if any, are not features
             if augmenter is not None:
                 images = augmenter(images, training=True)
             yield extractor.predict_on_batch(images), y.numpy()
         return
+    batches = batches.map(lambda images, y, *_: (images, y), num_parallel_calls=tf.data.AUTOTUNE)
     if augmenter is not None:
         batches = batches.map(lambda images, y: (augmenter(images, training=True), y),
                               num_parallel_calls=tf.data.AUTOTUNE)
@@ -121,10 +120,7 @@ def _predicted(extractor: keras.Model, batches: tf.data.Dataset, augmenter: kera
         return tf.concat([images, tf.repeat(images[-1:], extra, axis=0)], 0), tf.concat(
             [y, tf.repeat(y[-1:], extra, axis=0)], 0), kept
 
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    distributed = strategy.experimental_distribute_dataset(
-        batches.map(padded, num_parallel_calls=tf.data.AUTOTUNE).with_options(options))
+    distributed = strategy.experimental_distribute_dataset(batches.map(padded, num_parallel_calls=tf.data.AUTOTUNE))
 
     @tf.function
     def step(images, y, kept):
@@ -136,7 +132,7 @@ def _predicted(extractor: keras.Model, batches: tf.data.Dataset, augmenter: kera
 
     for images, y, kept in distributed:
         features, labels = step(images, y, kept)
-        yield features, labels.numpy()
+        yield keras.tree.map_structure(np.asarray, features), labels.numpy()
 
 
 class RowWriter:

@@ -131,19 +131,18 @@ def run_training(
     result.metrics["val_accuracy"], result.export_dir
     ```
     """
-    config.devices.validate()  # one line, before any TensorFlow work
+    named, config_export_dir = bool(config.name or config.export_dir), config.export_dir
+    if verbose == "auto":  # bars on a terminal or in a notebook, one line per epoch in a file or a pipe
+        verbose = 1 if sys.stdout.isatty() or "ipykernel" in sys.modules else 2
+    notes = setting_notes(config.model, config.train) if save == "export" else []  # not each of a search's trials
+    config = checked_config(config, find_unfinished=save == "export")  # the device settings too
+    for note in notes:
+        log.warning(note)
     devices = plan_devices(config.devices, config.data.batch_size)
     if model is not None and devices.replicas > 1 and model.distribute_strategy is not devices.tf_strategy:
         raise KerastlError(f"the model passed in was built outside the strategy of {devices.replicas} replicas this "
                            "run trains under: build it inside `plan_devices(...).scope()`, or pass strategy='one'")
     with devices.scope():
-        named, config_export_dir = bool(config.name or config.export_dir), config.export_dir
-        if verbose == "auto":  # bars on a terminal or in a notebook, one line per epoch in a file or a pipe
-            verbose = 1 if sys.stdout.isatty() or "ipykernel" in sys.modules else 2
-        notes = setting_notes(config.model, config.train) if save == "export" else []  # not each of a search's trials
-        config = checked_config(config, find_unfinished=save == "export")
-        for note in notes:
-            log.warning(note)
         folder = Path(config.export_dir)
         if isinstance(data, tuple):  # 0.2 took the pipelines as `data`
             data, pipelines = None, data

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import keras
 
-from kerastl.devices import THREADS_VARIABLE
+from kerastl.devices import THREADS_VARIABLE, DeviceConfig
 from kerastl.errors import KerastlError
 from kerastl.training.distribute import prepare_process, resolve_precision
 from kerastl.tune.config import TuneConfig
@@ -40,18 +40,20 @@ class DeviceSetup:
 
     gpus: list[str]
     device: str  # where its trials are placed ("": nowhere in particular, each trial mirrored over every GPU)
+    precision: str  # the trials' dtype policy, resolved once for the worker
 
 
-def setup_devices(trial_strategy: str = "one", precision: str = "auto", threads: int | None = None) -> DeviceSetup:
+def setup_devices(devices: DeviceConfig, threads: int | None = None) -> DeviceSetup:
     """Prepares a search worker's process (see `prepare_process`), sets the dtype policy its trials' models are
-    built in (`precision`, as `resolve_precision` takes it) and places its trials: on its first GPU
-    (`trial_strategy` "one": a worker per GPU), or each over all its GPUs ("mirrored")."""
+    built in (`devices.precision`, as `resolve_precision` takes it) and places its trials: on its first GPU
+    (`devices.strategy` "one": a worker per GPU), or each over all its GPUs ("mirrored")."""
     gpus = prepare_process(threads)
-    keras.mixed_precision.set_global_policy(resolve_precision(precision, gpus))
-    device = "" if trial_strategy == "mirrored" and gpus else "/GPU:0" if gpus else "/CPU:0"
+    precision = resolve_precision(devices.precision, gpus)
+    keras.mixed_precision.set_global_policy(precision)
+    device = "" if devices.strategy == "mirrored" and gpus else "/GPU:0" if gpus else "/CPU:0"
     log.info("devices: %s; trials run %s in %s", [g.name for g in gpus] or "CPU only",
-             f"on {device}" if device else f"over all {len(gpus)} GPUs", keras.mixed_precision.global_policy().name)
-    return DeviceSetup([g.name for g in gpus], device)
+             f"on {device}" if device else f"over all {len(gpus)} GPUs", precision)
+    return DeviceSetup([g.name for g in gpus], device, precision)
 
 
 def worker_environments(workers: int, gpus: int, cpu_count: int | None = None) -> list[dict[str, str]]:

@@ -159,7 +159,8 @@ def read_search(project: Path) -> tuple[RunConfig, TuneConfig]:
 def search_here(hypermodel: TransferHyperModel, tune: TuneConfig, data: ImageData | None,
                 verbose: int | str = 0) -> TransferTuner:
     """Runs trials of `hypermodel` in this process (the single-process search, or one worker of many)."""
-    setup = setup_devices(tune.trial_strategy, hypermodel.base.devices.precision)
+    setup = setup_devices(hypermodel.base.devices)
+    hypermodel.base.devices.precision = setup.precision  # resolved (and warned about) once, not in every trial
     context = TrialContext(tune.project_dir, data, setup.device, verbose)
     tuner = make_tuner(hypermodel, tune, context)
     try:

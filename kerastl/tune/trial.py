@@ -179,13 +179,11 @@ def needs_process(head_only: bool, isolate: str) -> bool:
     return isolate == "always" if isolate != "auto" else not head_only
 
 
-def run_in_process(config: dict[str, Any], trial_dir: Path, project_dir: Path, budget: int | None,
-                   trial_strategy: str = "one") -> dict[str, float]:
+def run_in_process(config: dict[str, Any], trial_dir: Path, project_dir: Path, budget: int | None) -> dict[str, float]:
     """Runs one trial of `config` (`RunConfig.to_dict`) in a fresh Python process
     (`python -m kerastl.tune.worker trial DIR`); returns its metrics."""
     trial_dir.mkdir(parents=True, exist_ok=True)
-    request = {"config": config, "project_dir": str(project_dir), "budget": budget,
-               "trial_strategy": trial_strategy}
+    request = {"config": config, "project_dir": str(project_dir), "budget": budget}
     (trial_dir / REQUEST_FILE).write_text(json.dumps(request, indent=2))
     (trial_dir / RESULT_FILE).unlink(missing_ok=True)
     with open(trial_dir / LOG_FILE, "w") as out:
@@ -202,9 +200,9 @@ def run_in_process(config: dict[str, Any], trial_dir: Path, project_dir: Path, b
 def serve_request(trial_dir: Path) -> None:
     """The trial process: runs the trial that `request.json` in `trial_dir` asks for."""
     request = json.loads((trial_dir / REQUEST_FILE).read_text())
-    precision = request["config"].get("devices", {}).get("precision", "auto")
-    setup = setup_devices(request.get("trial_strategy", "one"), precision)
+    config = RunConfig.from_dict(request["config"])
+    setup = setup_devices(config.devices)  # where the search placed its trials, in their precision
     context = TrialContext(request["project_dir"], device=setup.device, verbose=2)
-    outcome = context.run([RunConfig.from_dict(request["config"])], [trial_dir], [request["budget"]])[0]
+    outcome = context.run([config], [trial_dir], [request["budget"]])[0]
     if isinstance(outcome, Exception):
         raise outcome

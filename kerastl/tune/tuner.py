@@ -162,8 +162,7 @@ class TransferTuner(keras_tuner.Tuner):
                  " (own process)" if isolated else "")
         try:
             if isolated:
-                metrics = run_in_process(config.to_dict(), trial_dir, Path(self.project_dir), budget,
-                                         self.tune.trial_strategy)
+                metrics = run_in_process(config.to_dict(), trial_dir, Path(self.project_dir), budget)
             else:
                 fresh_session()
                 metrics = self.context.run([config], [trial_dir], [budget])[0]
